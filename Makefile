@@ -1,0 +1,33 @@
+# Two entry points, both from a fresh machine with Python 3.11:
+#   make run    build .venv and run the default study (ml-100k, small LLaMA teacher)
+#   make test   build .venv and run the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The pinned CPU torch first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[orchestration,test]"
+	# ml-100k ships inside the RecBole wheel; we only need its data files, not its dependencies.
+	$(PIP) install -q --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/layerwise run
+
+# pytest exits 5 when it collects no tests; that is a failure here, never a pass.
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs data_cache

@@ -1,0 +1,79 @@
+"""The compact model: the teacher with only the kept layers, physically, plus bridges at the gaps.
+
+No masks, no flags, no skip branches in a full-size model: the removed layers are deleted from the module
+tree, the config counts k layers, and `save_pretrained` writes a k-layer backbone that stock
+`transformers.AutoModel.from_pretrained` loads. Bridges (layerwise.bridges) join kept layers that were
+not neighbours in the teacher; they are saved beside the backbone, never inside it.
+
+    compact = build_compact(teacher, keep=[0, 5], bridge_rank=16)
+    save_compact(compact, "runs/compact", {"selector": "beam"})
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from layerwise.bridges import detach_bridges, gap_slots
+from layerwise.models.checkpoint import load_recommender, save_recommender
+from layerwise.models.recommender import SequentialRecommender
+
+
+def build_compact(teacher: SequentialRecommender, keep: list[int], bridge_rank: int = 0,
+                  ) -> SequentialRecommender:
+    """A new model holding deep copies of the teacher's layers `keep` (sorted teacher indices).
+
+    bridge_rank: rank of the bridge adapters at the gaps; 0 means no bridges (plain removal).
+    The returned model carries `kept` (teacher indices) and `teacher_layers` (L) for its manifest.
+    """
+    n_teacher = teacher.n_layers
+    student = copy.deepcopy(teacher)
+    detach_bridges(student.layers)
+    student.family.keep_layers(student.backbone, list(keep))
+    if bridge_rank < 0:
+        raise ValueError(f"bridge rank must be >= 0, got {bridge_rank}")
+    slots = gap_slots(list(keep), n_teacher) if bridge_rank else []
+    if slots:
+        student.set_bridges(slots, bridge_rank)
+    else:
+        student.bridges = nn.ModuleDict()
+    student.kept = list(keep)
+    student.teacher_layers = n_teacher
+    return student
+
+
+def save_compact(model: SequentialRecommender, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Save a compact model (safetensors + JSON) with its kept teacher indices in the manifest."""
+    return save_recommender(model, out_dir, {
+        "kind": "compact", "kept": model.kept, "teacher_layers": model.teacher_layers, **manifest,
+    })
+
+
+def load_compact(model_dir: str | Path) -> SequentialRecommender:
+    """Load a compact model; `kept` and `teacher_layers` come back from the manifest."""
+    from layerwise.models.checkpoint import read_manifest
+
+    manifest = read_manifest(model_dir)
+    model = load_recommender(model_dir)
+    model.kept = manifest.get("kept", list(range(model.n_layers)))
+    model.teacher_layers = manifest.get("teacher_layers", model.n_layers)
+    return model
+
+
+def removed_parameters(teacher: SequentialRecommender, keep: list[int]) -> int:
+    """Analytic parameter reduction: the parameters of the removed layers.
+
+    T5's relative position bias table is not removed with block 0: it moves to the new first block.
+    """
+    kept = set(keep)
+    removed = 0
+    for index, layer in enumerate(teacher.layers):
+        if index not in kept:
+            removed += sum(p.numel() for p in layer.parameters())
+    if teacher.family.name == "t5" and 0 not in kept:
+        bias = teacher.layers[0].layer[0].SelfAttention.relative_attention_bias
+        removed -= bias.weight.numel()
+    return removed

@@ -1,0 +1,237 @@
+"""Healing a compact model by knowledge distillation from the full teacher (plain torch).
+
+Smallest run (tiny synthetic data, CPU, seconds):
+    layerwise compress --teacher /tmp/teacher --dataset synthetic:300:60:6000:0 --keep 0.5 --out /tmp/c
+
+Three steps, each switchable so that the ablation study can remove it:
+1. Bridge pre-fitting: each bridge learns, by regression on the teacher's own hidden states, to map the
+   state before its gap to the state after it (LLM-Streamline does this for a replaced block).
+2. Distillation: KL between student and teacher score distributions at temperature T, cross-entropy on
+   the true next items, and MSE between the student's and the teacher's hidden states at the kept layers.
+3. Early stopping on validation NDCG@10; the best epoch's weights are kept.
+
+What trains is a switch: "bridges" only, "lora" (bridges + LoRA on the kept layers, merged back into
+plain weights at the end so the saved backbone stays stock), or "all".
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from layerwise.hidden import capture_layer_inputs
+from layerwise.models.recommender import SequentialRecommender
+from layerwise.train import _validate, cloze_mask, training_windows
+
+TRAINABLE = ("bridges", "lora", "all")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """Healing settings. Weights of 0 switch a loss term off (the ablation study uses that)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    hidden_weight: float = 1.0
+    trainable: str = "all"
+    lora_rank: int = 8
+    prefit_steps: int = 200
+    patience: int = 3
+    eval_every: int = 1
+    max_len: int = 50
+    seed: int = 0
+    max_minutes: float | None = None
+
+
+@dataclass
+class HealResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    prefit_mse: dict[str, float] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+def teacher_targets(teacher: SequentialRecommender, student: SequentialRecommender
+                    ) -> list[int]:
+    """Teacher layer whose *input* each student slot should reproduce: slot j -> keep[j], slot k -> L."""
+    return list(student.kept) + [teacher.n_layers]
+
+
+def prefit_bridges(student: SequentialRecommender, teacher: SequentialRecommender,
+                   inputs: torch.Tensor, steps: int, lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
+    """Fit every bridge on teacher states: source = state after the last kept layer before the gap,
+    target = state the next kept layer saw in the teacher. inputs: (N, T) model inputs.
+
+    Returns the final relative MSE per slot (MSE / variance of the target).
+    """
+    if not len(student.bridges) or steps <= 0:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    sample = inputs[torch.randperm(len(inputs), generator=generator)[:512]]
+    with torch.no_grad():
+        states, mask = capture_layer_inputs(teacher.eval(), sample)
+    keep, out = list(student.kept), {}
+    for key, bridge in student.bridges.items():
+        slot = int(key)
+        source_layer = keep[slot - 1] + 1 if slot > 0 else 0
+        target_layer = keep[slot] if slot < len(keep) else teacher.n_layers
+        source, target = states[source_layer][mask], states[target_layer][mask]
+        optimizer = torch.optim.Adam(bridge.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = F.mse_loss(bridge(source), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            out[key] = (F.mse_loss(bridge(source), target) / target.var().clamp(min=1e-12)).item()
+    return out
+
+
+def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
+         config: HealConfig = HealConfig(), progress: bool = True) -> HealResult:
+    """Distil `teacher` into `student` (built by layerwise.compact.build_compact) on `data`'s training
+    histories; returns the validation history and keeps the student's best-epoch weights."""
+    if config.trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    teacher.eval().requires_grad_(False)
+    inputs, targets = training_windows(data, config.max_len, student.family.causal)
+    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len),
+                        config=asdict(config))
+    result.prefit_mse = prefit_bridges(student, teacher, inputs, config.prefit_steps, seed=config.seed)
+    if config.prefit_steps:
+        result.best_valid = _validate(student, data, config.max_len)
+    params = _trainable_parameters(student, config)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    best_state, stale = copy.deepcopy(student.state_dict()), 0
+    started = time.monotonic()
+    for epoch in tqdm(range(1, config.epochs + 1), desc="heal", disable=not progress, unit="epoch"):
+        loss = _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)
+        record = {"epoch": epoch, "loss": loss}
+        if epoch % config.eval_every == 0:
+            valid = _validate(student, data, config.max_len)
+            record.update({f"valid_{k}": v for k, v in valid.items()})
+            if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
+                result.best_epoch, result.best_valid = epoch, valid
+                best_state, stale = copy.deepcopy(student.state_dict()), 0
+            else:
+                stale += 1
+        result.history.append(record)
+        out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
+        if stale >= config.patience or out_of_time:
+            break
+    student.load_state_dict(best_state)
+    _merge_lora(student)
+    student.requires_grad_(True)
+    return result
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor, temperature: float, kd_weight: float,
+                      ce_weight: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T (scaled by T^2) plus cross-entropy on the labels.
+
+    student_logits, teacher_logits: (N, n_items + 1) with column 0 = -inf; labels: (N,).
+    """
+    loss = student_logits.new_zeros(())
+    if kd_weight:
+        s = F.log_softmax(student_logits[:, 1:] / temperature, dim=-1)
+        t = F.log_softmax(teacher_logits[:, 1:] / temperature, dim=-1)
+        loss = loss + kd_weight * temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> float:
+    student.train()
+    order = torch.randperm(len(inputs), generator=generator)
+    total, batches = 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        x, y = inputs[idx], targets[idx]
+        if not student.family.causal:
+            x, y = cloze_mask(x, student.mask_index, 0.2, generator)
+        loss = _batch_loss(student, teacher, x, y, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        total, batches = total + loss.item(), batches + 1
+    return total / max(batches, 1)
+
+
+def _batch_loss(student, teacher, x, y, config) -> torch.Tensor:
+    where = y != 0
+    with torch.no_grad():
+        t_states, _ = capture_layer_inputs(teacher, x)
+    s_states, _ = capture_layer_inputs(student, x)
+    t_hidden, s_hidden = t_states["final"], s_states["final"]
+    with torch.no_grad():
+        t_logits = teacher.head(t_hidden[where])
+    s_logits = student.head(s_hidden[where])
+    loss = distillation_loss(s_logits, t_logits, y[where], config.temperature,
+                             config.kd_weight, config.ce_weight)
+    if config.hidden_weight:
+        pairs = list(enumerate(teacher_targets(teacher, student)))
+        mse = sum(_relative_mse(s_states[j][where], t_states[t][where]) for j, t in pairs)
+        loss = loss + config.hidden_weight * mse / len(pairs)
+    return loss
+
+
+def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    # Scale-free: hidden norms differ by orders of magnitude across layers and families.
+    return F.mse_loss(student, teacher) / teacher.var().clamp(min=1e-6)
+
+
+def _trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:
+    student.requires_grad_(config.trainable == "all")
+    if config.trainable == "lora":
+        _add_lora(student, config.lora_rank)
+    for bridge in student.bridges.values():
+        bridge.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: trainable='bridges' needs bridges (bridge rank > 0)")
+    return params
+
+
+def _lora_targets(student: SequentialRecommender) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, module in student.layers.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    return sorted(names)
+
+
+def _add_lora(student: SequentialRecommender, rank: int) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=_lora_targets(student),
+                        lora_dropout=0.0)
+    inject_adapter_in_model(config, student.backbone)
+    student._has_lora = True
+
+
+def _merge_lora(student: SequentialRecommender) -> None:
+    """Fold LoRA deltas into the base weights and put plain nn.Linear modules back."""
+    if not getattr(student, "_has_lora", False):
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(student.backbone.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, attr = name.rpartition(".")
+            parent = student.backbone.get_submodule(parent_name) if parent_name else student.backbone
+            setattr(parent, attr, module.get_base_layer())
+    student._has_lora = False

@@ -1,0 +1,31 @@
+"""Build a fresh recommender for a data set from a preset or a local pretrained backbone."""
+
+from __future__ import annotations
+
+import torch
+
+from layerwise.models.presets import build_backbone, load_backbone, preset_config
+from layerwise.models.recommender import SequentialRecommender
+
+
+def build_recommender(data, family: str, preset: str = "small", pretrained: str | None = None,
+                      text_features: bool = False, max_len: int = 50, dropout: float | None = None,
+                      seed: int = 0, text_encoder: str | None = None) -> SequentialRecommender:
+    """A randomly initialised (or pretrained-backbone) recommender sized for `data`'s catalogue.
+
+    With `pretrained`, the family comes from the directory's config and `family`/`preset` are ignored.
+    """
+    torch.manual_seed(seed)
+    drop = 0.1 if dropout is None else dropout
+    if pretrained:
+        backbone = load_backbone(pretrained)
+    else:
+        backbone = build_backbone(preset_config(family, preset, max_len=max_len, dropout=drop))
+    text = None
+    if text_features:
+        from layerwise.models.text import encode_texts
+
+        if not data.item_text:
+            raise ValueError(f"data set {data.name!r} has no item titles or genres for text features")
+        text = encode_texts(list(data.item_text), text_encoder)
+    return SequentialRecommender(backbone, data.n_items, text_embeddings=text, dropout=drop)

@@ -1,0 +1,122 @@
+"""Backbone presets: real `transformers` configs at tiny, small and published shapes.
+
+`tiny` presets (2 layers, 32 wide) keep unit tests under a second. `small` is the main job's teacher.
+The big shapes (1B-13B) follow the published configs and are only ever built on the meta device for
+planning on this machine (see `layerwise plan`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
+
+# Width, depth and heads per preset size, shared across families so "small" means the same budget.
+_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64},
+    "small": {"hidden": 64, "layers": 8, "heads": 2, "ffn": 256},
+    "base": {"hidden": 256, "layers": 12, "heads": 4, "ffn": 1024},
+}
+
+
+def _llama(s: dict[str, int], max_len: int, dropout: float) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=2, hidden_size=s["hidden"], intermediate_size=s["ffn"], bos_token_id=None, eos_token_id=None,
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"], max_position_embeddings=max_len + 1,
+        attention_dropout=dropout, pad_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def _qwen3(s: dict[str, int], max_len: int, dropout: float) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=2, hidden_size=s["hidden"], intermediate_size=s["ffn"], bos_token_id=None, eos_token_id=None,
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"], head_dim=s["hidden"] // s["heads"],
+        max_position_embeddings=max_len + 1, attention_dropout=dropout, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def _gpt2(s: dict[str, int], max_len: int, dropout: float) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=2, n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], bos_token_id=None, eos_token_id=None,
+        n_inner=s["ffn"], n_positions=max_len + 1, resid_pdrop=dropout, embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+
+
+def _bert(s: dict[str, int], max_len: int, dropout: float) -> BertConfig:
+    return BertConfig(
+        vocab_size=2, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], intermediate_size=s["ffn"],
+        max_position_embeddings=max_len + 1, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, type_vocab_size=1, pad_token_id=0,
+    )
+
+
+def _t5(s: dict[str, int], max_len: int, dropout: float) -> T5Config:
+    return T5Config(
+        vocab_size=2, d_model=s["hidden"], d_kv=s["hidden"] // s["heads"], d_ff=s["ffn"],
+        num_layers=s["layers"], num_decoder_layers=0, num_heads=s["heads"],
+        dropout_rate=dropout, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        use_cache=False, pad_token_id=0,
+    )
+
+
+_CONFIGS = {"llama": _llama, "qwen3": _qwen3, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
+_MODELS = {"llama": LlamaModel, "qwen3": Qwen3Model, "gpt2": GPT2Model, "t5": T5EncoderModel}
+
+
+def preset_config(family: str, preset: str, max_len: int = 50, dropout: float = 0.1,
+                  **overrides: Any) -> PretrainedConfig:
+    """A real transformers config for `family` at size `preset` (tiny, small, base).
+
+    `overrides` are config attributes set after construction (e.g. num_hidden_layers=4).
+    """
+    if family not in _CONFIGS:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(_CONFIGS)}")
+    if preset not in _SHAPES:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(_SHAPES)}")
+    config = _CONFIGS[family](_SHAPES[preset], max_len, dropout)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"{type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    # The recommender feeds `inputs_embeds`; token ids for BOS/EOS mean nothing here.
+    config.bos_token_id = config.eos_token_id = None
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
+    """Instantiate the real transformers backbone for a config, randomly initialised."""
+    if config.model_type == "bert":
+        return BertModel(config, add_pooling_layer=False)
+    for family, cls in _MODELS.items():
+        if cls.config_class.model_type == config.model_type:
+            return cls(config)
+    return AutoModel.from_config(config)
+
+
+def load_backbone(path: str) -> PreTrainedModel:
+    """Load a local pretrained backbone (e.g. all-MiniLM-L6-v2) with stock transformers, no remote code."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if config.model_type == "t5":
+        return T5EncoderModel.from_pretrained(path)
+    return AutoModel.from_pretrained(path, trust_remote_code=False)

@@ -1,0 +1,123 @@
+"""`SequentialRecommender`: next-item recommendation on any supported transformer backbone.
+
+A history of item indices (left-padded, 0 = padding) becomes item embeddings, optionally plus a frozen
+text embedding of each item projected to the hidden size. The sequence runs through the backbone's own
+layer stack via `inputs_embeds`; the hidden state at the prediction position is scored against every
+item embedding (tied weights) plus a per-item bias.
+
+Decoder families are causal and predict the next item at every position. Encoder families (BERT, T5)
+are bidirectional: training masks random positions (cloze, as BERT4Rec) and inference appends a mask
+slot at the end and predicts there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from layerwise.bridges import Bridge, attach_bridges
+from layerwise.models.families import Family, family_of
+
+
+class SequentialRecommender(nn.Module):
+    """A transformer backbone wrapped as a next-item recommender.
+
+    Args:
+        backbone: a real transformers model (LlamaModel, Qwen3Model, GPT2Model, BertModel, T5EncoderModel).
+        n_items: catalogue size; item indices are 1..n_items, 0 is padding, n_items + 1 is the mask slot.
+        text_embeddings: optional frozen (n_items + 1, text_dim) features of each item (title, genres).
+        dropout: dropout on the input embeddings.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, n_items: int,
+                 text_embeddings: torch.Tensor | None = None, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.family: Family = family_of(backbone.config)
+        self.n_items = n_items
+        hidden = self.hidden_size
+        self.item_embedding = nn.Embedding(n_items + 2, hidden, padding_idx=0)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        self.item_bias = nn.Parameter(torch.zeros(n_items + 1))
+        self.dropout = nn.Dropout(dropout)
+        self.text_projection: nn.Linear | None = None
+        # Bridge adapters of a compact model (see layerwise.bridges); empty for a teacher.
+        self.bridges = nn.ModuleDict()
+        if text_embeddings is not None:
+            if text_embeddings.shape[0] != n_items + 1:
+                raise ValueError(f"text_embeddings has {text_embeddings.shape[0]} rows, expected {n_items + 1}")
+            self.register_buffer("text_embeddings", text_embeddings.float().clone())
+            self.text_projection = nn.Linear(text_embeddings.shape[1], hidden, bias=False)
+            nn.init.zeros_(self.text_projection.weight)
+
+    # --- structure -------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        config = self.backbone.config
+        return getattr(config, "hidden_size", None) or config.d_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.family.layers(self.backbone)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mask_index(self) -> int:
+        return self.n_items + 1
+
+    def set_bridges(self, slots: list[int], rank: int) -> nn.ModuleDict:
+        """Replace the bridges with fresh identity bridges of `rank` at `slots`, hooked onto the layers."""
+        self.bridges = nn.ModuleDict({str(s): Bridge(self.hidden_size, rank) for s in slots})
+        attach_bridges(self.layers, self.bridges)
+        return self.bridges
+
+    # --- the parts before and after the layers ---------------------------------------------------
+    def item_vectors(self) -> torch.Tensor:
+        """Item representations (n_items + 2, H): learned embedding plus projected text features."""
+        weight = self.item_embedding.weight
+        if self.text_projection is not None:
+            text = self.text_projection(self.text_embeddings)
+            weight = weight + torch.cat([text, text.new_zeros(1, text.shape[1])], dim=0)
+        return weight
+
+    def prepare(self, histories: torch.Tensor) -> torch.Tensor:
+        """Inference input: encoders drop the oldest slot and append the mask slot to predict at.
+
+        histories: (B, T) left-padded item indices -> (B, T) model input.
+        """
+        if self.family.causal:
+            return histories
+        mask = torch.full_like(histories[:, :1], self.mask_index)
+        return torch.cat([histories[:, 1:], mask], dim=1)
+
+    def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs: (B, T) indices -> (inputs_embeds (B, T, H), attention_mask (B, T))."""
+        embeds = self.dropout(nn.functional.embedding(inputs, self.item_vectors(), padding_idx=0))
+        return embeds, (inputs != 0).long()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., H) -> scores (..., n_items + 1); column 0 (padding) is -inf."""
+        items = self.item_vectors()[: self.n_items + 1]
+        scores = hidden @ items.T + self.item_bias
+        scores[..., 0] = float("-inf")
+        return scores
+
+    # --- forward passes --------------------------------------------------------------------------
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: (B, T) model input indices -> final hidden states (B, T, H)."""
+        embeds, attention_mask = self.embed(inputs)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Training logits at every position. inputs: (B, T) -> (B, T, n_items + 1)."""
+        return self.head(self.encode(inputs))
+
+    def score(self, histories: torch.Tensor) -> torch.Tensor:
+        """Scores of every item as the next one. histories: (B, T) left-padded -> (B, n_items + 1)."""
+        hidden = self.encode(self.prepare(histories))
+        return self.head(hidden[:, -1])

@@ -1,0 +1,1 @@
+"""Glue around the `layerwise` library: the CLI, the pipeline, Ray, DeepSpeed, Tune and MLflow."""

@@ -1,0 +1,95 @@
+"""Handlers of the `layerwise` subcommands: parse nothing, call the library, print and write results."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from orchestration.report import print_metrics_table, write_json
+
+HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+
+
+def load_data(args):
+    from layerwise.data import load_dataset
+
+    return load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                        min_core=args.min_core)
+
+
+def data(args) -> int:
+    if args.data_command == "synth":
+        from layerwise.data import generate_synthetic, write_atomic
+
+        started = time.perf_counter()
+        inter = generate_synthetic(args.users, args.items, args.interactions, seed=args.seed)
+        path = write_atomic(inter, args.out, args.name)
+        print(f"wrote {len(inter.user):,} interactions to {path} in {time.perf_counter() - started:.1f}s")
+        return 0
+    from layerwise.data import dataset_stats
+
+    dataset = load_data(args)
+    stats = dataset_stats(dataset)
+    for key, value in stats.items():
+        print(f"{key:>24}: {value}")
+    if getattr(args, "json", None):
+        write_json(args.json, stats)
+    return 0
+
+
+def train(args) -> int:
+    from layerwise.models.checkpoint import save_recommender
+    from layerwise.train import TrainConfig, train_recommender
+    from orchestration.builders import build_recommender
+
+    dataset = load_data(args)
+    config = TrainConfig(seed=args.seed, max_len=args.max_len)
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "loss", "max_minutes")
+                 if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    model = build_recommender(dataset, args.family, args.preset, pretrained=args.pretrained,
+                              text_features=args.text_features, max_len=args.max_len,
+                              dropout=args.dropout, seed=args.seed)
+    started = time.perf_counter()
+    result = train_recommender(model, dataset, config)
+    minutes = (time.perf_counter() - started) / 60
+    save_recommender(model, args.out, {
+        "kind": "teacher", "preset": args.preset, "pretrained": args.pretrained,
+        "dataset": args.dataset, "data_fingerprint": dataset.fingerprint, "max_len": args.max_len,
+        "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,
+        "train_minutes": minutes,
+    })
+    print(f"trained {args.family}/{args.preset} in {minutes:.1f} min; best epoch {result.best_epoch}, "
+          f"valid NDCG@10 {result.best_valid['ndcg@10']:.4f}; saved to {args.out}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from orchestration.builders import scorer_for
+
+    dataset = load_data(args)
+    result = evaluate_scorer(scorer_for(args.model, dataset), dataset, args)
+    print_metrics_table({args.model: result.means}, HEADLINE)
+    if args.json:
+        write_json(args.json, result.to_dict())
+    if args.per_user:
+        result.to_parquet(args.per_user)
+    return 0
+
+
+def evaluate_scorer(scorer, dataset, args):
+    from layerwise.evaluate import SampledRanking, evaluate as run_eval
+
+    sampled = SampledRanking(args.sampled, args.sampling) if args.sampled else None
+    return run_eval(scorer, dataset, stage=args.stage, exclude_seen=not args.keep_seen,
+                    max_len=args.max_len, sampled=sampled, progress=True)
+
+
+def run(args) -> int:
+    from orchestration.pipeline import load_config, run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    run_pipeline(config)
+    return 0

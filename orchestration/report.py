@@ -1,0 +1,41 @@
+"""Console tables and JSON files for command output."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_metrics_table(rows: dict[str, dict[str, float]], columns, title: str | None = None) -> None:
+    """rows: name -> metric -> value; prints one row per name with the given metric columns."""
+    table = Table(title=title)
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column.upper().replace("PRECISION", "P"), justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *(_fmt(metrics.get(c)) for c in columns))
+    Console().print(table)
+
+
+def write_json(path: str | Path, payload) -> Path:
+    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
