@@ -84,16 +84,23 @@ _MODELS = {"llama": LlamaModel, "qwen3": Qwen3Model, "gpt2": GPT2Model, "t5": T5
 
 
 def preset_config(family: str, preset: str, max_len: int = 50, dropout: float = 0.1,
+                  n_layers: int | None = None, hidden: int | None = None,
                   **overrides: Any) -> PretrainedConfig:
     """A real transformers config for `family` at size `preset` (tiny, small, base).
 
-    `overrides` are config attributes set after construction (e.g. num_hidden_layers=4).
+    n_layers, hidden: change the preset's depth or width before the config is built, so per-layer
+    fields (Qwen's layer_types) come out the right length. `overrides` are other config attributes.
     """
     if family not in _CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose from {sorted(_CONFIGS)}")
     if preset not in _SHAPES:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(_SHAPES)}")
-    config = _CONFIGS[family](_SHAPES[preset], max_len, dropout)
+    shape = dict(_SHAPES[preset])
+    if n_layers is not None:
+        shape["layers"] = n_layers
+    if hidden is not None:
+        shape["hidden"], shape["ffn"] = hidden, hidden * shape["ffn"] // shape["hidden"]
+    config = _CONFIGS[family](shape, max_len, dropout)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"{type(config).__name__} has no attribute {key!r}")
