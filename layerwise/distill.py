@@ -235,3 +235,24 @@ def _merge_lora(student: SequentialRecommender) -> None:
             parent = student.backbone.get_submodule(parent_name) if parent_name else student.backbone
             setattr(parent, attr, module.get_base_layer())
     student._has_lora = False
+
+
+# --- public wrappers for training loops outside `heal` (orchestration.training runs them under
+# DeepSpeed on Ray Train); they add no behaviour of their own.
+def heal_loss(student: SequentialRecommender, teacher: SequentialRecommender, x: torch.Tensor,
+              y: torch.Tensor, config: HealConfig) -> torch.Tensor:
+    """One batch's healing loss: KD + cross-entropy + hidden-state MSE, weighted as in `config`.
+
+    x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target.
+    """
+    return _batch_loss(student, teacher, x, y, config)
+
+
+def trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:
+    """Set requires_grad per `config.trainable` (injecting LoRA for "lora"); returns what trains."""
+    return _trainable_parameters(student, config)
+
+
+def merge_lora(student: SequentialRecommender) -> None:
+    """Fold LoRA deltas into plain weights (a no-op without LoRA) so the saved backbone stays stock."""
+    _merge_lora(student)

@@ -14,11 +14,20 @@ def scorer_for(spec: str, data):
     if not Path(spec).is_dir():
         raise FileNotFoundError(f"--model {spec!r} is neither a model directory nor a baseline "
                                 f"({', '.join(sorted(BASELINES))})")
-    from layerwise.models.checkpoint import load_recommender, read_manifest
+    return load_model_for(spec, data).score
 
-    manifest = read_manifest(spec)
+
+def load_model_for(model_dir: str, data):
+    """Load a saved model after checking that it was trained on `data` (same catalogue and split)."""
+    from layerwise.compact import load_compact
+    from layerwise.models.checkpoint import read_manifest
+
+    manifest = read_manifest(model_dir)
     if manifest["n_items"] != data.n_items:
-        raise ValueError(f"model {spec} was trained on {manifest['n_items']} items but the data set has "
-                         f"{data.n_items}; evaluate it on the data set it was trained on")
-    model = load_recommender(spec)
-    return model.score
+        raise ValueError(f"model {model_dir} was trained on {manifest['n_items']} items but the data set "
+                         f"has {data.n_items}; use the data set it was trained on")
+    expected = manifest.get("data_fingerprint")
+    if expected and expected != data.fingerprint:
+        raise ValueError(f"model {model_dir} was trained on data with fingerprint {expected[:12]}, "
+                         f"this data set has {data.fingerprint[:12]}")
+    return load_compact(model_dir)

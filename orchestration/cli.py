@@ -81,6 +81,45 @@ def _evaluate_parser(sub) -> None:
     ev.add_argument("--max-len", type=int, default=50)
 
 
+def _score_parser(sub) -> None:
+    score = sub.add_parser("score", help="layer importance of a trained model, every estimator")
+    _add_data_args(score)
+    score.add_argument("--model", required=True, help="trained model directory")
+    score.add_argument("--methods", nargs="+", default=None,
+                       help="estimators (default: all local ones plus ablation and ablation_loss)")
+    score.add_argument("--json", required=True, help="write scores (method -> per-layer list) here")
+    score.add_argument("--calib-batches", type=int, default=8)
+    score.add_argument("--calib-batch-size", type=int, default=64)
+    score.add_argument("--seed", type=int, default=0)
+
+
+def _compress_parser(sub) -> None:
+    comp = sub.add_parser("compress", help="keep the best k layers, bridge the gaps, heal by distillation")
+    _add_data_args(comp)
+    comp.add_argument("--teacher", required=True, help="trained teacher directory")
+    comp.add_argument("--keep", type=float, default=0.25,
+                      help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
+    comp.add_argument("--selector", default="beam", help="layer selector (default: %(default)s)")
+    comp.add_argument("--method", default=None, help="importance estimator the selector ranks by")
+    comp.add_argument("--bridge-rank", type=int, default=16, help="bridge adapter rank; 0 = no bridges")
+    comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
+    comp.add_argument("--heal-epochs", type=int, default=20)
+    comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--out", required=True, help="output compact model directory")
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="interleaved latency, throughput, memory, FLOPs and the Amdahl bound")
+    bench.add_argument("--models", nargs="+", required=True,
+                       help="model directories; the first is the reference (the teacher)")
+    bench.add_argument("--json", required=True, help="write the full result here")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+
+
 def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="the main job: data -> teacher -> evaluate, next to MostPop")
     run.add_argument("config", nargs="?", default=None, help="YAML config (default: embedded defaults)")
@@ -95,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parser(sub)
     _train_parser(sub)
     _evaluate_parser(sub)
+    _score_parser(sub)
+    _compress_parser(sub)
+    _bench_parser(sub)
     _run_parser(sub)
     return parser
 
@@ -103,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "data": commands.data, "train": commands.train, "evaluate": commands.evaluate,
+        "score": commands.score, "compress": commands.compress, "bench": commands.bench,
         "run": commands.run,
     }[args.command]
     try:

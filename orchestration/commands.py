@@ -87,6 +87,65 @@ def evaluate_scorer(scorer, dataset, args):
                     max_len=args.max_len, sampled=sampled, progress=True)
 
 
+def score(args) -> int:
+    from layerwise.compress import calibration_batches
+    from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+    from orchestration.builders import load_model_for
+
+    dataset = load_data(args)
+    model = load_model_for(args.model, dataset)
+    methods = args.methods or [*LOCAL_METHODS, "ablation", "ablation_loss"]
+    unknown = [m for m in methods if m not in IMPORTANCE]
+    if unknown:
+        raise ValueError(f"unknown importance methods {unknown}; choose from {sorted(IMPORTANCE)}")
+    batches = calibration_batches(model, dataset, args.calib_batches, args.calib_batch_size,
+                                  seed=args.seed)
+    local = [m for m in methods if m in LOCAL_METHODS]
+    scores = {k: v.tolist() for k, v in compute_importance(model, batches, local).items()} if local else {}
+    for method in (m for m in methods if m not in LOCAL_METHODS):
+        scores[method] = IMPORTANCE[method](model, batches, data=dataset, k=None, seed=args.seed).tolist()
+    for method, values in scores.items():
+        print(f"{method:>16}: " + " ".join(f"{v:9.3g}" for v in values))
+    write_json(args.json, {"model": args.model, "n_layers": model.n_layers, "scores": scores})
+    return 0
+
+
+def compress(args) -> int:
+    from layerwise.compact import save_compact
+    from layerwise.compress import CompressConfig, compress as run_compress
+    from layerwise.distill import HealConfig
+    from orchestration.builders import load_model_for
+
+    dataset = load_data(args)
+    teacher = load_model_for(args.teacher, dataset)
+    config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
+                            bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
+                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable))
+    result = run_compress(teacher, dataset, config)
+    manifest = {"teacher": str(Path(args.teacher).resolve()), "dataset": args.dataset,
+                "data_fingerprint": dataset.fingerprint, "max_len": config.heal.max_len,
+                **result.manifest(config)}
+    save_compact(result.model, args.out, manifest)
+    print(f"kept layers {result.kept} of {teacher.n_layers}; valid NDCG@10 unhealed "
+          f"{result.unhealed_valid['ndcg@10']:.4f}, final {manifest['valid']['ndcg@10']:.4f}; "
+          f"saved to {args.out}")
+    return 0
+
+
+def bench(args) -> int:
+    import torch
+
+    from layerwise.bench import bench_dirs, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_dirs(args.models, batch_sizes=tuple(args.batch_sizes), runs=args.runs,
+                        warmup=args.warmup)
+    print(format_table(result))
+    write_json(args.json, result)
+    return 0
+
+
 def run(args) -> int:
     from orchestration.pipeline import load_config, run_pipeline
 

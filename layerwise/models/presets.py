@@ -126,4 +126,7 @@ def load_backbone(path: str) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type == "t5":
         return T5EncoderModel.from_pretrained(path)
+    if config.model_type == "bert":
+        # The recommender never uses BERT's pooler; without it no unused (or random) weights run.
+        return BertModel.from_pretrained(path, add_pooling_layer=False)
     return AutoModel.from_pretrained(path, trust_remote_code=False)

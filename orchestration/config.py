@@ -1,0 +1,158 @@
+"""The pipeline's configuration: nested frozen dataclasses, loaded from YAML with key=value overrides.
+
+    config = load_config("study.yaml", ["teacher.train.epochs=5", "compress.keep=0.5"])
+
+Unknown keys and wrong types are errors that name the key, so a typo never silently runs the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layerwise.distill import HealConfig
+from layerwise.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    cache_dir: str = "runs/data_cache"
+    min_core: int = 0
+    max_len: int = 50
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    family: str = "llama"
+    preset: str = "small"
+    pretrained: str | None = None
+    text_features: bool = False
+    dropout: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class CompressStageConfig:
+    keep: float = 0.25
+    selector: str = "beam"
+    method: str | None = None
+    bridge_rank: int = 16
+    calib_batches: int = 8
+    calib_batch_size: int = 64
+    heal: HealConfig = field(default_factory=HealConfig)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS when set)
+    shards: int = 2  # importance shards, one Ray task each
+    distributed_training: bool = False  # teacher and healing through Ray Train + DeepSpeed
+    workers: int = 2
+    zero_stage: int = 2
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite store in the run directory
+    experiment: str = "layerwise"
+    registered_model: str = "layerwise-compact"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 64)
+    runs: int = 30
+    warmup: int = 5
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "default"
+    run_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    compress: CompressStageConfig = field(default_factory=CompressStageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """PipelineConfig from the embedded defaults, then a YAML file, then key=value overrides."""
+    raw: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        _set_path(raw, key.split("."), yaml.safe_load(value))
+    return _build(PipelineConfig, raw, "")
+
+
+def stage_hash(*parts: Any) -> str:
+    """Stable short hash of the configuration that determines a stage's outputs."""
+    blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        raw = raw.setdefault(key, {})
+        if not isinstance(raw, dict):
+            raise ValueError(f"override path {'.'.join(keys)} goes through a non-section")
+    raw[keys[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + u for u in unknown]}; "
+                         f"known in this section: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and
+                                                 not (hint is int and isinstance(value, bool))):
+        raise ValueError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,79 @@
+"""The headline of a run: teacher vs compact on quality, speed and memory, read from the stage outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+METRICS = ("ndcg@10", "mrr", "ndcg@5", "hr@10")
+
+
+def retention_ci(teacher: np.ndarray, compact: np.ndarray, seed: int = 0, n_boot: int = 2000
+                 ) -> tuple[float, float]:
+    """Paired bootstrap 95% CI of mean(compact) / mean(teacher) over users (resampled together)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(teacher), size=(n_boot, len(teacher)))
+    ratios = compact[idx].mean(1) / np.maximum(teacher[idx].mean(1), 1e-12)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def build_headline(base_dir: Path, eval_dir: Path, bench_dir: Path, comp_dir: Path) -> dict:
+    """Collect the figures of one run into a JSON-able dict (see `print_headline`)."""
+    teacher = pq.read_table(base_dir / "teacher_per_user.parquet").to_pydict()
+    compact = pq.read_table(eval_dir / "compact_per_user.parquet").to_pydict()
+    mostpop = json.loads((base_dir / "mostpop.json").read_text())["means"]
+    if teacher["user"] != compact["user"]:
+        raise ValueError("teacher and compact were evaluated on different users")
+    quality = {}
+    for metric in METRICS:
+        t, c = np.asarray(teacher[metric]), np.asarray(compact[metric])
+        quality[metric] = {"teacher": float(t.mean()), "compact": float(c.mean()),
+                           "mostpop": mostpop.get(metric), "retention": float(c.mean() / t.mean()),
+                           "retention_ci95": retention_ci(t, c)}
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    (t_name, t_bench), (c_name, c_bench) = list(bench["models"].items())[:2]
+    speed = {}
+    for batch, entry in c_bench["batches"].items():
+        speed[batch] = {key: entry.get(key) for key in ("speedup", "speedup_ci95", "bound", "efficiency")}
+        speed[batch]["teacher_ms"] = t_bench["batches"][batch]["median_ms"]
+        speed[batch]["compact_ms"] = entry["median_ms"]
+        speed[batch]["f"] = bench["nonlayer"][batch]["f"]
+    compress = json.loads((comp_dir / "compress.json").read_text())
+    return {
+        "metrics": {"quality": quality, "speed": speed},
+        "layers": {"teacher": t_bench["n_layers"], "compact": c_bench["n_layers"],
+                   "kept": compress["kept"], "selector": compress["selector"],
+                   "bridge_rank": compress["bridge_rank"]},
+        "memory": {"teacher_param_bytes": t_bench["param_bytes"],
+                   "compact_param_bytes": c_bench["param_bytes"]},
+    }
+
+
+def print_headline(head: dict) -> None:
+    """The table `make run` ends with."""
+    quality, speed = head["metrics"]["quality"], head["metrics"]["speed"]
+    layers = head["layers"]
+    table = Table(title=f"teacher ({layers['teacher']} layers) vs compact ({layers['compact']} layers: "
+                        f"{layers['kept']}, {layers['selector']}, bridge rank {layers['bridge_rank']})")
+    for column in ("figure", "teacher", "compact", "retention [95% CI]"):
+        table.add_column(column, justify="right")
+    for metric in ("ndcg@10", "mrr"):
+        q = quality[metric]
+        lo, hi = q["retention_ci95"]
+        table.add_row(metric.upper(), f"{q['teacher']:.4f}", f"{q['compact']:.4f}",
+                      f"{q['retention']:.1%} [{lo:.1%}, {hi:.1%}]")
+    for batch, s in speed.items():
+        lo, hi = s["speedup_ci95"]
+        table.add_row(f"latency b={batch} (ms)", f"{s['teacher_ms']:.2f}", f"{s['compact_ms']:.2f}",
+                      f"speedup {s['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]; bound {s['bound']:.2f}x; "
+                      f"efficiency {s['efficiency']:.0%}")
+    m = head["memory"]
+    table.add_row("parameter MB", f"{m['teacher_param_bytes'] / 2**20:.2f}",
+                  f"{m['compact_param_bytes'] / 2**20:.2f}",
+                  f"{m['compact_param_bytes'] / m['teacher_param_bytes']:.1%} of the teacher")
+    Console().print(table)

@@ -1,0 +1,92 @@
+"""The main job: data -> teacher -> sharded importance -> selection -> compact -> heal -> evaluate -> bench.
+
+Smallest CPU run (tiny synthetic data and a tiny model, about a minute):
+    layerwise run data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny teacher.train.epochs=4
+
+Every stage writes its outputs under runs/<name>/<stage>-<hash>/, where the hash covers exactly the
+configuration that determines them. A stage whose outputs exist is skipped, so an interrupted run resumes
+where it stopped and a changed setting re-runs only what it affects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from orchestration.config import PipelineConfig, load_config, stage_hash
+from orchestration.report import print_metrics_table, write_json
+
+__all__ = ["load_config", "run_pipeline", "Stages"]
+
+console = Console()
+HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+
+
+class Stages:
+    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet."""
+
+    def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None):
+        self.root = root
+        self.on_done = on_done
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
+        out = self.root / f"{name}-{key}"
+        marker = out / "_DONE"
+        if marker.exists():
+            console.print(f"[dim]- {name}: done earlier ({out}), skipped[/dim]")
+            self.skipped.append(name)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            console.print(f"[bold]> {name}[/bold] -> {out}")
+            started = time.perf_counter()
+            fn(out)
+            seconds = time.perf_counter() - started
+            (out / "_seconds.json").write_text(json.dumps({"seconds": seconds}))
+            marker.write_text("")
+            self.ran.append(name)
+        if self.on_done:
+            self.on_done(name, out, name in self.skipped)
+        return out
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the headline figures."""
+    from orchestration import steps
+
+    root = Path(config.run_dir).resolve() / config.name
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "config.json", asdict(config))
+    with steps.pipeline_context(config, root) as ctx:
+        stages = Stages(root, on_done=ctx.log_stage)
+        data = steps.load_data(config)
+        data_key = stage_hash(config.data, data.fingerprint)
+        teacher_key = stage_hash(data_key, config.teacher, config.seed)
+        teacher_dir = stages.run("teacher", teacher_key, lambda out: steps.train_teacher(ctx, data, out))
+        base_key = stage_hash(teacher_key, "evaluate")
+        base_dir = stages.run("evaluate-teacher", base_key,
+                              lambda out: steps.evaluate_models(ctx, data, {"teacher": teacher_dir}, out,
+                                                                with_mostpop=True))
+        imp_key = stage_hash(teacher_key, config.compress.calib_batches,
+                             config.compress.calib_batch_size, config.ray.shards)
+        imp_dir = stages.run("importance", imp_key,
+                             lambda out: steps.importance(ctx, data, teacher_dir, out))
+        comp_key = stage_hash(imp_key, config.compress)
+        comp_dir = stages.run("compact", comp_key,
+                              lambda out: steps.compress(ctx, data, teacher_dir, imp_dir, out))
+        eval_key = stage_hash(comp_key, "evaluate")
+        eval_dir = stages.run("evaluate-compact", eval_key,
+                              lambda out: steps.evaluate_models(ctx, data, {"compact": comp_dir / "model"},
+                                                                out, with_mostpop=False))
+        bench_key = stage_hash(comp_key, config.bench)
+        bench_dir = stages.run("bench", bench_key,
+                               lambda out: steps.bench(ctx, teacher_dir, comp_dir / "model", out))
+        headline = steps.headline(ctx, base_dir, eval_dir, bench_dir, comp_dir)
+    write_json(root / "headline.json", headline)
+    return headline

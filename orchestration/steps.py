@@ -1,0 +1,202 @@
+"""The pipeline's stages. Each takes the run context and writes its outputs into the directory it is given.
+
+The library does the work; this module decides where it runs (Ray tasks, Ray Train + DeepSpeed, or the
+driver) and what MLflow records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestration.config import PipelineConfig
+from orchestration.report import print_metrics_table, write_json
+
+HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+
+
+@dataclass
+class Context:
+    """What every stage needs: the config, the run root, and the MLflow parent run."""
+
+    config: PipelineConfig
+    root: Path
+    parent_run_id: str | None = None
+    logged: set[str] = field(default_factory=set)
+
+    def log_stage(self, name: str, out: Path, skipped: bool) -> None:
+        """Log a finished stage's JSON outputs to MLflow (also for stages skipped on resume)."""
+        from orchestration import tracking
+
+        seconds = json.loads((out / "_seconds.json").read_text())["seconds"]
+        tracking.log_metrics({f"stage_seconds/{name}": seconds})
+        for path in sorted(out.glob("*.json")):
+            if not path.name.startswith("_"):
+                tracking.log_artifact(str(path), artifact_path=name)
+
+
+@contextlib.contextmanager
+def pipeline_context(config: PipelineConfig, root: Path):
+    """Start (or join) Ray and open the MLflow parent run; a crash ends the run FAILED."""
+    from orchestration import tracking
+    from orchestration.ray_runtime import ray_session
+
+    uri = config.tracking.uri or tracking.tracking_uri(root.parent)
+    tracking.ensure_experiment(config.tracking.experiment, uri)
+    with ray_session(address=config.ray.address):
+        params = tracking.flatten(asdict(config))
+        with tracking.tracked_run(config.name, params=params, tags={"stage": "pipeline"}) as run:
+            yield Context(config, root, parent_run_id=run.info.run_id)
+
+
+def load_data(config: PipelineConfig):
+    from layerwise.data import load_dataset
+
+    c = config.data
+    return load_dataset(c.dataset, data_dir=c.data_dir, cache_dir=c.cache_dir, min_core=c.min_core)
+
+
+def train_teacher(ctx: Context, data, out: Path) -> None:
+    """Train the teacher in the driver, or through Ray Train + DeepSpeed when configured."""
+    from dataclasses import replace
+
+    from layerwise.models.checkpoint import save_recommender
+    from layerwise.models.factory import build_recommender
+    from layerwise.train import train_recommender
+
+    c, t = ctx.config, ctx.config.teacher
+    train_config = replace(t.train, seed=c.seed, max_len=c.data.max_len)
+    if c.ray.distributed_training:
+        from orchestration.training import train_teacher_distributed
+
+        train_teacher_distributed(_data_spec(c), asdict(t), asdict(train_config), out_dir=out / "model",
+                                  num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
+                                  storage_path=str(ctx.root / "ray_train"))
+        _link_model(out)
+        return
+    model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
+                              text_features=t.text_features, max_len=c.data.max_len,
+                              dropout=t.dropout, seed=c.seed)
+    result = train_recommender(model, data, train_config)
+    save_recommender(model, out / "model", {
+        "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": c.data.dataset,
+        "data_fingerprint": data.fingerprint, "max_len": c.data.max_len, "train": result.config,
+        "best_epoch": result.best_epoch, "valid": result.best_valid,
+    })
+    write_json(out / "train.json", {"best_epoch": result.best_epoch, "valid": result.best_valid,
+                                    "history": result.history})
+
+
+def _data_spec(config: PipelineConfig) -> dict[str, Any]:
+    return asdict(config.data)
+
+
+def _link_model(out: Path) -> None:
+    if not (out / "model" / "manifest.json").exists():
+        raise RuntimeError(f"distributed training wrote no model to {out / 'model'}")
+
+
+def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with_mostpop: bool) -> None:
+    """Test-split metrics (full ranking, seen items excluded) with per-user Parquet tables."""
+    from layerwise.baselines import BASELINES
+    from layerwise.evaluate import evaluate
+    from orchestration.builders import load_model_for
+
+    scorers = {"mostpop": BASELINES["mostpop"](data)} if with_mostpop else {}
+    for name, model_dir in models.items():
+        model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
+        scorers[name] = load_model_for(str(model_dir), data).score
+    rows = {}
+    for name, scorer in scorers.items():
+        result = evaluate(scorer, data, stage="test", exclude_seen=True,
+                          max_len=ctx.config.data.max_len, progress=True)
+        result.to_parquet(out / f"{name}_per_user.parquet")
+        write_json(out / f"{name}.json", result.to_dict())
+        rows[name] = result.means
+    print_metrics_table(rows, HEADLINE, title="test split, full ranking, seen items excluded")
+
+
+def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
+    """Every estimator: local ones sharded over Ray tasks, ablation and dependency one task each."""
+    from layerwise.compress import calibration_batches
+    from layerwise.importance import LOCAL_METHODS
+    from orchestration.builders import load_model_for
+    from orchestration.shards import remote_ablation, remote_dependency, sharded_importance
+
+    c = ctx.config
+    teacher = load_model_for(str(teacher_dir / "model"), data)
+    batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
+                                  c.data.max_len, c.seed)
+    scores = sharded_importance(teacher, batches, n_shards=c.ray.shards, methods=LOCAL_METHODS)
+    scores["ablation"] = remote_ablation(teacher, batches, data, metric="ndcg@10")
+    scores["ablation_loss"] = remote_ablation(teacher, batches, data, metric="loss")
+    dependency = remote_dependency(teacher, batches, data, metric="loss")
+    write_json(out / "importance.json", {
+        "n_layers": teacher.n_layers, "shards": c.ray.shards,
+        "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
+    })
+
+
+def _load_importance(imp_dir: Path) -> dict[str, torch.Tensor]:
+    raw = json.loads((imp_dir / "importance.json").read_text())
+    scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in raw["scores"].items()}
+    scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
+    return scores
+
+
+def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) -> None:
+    """Select with the stored scores, build the compact model, heal it (locally or distributed)."""
+    from dataclasses import replace
+
+    from layerwise.compact import save_compact
+    from layerwise.compress import CompressConfig, compress as run_compress
+    from orchestration.builders import load_model_for
+
+    c = ctx.config
+    s = c.compress
+    teacher = load_model_for(str(teacher_dir / "model"), data)
+    config = CompressConfig(keep=s.keep, selector=s.selector, method=s.method,
+                            bridge_rank=s.bridge_rank, calib_batches=s.calib_batches,
+                            calib_batch_size=s.calib_batch_size, seed=c.seed,
+                            heal=replace(s.heal, max_len=c.data.max_len, seed=c.seed))
+    result = run_compress(teacher, data, config, precomputed=_load_importance(imp_dir))
+    manifest = {"teacher": str(teacher_dir / "model"), "dataset": c.data.dataset,
+                "data_fingerprint": data.fingerprint, "max_len": c.data.max_len,
+                **result.manifest(config)}
+    save_compact(result.model, out / "model", manifest)
+    write_json(out / "compress.json", {"kept": result.kept, **manifest,
+                                       "heal_history": result.heal.history if result.heal else []})
+
+
+def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> None:
+    from layerwise.bench import bench_dirs, format_table
+
+    b = ctx.config.bench
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    result = bench_dirs([str(teacher_dir / "model"), str(compact_dir)], batch_sizes=b.batch_sizes,
+                        runs=b.runs, warmup=b.warmup, max_len=ctx.config.data.max_len)
+    (out / "bench.md").write_text(format_table(result))
+    write_json(out / "bench.json", result)
+    print(format_table(result))
+
+
+def headline(ctx: Context, base_dir: Path, eval_dir: Path, bench_dir: Path, comp_dir: Path) -> dict:
+    """Teacher vs compact: NDCG@10, MRR, retention, speedup and efficiency against the Amdahl bound;
+    logged to MLflow, the compact model registered and promoted to `champion`."""
+    from orchestration import tracking
+    from orchestration.headline import build_headline, print_headline
+
+    head = build_headline(base_dir, eval_dir, bench_dir, comp_dir)
+    print_headline(head)
+    tracking.log_metrics(tracking.flatten({"headline": head["metrics"]}))
+    version = tracking.log_compact_model(str(comp_dir / "model"), ctx.config.tracking.registered_model)
+    tracking.promote(ctx.config.tracking.registered_model, version, alias="champion")
+    head["registered"] = {"name": ctx.config.tracking.registered_model, "version": version,
+                          "alias": "champion"}
+    return head

@@ -1,0 +1,398 @@
+"""Teacher training and healing on Ray Train (`TorchTrainer`, Train V2) with DeepSpeed in every worker.
+
+Smallest CPU run (2 workers, ZeRO-2 over gloo, tiny LLaMA, under a minute):
+    PYTHONPATH=. .venv/bin/python -c "from orchestration.ray_runtime import init_ray; \
+from orchestration.training import *; init_ray(num_cpus=2, object_store_mb=150); \
+print(train_teacher_distributed('synthetic:300:120:6000:0', ModelSpec('llama', 'tiny', n_layers=4), \
+TrainConfig(epochs=4, batch_size=64, lr=3e-3, eval_every=1), storage_path='/tmp/lw_ray'))"
+
+Each worker loads the data set itself from a spec (never a pickled data object), builds the model with
+the same seed (identical starting weights on every rank), takes every world_size-th training window of a
+permutation shared by all ranks (a fresh partition each epoch, as DistributedSampler does) and runs
+DeepSpeed forward/backward/step. The global batch is `batch_size`, split evenly over the workers, so the
+optimisation matches single-process `layerwise.train.train_recommender`. Rank 0 evaluates validation
+NDCG@10 with `layerwise.evaluate.evaluate`, decides early stopping for everyone, and reports each
+improvement with a checkpoint that is a `save_recommender` directory (safetensors + JSON, no pickle).
+On a multi-node cluster `storage_path`, the data cache and the teacher directory must be shared storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from layerwise.data import load_dataset
+from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges, trainable_parameters
+from layerwise.evaluate import evaluate
+from layerwise.models import SequentialRecommender, build_backbone, load_backbone, preset_config
+from layerwise.train import TrainConfig, cloze_mask, next_item_loss, training_windows
+from orchestration.deepspeed_config import deepspeed_config
+
+METRIC = "valid_ndcg@10"
+__all__ = ["DataSpec", "ModelSpec", "TrainConfig", "HealConfig", "build_model",
+           "train_teacher_distributed", "heal_distributed"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What every worker loads: `layerwise.data.load_dataset(name, data_dir, cache_dir, min_core)`."""
+
+    name: str
+    cache_dir: str | None = None
+    data_dir: str | None = None
+    min_core: int = 0
+
+    def load(self):
+        return load_dataset(self.name, data_dir=self.data_dir, cache_dir=self.cache_dir,
+                            min_core=self.min_core, progress=False)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A preset backbone (optionally re-sized) or a local pretrained directory, and the init seed."""
+
+    family: str = "llama"
+    preset: str = "small"
+    n_layers: int | None = None
+    hidden: int | None = None
+    max_len: int = 50
+    dropout: float = 0.1
+    pretrained: str | None = None
+    seed: int = 0
+
+
+def build_model(spec: ModelSpec, n_items: int) -> SequentialRecommender:
+    """A fresh recommender for `n_items` items; the same spec gives the same weights in every process."""
+    torch.manual_seed(spec.seed)
+    if spec.pretrained:
+        backbone = load_backbone(spec.pretrained)
+    else:
+        backbone = build_backbone(preset_config(spec.family, spec.preset, max_len=spec.max_len,
+                                                dropout=spec.dropout, n_layers=spec.n_layers,
+                                                hidden=spec.hidden))
+    return SequentialRecommender(backbone, n_items, dropout=spec.dropout)
+
+
+def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, train_config: TrainConfig,
+                              num_workers: int = 2, zero_stage: int = 2, storage_path: str = "",
+                              cpus_per_worker: float = 0.5, out_dir: str | None = None,
+                              name: str = "teacher") -> dict[str, Any]:
+    """Train a teacher with `num_workers` DeepSpeed workers; Ray must be initialised by the caller.
+
+    Args:
+        data_spec: a DataSpec or a `load_dataset` name ("ml-100k", "synthetic:300:120:6000:0", a path).
+        model_spec: the backbone and init seed.
+        train_config: epochs, global batch size, lr, early stopping; as for `train_recommender`.
+        num_workers: Ray Train workers (one DeepSpeed rank each).
+        zero_stage: ZeRO stage 0-3 (see orchestration.deepspeed_config).
+        storage_path: absolute directory for Ray Train's run folders and checkpoints.
+        cpus_per_worker: CPUs reserved per worker (fractions let 2 workers share a 2-core machine).
+        out_dir: where the best model directory is copied (default: <storage_path>/<name>/best_model).
+        name: Ray Train run name.
+
+    Returns:
+        {"model_dir", "checkpoint_dir", "best" (metrics of the best report), "metrics" (last report),
+         "history" (per-epoch records), "zero_stage" (what the engine used), "world_size"}.
+    """
+    data_spec = _data_spec(data_spec)
+    data = data_spec.load()  # driver-side: warms the cache once and fails early on a bad spec
+    per_rank = _per_rank_batch(train_config.batch_size, num_workers)
+    loop = {"data": asdict(data_spec), "model": asdict(model_spec), "train": asdict(train_config),
+            "ds": deepspeed_config(zero_stage, train_config.lr, per_rank, train_config.grad_clip,
+                                   weight_decay=train_config.weight_decay),
+            "fingerprint": data.fingerprint}
+    return _run_trainer(_teacher_loop, loop, name, num_workers, cpus_per_worker, storage_path, out_dir)
+
+
+def heal_distributed(data_spec: DataSpec | str, teacher_dir: str, keep: list[int], bridge_rank: int,
+                     heal_config: HealConfig, num_workers: int = 2, zero_stage: int = 2,
+                     storage_path: str = "", cpus_per_worker: float = 0.5, out_dir: str | None = None,
+                     name: str = "heal") -> dict[str, Any]:
+    """Heal the compact model `build_compact(teacher, keep, bridge_rank)` against its frozen teacher.
+
+    Every worker loads the teacher from `teacher_dir` (shared storage on a cluster), builds the same
+    student, pre-fits its bridges on the teacher's states and distils with `layerwise.distill.heal_loss`.
+    The pre-healing student is evaluated and checkpointed first, so healing never returns something
+    worse on validation than plain removal. Arguments and return value as `train_teacher_distributed`,
+    plus `keep` (sorted teacher layer indices) and `bridge_rank` (0 = no bridges).
+    """
+    data_spec = _data_spec(data_spec)
+    data = data_spec.load()
+    per_rank = _per_rank_batch(heal_config.batch_size, num_workers)
+    loop = {"data": asdict(data_spec), "teacher_dir": str(Path(teacher_dir).resolve()), "keep": list(keep),
+            "bridge_rank": bridge_rank, "heal": asdict(heal_config),
+            "ds": deepspeed_config(zero_stage, heal_config.lr, per_rank, 1.0, weight_decay=0.0),
+            "fingerprint": data.fingerprint}
+    return _run_trainer(_heal_loop, loop, name, num_workers, cpus_per_worker, storage_path, out_dir)
+
+
+# --- driver side ---------------------------------------------------------------------------------
+def _data_spec(spec: DataSpec | str) -> DataSpec:
+    return spec if isinstance(spec, DataSpec) else DataSpec(str(spec))
+
+
+def _per_rank_batch(batch_size: int, num_workers: int) -> int:
+    if num_workers < 1 or batch_size % num_workers:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {num_workers} workers")
+    return batch_size // num_workers
+
+
+def _run_trainer(loop_fn, loop: dict, name: str, num_workers: int, cpus_per_worker: float,
+                 storage_path: str, out_dir: str | None) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not storage_path or not os.path.isabs(storage_path):
+        raise ValueError(f"storage_path must be an absolute directory, got {storage_path!r}")
+    trainer = TorchTrainer(
+        loop_fn, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path, checkpoint_config=CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max")))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"run {name!r} reported no checkpoint")
+    best_metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), {})
+    target = Path(out_dir or Path(storage_path) / name / "best_model")
+    _copy_dir(Path(best.path), target)
+    return {"model_dir": str(target), "checkpoint_dir": best.path, "best": best_metrics,
+            "metrics": result.metrics, **(result.return_value or {})}
+
+
+def _copy_dir(source: Path, target: Path) -> None:
+    """Copy next to the target, then rename into place: no half-copied model directory is ever seen."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(source, tmp / "model")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp / "model", target)
+    tmp.rmdir()
+
+
+# --- worker side ---------------------------------------------------------------------------------
+class _Objective(nn.Module):
+    """The module DeepSpeed wraps: forward(x, y) -> scalar loss, so ZeRO-3 hooks see every use."""
+
+    def __init__(self, model: SequentialRecommender, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn  # a plain callable; a frozen teacher inside it stays out of the engine
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, x, y)
+
+
+@dataclass(frozen=True)
+class _Loop:
+    epochs: int
+    batch_size: int  # per rank
+    eval_every: int
+    patience: int
+    max_minutes: float | None
+    seed: int
+    mask_prob: float
+    max_len: int
+
+
+def _worker_start() -> int:
+    """Pick DeepSpeed's CPU accelerator before deepspeed is imported here; returns this rank."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.distributed.get_rank()  # Ray Train set up the process group before calling us
+
+
+def _teacher_loop(config: dict) -> dict:
+    rank = _worker_start()
+    data = DataSpec(**config["data"]).load()
+    spec, train = ModelSpec(**config["model"]), TrainConfig(**config["train"])
+    model = build_model(spec, data.n_items)
+    generator = torch.Generator().manual_seed(train.seed * 1000 + rank + 1)  # negatives differ per rank
+
+    def loss_fn(module, x, y):
+        return next_item_loss(module, module.encode(x), y, train, generator)
+
+    loop = _Loop(train.epochs, config["ds"]["train_micro_batch_size_per_gpu"], train.eval_every,
+                 train.patience, train.max_minutes, train.seed, train.mask_prob, spec.max_len)
+    manifest = {"kind": "teacher", "preset": spec.preset, "model_spec": asdict(spec), "dataset": data.name,
+                "data_fingerprint": data.fingerprint, "max_len": spec.max_len, "train": asdict(train)}
+    return _fit(model, list(model.parameters()), loss_fn, config["ds"], data, loop, manifest,
+                save=_save_teacher)
+
+
+def _heal_loop(config: dict) -> dict:
+    from layerwise.compact import build_compact
+    from layerwise.models.checkpoint import load_recommender
+
+    _worker_start()
+    data = DataSpec(**config["data"]).load()
+    heal = HealConfig(**config["heal"])
+    teacher = load_recommender(config["teacher_dir"]).requires_grad_(False)
+    student = build_compact(teacher, config["keep"], config["bridge_rank"])
+    inputs, _ = training_windows(data, heal.max_len, student.family.causal)
+    prefit = prefit_bridges(student, teacher, inputs, heal.prefit_steps, seed=heal.seed)
+    params = trainable_parameters(student, heal)
+
+    def loss_fn(module, x, y):
+        return heal_loss(module, teacher, x, y, heal)
+
+    loop = _Loop(heal.epochs, config["ds"]["train_micro_batch_size_per_gpu"], heal.eval_every,
+                 heal.patience, heal.max_minutes, heal.seed, 0.2, heal.max_len)
+    manifest = {"teacher_dir": config["teacher_dir"], "dataset": data.name, "max_len": heal.max_len,
+                "data_fingerprint": data.fingerprint, "heal": asdict(heal), "prefit_mse": prefit}
+    return _fit(student, params, loss_fn, config["ds"], data, loop, manifest, save=_save_compact,
+                evaluate_first=True)
+
+
+def _fit(model, params, loss_fn, ds_config: dict, data, loop: _Loop, manifest: dict, save,
+         evaluate_first: bool = False) -> dict:
+    """The epoch loop shared by training and healing; returns the history (Ray keeps rank 0's)."""
+    import deepspeed
+
+    rank, world = _rank_and_world()
+    objective = _Objective(model, loss_fn)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        _register_external(objective, model)
+    # At ZeRO-3 rank 0 evaluates and saves a plain copy filled from the gathered partitions.
+    snapshot = copy.deepcopy(model) if ds_config["zero_optimization"]["stage"] == 3 and rank == 0 else None
+    engine, *_ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config)
+    torch.manual_seed(loop.seed + rank)  # dropout masks differ per rank; weights were built identically
+    worker = _Worker(engine, model, snapshot, data, loop, manifest, save)
+    if evaluate_first:
+        worker.epoch_end({"epoch": 0}, evaluate_now=True)
+    for epoch in range(1, loop.epochs + 1):
+        record = {"epoch": epoch, "loss": worker.train_epoch()}
+        if worker.epoch_end(record, evaluate_now=epoch % loop.eval_every == 0 or epoch == loop.epochs):
+            break
+    return {"history": worker.history, "zero_stage": engine.zero_optimization_stage(), "world_size": world}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _register_external(objective: nn.Module, model: SequentialRecommender) -> None:
+    """ZeRO-3 gathers a weight only for its owner's forward; the item table and bias are used by
+    `embed`/`head` without one, so they are declared on the wrapper whose forward does run."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        if not name.startswith(("backbone.", "bridges.")):
+            deepspeed.zero.register_external_parameter(objective, param)
+
+
+class _Worker:
+    """One rank's training state: the engine, the plain model inside it, early stopping, the history."""
+
+    def __init__(self, engine, model: SequentialRecommender, snapshot, data, loop: _Loop,
+                 manifest: dict, save):
+        self.engine, self.model, self.snapshot, self.data = engine, model, snapshot, data
+        self.loop, self.manifest, self.save = loop, manifest, save
+        self.rank, self.world = _rank_and_world()
+        self.inputs, self.targets = training_windows(data, loop.max_len, model.family.causal)
+        self.order_rng = torch.Generator().manual_seed(loop.seed)  # the same permutation on every rank
+        self.mask_rng = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
+        self.best, self.stale, self.history = -1.0, 0, []
+        self.started = time.monotonic()
+
+    def train_epoch(self) -> float:
+        """One pass over this rank's share of a fresh global permutation; the mean loss of all ranks."""
+        self.engine.train()
+        order = torch.randperm(len(self.inputs), generator=self.order_rng)
+        order = torch.cat([order, order[: (-len(order)) % self.world]])  # equal shares: equal step counts
+        mine, size = order[self.rank::self.world], self.loop.batch_size
+        total, steps = 0.0, 0
+        for start in range(0, len(mine), size):
+            x, y = self.inputs[mine[start:start + size]], self.targets[mine[start:start + size]]
+            if not self.model.family.causal:
+                x, y = cloze_mask(x, self.model.mask_index, self.loop.mask_prob, self.mask_rng)
+            loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total, steps = total + loss.item(), steps + 1
+        mean = torch.tensor([total / max(steps, 1)], dtype=torch.float64, device=self.engine.device)
+        torch.distributed.all_reduce(mean)
+        value = mean.item() / self.world
+        if not math.isfinite(value):
+            raise FloatingPointError("training loss is not finite; lower the learning rate")
+        return value
+
+    def epoch_end(self, record: dict, evaluate_now: bool) -> bool:
+        """Rank 0 evaluates and decides; every rank reports the same record. Returns whether to stop."""
+        import ray.train
+
+        evaluated, improved = None, False
+        if evaluate_now:
+            evaluated = self.full_weights()  # collective at ZeRO-3
+            if self.rank == 0:
+                record.update(_validate(evaluated, self.data, self.loop.max_len))
+                improved = record[METRIC] > self.best
+        minutes = (time.monotonic() - self.started) / 60
+        shared = [record, improved, bool(self.loop.max_minutes and minutes > self.loop.max_minutes)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        record, improved, out_of_time = shared
+        if evaluate_now:
+            self.best, self.stale = (record[METRIC], 0) if improved else (self.best, self.stale + 1)
+        self.history.append(record)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if improved and self.rank == 0:
+                path = self.save(evaluated, Path(tmp) / "model", {
+                    **self.manifest, "best_epoch": record["epoch"], "valid": _valid_means(record)})
+                checkpoint = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(record, checkpoint=checkpoint)
+        return self.stale >= self.loop.patience or out_of_time
+
+    def full_weights(self) -> SequentialRecommender | None:
+        """The model with all its weights on rank 0: the trained module itself below ZeRO-3 (every rank
+        holds full weights there); at ZeRO-3 the snapshot, filled from the gathered partitions."""
+        if self.engine.zero_optimization_stage() < 3:
+            return self.model
+        import deepspeed
+
+        named = dict(self.model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None), torch.no_grad():
+            if self.snapshot is not None:
+                for name, param in self.snapshot.named_parameters():
+                    param.copy_(named[name].detach().to(param.device, param.dtype))
+        return self.snapshot
+
+
+def _validate(model: SequentialRecommender, data, max_len: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    result = evaluate(model.score, data, stage="valid", exclude_seen=True, max_len=max_len)
+    model.train(was_training)
+    return {f"valid_{k}": result.means[k] for k in ("ndcg@10", "hr@10", "mrr")}
+
+
+def _valid_means(record: dict) -> dict[str, float]:
+    return {k.removeprefix("valid_"): v for k, v in record.items() if k.startswith("valid_")}
+
+
+def _save_teacher(model: SequentialRecommender, path: Path, manifest: dict) -> Path:
+    from layerwise.models.checkpoint import save_recommender
+
+    return save_recommender(model, path, manifest)
+
+
+def _save_compact(model: SequentialRecommender, path: Path, manifest: dict) -> Path:
+    from layerwise.compact import save_compact
+
+    plain = copy.deepcopy(model)  # merging LoRA changes the modules; training goes on with the original
+    merge_lora(plain)
+    return save_compact(plain, path, manifest)

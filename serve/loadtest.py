@@ -1,0 +1,262 @@
+"""Load benchmark: the compact model, then the full teacher, each deployed in turn with the same settings.
+
+Smallest CPU run (loopback only; two saved model directories trained on the same data set):
+    .venv/bin/python -m serve.loadtest --model runs/compact --teacher runs/teacher \
+        --requests 200 --concurrency 8 --json runs/loadtest.json
+
+Each model gets the same seeded request bodies: real histories (the most recent max_len raw item ids of
+random users' test-stage histories). N requests go out from C client threads, each with its own
+keep-alive connection; the report gives requests/s, p50/p95/p99 latency, errors by status, and the
+batch sizes the replica saw. Client and server share the machine, so on a small box the client's own
+CPU use lowers both models' figures alike; compare the two, not the absolute numbers.
+"""
+
+import argparse
+import http.client
+import itertools
+import json
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from layerwise.data import load_dataset
+from layerwise.models.checkpoint import read_manifest
+
+APP_NAME = "loadtest"
+ROUTE = "/loadtest"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def request_bodies(data, n: int, max_len: int, seed: int = 0, k: int = 10) -> list[bytes]:
+    """n JSON bodies {"history": [raw ids], "k": k, "exclude_seen": true} of random users (seeded)."""
+    users = np.random.default_rng(seed).integers(0, data.n_users, size=n)
+    bodies = []
+    for u in users.tolist():
+        history = data.history(u, "test")[-max_len:]
+        raw = [data.item_ids[i] for i in history.tolist()]
+        bodies.append(json.dumps({"history": raw, "k": k, "exclude_seen": True}).encode())
+    return bodies
+
+
+def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """POST every body once to `url` (loopback only) from `concurrency` threads; latency and error figures.
+
+    Args:
+        url: e.g. "http://127.0.0.1:8000/loadtest/recommend".
+        bodies: request bodies; len(bodies) requests in all.
+        concurrency: client threads, each with one keep-alive connection.
+        timeout_s: per-request socket timeout; a timeout counts as an error.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in _LOOPBACK:
+        raise ValueError(f"load tests stay on this machine: need http://127.0.0.1:PORT/..., got {url!r}")
+    if concurrency < 1 or not bodies:
+        raise ValueError(f"need concurrency >= 1 and at least one body, got {concurrency} and {len(bodies)}")
+    jobs, lock = iter(bodies), threading.Lock()
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        while True:
+            with lock:
+                body = next(jobs, None)
+            if body is None:
+                break
+            status, seconds = _post(conn, parts.path, body)
+            if status == "disconnected":
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+            with lock:
+                statuses[status] += 1
+                if status == "200":
+                    latencies.append(seconds)
+        conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(latencies, statuses, time.perf_counter() - started, concurrency)
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[str, float]:
+    start = time.perf_counter()
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()  # drain, or the keep-alive connection cannot carry the next request
+        return str(response.status), time.perf_counter() - start
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return "disconnected", time.perf_counter() - start
+
+
+def summarize(latencies: list[float], statuses: Counter, seconds: float, concurrency: int) -> dict[str, Any]:
+    """Throughput and latency percentiles (ms, successful requests only) of one load run."""
+    total = sum(statuses.values())
+    ms = np.asarray(latencies) * 1000.0
+    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: float("nan"))
+    return {
+        "requests": total, "concurrency": concurrency, "seconds": seconds,
+        "requests_per_s": total / seconds if seconds > 0 else float("nan"),
+        "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
+                       "mean": float(ms.mean()) if len(ms) else float("nan"),
+                       "max": float(ms.max()) if len(ms) else float("nan")},
+        "errors": total - statuses.get("200", 0), "statuses": dict(statuses),
+    }
+
+
+def measure_model(label: str, model: str, port: int, bodies: list[bytes], concurrency: int,
+                  app_args: dict[str, Any], warmup: int = 20) -> dict[str, Any]:
+    """Deploy `model` at /loadtest on the running Serve instance, warm it up, load it, delete it."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app({**app_args, "model": model}), name=APP_NAME, route_prefix=ROUTE)
+    base = f"http://127.0.0.1:{port}{ROUTE}"
+    try:
+        if warmup:
+            run_load(f"{base}/recommend", bodies[:warmup], min(concurrency, warmup))
+        before = _get_json(f"{base}/model")["batching"]
+        result = run_load(f"{base}/recommend", bodies, concurrency)
+        info = _get_json(f"{base}/model")
+    finally:
+        serve.delete(APP_NAME)
+    calls = info["batching"]["calls"] - before["calls"]
+    requests = info["batching"]["requests"] - before["requests"]
+    return {"label": label, "model": model, "layers": info["layers"], "kept_layers": info["kept_layers"],
+            "teacher_layers": info["teacher_layers"], **result,
+            "batching": {"model_calls": calls, "mean_batch_size": requests / calls if calls else 0.0,
+                         "largest_batch": info["batching"]["largest"]}}
+
+
+def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int, seed: int = 0,
+              app_args: dict[str, Any] | None = None, warmup: int = 20) -> dict[str, Any]:
+    """Load each of `models` (label -> dir or URI) in turn with the same bodies on a running Serve.
+
+    All models must come from the same data set (same fingerprint), so that the same histories are valid.
+    """
+    app_args = dict(app_args or {})
+    data, max_len = _shared_data(list(models.values()), app_args)
+    bodies = request_bodies(data, requests, max_len, seed)
+    runs = [measure_model(label, path, port, bodies, concurrency, app_args, warmup)
+            for label, path in models.items()]
+    report = {"requests": requests, "concurrency": concurrency, "seed": seed, "dataset": data.name,
+              "settings": {k: v for k, v in app_args.items() if k != "model"}, "runs": runs}
+    if {"compact", "teacher"} <= set(models):
+        by = {r["label"]: r for r in runs}
+        report["compact_vs_teacher"] = {
+            "throughput_ratio": by["compact"]["requests_per_s"] / by["teacher"]["requests_per_s"],
+            "p50_latency_ratio": by["teacher"]["latency_ms"]["p50"] / by["compact"]["latency_ms"]["p50"],
+        }
+    return report
+
+
+def _shared_data(models: list[str], app_args: dict[str, Any]):
+    from serve.app import resolve_model
+
+    manifests = [read_manifest(resolve_model(m, app_args.get("tracking_uri"))) for m in models]
+    prints = {m.get("data_fingerprint") for m in manifests}
+    if len(prints) > 1:
+        raise ValueError(f"models {models} were trained on different data sets; their loads would not compare")
+    name = app_args.get("dataset") or manifests[0].get("dataset")
+    data = load_dataset(name, data_dir=app_args.get("data_dir"), cache_dir=app_args.get("cache_dir"),
+                        progress=False)
+    return data, int(manifests[0].get("max_len") or 50)
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: {response.status} {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="compact model directory or MLflow URI")
+    p.add_argument("--teacher", default=None, help="full teacher model directory or MLflow URI")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--port", type=int, default=0,
+                   help="Serve HTTP port (0: a free one); must match Serve if it is already running")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=20, help="untimed requests before each model's run")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=0.5)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; Ray and Serve are started here unless this process is already connected."""
+    args = _parser().parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1:
+        raise SystemExit("--requests and --concurrency must be >= 1")
+    import ray
+    from ray import serve
+
+    from orchestration.ray_runtime import ray_session
+
+    port = args.port or free_port()
+    app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "max_batch_size": args.max_batch_size,
+                "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_replicas": args.replicas,
+                "num_cpus": args.num_cpus,
+                "max_ongoing_requests": max(64, args.max_batch_size, args.concurrency)}
+    models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
+    owns_ray = not ray.is_initialized()
+    with ray_session():
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            report = benchmark(models, port, args.requests, args.concurrency, args.seed, app_args, args.warmup)
+        finally:
+            if owns_ray:
+                serve.shutdown()
+    _print(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if all(r["errors"] == 0 for r in report["runs"]) else 1
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"{report['requests']} requests at concurrency {report['concurrency']} (loopback)")
+    for r in report["runs"]:
+        lat = r["latency_ms"]
+        print(f"{r['label']:>8} ({r['layers']} layers): {r['requests_per_s']:8.1f} req/s  p50 {lat['p50']:7.1f} ms"
+              f"  p95 {lat['p95']:7.1f} ms  p99 {lat['p99']:7.1f} ms  errors {r['errors']}"
+              f"  mean batch {r['batching']['mean_batch_size']:.1f}")
+    if "compact_vs_teacher" in report:
+        print(f"compact/teacher throughput: {report['compact_vs_teacher']['throughput_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The compact model: physical removal per family, stock reload with k layers, exact k = L, bridges."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, T5EncoderModel
+
+from layerwise.bridges import Bridge, gap_slots
+from layerwise.compact import build_compact, load_compact, removed_parameters, save_compact
+from layerwise.compress import calibration_batches
+from layerwise.importance import compute_importance
+from layerwise.models import FAMILIES
+from layerwise.select import SELECTORS
+from tests.helpers.tiny_models import cyclic_data, tiny_model
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def stock_load(path):
+    """Stock transformers classes only. T5's AutoModel is the encoder-decoder T5Model, so its encoder
+    loads with the stock T5EncoderModel; BERT's pooler is not part of a recommender backbone."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type == "t5":
+        return T5EncoderModel.from_pretrained(path)
+    if model_type == "bert":
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    return AutoModel.from_pretrained(path)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_score_compress_save_stock_reload(family, tmp_path):
+    data = cyclic_data()
+    teacher = tiny_model(family, n_layers=4, n_items=data.n_items).eval()
+    batches = calibration_batches(teacher, data, n_batches=2, batch_size=16, max_len=12)
+    scores = compute_importance(teacher, batches, ["block_influence"])["block_influence"]
+    kept = SELECTORS["topk"](scores, 2)
+    compact = build_compact(teacher, kept, bridge_rank=4)
+    save_compact(compact, tmp_path / "c", {"selector": "topk"})
+
+    backbone = stock_load(tmp_path / "c" / "backbone")
+    assert FAMILIES[family].n_layers(backbone) == 2
+    expected = sum(p.numel() for p in teacher.backbone.parameters()) - removed_parameters(teacher, kept)
+    assert sum(p.numel() for p in backbone.parameters()) == expected
+
+    reloaded = load_compact(tmp_path / "c")
+    histories = data.padded_histories(list(range(8)), "test", 12)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.score(histories), compact.eval().score(histories), atol=1e-5)
+    assert reloaded.kept == kept and reloaded.teacher_layers == 4
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_keeping_every_layer_reproduces_the_teacher_exactly(family):
+    data = cyclic_data()
+    teacher = tiny_model(family, n_layers=3, n_items=data.n_items).eval()
+    compact = build_compact(teacher, [0, 1, 2], bridge_rank=0).eval()
+    histories = data.padded_histories(list(range(8)), "test", 12)
+    with torch.no_grad():
+        assert torch.equal(compact.score(histories), teacher.score(histories))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "qwen3"])
+def test_removal_equals_a_fresh_model_of_k_layers_with_the_same_weights(family):
+    # Physical removal of layer 0 (T5: its position bias moves) must equal gating the layer off.
+    from layerwise.tracing import remove_layers
+
+    data = cyclic_data()
+    teacher = tiny_model(family, n_layers=3, n_items=data.n_items).eval()
+    histories = data.padded_histories(list(range(8)), "test", 12)
+    compact = build_compact(teacher, [1, 2]).eval()
+    with torch.no_grad(), remove_layers(teacher, [0]):
+        gated = teacher.score(histories)
+    with torch.no_grad():
+        assert torch.allclose(compact.score(histories), gated, atol=1e-5)
+    assert compact.backbone.config.to_dict()[FAMILIES[family].count_key] == 2
+
+
+def test_decoder_layer_indices_and_qwen_layer_types_are_renumbered():
+    teacher = tiny_model("qwen3", n_layers=4)
+    compact = build_compact(teacher, [1, 3])
+    assert [layer.self_attn.layer_idx for layer in compact.layers] == [0, 1]
+    assert len(compact.backbone.config.layer_types) == 2
+    assert [layer.self_attn.layer_idx for layer in teacher.layers] == [0, 1, 2, 3]
+
+
+def test_gap_slots_cover_every_gap():
+    assert gap_slots([0, 1, 2, 3], 4) == []
+    assert gap_slots([0, 3], 4) == [1]
+    assert gap_slots([1, 2], 4) == [0, 2]
+    assert gap_slots([2], 4) == [0, 1]
+
+
+def test_bridges_start_as_identity_and_deep_copies_use_their_own():
+    data = cyclic_data()
+    teacher = tiny_model("llama", n_layers=4, n_items=data.n_items).eval()
+    plain = build_compact(teacher, [0, 3], bridge_rank=0).eval()
+    bridged = build_compact(teacher, [0, 3], bridge_rank=4).eval()
+    assert list(bridged.bridges) == ["1"]
+    histories = data.padded_histories(list(range(8)), "test", 12)
+    with torch.no_grad():
+        assert torch.equal(plain.score(histories), bridged.score(histories))
+        twin = copy.deepcopy(bridged)
+        twin.bridges["1"].up.bias.fill_(0.5)
+        assert not torch.allclose(twin.score(histories), bridged.score(histories))
+        assert torch.equal(plain.score(histories), bridged.score(histories))
+
+
+def test_bridge_rejects_bad_rank_and_bad_keep():
+    with pytest.raises(ValueError, match="rank"):
+        Bridge(8, 0)
+    teacher = tiny_model("llama", n_layers=4)
+    with pytest.raises(ValueError, match="sorted and unique"):
+        build_compact(teacher, [2, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        build_compact(teacher, [0, 4])
+    with pytest.raises(ValueError, match="at least one"):
+        build_compact(teacher, [])

@@ -1,0 +1,93 @@
+"""Healing: bridge pre-fitting, the KD losses, the trainable switch, LoRA merged back, early stopping."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerwise.compact import build_compact, load_compact, save_compact
+from layerwise.distill import HealConfig, distillation_loss, heal, prefit_bridges
+from layerwise.train import TrainConfig, train_recommender, training_windows
+from tests.helpers.tiny_models import cyclic_data, tiny_model
+
+
+@functools.lru_cache(maxsize=None)
+def trained_teacher():
+    data = cyclic_data(n_users=60)
+    teacher = tiny_model("llama", n_layers=4, n_items=data.n_items)
+    train_recommender(teacher, data, TrainConfig(epochs=10, eval_every=2, max_len=12, lr=5e-3), progress=False)
+    return teacher.eval(), data
+
+
+def quick(**overrides) -> HealConfig:
+    return HealConfig(**{"epochs": 4, "max_len": 12, "batch_size": 32, "prefit_steps": 50, "lr": 3e-3,
+                         "patience": 4, **overrides})
+
+
+def test_distillation_loss_terms():
+    student = torch.tensor([[float("-inf"), 1.0, 0.0, -1.0]])
+    labels = torch.tensor([1])
+    assert distillation_loss(student, student.clone(), labels, 2.0, 1.0, 0.0).abs() < 1e-6
+    ce = distillation_loss(student, student, labels, 2.0, 0.0, 1.0)
+    assert torch.isclose(ce, F.cross_entropy(student, labels))
+    teacher = torch.tensor([[float("-inf"), -1.0, 0.0, 1.0]])
+    assert distillation_loss(student, teacher, labels, 2.0, 1.0, 0.0) > 0.1
+
+
+def test_prefit_makes_bridges_map_across_the_gap():
+    teacher, data = trained_teacher()
+    student = build_compact(teacher, [0, 3], bridge_rank=8)
+    inputs, _ = training_windows(data, 12, True)
+    before = prefit_bridges(build_compact(teacher, [0, 3], bridge_rank=8), teacher, inputs, steps=0)
+    after = prefit_bridges(student, teacher, inputs, steps=150)
+    assert before == {} and set(after) == {"1"}
+    # An identity bridge leaves the full gap; a fitted one must explain part of the variance.
+    identity = build_compact(teacher, [0, 3], bridge_rank=8)
+    zero_fit = prefit_bridges(identity, teacher, inputs, steps=1, lr=0.0)
+    assert after["1"] < zero_fit["1"]
+
+
+def test_healing_recovers_quality_and_keeps_the_best_epoch():
+    teacher, data = trained_teacher()
+    student = build_compact(teacher, [0, 3], bridge_rank=8)
+    result = heal(student, teacher, data, quick(), progress=False)
+    unhealed = build_compact(teacher, [0, 3], bridge_rank=0)
+    from layerwise.train import _validate
+    assert result.best_valid["ndcg@10"] >= _validate(unhealed, data, 12)["ndcg@10"]
+    assert _validate(student, data, 12)["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])
+    assert len(result.history) >= 1 and all("loss" in h for h in result.history)
+
+
+def test_bridges_only_trains_nothing_else():
+    teacher, data = trained_teacher()
+    student = build_compact(teacher, [0, 3], bridge_rank=4)
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("bridges.")}
+    heal(student, teacher, data, quick(trainable="bridges", epochs=1), progress=False)
+    after = student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    with pytest.raises(ValueError, match="nothing to train"):
+        heal(build_compact(teacher, [0, 1, 2, 3]), teacher, data, quick(trainable="bridges"), progress=False)
+
+
+def test_lora_is_merged_into_plain_linear_layers(tmp_path):
+    teacher, data = trained_teacher()
+    student = build_compact(teacher, [0, 3], bridge_rank=4)
+    before = student.layers[0].self_attn.q_proj.weight.clone()
+    heal(student, teacher, data, quick(trainable="lora", epochs=2, lora_rank=4), progress=False)
+    q_proj = student.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear
+    assert not torch.equal(q_proj.weight, before)
+    save_compact(student, tmp_path / "c", {})
+    reloaded = load_compact(tmp_path / "c")
+    histories = data.padded_histories(list(range(10)), "test", 12)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.score(histories), student.eval().score(histories), atol=1e-5)
+
+
+def test_unknown_trainable_is_rejected():
+    teacher, data = trained_teacher()
+    with pytest.raises(ValueError, match="trainable"):
+        heal(build_compact(teacher, [0, 3]), teacher, data, quick(trainable="everything"), progress=False)
