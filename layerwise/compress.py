@@ -130,6 +130,7 @@ def select_layers(teacher: SequentialRecommender, data, k: int, selector: str,
     if selector == "contiguous":
         context["block_scores"] = angular_blocks(teacher, batches, teacher.n_layers - k)
         used["angular_blocks"] = context["block_scores"].tolist()
+    context.pop("k")  # selectors take k positionally
     return SELECTORS[selector](scores, k, **context), used
 
 

@@ -42,7 +42,7 @@ def data(args) -> int:
 def train(args) -> int:
     from layerwise.models.checkpoint import save_recommender
     from layerwise.train import TrainConfig, train_recommender
-    from orchestration.builders import build_recommender
+    from layerwise.models.factory import build_recommender
 
     dataset = load_data(args)
     config = TrainConfig(seed=args.seed, max_len=args.max_len)
@@ -149,6 +149,9 @@ def bench(args) -> int:
 def run(args) -> int:
     from orchestration.pipeline import load_config, run_pipeline
 
-    config = load_config(args.config, args.overrides)
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]  # `layerwise run key=value ...` with no YAML file
+    config = load_config(path, overrides)
     run_pipeline(config)
     return 0

@@ -34,7 +34,7 @@ from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, local_scores, shard_inputs
 from layerwise.models import FAMILIES, SequentialRecommender, build_backbone
 from layerwise.tracing import trace_layers
-from orchestration.ray_runtime import cpu_fraction
+from orchestration.ray_runtime import cpu_fraction, init_ray
 
 MAX_RETRIES = 3
 # Application errors worth another attempt (a full disk or a dropped connection while spilling or
@@ -131,6 +131,7 @@ def build_model(weights: dict[str, Any]) -> SequentialRecommender:
 
 def put_model(model: SequentialRecommender) -> ray.ObjectRef:
     """Put the model's weights in the object store once, for several `remote_*` calls to share."""
+    init_ray()
     return ray.put(model_weights(model))
 
 
@@ -169,7 +170,7 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
                        _crash_marker: str | None = None) -> dict[str, Tensor]:
     """Local importance estimators with one Ray task per contiguous shard of layers.
 
-    Needs a connected Ray (`orchestration.ray_runtime.init_ray`). Equals
+    Uses the connected Ray, or starts one with `init_ray()` (never Ray's own unbounded auto-start). Equals
     `layerwise.importance.compute_importance(model, batches, methods)` to float rounding.
 
     Args:
@@ -189,6 +190,7 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
     if unknown or not methods:
         raise ValueError(f"unknown local methods {sorted(unknown)}; choose from {LOCAL_METHODS}")
     shards = split_shards(model.n_layers, n_shards)
+    init_ray()
     traces = trace_layers(model, batches, backward=bool(_GRADIENT_METHODS & set(methods)))
     cpus = num_cpus if num_cpus is not None else cpu_fraction()
     task = _shard_task.options(num_cpus=cpus)
@@ -235,6 +237,7 @@ def remote_dependency(model, batches, data=None, metric: str = "loss", **kwargs)
 
 
 def _submit(kind: str, model, batches, data, kwargs: dict, num_cpus: float | None) -> ray.ObjectRef:
+    init_ray()
     weights = model if isinstance(model, ray.ObjectRef) else put_model(model)
     batches = None if batches is None else list(batches)  # a generator cannot travel
     cpus = num_cpus if num_cpus is not None else cpu_fraction()

@@ -34,10 +34,13 @@ class Context:
         from orchestration import tracking
 
         seconds = json.loads((out / "_seconds.json").read_text())["seconds"]
-        tracking.log_metrics({f"stage_seconds/{name}": seconds})
+        tracking.log_metrics({"stage_seconds": {name: seconds}})
+        tracking.log_metrics({"stage_skipped": {name: float(skipped)}})
         for path in sorted(out.glob("*.json")):
             if not path.name.startswith("_"):
-                tracking.log_artifact(str(path), artifact_path=name)
+                tracking.log_json(json.loads(path.read_text()), f"{name}/{path.name}")
+        for path in sorted(out.glob("*.parquet")):
+            tracking.log_table_parquet(path, artifact_path=f"{name}/tables")
 
 
 @contextlib.contextmanager
@@ -46,11 +49,9 @@ def pipeline_context(config: PipelineConfig, root: Path):
     from orchestration import tracking
     from orchestration.ray_runtime import ray_session
 
-    uri = config.tracking.uri or tracking.tracking_uri(root.parent)
-    tracking.ensure_experiment(config.tracking.experiment, uri)
+    tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     with ray_session(address=config.ray.address):
-        params = tracking.flatten(asdict(config))
-        with tracking.tracked_run(config.name, params=params, tags={"stage": "pipeline"}) as run:
+        with tracking.tracked_run(config.name, params=asdict(config), tags={"stage": "pipeline"}) as run:
             yield Context(config, root, parent_run_id=run.info.run_id)
 
 
@@ -72,12 +73,22 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
     c, t = ctx.config, ctx.config.teacher
     train_config = replace(t.train, seed=c.seed, max_len=c.data.max_len)
     if c.ray.distributed_training:
-        from orchestration.training import train_teacher_distributed
+        from orchestration.training import DataSpec, ModelSpec, train_teacher_distributed
 
-        train_teacher_distributed(_data_spec(c), asdict(t), asdict(train_config), out_dir=out / "model",
-                                  num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
-                                  storage_path=str(ctx.root / "ray_train"))
-        _link_model(out)
+        if t.text_features:
+            raise ValueError("text features are not wired into distributed training yet; "
+                             "set ray.distributed_training=false")
+        data_spec = DataSpec(c.data.dataset, cache_dir=c.data.cache_dir, data_dir=c.data.data_dir,
+                             min_core=c.data.min_core)
+        model_spec = ModelSpec(family=t.family, preset=t.preset, max_len=c.data.max_len,
+                               dropout=t.dropout, pretrained=t.pretrained, seed=c.seed)
+        result = train_teacher_distributed(data_spec, model_spec, train_config, out_dir=str(out / "model"),
+                                           num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
+                                           storage_path=str(ctx.root / "ray_train"))
+        _check_model(out)
+        write_json(out / "train.json", {"best": result["best"], "history": result["history"],
+                                        "zero_stage": result["zero_stage"],
+                                        "world_size": result["world_size"]})
         return
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
                               text_features=t.text_features, max_len=c.data.max_len,
@@ -92,11 +103,7 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
                                     "history": result.history})
 
 
-def _data_spec(config: PipelineConfig) -> dict[str, Any]:
-    return asdict(config.data)
-
-
-def _link_model(out: Path) -> None:
+def _check_model(out: Path) -> None:
     if not (out / "model" / "manifest.json").exists():
         raise RuntimeError(f"distributed training wrote no model to {out / 'model'}")
 
@@ -194,7 +201,8 @@ def headline(ctx: Context, base_dir: Path, eval_dir: Path, bench_dir: Path, comp
 
     head = build_headline(base_dir, eval_dir, bench_dir, comp_dir)
     print_headline(head)
-    tracking.log_metrics(tracking.flatten({"headline": head["metrics"]}))
+    tracking.log_metrics({"headline": head["metrics"]})
+    tracking.log_json(head, "headline.json")
     version = tracking.log_compact_model(str(comp_dir / "model"), ctx.config.tracking.registered_model)
     tracking.promote(ctx.config.tracking.registered_model, version, alias="champion")
     head["registered"] = {"name": ctx.config.tracking.registered_model, "version": version,

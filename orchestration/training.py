@@ -6,14 +6,14 @@ from orchestration.training import *; init_ray(num_cpus=2, object_store_mb=150);
 print(train_teacher_distributed('synthetic:300:120:6000:0', ModelSpec('llama', 'tiny', n_layers=4), \
 TrainConfig(epochs=4, batch_size=64, lr=3e-3, eval_every=1), storage_path='/tmp/lw_ray'))"
 
-Each worker loads the data set itself from a spec (never a pickled data object), builds the model with
-the same seed (identical starting weights on every rank), takes every world_size-th training window of a
-permutation shared by all ranks (a fresh partition each epoch, as DistributedSampler does) and runs
-DeepSpeed forward/backward/step. The global batch is `batch_size`, split evenly over the workers, so the
-optimisation matches single-process `layerwise.train.train_recommender`. Rank 0 evaluates validation
-NDCG@10 with `layerwise.evaluate.evaluate`, decides early stopping for everyone, and reports each
-improvement with a checkpoint that is a `save_recommender` directory (safetensors + JSON, no pickle).
-On a multi-node cluster `storage_path`, the data cache and the teacher directory must be shared storage.
+Each worker loads the data set from a spec (never a pickled data object), builds the model with the same
+seed, takes every world_size-th window of a permutation shared by all ranks (a new one each epoch) and
+runs DeepSpeed forward/backward/step. The global batch `batch_size` is split evenly over the workers and
+each rank's loss is weighted by its share of the batch's targets, so step i sees the windows and takes
+the gradient of step i of single-process `layerwise.train.train_recommender` (without dropout the two
+agree to float rounding). Rank 0 evaluates validation NDCG@10 (`layerwise.evaluate.evaluate`), decides
+early stopping for all, and reports each improvement with a checkpoint that is a `save_recommender`
+directory (safetensors + JSON). On a cluster, storage_path, data cache and teacher dir must be shared.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from layerwise.compact import build_compact, save_compact
 from layerwise.data import load_dataset
 from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges, trainable_parameters
 from layerwise.evaluate import evaluate
 from layerwise.models import SequentialRecommender, build_backbone, load_backbone, preset_config
+from layerwise.models.checkpoint import load_recommender, save_recommender
 from layerwise.train import TrainConfig, cloze_mask, next_item_loss, training_windows
 from orchestration.deepspeed_config import deepspeed_config
 
-METRIC = "valid_ndcg@10"
-__all__ = ["DataSpec", "ModelSpec", "TrainConfig", "HealConfig", "build_model",
-           "train_teacher_distributed", "heal_distributed"]
+METRIC = "valid_ndcg@10"  # what checkpoints are ranked by; TrainConfig and HealConfig are re-exported
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def build_model(spec: ModelSpec, n_items: int) -> SequentialRecommender:
 def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, train_config: TrainConfig,
                               num_workers: int = 2, zero_stage: int = 2, storage_path: str = "",
                               cpus_per_worker: float = 0.5, out_dir: str | None = None,
-                              name: str = "teacher") -> dict[str, Any]:
+                              name: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Train a teacher with `num_workers` DeepSpeed workers; Ray must be initialised by the caller.
 
     Args:
@@ -98,7 +98,9 @@ def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, 
         storage_path: absolute directory for Ray Train's run folders and checkpoints.
         cpus_per_worker: CPUs reserved per worker (fractions let 2 workers share a 2-core machine).
         out_dir: where the best model directory is copied (default: <storage_path>/<name>/best_model).
-        name: Ray Train run name.
+        name: Ray Train run name, a new folder under storage_path (default: "teacher-<time>"). An
+            existing one is refused: Ray would restore its old checkpoints into this run's ranking.
+        use_gpu: one GPU per worker, NCCL, and DeepSpeed's GPU config (bf16, ZeRO-3 options).
 
     Returns:
         {"model_dir", "checkpoint_dir", "best" (metrics of the best report), "metrics" (last report),
@@ -106,18 +108,18 @@ def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, 
     """
     data_spec = _data_spec(data_spec)
     data = data_spec.load()  # driver-side: warms the cache once and fails early on a bad spec
-    per_rank = _per_rank_batch(train_config.batch_size, num_workers)
-    loop = {"data": asdict(data_spec), "model": asdict(model_spec), "train": asdict(train_config),
-            "ds": deepspeed_config(zero_stage, train_config.lr, per_rank, train_config.grad_clip,
-                                   weight_decay=train_config.weight_decay),
+    ds = _ds_args(zero_stage, train_config.lr, train_config.batch_size, num_workers, train_config.grad_clip,
+                  train_config.weight_decay, use_gpu)
+    loop = {"data": asdict(data_spec), "model": asdict(model_spec), "train": asdict(train_config), "ds": ds,
             "fingerprint": data.fingerprint}
-    return _run_trainer(_teacher_loop, loop, name, num_workers, cpus_per_worker, storage_path, out_dir)
+    return _run_trainer(_teacher_loop, loop, name or _stamp("teacher"), num_workers, cpus_per_worker,
+                        storage_path, out_dir, use_gpu)
 
 
 def heal_distributed(data_spec: DataSpec | str, teacher_dir: str, keep: list[int], bridge_rank: int,
                      heal_config: HealConfig, num_workers: int = 2, zero_stage: int = 2,
                      storage_path: str = "", cpus_per_worker: float = 0.5, out_dir: str | None = None,
-                     name: str = "heal") -> dict[str, Any]:
+                     name: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Heal the compact model `build_compact(teacher, keep, bridge_rank)` against its frozen teacher.
 
     Every worker loads the teacher from `teacher_dir` (shared storage on a cluster), builds the same
@@ -128,12 +130,12 @@ def heal_distributed(data_spec: DataSpec | str, teacher_dir: str, keep: list[int
     """
     data_spec = _data_spec(data_spec)
     data = data_spec.load()
-    per_rank = _per_rank_batch(heal_config.batch_size, num_workers)
+    ds = _ds_args(zero_stage, heal_config.lr, heal_config.batch_size, num_workers, 1.0, 0.0, use_gpu)
     loop = {"data": asdict(data_spec), "teacher_dir": str(Path(teacher_dir).resolve()), "keep": list(keep),
-            "bridge_rank": bridge_rank, "heal": asdict(heal_config),
-            "ds": deepspeed_config(zero_stage, heal_config.lr, per_rank, 1.0, weight_decay=0.0),
+            "bridge_rank": bridge_rank, "heal": asdict(heal_config), "ds": ds,
             "fingerprint": data.fingerprint}
-    return _run_trainer(_heal_loop, loop, name, num_workers, cpus_per_worker, storage_path, out_dir)
+    return _run_trainer(_heal_loop, loop, name or _stamp("heal"), num_workers, cpus_per_worker,
+                        storage_path, out_dir, use_gpu)
 
 
 # --- driver side ---------------------------------------------------------------------------------
@@ -141,28 +143,37 @@ def _data_spec(spec: DataSpec | str) -> DataSpec:
     return spec if isinstance(spec, DataSpec) else DataSpec(str(spec))
 
 
-def _per_rank_batch(batch_size: int, num_workers: int) -> int:
+def _stamp(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _ds_args(stage: int, lr: float, batch_size: int, num_workers: int, grad_clip: float,
+             weight_decay: float, use_gpu: bool) -> dict[str, Any]:
+    """Arguments of `deepspeed_config`, checked here; each worker builds the config where its GPU is."""
     if num_workers < 1 or batch_size % num_workers:
         raise ValueError(f"batch_size {batch_size} must split evenly over {num_workers} workers")
-    return batch_size // num_workers
+    args = {"stage": stage, "lr": lr, "batch_size": batch_size // num_workers, "grad_clip": grad_clip,
+            "weight_decay": weight_decay}
+    deepspeed_config(**args)  # fails early, in the driver, on a bad stage, lr or batch size
+    return {**args, "device": "cuda" if use_gpu else "cpu"}
 
 
 def _run_trainer(loop_fn, loop: dict, name: str, num_workers: int, cpus_per_worker: float,
-                 storage_path: str, out_dir: str | None) -> dict[str, Any]:
+                 storage_path: str, out_dir: str | None, use_gpu: bool) -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not storage_path or not os.path.isabs(storage_path):
         raise ValueError(f"storage_path must be an absolute directory, got {storage_path!r}")
+    if (Path(storage_path) / name).exists():
+        raise ValueError(f"run {name!r} already exists in {storage_path}; choose a new name")
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        loop_fn, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        loop_fn, train_loop_config=loop, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, checkpoint_config=CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max")))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = trainer.fit()  # raises ray.train.TrainingFailedError with the worker's traceback
     best = result.get_best_checkpoint(METRIC, "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"run {name!r} reported no checkpoint")
@@ -175,13 +186,12 @@ def _run_trainer(loop_fn, loop: dict, name: str, num_workers: int, cpus_per_work
 
 def _copy_dir(source: Path, target: Path) -> None:
     """Copy next to the target, then rename into place: no half-copied model directory is ever seen."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    shutil.copytree(source, tmp / "model")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)  # creates the parents too
     if target.exists():
         shutil.rmtree(target)
-    os.replace(tmp / "model", target)
-    tmp.rmdir()
+    os.replace(tmp, target)
 
 
 # --- worker side ---------------------------------------------------------------------------------
@@ -209,16 +219,20 @@ class _Loop:
     max_len: int
 
 
-def _worker_start() -> int:
-    """Pick DeepSpeed's CPU accelerator before deepspeed is imported here; returns this rank."""
-    if not torch.cuda.is_available():
+def _worker_start(config: dict) -> tuple[int, Any]:
+    """Pick DeepSpeed's CPU accelerator before deepspeed is imported here, load the data set and check
+    it is the driver's (a stale cache on one node would silently train on other data); (rank, data)."""
+    if config["ds"]["device"] == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return torch.distributed.get_rank()  # Ray Train set up the process group before calling us
+    data = DataSpec(**config["data"]).load()
+    if data.fingerprint != config["fingerprint"]:
+        raise RuntimeError(f"worker loaded {config['data']['name']} with fingerprint {data.fingerprint}, "
+                           f"the driver {config['fingerprint']}: the data or its cache differ")
+    return torch.distributed.get_rank(), data  # Ray Train set up the process group before calling us
 
 
 def _teacher_loop(config: dict) -> dict:
-    rank = _worker_start()
-    data = DataSpec(**config["data"]).load()
+    rank, data = _worker_start(config)
     spec, train = ModelSpec(**config["model"]), TrainConfig(**config["train"])
     model = build_model(spec, data.n_items)
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + 1)  # negatives differ per rank
@@ -226,31 +240,27 @@ def _teacher_loop(config: dict) -> dict:
     def loss_fn(module, x, y):
         return next_item_loss(module, module.encode(x), y, train, generator)
 
-    loop = _Loop(train.epochs, config["ds"]["train_micro_batch_size_per_gpu"], train.eval_every,
+    loop = _Loop(train.epochs, config["ds"]["batch_size"], train.eval_every,
                  train.patience, train.max_minutes, train.seed, train.mask_prob, spec.max_len)
     manifest = {"kind": "teacher", "preset": spec.preset, "model_spec": asdict(spec), "dataset": data.name,
                 "data_fingerprint": data.fingerprint, "max_len": spec.max_len, "train": asdict(train)}
-    return _fit(model, list(model.parameters()), loss_fn, config["ds"], data, loop, manifest,
-                save=_save_teacher)
+    return _fit(model, list(model.parameters()), loss_fn, config["ds"], data, loop, manifest, save_recommender)
 
 
 def _heal_loop(config: dict) -> dict:
-    from layerwise.compact import build_compact
-    from layerwise.models.checkpoint import load_recommender
-
-    _worker_start()
-    data = DataSpec(**config["data"]).load()
+    _, data = _worker_start(config)
     heal = HealConfig(**config["heal"])
     teacher = load_recommender(config["teacher_dir"]).requires_grad_(False)
     student = build_compact(teacher, config["keep"], config["bridge_rank"])
     inputs, _ = training_windows(data, heal.max_len, student.family.causal)
     prefit = prefit_bridges(student, teacher, inputs, heal.prefit_steps, seed=heal.seed)
+    teacher.to("cuda" if config["ds"]["device"] == "cuda" else "cpu")  # where the engine puts the student
     params = trainable_parameters(student, heal)
 
     def loss_fn(module, x, y):
         return heal_loss(module, teacher, x, y, heal)
 
-    loop = _Loop(heal.epochs, config["ds"]["train_micro_batch_size_per_gpu"], heal.eval_every,
+    loop = _Loop(heal.epochs, config["ds"]["batch_size"], heal.eval_every,
                  heal.patience, heal.max_minutes, heal.seed, 0.2, heal.max_len)
     manifest = {"teacher_dir": config["teacher_dir"], "dataset": data.name, "max_len": heal.max_len,
                 "data_fingerprint": data.fingerprint, "heal": asdict(heal), "prefit_mse": prefit}
@@ -258,12 +268,13 @@ def _heal_loop(config: dict) -> dict:
                 evaluate_first=True)
 
 
-def _fit(model, params, loss_fn, ds_config: dict, data, loop: _Loop, manifest: dict, save,
+def _fit(model, params, loss_fn, ds_args: dict, data, loop: _Loop, manifest: dict, save,
          evaluate_first: bool = False) -> dict:
     """The epoch loop shared by training and healing; returns the history (Ray keeps rank 0's)."""
     import deepspeed
 
-    rank, world = _rank_and_world()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ds_config = deepspeed_config(**ds_args)
     objective = _Objective(model, loss_fn)
     if ds_config["zero_optimization"]["stage"] == 3:
         _register_external(objective, model)
@@ -279,10 +290,6 @@ def _fit(model, params, loss_fn, ds_config: dict, data, loop: _Loop, manifest: d
         if worker.epoch_end(record, evaluate_now=epoch % loop.eval_every == 0 or epoch == loop.epochs):
             break
     return {"history": worker.history, "zero_stage": engine.zero_optimization_stage(), "world_size": world}
-
-
-def _rank_and_world() -> tuple[int, int]:
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _register_external(objective: nn.Module, model: SequentialRecommender) -> None:
@@ -302,7 +309,7 @@ class _Worker:
                  manifest: dict, save):
         self.engine, self.model, self.snapshot, self.data = engine, model, snapshot, data
         self.loop, self.manifest, self.save = loop, manifest, save
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.inputs, self.targets = training_windows(data, loop.max_len, model.family.causal)
         self.order_rng = torch.Generator().manual_seed(loop.seed)  # the same permutation on every rank
         self.mask_rng = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
@@ -321,15 +328,25 @@ class _Worker:
             if not self.model.family.causal:
                 x, y = cloze_mask(x, self.model.mask_index, self.loop.mask_prob, self.mask_rng)
             loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
-            self.engine.backward(loss)
+            share = self._share(y)
+            self.engine.backward(loss * share)
             self.engine.step()
-            total, steps = total + loss.item(), steps + 1
+            total, steps = total + loss.item() * share.item(), steps + 1
         mean = torch.tensor([total / max(steps, 1)], dtype=torch.float64, device=self.engine.device)
         torch.distributed.all_reduce(mean)
         value = mean.item() / self.world
         if not math.isfinite(value):
             raise FloatingPointError("training loss is not finite; lower the learning rate")
         return value
+
+    def _share(self, targets: torch.Tensor) -> torch.Tensor:
+        """world * (this rank's targets / all ranks' targets): DeepSpeed averages the ranks' gradients of
+        per-rank means, and this weight turns that into the gradient of the mean over the whole global
+        batch, which is what single-process training takes (ranks' windows hold unequal target counts)."""
+        counts = torch.tensor([float((targets != 0).sum())], dtype=torch.float64, device=self.engine.device)
+        total = counts.clone()
+        torch.distributed.all_reduce(total)
+        return (counts * self.world / total.clamp(min=1.0)).squeeze(0).float()
 
     def epoch_end(self, record: dict, evaluate_now: bool) -> bool:
         """Rank 0 evaluates and decides; every rank reports the same record. Returns whether to stop."""
@@ -351,8 +368,9 @@ class _Worker:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if improved and self.rank == 0:
-                path = self.save(evaluated, Path(tmp) / "model", {
-                    **self.manifest, "best_epoch": record["epoch"], "valid": _valid_means(record)})
+                valid = {k.removeprefix("valid_"): v for k, v in record.items() if k.startswith("valid_")}
+                path = self.save(evaluated, Path(tmp) / "model",
+                                 {**self.manifest, "best_epoch": record["epoch"], "valid": valid})
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(record, checkpoint=checkpoint)
         return self.stale >= self.loop.patience or out_of_time
@@ -373,26 +391,14 @@ class _Worker:
 
 
 def _validate(model: SequentialRecommender, data, max_len: int) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    result = evaluate(model.score, data, stage="valid", exclude_seen=True, max_len=max_len)
-    model.train(was_training)
+    model.eval()  # the next epoch's engine.train() switches dropout back on
+    device = next(model.parameters()).device
+    result = evaluate(lambda h: model.score(h.to(device)), data, stage="valid", exclude_seen=True,
+                      max_len=max_len)
     return {f"valid_{k}": result.means[k] for k in ("ndcg@10", "hr@10", "mrr")}
 
 
-def _valid_means(record: dict) -> dict[str, float]:
-    return {k.removeprefix("valid_"): v for k, v in record.items() if k.startswith("valid_")}
-
-
-def _save_teacher(model: SequentialRecommender, path: Path, manifest: dict) -> Path:
-    from layerwise.models.checkpoint import save_recommender
-
-    return save_recommender(model, path, manifest)
-
-
 def _save_compact(model: SequentialRecommender, path: Path, manifest: dict) -> Path:
-    from layerwise.compact import save_compact
-
     plain = copy.deepcopy(model)  # merging LoRA changes the modules; training goes on with the original
     merge_lora(plain)
     return save_compact(plain, path, manifest)

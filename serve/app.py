@@ -48,22 +48,25 @@ from serve.schemas import (
     parse_request,
 )
 
-from ray import serve  # noqa: E402  (after serve.schemas: from here on `serve` is Ray Serve)
+# From here on the name `serve` means Ray Serve; this package is reached by its full name `serve.*`.
+from ray import serve
 from ray.serve import Application
 
 APP_NAME = "layerwise"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
-_CHAMPION = re.compile(r"^models:/([^/@]+)@champion$")
+_ALIAS = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
 
 
 # --- where the model comes from ------------------------------------------------------------------------
-def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
+def resolve_model(model: str, tracking_uri: str | None = None, download_dir: str | None = None) -> Path:
     """A local layerwise model directory for `model`: a directory, or an MLflow URI downloaded locally.
 
-    `models:/NAME@champion` goes through `orchestration.tracking.load_champion` when that exists; any other
-    MLflow URI (models:/name/3, runs:/id/path, file://...) through `mlflow.artifacts.download_artifacts`.
+    `models:/NAME@ALIAS` (the registry's champion by default) goes through
+    `orchestration.tracking.load_champion`, which reads the pyfunc model that `log_compact_model` logged;
+    any other MLflow URI (models:/name/3, runs:/id/path, file://...) through
+    `mlflow.artifacts.download_artifacts`.
     Inside the download, the model is the one folder holding a layerwise manifest.json (a pyfunc model
-    keeps it under artifacts/).
+    keeps it under artifacts/). Downloads go to a new folder under `download_dir` (default: the temp dir).
     """
     path = Path(model).expanduser()
     if path.is_dir():
@@ -73,16 +76,17 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
                                 f"(models:/name@alias, runs:/run_id/path)")
     import mlflow  # only the URI branch needs it; a local directory serves without MLflow
 
-    if tracking_uri:
+    if tracking_uri:  # the registry lives in the tracking store unless a registry URI says otherwise
         mlflow.set_tracking_uri(tracking_uri)
-    champion = _CHAMPION.match(model)
-    try:
+        mlflow.set_registry_uri(tracking_uri)
+    if download_dir:
+        Path(download_dir).mkdir(parents=True, exist_ok=True)
+    target = tempfile.mkdtemp(prefix="layerwise-model-", dir=download_dir)
+    alias = _ALIAS.match(model)
+    if alias:
         from orchestration.tracking import load_champion
-    except ImportError:
-        load_champion = None
-    if champion and load_champion is not None:
-        return _find_model_dir(Path(load_champion(champion.group(1))))
-    target = tempfile.mkdtemp(prefix="layerwise-model-")
+
+        return _find_model_dir(load_champion(alias.group(1), alias=alias.group(2), dst_dir=target))
     local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=target, tracking_uri=tracking_uri)
     return _find_model_dir(Path(local))
 
@@ -127,7 +131,7 @@ class RecommenderCore:
     @classmethod
     def load(cls, args: AppArgs) -> "RecommenderCore":
         """Resolve and load the model, then its data set, refusing a catalogue it was not trained on."""
-        model_dir = resolve_model(args.model, args.tracking_uri)
+        model_dir = resolve_model(args.model, args.tracking_uri, args.download_dir)
         manifest = read_manifest(model_dir)
         dataset = args.dataset or manifest.get("dataset")
         if not dataset:

@@ -13,7 +13,6 @@ CPU use lowers both models' figures alike; compare the two, not the absolute num
 
 import argparse
 import http.client
-import itertools
 import json
 import socket
 import sys
@@ -54,9 +53,7 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float =
         concurrency: client threads, each with one keep-alive connection.
         timeout_s: per-request socket timeout; a timeout counts as an error.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in _LOOPBACK:
-        raise ValueError(f"load tests stay on this machine: need http://127.0.0.1:PORT/..., got {url!r}")
+    parts = _loopback(url)
     if concurrency < 1 or not bodies:
         raise ValueError(f"need concurrency >= 1 and at least one body, got {concurrency} and {len(bodies)}")
     jobs, lock = iter(bodies), threading.Lock()
@@ -86,6 +83,13 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float =
     for t in threads:
         t.join()
     return summarize(latencies, statuses, time.perf_counter() - started, concurrency)
+
+
+def _loopback(url: str):
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in _LOOPBACK:
+        raise ValueError(f"load tests stay on this machine: need http://127.0.0.1:PORT/..., got {url!r}")
+    return parts
 
 
 def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[str, float]:
@@ -165,7 +169,8 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
 def _shared_data(models: list[str], app_args: dict[str, Any]):
     from serve.app import resolve_model
 
-    manifests = [read_manifest(resolve_model(m, app_args.get("tracking_uri"))) for m in models]
+    manifests = [read_manifest(resolve_model(m, app_args.get("tracking_uri"), app_args.get("download_dir")))
+                 for m in models]
     prints = {m.get("data_fingerprint") for m in manifests}
     if len(prints) > 1:
         raise ValueError(f"models {models} were trained on different data sets; their loads would not compare")
@@ -176,7 +181,7 @@ def _shared_data(models: list[str], app_args: dict[str, Any]):
 
 
 def _get_json(url: str) -> dict[str, Any]:
-    parts = urlsplit(url)
+    parts = _loopback(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
         conn.request("GET", parts.path)
@@ -209,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before each model's run")
     p.add_argument("--dataset", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ or runs:/ models")
+    p.add_argument("--download-dir", default=None, help="where MLflow models are downloaded")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--replicas", type=int, default=1)
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.ray_runtime import ray_session
 
     port = args.port or free_port()
-    app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "max_batch_size": args.max_batch_size,
+    app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,
+                "download_dir": args.download_dir, "max_batch_size": args.max_batch_size,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_replicas": args.replicas,
                 "num_cpus": args.num_cpus,
                 "max_ongoing_requests": max(64, args.max_batch_size, args.concurrency)}

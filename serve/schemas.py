@@ -112,6 +112,7 @@ class AppArgs(BaseModel):
     cache_dir: str | None = Field(None, description="split cache for load_dataset (default $LAYERWISE_CACHE_DIR)")
     data_dir: str | None = Field(None, description="where local data sets live (default $LAYERWISE_DATA_DIR)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ and runs:/ URIs")
+    download_dir: str | None = Field(None, description="where MLflow models are downloaded (default: temp dir)")
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
     max_body_bytes: int = Field(1_048_576, ge=64, description="larger bodies get 413")
@@ -140,6 +141,8 @@ def validate_body(body: bytes) -> RecommendRequest:
         payload = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as err:
         raise BadRequest(400, f"body is not UTF-8: {err}") from None
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON body: nested too deeply") from None
     except ValueError as err:
         raise BadRequest(400, f"malformed JSON body: {err}") from None
     if not isinstance(payload, dict):

@@ -1,0 +1,149 @@
+"""TinyBERT/MiniLM-style student: distils hidden states and attention maps, not only the outputs.
+
+Student layer j is initialised from, and imitates, teacher layer keep[j] (keep = every (L/k)-th layer,
+as the DistilBERT student, so the two differ only in what they distil). The loss is our healing loss with
+all three terms on (KD, CE, hidden-state MSE at the kept layers' inputs) plus the KL divergence between
+the teacher's and the student's attention probabilities at each mapped layer (TinyBERT's attention
+transfer, MiniLM's self-attention distribution transfer).
+
+Attention probabilities exist only in eager attention: in transformers 5 every family's attention module
+returns (output, weights, ...) and SDPA returns no weights, so both models run eager while distilling and
+go back to their own implementation afterwards. Forward hooks on the attention modules read the weights.
+
+    variants = BASELINES["tinybert"](data, teacher=teacher, budget=Budget(k=2))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
+
+import torch
+
+from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
+from layerwise.baselines.students import every_nth, student_config
+from layerwise.compact import build_compact
+from layerwise.distill import HealConfig, HealResult, heal_loss, merge_lora, trainable_parameters
+from layerwise.models.recommender import SequentialRecommender
+from layerwise.train import _validate, cloze_mask, training_windows
+
+# Attention module inside a layer, and the index of the probabilities in its output tuple (T5 returns
+# (output, position_bias, weights)).
+ATTENTION = {"llama": ("self_attn", 1), "qwen3": ("self_attn", 1), "gpt2": ("attn", 1),
+             "bert": ("attention.self", 1), "t5": ("layer.0.SelfAttention", -1)}
+
+
+@contextlib.contextmanager
+def eager_attention(*models: SequentialRecommender) -> Iterator[None]:
+    """Run `models` with eager attention (which returns probabilities), then restore each one's own."""
+    previous = [m.backbone.config._attn_implementation for m in models]
+    try:
+        for model in models:
+            model.backbone.set_attn_implementation("eager")
+        yield
+    finally:
+        for model, implementation in zip(models, previous):
+            model.backbone.set_attn_implementation(implementation)
+
+
+@contextlib.contextmanager
+def recorded_attention(model: SequentialRecommender, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, maps[l] is layer l's latest attention probabilities (B, heads, T, T)."""
+    path, index = ATTENTION[model.family.name]
+    maps: dict[int, torch.Tensor] = {}
+
+    def hook(module, args, output, layer):
+        maps[layer] = output[index]
+
+    handles = [model.layers[l].get_submodule(path).register_forward_hook(
+        lambda m, a, o, l=l: hook(m, a, o, l)) for l in layers]
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of attention rows, mean over heads and real query positions.
+
+    student, teacher: (B, heads, T, T) probabilities; mask: (B, T) True at non-padding queries.
+    Masked keys carry probability 0 in both; the clamp keeps 0 * log 0 at 0 instead of NaN.
+    """
+    eps = 1e-12
+    kl = (teacher * (teacher.clamp_min(eps).log() - student.clamp_min(eps).log())).sum(-1)  # (B, heads, T)
+    return kl.mean(1)[mask].mean()
+
+
+def _epoch(student, teacher, keep, inputs, targets, optimizer, params, config, weight, generator) -> dict:
+    student.train()
+    order = torch.randperm(len(inputs), generator=generator)
+    totals = {"loss": 0.0, "attention_kl": 0.0}
+    batches = 0
+    with recorded_attention(teacher, keep) as t_maps, recorded_attention(student, range(len(keep))) as s_maps:
+        for start in range(0, len(order), config.batch_size):
+            x, y = inputs[order[start:start + config.batch_size]], targets[order[start:start + config.batch_size]]
+            if not student.family.causal:
+                x, y = cloze_mask(x, student.mask_index, 0.2, generator)
+            loss = heal_loss(student, teacher, x, y, config)  # fills both maps (teacher's without grad)
+            kl = sum(attention_kl(s_maps[j], t_maps[t], x != 0) for j, t in enumerate(keep)) / len(keep)
+            loss = loss + weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            totals["loss"], totals["attention_kl"] = totals["loss"] + loss.item(), totals["attention_kl"] + kl.item()
+            batches += 1
+    return {k: v / max(batches, 1) for k, v in totals.items()}
+
+
+def distil_attention(student: SequentialRecommender, teacher: SequentialRecommender, data,
+                     config: HealConfig, attention_weight: float = 1.0, progress: bool = False) -> HealResult:
+    """Our healing loop (epochs, patience, eval_every, max_minutes, best-epoch weights, LoRA merge) with
+    the attention-map KL added to the loss. student.kept maps student layer j to teacher layer kept[j]."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    teacher.eval().requires_grad_(False)
+    inputs, targets = training_windows(data, config.max_len, student.family.causal)
+    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len), config=asdict(config))
+    params = trainable_parameters(student, config)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    best_state, stale, started = copy.deepcopy(student.state_dict()), 0, time.monotonic()
+    for epoch in range(1, config.epochs + 1):
+        with eager_attention(student, teacher):
+            record = {"epoch": epoch, **_epoch(student, teacher, list(student.kept), inputs, targets, optimizer,
+                                               params, config, attention_weight, generator)}
+        if epoch % config.eval_every == 0:
+            valid = _validate(student, data, config.max_len)
+            record.update({f"valid_{k}": v for k, v in valid.items()})
+            if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
+                result.best_epoch, result.best_valid = epoch, valid
+                best_state, stale = copy.deepcopy(student.state_dict()), 0
+            else:
+                stale += 1
+        result.history.append(record)
+        if progress:
+            print(f"tinybert epoch {epoch}: {record}")
+        if stale >= config.patience or (config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes):
+            break
+    student.load_state_dict(best_state)
+    merge_lora(student)
+    student.requires_grad_(True)
+    return result
+
+
+def tinybert(data, teacher=None, budget: Budget | None = None, progress: bool = False,
+             **context) -> list[Variant]:
+    """Registry `tinybert`: every (L/k)-th layer, distilled with KD + CE + hidden states + attention maps."""
+    budget = require("tinybert", teacher, budget)
+    keep = every_nth(teacher.n_layers, budget.k)
+    student = build_compact(teacher, keep, bridge_rank=0)
+    config, note = heal_config_for(student, student_config(replace(budget.heal, seed=budget.seeds[0]), True))
+    result = distil_attention(student, teacher, data, config, progress=progress)
+    info = {"kept": keep, "loss": "KD + CE + hidden MSE + attention KL",
+            "attention_kl_last_epoch": result.history[-1]["attention_kl"] if result.history else None,
+            **({"heal_note": note} if note else {})}
+    return [Variant("tinybert", student.eval(), "tinybert", training_record(result), info)]

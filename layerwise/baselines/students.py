@@ -1,0 +1,71 @@
+"""k-layer students: DistilBERT-style (initialised from every (L/k)-th teacher layer, then distilled) and
+the same k-layer architecture trained from scratch without a teacher.
+
+DistilBERT (Sanh et al., 2019) initialises the student from one teacher layer in two and distils with a
+soft-target KL plus the supervised loss. Here: layers 0, L/k, 2L/k, ... of the teacher, no bridges, and
+our healing loop with the hidden-state term switched off (KD and cross-entropy on), for our epochs.
+The scratch model has the teacher's config with k layers, fresh weights, and the teacher's training
+recipe (`budget.train`): what depth costs when nothing is transferred.
+
+    variants = BASELINES["distilbert"](data, teacher=teacher, budget=Budget(k=2))
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
+from layerwise.compact import build_compact
+from layerwise.distill import HealConfig, heal
+from layerwise.models.presets import build_backbone
+from layerwise.models.recommender import SequentialRecommender
+from layerwise.train import TrainConfig, train_recommender
+
+
+def every_nth(n_layers: int, k: int) -> list[int]:
+    """Teacher layers 0, L/k, 2L/k, ... (floored): DistilBERT's "one layer in L/k"."""
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"k must be between 1 and {n_layers}, got {k}")
+    return [j * n_layers // k for j in range(k)]
+
+
+def student_config(config: HealConfig, hidden: bool) -> HealConfig:
+    """Our healing recipe as a student's distillation: KD and CE always on, the hidden term as asked."""
+    return replace(config, kd_weight=config.kd_weight or 1.0, ce_weight=config.ce_weight or 1.0,
+                   hidden_weight=(config.hidden_weight or 1.0) if hidden else 0.0)
+
+
+def distilbert(data, teacher=None, budget: Budget | None = None, progress: bool = False,
+               **context) -> list[Variant]:
+    """Registry `distilbert`: every (L/k)-th layer, no bridges, distilled with KD + CE (no hidden term)."""
+    budget = require("distilbert", teacher, budget)
+    keep = every_nth(teacher.n_layers, budget.k)
+    student = build_compact(teacher, keep, bridge_rank=0)
+    config, note = heal_config_for(student, student_config(replace(budget.heal, seed=budget.seeds[0]), False))
+    result = heal(student, teacher, data, config, progress=progress)
+    info = {"kept": keep, "loss": "KD + CE", **({"heal_note": note} if note else {})}
+    return [Variant("distilbert", student.eval(), "distilbert", training_record(result), info)]
+
+
+def fresh_student(teacher: SequentialRecommender, k: int, seed: int = 0) -> SequentialRecommender:
+    """The teacher's architecture (config, text features, dropout) with k layers and fresh weights."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(copy.deepcopy(teacher.backbone.config))
+    # keep_layers shortens the config's per-layer fields too (layer count, Qwen's layer_types).
+    teacher.family.keep_layers(backbone, list(range(k)))
+    text = teacher.text_embeddings if teacher.text_projection is not None else None
+    return SequentialRecommender(backbone, teacher.n_items, text_embeddings=text, dropout=teacher.dropout.p)
+
+
+def scratch(data, teacher=None, budget: Budget | None = None, progress: bool = False,
+            **context) -> list[Variant]:
+    """Registry `scratch`: k layers, fresh init, trained on the data alone with the teacher's recipe."""
+    budget = require("scratch", teacher, budget)
+    config = replace(budget.train or TrainConfig(), seed=budget.seeds[0])
+    model = fresh_student(teacher, budget.k, budget.seeds[0])
+    result = train_recommender(model, data, config, progress=progress)
+    info = {"train_recipe": "teacher's" if budget.train else "TrainConfig() defaults (teacher's unknown)"}
+    return [Variant("scratch", model.eval(), "scratch", training_record(result, "train"), info)]

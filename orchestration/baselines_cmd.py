@@ -1,0 +1,258 @@
+"""`layerwise baselines`: every baseline under the same budget as our method, measured alike, in one table.
+
+Smallest CPU run (tiny synthetic data; a couple of minutes):
+    layerwise train --dataset synthetic:300:60:6000:0 --family llama --preset tiny --out /tmp/teacher
+    layerwise baselines --teacher /tmp/teacher --dataset synthetic:300:60:6000:0 --keep 0.5 \
+        --json /tmp/baselines.json --md /tmp/baselines.md --only first magnitude int8 --heal-epochs 1
+
+For every method: NDCG@5/10/20, MRR, HR@10 and P@5 on the test split (full ranking, seen items
+excluded), retention against the teacher, speedup at each batch size from ONE interleaved
+`layerwise.bench.benchmark` call with the teacher as reference, weight bytes (packed weights of quantized
+models included), peak memory of saveable models in a fresh subprocess, and the training epochs used.
+Our own method (beam selection, bridges, healing) is always run: it is the reference row, it sets the
+parameter budget of the width and sparsity baselines, and `ours+int8` quantizes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from layerwise.baselines import BASELINES, SCORER_BASELINES, Budget, Variant, is_quantized, ours, storage_bytes
+from layerwise.baselines.budget import DRAWS, n_parameters
+from layerwise.bench import benchmark, peak_memory
+from layerwise.compress import n_kept
+from layerwise.distill import HealConfig
+from layerwise.evaluate import evaluate
+from layerwise.models.checkpoint import read_manifest, save_recommender
+from layerwise.train import TrainConfig
+from orchestration.report import write_json
+
+METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+# Table order: our method, then the references, depth, search, width/sparsity, quantization, students.
+ORDER = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude", "width",
+         "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
+_MB = 2**20
+
+
+def methods(which: list[str] | None) -> list[str]:
+    """The baselines to run, in table order; "ours" and "teacher" are always there and need no name."""
+    names = [n for n in (which or ORDER) if n not in ("ours", "teacher")]
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
+    return [n for n in ORDER if n in names]
+
+
+def teacher_train_config(manifest: dict) -> TrainConfig | None:
+    """The teacher's training recipe from its manifest (for the scratch baseline), or None if absent."""
+    recipe = manifest.get("train")
+    if not recipe:
+        return None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+
+
+def _run_method(name: str, data, teacher, budget: Budget, compact, progress: bool) -> list[Variant]:
+    if name in SCORER_BASELINES:
+        return [Variant(name, BASELINES[name](data), "", None, {"scorer": True})]
+    context = {"compact": compact} if name == "ours+int8" else {}
+    if name == "nas":
+        from orchestration.nas import tpe_search
+
+        context["search"] = tpe_search
+    return BASELINES[name](data, teacher=teacher, budget=budget, progress=progress, **context)
+
+
+def _test_metrics(variant: Variant, data, max_len: int) -> dict[str, float]:
+    scorer = variant.model if variant.info.get("scorer") else variant.model.score
+    result = evaluate(scorer, data, stage="test", exclude_seen=True, ks=(5, 10, 20), max_len=max_len)
+    return {m: result.means[m] for m in METRICS}
+
+
+def _row(method: str, members: list[tuple[Variant, dict]], teacher_metrics: dict) -> dict:
+    """One table row: mean (and sample std over draws) of each metric, retention, training, details."""
+    values = {m: np.array([metrics[m] for _, metrics in members]) for m in METRICS}
+    first = members[0][0]
+    row = {"row": first.row, "method": method, "n": len(members), "timing": first.timing,
+           "metrics": {m: float(v.mean()) for m, v in values.items()},
+           "spread": {m: float(v.std(ddof=1)) for m, v in values.items()} if len(members) > 1 else None,
+           "retention": {m: float(values[m].mean() / teacher_metrics[m]) if teacher_metrics[m] else None
+                         for m in METRICS},
+           "n_layers": None if first.info.get("scorer") else first.model.n_layers,
+           "weight_bytes": None if first.info.get("scorer") else storage_bytes(first.model),
+           "training": [v.training for v, _ in members],
+           "members": [{"metrics": metrics, "info": v.info} for v, metrics in members]}
+    return row
+
+
+def _rows(variants: dict[str, list[Variant]], data, max_len: int) -> list[dict]:
+    teacher_metrics = _test_metrics(variants["teacher"][0], data, max_len)
+    rows = []
+    for method, members in variants.items():
+        by_row: dict[str, list] = {}
+        for v in members:
+            metrics = teacher_metrics if method == "teacher" else _test_metrics(v, data, max_len)
+            by_row.setdefault(v.row, []).append((v, metrics))
+        rows += [_row(method, group, teacher_metrics) for group in by_row.values()]
+    return rows
+
+
+def _timed_models(variants: dict[str, list[Variant]]) -> dict:
+    """One model per architecture (timing key): unhealed and healed, or draws, share their timing."""
+    models = {}
+    for members in variants.values():
+        for v in members:
+            if v.timing and v.timing not in models:
+                models[v.timing] = v.model
+    return models
+
+
+def _memory(models: dict, teacher_dir: str, batch: int, max_len: int) -> dict[str, dict]:
+    """Peak inference memory per timed model in a fresh subprocess; quantized ones are not measured."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
+        for name, model in models.items():
+            if is_quantized(model):
+                out[name] = {"status": "not measured", "reason": "quantized modules have no stock save format "
+                             "here, and CPU RSS in this process is shared by every model"}
+                continue
+            path = teacher_dir if name == "teacher" else save_recommender(model, Path(tmp) / f"m{len(out)}",
+                                                                           {"kind": "baseline", "row": name})
+            out[name] = peak_memory(path, batch, max_len)
+    return out
+
+
+def _attach_speed(rows: list[dict], timing: dict, memory: dict) -> None:
+    for row in rows:
+        entry = timing["models"].get(row["timing"])
+        row["speed"] = None if entry is None else {
+            b: {"speedup": e.get("speedup"), "ci95": e.get("speedup_ci95"), "median_ms": e["median_ms"],
+                "cpu_speedup": e["cpu"].get("speedup")} for b, e in entry["batches"].items()}
+        row["memory"] = memory.get(row["timing"])
+
+
+def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_config: HealConfig = HealConfig(),
+                  seeds: tuple[int, ...] = DRAWS, out_json: str | Path | None = None,
+                  out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 16,
+                  batch_sizes: tuple[int, ...] = (1, 64), runs: int = 30, memory: bool = True,
+                  progress: bool = True) -> dict:
+    """Run the teacher, our method and the chosen baselines under one budget; returns the table as a dict.
+
+    Args:
+        teacher_dir: saved teacher; dataset: a `load_dataset` spec or an already loaded data set.
+        keep: layers kept by ours and the depth baselines (fraction or count); heal_config: our healing
+            recipe (its max_len is set to the teacher's); seeds: random-layer draws (seeds[0] seeds the rest).
+        which: baseline names (default: all); memory: measure peak memory at the largest batch size.
+
+    Returns:
+        {"settings", "budget", "rows": [{"row", "method", "n", "metrics", "spread", "retention", "n_layers",
+         "weight_bytes", "training", "speed", "memory", "members"}], "benchmark", "seconds"}.
+    """
+    from layerwise.data import load_dataset
+    from orchestration.builders import load_model_for
+
+    data = load_dataset(dataset) if isinstance(dataset, (str, Path)) else dataset
+    teacher, manifest = load_model_for(str(teacher_dir), data).eval(), read_manifest(teacher_dir)
+    max_len = manifest.get("max_len") or heal_config.max_len
+    budget = Budget(k=n_kept(keep, teacher.n_layers), heal=replace(heal_config, max_len=max_len),
+                    bridge_rank=bridge_rank, seeds=tuple(seeds), train=teacher_train_config(manifest))
+    variants, seconds = {"teacher": [Variant("teacher", teacher, "teacher")]}, {}
+    for name in ["ours", *methods(which)]:
+        started = time.perf_counter()
+        if name == "ours":
+            variants[name] = ours(data, teacher=teacher, budget=budget, progress=progress)
+            compact = variants[name][-1].model
+            budget = replace(budget, removed=n_parameters(teacher) - n_parameters(compact))
+        else:
+            variants[name] = _run_method(name, data, teacher, budget, compact, progress)
+        seconds[name] = time.perf_counter() - started
+        print(f"[baselines] {name}: {seconds[name]:.1f}s", file=sys.stderr)
+    rows = _rows(variants, data, max_len)
+    timed = _timed_models(variants)
+    timing = benchmark(timed, batch_sizes, runs=runs, max_len=max_len, reference="teacher")
+    peaks = _memory(timed, str(teacher_dir), max(batch_sizes), max_len) if memory else {}
+    _attach_speed(rows, timing, peaks)
+    result = {"settings": {"teacher": str(teacher_dir), "dataset": getattr(data, "name", str(dataset)),
+                           "keep": keep, "k": budget.k, "teacher_layers": teacher.n_layers, "max_len": max_len,
+                           "batch_sizes": list(batch_sizes), "memory_batch": max(batch_sizes) if memory else None,
+                           "eval": "test split, full ranking, seen items excluded"},
+              "budget": {**dataclasses.asdict(budget), "teacher_parameters": n_parameters(teacher)},
+              "rows": rows, "benchmark": timing, "seconds": seconds}
+    if out_json:
+        write_json(out_json, result)
+    if out_md:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(format_markdown(result) + "\n")
+    return result
+
+
+def _cell(row: dict, metric: str) -> str:
+    value = row["metrics"][metric]
+    return f"{value:.4f}" if not row["spread"] else f"{value:.4f} ± {row['spread'][metric]:.4f}"
+
+
+def _speed_cell(row: dict, batch: str) -> str:
+    entry = (row.get("speed") or {}).get(batch)
+    if not entry or entry["speedup"] is None:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{entry['speedup']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _memory_cell(row: dict) -> str:
+    memory = row.get("memory")
+    if not memory or memory.get("status") != "measured":
+        return "not measured"
+    return f"{memory['peak_over_baseline_bytes'] / _MB:.1f}"
+
+
+def _epochs_cell(row: dict) -> str:
+    runs = [t for t in row["training"] if t]
+    if not runs:
+        return "0"
+    run, best = np.mean([t["epochs_run"] for t in runs]), np.mean([t["best_epoch"] for t in runs])
+    return f"{run:g}/{best:g}" + (" (train)" if runs[0]["kind"] == "train" else "")
+
+
+def format_markdown(result: dict) -> str:
+    """The table of `run_baselines` as Markdown, with the settings and what each number means."""
+    settings, batches = result["settings"], [str(b) for b in result["settings"]["batch_sizes"]]
+    header = ["method", "layers", "epochs run/best", *(m.upper().replace("PRECISION", "P") for m in METRICS),
+              "NDCG@10 retention", *(f"speedup b={b} [95% CI]" for b in batches), "weights MB",
+              f"peak MB b={settings['memory_batch']}"]
+    lines = [f"Teacher {settings['teacher']} ({settings['teacher_layers']} layers), data {settings['dataset']}, "
+             f"k = {settings['k']} kept layers; {settings['eval']}; T = {settings['max_len']}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        retention = row["retention"]["ndcg@10"]
+        cells = [row["row"] + (f" (n={row['n']})" if row["n"] > 1 else ""), row["n_layers"] or "-",
+                 _epochs_cell(row), *(_cell(row, m) for m in METRICS),
+                 f"{retention:.3f}" if retention is not None else "-", *(_speed_cell(row, b) for b in batches),
+                 f"{row['weight_bytes'] / _MB:.3f}" if row["weight_bytes"] else "-", _memory_cell(row)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "n > 1: mean ± sample std over random draws. Speedups: ratio of median wall times against the "
+              "teacher in one interleaved benchmark (paired bootstrap CI); unhealed and healed variants share "
+              "an architecture and one timing. Magnitude pruning keeps dense kernels, so ~1x is its honest "
+              "speedup. Weights MB counts packed int8/int4 weights and their scales. Peak MB: inference peak "
+              "over the bare interpreter, fresh subprocess per saved model; quantized models are not measured."]
+    return "\n".join(lines)
+
+
+def command(args) -> int:
+    """Handler of `layerwise baselines` (argparse namespace from orchestration.cli)."""
+    from orchestration.commands import load_data
+
+    data = load_data(args)
+    heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)
+    result = run_baselines(args.teacher, data, keep=args.keep, heal_config=heal, seeds=tuple(args.seeds),
+                           out_json=args.json, out_md=args.md, which=args.only, bridge_rank=args.bridge_rank,
+                           runs=args.runs, memory=not args.no_memory)
+    print(format_markdown(result))
+    return 0

@@ -1,0 +1,79 @@
+"""`layerwise run` end to end on tiny data: headline, MLflow runs and champion, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+TINY = [
+    "name=tiny", "data.dataset=synthetic:240:60:4000:1", "data.max_len=20",
+    "teacher.preset=tiny", "teacher.family=llama", "teacher.train.epochs=4", "teacher.train.lr=0.003",
+    "compress.keep=0.5", "compress.selector=beam", "compress.bridge_rank=4", "compress.calib_batches=2",
+    "compress.calib_batch_size=16", "compress.heal.epochs=1", "compress.heal.prefit_steps=20",
+    "bench.runs=3", "bench.warmup=1", "bench.batch_sizes=[1,4]", "ray.shards=2",
+]
+
+
+def start(workdir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "orchestration.cli", "run", *TINY, f"run_dir={workdir / 'runs'}",
+            f"data.cache_dir={workdir / 'cache'}", *extra]
+    return subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 900) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory):
+    """Kill a run right after its teacher stage finishes, then run it again to completion."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    proc = start(workdir)
+    deadline = time.time() + 600
+    while not list((workdir / "runs" / "tiny").glob("teacher-*/_DONE")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "teacher stage never finished"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    first, _ = proc.communicate(timeout=120)
+    second = finish(start(workdir))
+    return workdir, first, second
+
+
+def test_resume_skips_finished_stages(interrupted_then_resumed):
+    workdir, first, second = interrupted_then_resumed
+    assert "teacher: done earlier" in second
+    assert "> teacher" not in second
+    for stage in ("importance", "compact", "evaluate-compact", "bench"):
+        assert f"> {stage}" in second
+
+
+def test_headline_and_registry(interrupted_then_resumed):
+    workdir, _, second = interrupted_then_resumed
+    head = json.loads((workdir / "runs" / "tiny" / "headline.json").read_text())
+    quality = head["metrics"]["quality"]["ndcg@10"]
+    assert 0 < quality["teacher"] <= 1 and 0 < quality["compact"] <= 1
+    assert quality["retention"] == pytest.approx(quality["compact"] / quality["teacher"])
+    assert head["layers"]["teacher"] == 2 and head["layers"]["compact"] == 1
+    assert head["metrics"]["speed"]["4"]["speedup"] > 0
+    assert "NDCG@10" in second and "speedup" in second
+    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("layerwise-compact", "champion")
+    assert int(version.version) == head["registered"]["version"]
+    runs = client.search_runs([client.get_experiment_by_name("layerwise").experiment_id])
+    statuses = sorted(r.info.status for r in runs)
+    assert "FINISHED" in statuses and len(runs) == 2
+    assert statuses.count("FINISHED") == 1, "the interrupted run must not end FINISHED"

@@ -1,0 +1,128 @@
+"""`layerwise plan`: counts, ZeRO memory per stage, shard split and the DeepSpeed config it picks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from layerwise.compact import removed_parameters
+from layerwise.models.scale import meta_recommender, numel
+from orchestration.plan import (
+    GIB,
+    USABLE,
+    LayerDims,
+    analytic_model_states,
+    deepspeed_section,
+    model_states,
+    plan,
+    plan_main,
+    shard_split,
+    training_activations,
+)
+
+
+@pytest.fixture(scope="module")
+def llama13():
+    return plan("llama", "13b", keep=0.25, gpus=8)
+
+
+def test_compact_count_is_full_minus_removed_layers_plus_bridges(llama13):
+    p, m = llama13["parameters"], llama13["model"]
+    teacher = meta_recommender("llama", "13b", 10_000)
+    assert p["full"] == numel(teacher)
+    assert m["k"] == 10 and len(m["kept"]) == 10 and m["kept"][-1] == 39  # uniform keeps the last layer
+    assert p["compact"] == p["full"] - removed_parameters(teacher, m["kept"]) + p["bridges"]
+    # A bridge of rank 16 at hidden 5120: LayerNorm (2h) + down (16h + 16) + up (16h + h).
+    assert p["bridges"] == len(m["bridge_slots"]) * (2 * 5120 + 16 * 5120 + 16 + 16 * 5120 + 5120)
+
+
+def test_analytic_model_states_follow_the_zero_paper():
+    params, n = 1_000_000, 8
+    assert analytic_model_states(params, 0, n) == 16 * params
+    assert analytic_model_states(params, 1, n) == 4 * params + 12 * params // n
+    assert analytic_model_states(params, 2, n) == 2 * params + 14 * params // n
+    assert analytic_model_states(params, 3, n) == 16 * params // n
+
+
+def test_deepspeed_estimators_are_used_for_stages_2_and_3():
+    params, largest, n = 8_000_000, 300_000, 4
+    zero2, zero3 = model_states(params, 2, n, largest), model_states(params, 3, n, largest)
+    assert "estimate_zero2" in zero2["source"] and zero2["bytes"] == 2 * params + 18 * params // n
+    assert "estimate_zero3" in zero3["source"] and zero3["bytes"] == 4 * largest + 18 * params // n
+    assert model_states(params, 1, n, largest)["source"] == "analytic (ZeRO paper)"
+
+
+def test_training_activations_by_hand():
+    dims = LayerDims(hidden=8, q=8, kv=4, ffn=16, gated=True)
+    assert dims.values_per_token() == 4 * 8 + 2 * 8 + 2 * 4 + 4 * 16
+    tokens, n_items, layers = 6, 9, 3
+    head = 2 * 4 * tokens * (n_items + 1) + 2 * tokens * 3 * 8
+    assert training_activations(dims, layers, tokens, n_items) == 2 * tokens * 120 * layers + head
+    checkpointed = training_activations(dims, layers, tokens, n_items, checkpointed=True)
+    assert checkpointed == 2 * tokens * 8 * layers + 2 * tokens * 120 + head
+
+
+def test_llama13_needs_zero_beyond_stage_0_on_8_gpus(llama13):
+    rows = {r["stage"]: r for r in llama13["training"]}
+    assert not rows[0]["fits"] and rows[3]["fits"]  # 16 B x 12.7B params = 190 GiB on every GPU at stage 0
+    totals = [rows[s]["total_gib"] for s in range(4)]
+    assert totals == sorted(totals, reverse=True)
+    heal = llama13["healing"]
+    assert all(r["teacher_gib"] * GIB >= 2 * llama13["parameters"]["full"] for r in heal)
+    assert llama13["lowest_fitting_stage"]["training"] == next(s for s in range(4) if rows[s]["fits"])
+
+
+def test_shard_split_is_the_fewest_contiguous_shards_that_fit(llama13):
+    shards = llama13["importance_shards"]
+    assert shards["n_shards"] == 2 and shards["fits"]  # 40 layers x 2.5 GiB (fp32 weights + grads) > 72 GiB
+    assert shards["ranges"][0][0] == 0 and shards["ranges"][-1][1] == 40
+    assert all(a[1] == b[0] for a, b in zip(shards["ranges"], shards["ranges"][1:]))
+    assert shards["per_shard_gib"] <= USABLE * 80
+    dims = LayerDims(5120, 5120, 5120, 13824, True)
+    layer = 317_204_480
+    smaller = shard_split(layer, 40, dims, 50, 24 * GIB)
+    assert smaller["n_shards"] > shards["n_shards"] and smaller["fits"]
+    hopeless = shard_split(layer, 40, dims, 50, 1 * GIB)
+    assert hopeless["n_shards"] == 40 and not hopeless["fits"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_cpu_plan_never_returns_gpu_deepspeed_settings(llama13):
+    for section in (llama13["deepspeed"], deepspeed_section(3, 4)):
+        config = section["config"]
+        assert section["device"] == "cpu"
+        assert "bf16" not in config and "fp16" not in config
+        zero = config["zero_optimization"]
+        assert not [k for k in zero if k.startswith("stage3_") or k.startswith("offload") or k == "overlap_comm"]
+        assert config["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_plan_uses_bf16_zero3():
+    section = deepspeed_section(3, 4)
+    assert section["device"] == "cuda" and section["config"]["zero_optimization"]["stage"] == 3
+    assert "stage3_prefetch_bucket_size" in section["config"]["zero_optimization"]
+    assert section["config"]["bf16"]["enabled"] == torch.cuda.is_bf16_supported()
+
+
+def test_plan_main_prints_and_writes_json(tmp_path, capsys):
+    args = argparse.Namespace(family="bert", size="base", keep=0.5, gpus=1, n_items=500, seq_len=20,
+                              micro_batch=4, gpu_gb=16.0, bridge_rank=0, stage=2, json=str(tmp_path / "p.json"))
+    assert plan_main(args) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["model"]["k"] == 6 and written["parameters"]["bridges"] == 0
+    assert written["deepspeed"]["stage"] == 2
+    assert "bert-base-uncased" in printed and "Healing" in printed and "Sharded importance" in printed
+    full, compact = written["inference"]["full"]["total"], written["inference"]["compact"]["total"]
+    assert compact < full
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="gpus"):
+        plan("bert", "base", gpus=0)
+    with pytest.raises(ValueError, match="cannot keep"):
+        plan("bert", "base", keep=13)

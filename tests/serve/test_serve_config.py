@@ -1,0 +1,111 @@
+"""serve/config.yaml against Serve's own schema, the application builder's arguments, and model resolution
+from a real MLflow registry (local sqlite store). No Ray cluster is started here."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from layerwise.models import SequentialRecommender, build_backbone, preset_config
+from layerwise.models.checkpoint import read_manifest, save_recommender
+from serve.app import build_app, resolve_model
+from serve.schemas import DEFAULT_MODEL, AppArgs
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> ServeDeploySchema:
+    return ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny llama recommender saved in the layerwise format (enough to resolve and read)."""
+    torch.manual_seed(0)
+    model = SequentialRecommender(build_backbone(preset_config("llama", "tiny", max_len=8)), 10)
+    return save_recommender(model, tmp_path_factory.mktemp("model") / "tiny", {"dataset": "synthetic:30:10:300:0"})
+
+
+def test_config_binds_loopback(config):
+    # Serve config files default to 0.0.0.0; ours must not expose the model to the network.
+    assert config.http_options.host == "127.0.0.1"
+    assert isinstance(config.http_options.port, int)
+
+
+def test_config_import_path_resolves_to_the_builder(config):
+    (app,) = config.applications
+    module, attr = app.import_path.split(":")
+    assert getattr(importlib.import_module(module), attr) is build_app
+    assert app.route_prefix == "/"
+
+
+def test_config_args_are_valid_builder_args(config):
+    args = AppArgs.model_validate(config.applications[0].args)
+    assert args.model == DEFAULT_MODEL
+    assert args.max_ongoing_requests >= args.max_batch_size
+    # The builder accepts them as they are (the champion URI is resolved later, in each replica).
+    application = build_app(config.applications[0].args)
+    assert type(application).__name__ == "Application"
+
+
+def test_builder_rejects_unknown_and_bad_args(model_dir):
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        build_app({"model": str(model_dir), "max_batch_sise": 8})
+    with pytest.raises(ValidationError, match="num_cpus"):
+        build_app({"model": str(model_dir), "num_cpus": 0})
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        build_app({"model": str(model_dir), "max_batch_size": 32, "max_ongoing_requests": 8})
+    with pytest.raises(FileNotFoundError, match="neither a directory nor an MLflow URI"):
+        build_app({"model": str(model_dir / "missing")})
+
+
+def test_builder_applies_replicas_and_cpus(model_dir):
+    application = build_app({"model": str(model_dir), "num_replicas": 2, "num_cpus": 0.25,
+                             "max_ongoing_requests": 40})
+    deployment = application._bound_deployment
+    assert deployment.num_replicas == 2
+    assert deployment.ray_actor_options["num_cpus"] == 0.25
+    assert deployment.max_ongoing_requests == 40
+
+
+def test_resolve_model_finds_the_model_inside_a_folder(model_dir):
+    assert resolve_model(str(model_dir)) == model_dir
+    assert resolve_model(str(model_dir.parent)) == model_dir  # one layerwise model below: found
+    with pytest.raises(FileNotFoundError, match="neither a directory nor an MLflow URI"):
+        resolve_model("no/such/dir")
+
+
+@pytest.mark.slow
+def test_resolve_model_from_mlflow_run_and_registry(model_dir, tmp_path):
+    tracking = pytest.importorskip("orchestration.tracking")
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        _check_mlflow_uris(tracking, mlflow, model_dir, tmp_path)
+    finally:  # MLflow's URIs are process-global: leave them as the next test expects
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def _check_mlflow_uris(tracking, mlflow, model_dir: Path, tmp_path: Path) -> None:
+    tracking.ensure_experiment("serve-test", tmp_path / "runs")
+    uri = tracking.tracking_uri(tmp_path / "runs")
+    with tracking.tracked_run("plain-artifacts") as run:  # a model directory logged as plain artifacts
+        tracking.log_artifacts(model_dir, "model")
+    with tracking.tracked_run("registered"):  # the registry's format: a pyfunc model, then an alias
+        version = tracking.log_compact_model(model_dir, "tiny-compact")
+    tracking.promote("tiny-compact", version)
+    expected = read_manifest(model_dir)
+    uris = (f"runs:/{run.info.run_id}/model", f"models:/tiny-compact/{version}", "models:/tiny-compact@champion")
+    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "elsewhere.db"))  # the argument must win
+    for model_uri in uris:
+        local = resolve_model(model_uri, tracking_uri=uri, download_dir=str(tmp_path / "downloads"))
+        assert local.is_relative_to(tmp_path / "downloads"), model_uri
+        assert read_manifest(local) == expected, model_uri
+        assert (local / "recommender.safetensors").is_file()
