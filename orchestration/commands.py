@@ -146,6 +146,21 @@ def bench(args) -> int:
     return 0
 
 
+def plan(args) -> int:
+    from orchestration.plan import plan_main
+
+    return plan_main(args)
+
+
+def serve(args) -> int:
+    from orchestration.tracking import tracking_uri
+    from serve.app import serve_main
+
+    serve_main(args.model, host=args.host, port=args.port, replicas=args.replicas,
+               num_cpus=args.num_cpus, dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri))
+    return 0
+
+
 def run(args) -> int:
     from orchestration.pipeline import load_config, run_pipeline
 
