@@ -97,7 +97,7 @@ def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: 
     if config.loss != "sampled":
         raise ValueError(f"unknown loss {config.loss!r}; choose 'full' or 'sampled'")
     # Shared uniform negatives: one (N, 1 + n_neg) logit matrix instead of (N, n_items).
-    negatives = torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator)
+    negatives = torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator).to(h.device)
     items = model.item_vectors()
     pos = (h * items[t]).sum(-1) + model.item_bias[t]
     neg = h @ items[negatives].T + model.item_bias[negatives]

@@ -138,6 +138,25 @@ def _attach_speed(rows: list[dict], timing: dict, memory: dict) -> None:
         row["memory"] = memory.get(row["timing"])
 
 
+def _collect(teacher, data, budget: Budget, names: list[str], progress: bool
+             ) -> tuple[dict[str, list[Variant]], Budget, dict[str, float]]:
+    """Our method first (it fixes budget.removed), then every baseline; returns variants per method, the
+    completed budget and the seconds each method took."""
+    started = time.perf_counter()
+    variants = {"teacher": [Variant("teacher", teacher, "teacher")],
+                "ours": ours(data, teacher=teacher, budget=budget, progress=progress)}
+    seconds = {"ours": time.perf_counter() - started}
+    print(f"[baselines] ours: {seconds['ours']:.1f}s", file=sys.stderr)
+    compact = variants["ours"][-1].model
+    budget = replace(budget, removed=n_parameters(teacher) - n_parameters(compact))
+    for name in names:
+        started = time.perf_counter()
+        variants[name] = _run_method(name, data, teacher, budget, compact, progress)
+        seconds[name] = time.perf_counter() - started
+        print(f"[baselines] {name}: {seconds[name]:.1f}s", file=sys.stderr)
+    return variants, budget, seconds
+
+
 def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_config: HealConfig = HealConfig(),
                   seeds: tuple[int, ...] = DRAWS, out_json: str | Path | None = None,
                   out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 16,
@@ -163,17 +182,7 @@ def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_con
     max_len = manifest.get("max_len") or heal_config.max_len
     budget = Budget(k=n_kept(keep, teacher.n_layers), heal=replace(heal_config, max_len=max_len),
                     bridge_rank=bridge_rank, seeds=tuple(seeds), train=teacher_train_config(manifest))
-    variants, seconds = {"teacher": [Variant("teacher", teacher, "teacher")]}, {}
-    for name in ["ours", *methods(which)]:
-        started = time.perf_counter()
-        if name == "ours":
-            variants[name] = ours(data, teacher=teacher, budget=budget, progress=progress)
-            compact = variants[name][-1].model
-            budget = replace(budget, removed=n_parameters(teacher) - n_parameters(compact))
-        else:
-            variants[name] = _run_method(name, data, teacher, budget, compact, progress)
-        seconds[name] = time.perf_counter() - started
-        print(f"[baselines] {name}: {seconds[name]:.1f}s", file=sys.stderr)
+    variants, budget, seconds = _collect(teacher, data, budget, methods(which), progress)
     rows = _rows(variants, data, max_len)
     timed = _timed_models(variants)
     timing = benchmark(timed, batch_sizes, runs=runs, max_len=max_len, reference="teacher")

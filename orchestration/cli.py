@@ -139,6 +139,25 @@ def _plan_parser(sub) -> None:
     plan.add_argument("--json", default=None, help="also write the plan to this JSON file")
 
 
+def _baselines_parser(sub) -> None:
+    base = sub.add_parser("baselines", help="every baseline under our budget, measured alike, in one table")
+    _add_data_args(base)
+    base.add_argument("--teacher", required=True, help="trained teacher directory")
+    base.add_argument("--keep", type=float, default=0.25,
+                      help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
+    base.add_argument("--json", required=True, help="write the full table (and benchmark) here")
+    base.add_argument("--md", default=None, help="also write the Markdown table here")
+    base.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                      help="baselines to run (default: all); ours and the teacher always run")
+    base.add_argument("--heal-epochs", type=int, default=20)
+    base.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
+    base.add_argument("--bridge-rank", type=int, default=16)
+    base.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                      help="random-layer draws; the first seeds every other method")
+    base.add_argument("--runs", type=int, default=30, help="interleaved benchmark rounds")
+    base.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+
+
 def _serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="deploy a compact recommender over HTTP with Ray Serve")
     srv.add_argument("--model", default=None,
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _serve_parser(sub)
     _plan_parser(sub)
+    _baselines_parser(sub)
     sub.add_parser("bench-serve", add_help=False,
                    help="load benchmark of the served compact model against the teacher "
                         "(see `layerwise bench-serve --help`)")
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "data": commands.data, "train": commands.train, "evaluate": commands.evaluate,
         "score": commands.score, "compress": commands.compress, "bench": commands.bench,
-        "serve": commands.serve, "plan": commands.plan,
+        "serve": commands.serve, "plan": commands.plan, "baselines": commands.baselines,
         "run": commands.run,
     }[args.command]
     try:

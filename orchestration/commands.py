@@ -146,6 +146,12 @@ def bench(args) -> int:
     return 0
 
 
+def baselines(args) -> int:
+    from orchestration.baselines_cmd import command
+
+    return command(args)
+
+
 def plan(args) -> int:
     from orchestration.plan import plan_main
 

@@ -64,16 +64,22 @@ def deepspeed_config(stage: int, lr: float, batch_size: int, grad_clip: float = 
         "wall_clock_breakdown": False,
     }
     if device == "cuda":
-        use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
-        config["bf16"] = {"enabled": bool(use_bf16)}
-        zero.update({"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000})
-        if stage == 3:
-            zero.update(_STAGE3)
-        if offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-            if stage == 3:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        config["bf16"] = {"enabled": bool(torch.cuda.is_bf16_supported() if bf16 is None else bf16)}
+        zero.update(_gpu_zero(stage, offload))
     return config
+
+
+def _gpu_zero(stage: int, offload: bool) -> dict[str, Any]:
+    """ZeRO options that only pay off with GPUs: overlapped communication, ZeRO-3 buckets, offload."""
+    zero: dict[str, Any] = {"overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 500_000_000}
+    if stage == 3:
+        zero.update(_STAGE3)
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
 
 
 def _check(stage: int, lr: float, batch_size: int, device: str) -> None:

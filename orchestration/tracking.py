@@ -1,9 +1,12 @@
 """The one MLflow helper: store location, runs, metrics, artifacts, the model registry.
 
 Smallest CPU run (a local sqlite store under /tmp/lw_runs, a few seconds):
-    PYTHONPATH=. .venv/bin/python -c "from orchestration.tracking import *; \
-ensure_experiment('demo', '/tmp/lw_runs'); \
-exec('with tracked_run(\\'first\\', {\\'lr\\': 1e-3}):\\n    log_metrics({\\'valid\\': {\\'ndcg@10\\': 0.1}})')"
+    PYTHONPATH=. .venv/bin/python - <<'EOF'
+    from orchestration.tracking import ensure_experiment, log_metrics, tracked_run
+    ensure_experiment("demo", "/tmp/lw_runs")
+    with tracked_run("first", {"lr": 1e-3}):
+        log_metrics({"valid": {"ndcg@10": 0.1}})   # logged as valid/ndcg_at_10
+    EOF
 
 The default store is sqlite in the project's run directory, `sqlite:////abs/runs/mlflow.db`, with the
 artifacts in `file:///abs/runs/mlartifacts`: absolute, so that Ray workers and Tune trials (each in its
@@ -64,8 +67,7 @@ def ensure_experiment(name: str, where: str | Path) -> str:
     uri = tracking_uri(where)
     if uri.startswith(_SQLITE):
         Path(uri[len(_SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # the model registry follows the tracking URI unless told otherwise
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:

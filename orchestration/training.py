@@ -1,19 +1,21 @@
 """Teacher training and healing on Ray Train (`TorchTrainer`, Train V2) with DeepSpeed in every worker.
 
-Smallest CPU run (2 workers, ZeRO-2 over gloo, tiny LLaMA, under a minute):
-    PYTHONPATH=. .venv/bin/python -c "from orchestration.ray_runtime import init_ray; \
-from orchestration.training import *; init_ray(num_cpus=2, object_store_mb=150); \
-print(train_teacher_distributed('synthetic:300:120:6000:0', ModelSpec('llama', 'tiny', n_layers=4), \
-TrainConfig(epochs=4, batch_size=64, lr=3e-3, eval_every=1), storage_path='/tmp/lw_ray'))"
+Smallest CPU run (2 workers, ZeRO-2 over gloo, tiny LLaMA, about a minute):
+    PYTHONPATH=. .venv/bin/python - <<'EOF'
+    from orchestration.ray_runtime import init_ray
+    from orchestration.training import ModelSpec, TrainConfig, train_teacher_distributed
+    init_ray(num_cpus=2, object_store_mb=150)
+    print(train_teacher_distributed("synthetic:300:120:6000:0", ModelSpec("llama", "tiny", n_layers=4),
+                                    TrainConfig(epochs=4, batch_size=64, lr=3e-3), storage_path="/tmp/lw_ray"))
+    EOF
 
-Each worker loads the data set from a spec (never a pickled data object), builds the model with the same
-seed, takes every world_size-th window of a permutation shared by all ranks (a new one each epoch) and
-runs DeepSpeed forward/backward/step. The global batch `batch_size` is split evenly over the workers and
-each rank's loss is weighted by its share of the batch's targets, so step i sees the windows and takes
-the gradient of step i of single-process `layerwise.train.train_recommender` (without dropout the two
-agree to float rounding). Rank 0 evaluates validation NDCG@10 (`layerwise.evaluate.evaluate`), decides
-early stopping for all, and reports each improvement with a checkpoint that is a `save_recommender`
-directory (safetensors + JSON). On a cluster, storage_path, data cache and teacher dir must be shared.
+Each worker loads the data set from a spec (never a pickled object), builds the model with the same seed,
+takes every world_size-th window of a permutation shared by all ranks (new each epoch) and runs DeepSpeed
+forward/backward/step. The global batch is split evenly over the workers and each rank's loss weighted
+by its share of the batch's targets, so step i takes the gradient of step i of single-process
+`layerwise.train.train_recommender` (without dropout the two agree to float rounding). Rank 0 evaluates
+validation NDCG@10, decides early stopping, and reports each improvement with a checkpoint that is a
+`save_recommender` directory. On a cluster, storage_path, data cache and teacher dir must be shared.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +147,7 @@ def _data_spec(spec: DataSpec | str) -> DataSpec:
 
 
 def _stamp(kind: str) -> str:
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def _ds_args(stage: int, lr: float, batch_size: int, num_workers: int, grad_clip: float,

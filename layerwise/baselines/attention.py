@@ -78,8 +78,10 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     return kl.mean(1)[mask].mean()
 
 
-def _epoch(student, teacher, keep, inputs, targets, optimizer, params, config, weight, generator) -> dict:
+def _epoch(student, teacher, windows, optimizer, params, config, weight, generator) -> dict:
+    """One pass over the training windows; returns the mean total loss and mean attention KL."""
     student.train()
+    (inputs, targets), keep = windows, list(student.kept)
     order = torch.randperm(len(inputs), generator=generator)
     totals = {"loss": 0.0, "attention_kl": 0.0}
     batches = 0
@@ -114,8 +116,8 @@ def distil_attention(student: SequentialRecommender, teacher: SequentialRecommen
     best_state, stale, started = copy.deepcopy(student.state_dict()), 0, time.monotonic()
     for epoch in range(1, config.epochs + 1):
         with eager_attention(student, teacher):
-            record = {"epoch": epoch, **_epoch(student, teacher, list(student.kept), inputs, targets, optimizer,
-                                               params, config, attention_weight, generator)}
+            record = {"epoch": epoch, **_epoch(student, teacher, (inputs, targets), optimizer, params, config,
+                                               attention_weight, generator)}
         if epoch % config.eval_every == 0:
             valid = _validate(student, data, config.max_len)
             record.update({f"valid_{k}": v for k, v in valid.items()})
@@ -127,7 +129,8 @@ def distil_attention(student: SequentialRecommender, teacher: SequentialRecommen
         result.history.append(record)
         if progress:
             print(f"tinybert epoch {epoch}: {record}")
-        if stale >= config.patience or (config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes):
+        out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
+        if stale >= config.patience or out_of_time:
             break
     student.load_state_dict(best_state)
     merge_lora(student)

@@ -9,6 +9,7 @@ difference from our method is the choice of layers:
     first     the first k layers;  last: the last k layers
     shortgpt  ShortGPT: the k layers of highest block influence 1 - cos(h_in, h_out), one shot
     gromov    Gromov et al.: remove the contiguous block whose input and output are closest in angle
+    ours      our method (beam over ablation_loss + dependency) by the same path: the table's reference
 
     variants = BASELINES["shortgpt"](data, teacher=teacher, budget=Budget(k=2))
 """

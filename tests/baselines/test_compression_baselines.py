@@ -17,7 +17,7 @@ from layerwise.baselines import BASELINES, Budget, is_quantized, storage_bytes
 from layerwise.baselines.attention import attention_kl, eager_attention, recorded_attention
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.baselines.nas import BudgetSpent, SubsetObjective, selection_evaluations, top_k_subset
-from layerwise.baselines.quantization import linear_weight_bytes, quantize_int4, quantize_int8
+from layerwise.baselines.quantization import linear_weight_bytes, quantize_int8
 from layerwise.baselines.sparsity import magnitude_prune, zero_fraction
 from layerwise.baselines.width import prune_width
 from layerwise.bench import benchmark
@@ -149,6 +149,7 @@ def test_int8_stores_layer_weights_in_a_quarter_and_scores_alike(family):
 
 
 def test_int4_packs_two_weights_per_byte_and_scores_alike():
+    pytest.importorskip("hqq")  # the INT4 baseline's one extra dependency
     teacher, data, budget = setup()
     (variant,) = BASELINES["int4"](data, teacher=teacher, budget=budget)
     model = variant.model
@@ -285,3 +286,11 @@ def test_table_command_end_to_end(tmp_path):
     assert 0 < result["budget"]["removed"] < result["budget"]["teacher_parameters"]
     table = (tmp_path / "t.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
+
+
+def test_quantized_models_are_reported_not_measured_for_peak_memory():
+    from orchestration.baselines_cmd import _memory
+
+    teacher, _, _ = setup()
+    memory = _memory({"int8": quantize_int8(teacher)}, "unused", batch=4, max_len=12)
+    assert memory["int8"]["status"] == "not measured" and "quantized" in memory["int8"]["reason"]

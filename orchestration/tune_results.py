@@ -1,0 +1,216 @@
+"""What a finished search produces: the trials' records, the Pareto front, the champion, a plot and a
+table (Markdown + JSON), test-split retention of the front, and the front in the MLflow model registry.
+
+`orchestration.tuning.run_search` calls `conclude` after `Tuner.fit()`; the plot and table also work on
+their own, on the rows of `<run_dir>/report/trials.json`:
+    PYTHONPATH=. .venv/bin/python -c "import json; from orchestration.tune_results import *; \
+rows = json.load(open('/tmp/lw_tune/report/trials.json'))['trials']; \
+plot_front(rows, [r['trial_id'] for r in rows if r['front']], None, None, 'speedup', '/tmp/front.png', 'demo')"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from orchestration.report import write_json
+
+SPEED_METRICS = {"speedup": "max", "latency_ms": "min"}  # the second Pareto objective and its direction
+
+
+def conclude(grid, state: dict, run_dir: Path, data, teacher_path: str, max_len: int,
+             min_retention: float | None, registered_model: str, title: str) -> dict:
+    """Rows, front, champion, test retention, report (logged to the active MLflow run), registry."""
+    from orchestration import tracking
+
+    rows = [trial_row(r) for r in grid if r.error is None and r.metrics and "retention" in r.metrics]
+    front = front_ids(rows, state, run_dir)
+    champion, message = choose_champion(rows, front, state["speed_metric"], min_retention)
+    add_test_retention(rows, front, data, teacher_path, max_len)
+    report_dir = write_report(rows, front, champion, min_retention, state["speed_metric"], run_dir / "report",
+                              title)
+    tracking.log_artifacts(report_dir, "search")
+    versions = register(rows, front, champion, run_dir, registered_model)
+    print(message)
+    return {"rows": rows, "front": front, "champion": champion, "message": message, "versions": versions,
+            "errors": sum(r.error is not None for r in grid), "report_dir": str(report_dir)}
+
+
+def trial_row(result) -> dict:
+    """One finished trial (a ray.tune.Result) as a flat record: its parameters and what it reported."""
+    metrics = result.metrics
+    keep = ("retention", "speedup", "latency_ms", "speedup_ci_low", "speedup_ci_high", "efficiency", "bound",
+            "teacher_latency_ms", "valid_ndcg_at_10", "n_layers", "kept", "heal_workers", "param_ratio",
+            "seconds_total", "model_dir")
+    return {"trial_id": metrics["trial_id"], "config": dict(result.config), **{k: metrics[k] for k in keep}}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates, both coordinates maximised (ties keep both)."""
+    return [i for i, (a, b) in enumerate(points)
+            if not any(x >= a and y >= b and (x > a or y > b) for x, y in points)]
+
+
+def front_ids(rows: list[dict], state: dict, run_dir: Path) -> list[str]:
+    """Trial ids of the front. Pareto search: Optuna's best_trials, matched to Tune's trials by their
+    parameters and values. Single objective: the non-dominated trials of (retention, speed)."""
+    import optuna
+
+    speed = state["speed_metric"]
+    study = optuna.load_study(study_name=state["study"], storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    _close_orphans(study)
+    if state["objective"] == "single":
+        sign = 1.0 if SPEED_METRICS[speed] == "max" else -1.0
+        return [rows[i]["trial_id"] for i in pareto_front([(r["retention"], sign * r[speed]) for r in rows])]
+    ids = []
+    for best in study.best_trials:
+        match = [r for r in rows if all(r["config"].get(k) == v for k, v in best.params.items())
+                 and math.isclose(r["retention"], best.values[0], rel_tol=1e-12)
+                 and math.isclose(r[speed], best.values[1], rel_tol=1e-12)]
+        ids += [r["trial_id"] for r in match[:1] if r["trial_id"] not in ids]
+    return ids
+
+
+def _close_orphans(study) -> None:
+    """Mark FAIL the Optuna trials a killed driver left RUNNING: the search is over, none of them runs."""
+    from optuna.trial import TrialState
+
+    for orphan in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(orphan._trial_id, TrialState.FAIL)
+
+
+def choose_champion(rows: list[dict], front: list[str], speed: str, min_retention: float | None):
+    """(champion row or None, a sentence saying why). With a constraint: the fastest front model whose
+    retention reaches it, or None when none does. Without: the front model with the highest retention."""
+    candidates = [r for r in rows if r["trial_id"] in front]
+    if not candidates:
+        return None, "no trial finished: nothing was promoted to champion"
+    if min_retention is None:
+        best = max(candidates, key=lambda r: r["retention"])
+        return best, (f"no --min-retention given: champion is the highest-retention model, trial "
+                      f"{best['trial_id']} (retention {best['retention']:.3f}, speedup {best['speedup']:.2f}x)")
+    eligible = [r for r in candidates if r["retention"] >= min_retention]
+    if not eligible:
+        top = max(r["retention"] for r in candidates)
+        return None, (f"NO model meets retention >= {min_retention}: the best retention is {top:.3f}. "
+                      f"Nothing was promoted to champion.")
+    sign = 1.0 if SPEED_METRICS[speed] == "max" else -1.0
+    best = max(eligible, key=lambda r: (sign * r[speed], r["retention"]))
+    return best, (f"champion: trial {best['trial_id']}, the fastest model with retention >= {min_retention} "
+                  f"(retention {best['retention']:.3f}, speedup {best['speedup']:.2f}x, {best['n_layers']} layers)")
+
+
+def add_test_retention(rows: list[dict], front: list[str], data, teacher_path: str, max_len: int) -> None:
+    """Adds `test_retention` to the front rows (None elsewhere). The search chose them on validation, so
+    their validation numbers are optimistic; the test split was never looked at."""
+    from layerwise.compact import load_compact
+    from layerwise.evaluate import evaluate
+
+    def ndcg(path: str) -> float:
+        model = load_compact(path).eval()
+        return evaluate(model.score, data, stage="test", exclude_seen=True, max_len=max_len).means["ndcg@10"]
+
+    teacher = ndcg(teacher_path)
+    for row in rows:
+        row["test_retention"] = ndcg(row["model_dir"]) / teacher if row["trial_id"] in front else None
+
+
+
+
+def register(rows: list[dict], front: list[str], champion: dict | None, run_dir: Path,
+             registered_model: str) -> dict[str, int]:
+    """Register each front model once (registered.json keeps versions across resumes) and point
+    `champion` at the champion's version. Call inside the search's MLflow run: models link to it."""
+    from orchestration import tracking
+
+    path = run_dir / "registered.json"
+    versions = json.loads(path.read_text()) if path.exists() else {}
+    for row in rows:
+        if row["trial_id"] in front and row["trial_id"] not in versions:
+            versions[row["trial_id"]] = tracking.log_compact_model(row["model_dir"], registered_model,
+                                                                   name=f"trial_{row['trial_id']}")
+            write_json(path, versions)
+    if champion is not None:
+        tracking.promote(registered_model, versions[champion["trial_id"]], alias="champion")
+    return versions
+
+
+# --- the plot and the table ----------------------------------------------------------------------------
+def write_report(rows: list[dict], front: list[str], champion: dict | None, min_retention: float | None,
+                 speed: str, out_dir: Path, title: str) -> Path:
+    """pareto.png, trials.md and trials.json in out_dir; returns out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    champion_id = champion["trial_id"] if champion else None
+    plot_front(rows, front, champion_id, min_retention, speed, out_dir / "pareto.png", title)
+    records = [{**r, "front": r["trial_id"] in front, "champion": r["trial_id"] == champion_id}
+               for r in _ordered(rows, front)]
+    write_json(out_dir / "trials.json", {"title": title, "speed_metric": speed, "min_retention": min_retention,
+                                         "front": front, "champion": champion_id, "trials": records})
+    (out_dir / "trials.md").write_text(markdown_table(records, title))
+    return out_dir
+
+
+def _ordered(rows: list[dict], front: list[str]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["trial_id"] not in front, -r["retention"]))
+
+
+def markdown_table(records: list[dict], title: str) -> str:
+    """One line per trial: front first, then by retention. Retention is validation NDCG@10 over the
+    teacher's; speedup is a ratio of median latencies at the benchmark batch with its 95% CI."""
+    head = ("| trial | front | champion | layers (kept) | bridge r | selector | method | lr | heal epochs "
+            "| retention (valid) | retention (test) | speedup [95% CI] | latency ms | efficiency |")
+    lines = [f"### Search: {title}", "", head, "|" + "---|" * 14]
+    for r in records:
+        c, test = r["config"], r.get("test_retention")
+        lines.append(
+            f"| {r['trial_id']} | {'yes' if r['front'] else ''} | {'**yes**' if r['champion'] else ''} "
+            f"| {r['n_layers']} ({r['kept']}) | {c.get('bridge_rank')} | {c.get('selector')} "
+            f"| {c.get('method') or 'default'} | {c.get('lr', float('nan')):.2e} | {c.get('heal_epochs', '')} "
+            f"| {r['retention']:.3f} | {'' if test is None else f'{test:.3f}'} "
+            f"| {r['speedup']:.2f} [{r['speedup_ci_low']:.2f}, {r['speedup_ci_high']:.2f}] "
+            f"| {r['latency_ms']:.2f} | {r['efficiency']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(rows: list[dict], front: list[str], champion_id: str | None, min_retention: float | None,
+               speed: str, path: str | Path, title: str) -> Path:
+    """Retention against speed: every trial, the front joined and labelled, the teacher, the champion."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 5.2), dpi=120)
+    x, y = [r[speed] for r in rows], [r["retention"] for r in rows]
+    if speed == "speedup":  # the timing noise, honestly: each trial's paired-bootstrap 95% CI
+        xerr = [[max(0.0, r[speed] - r["speedup_ci_low"]) for r in rows],
+                [max(0.0, r["speedup_ci_high"] - r[speed]) for r in rows]]
+        ax.errorbar(x, y, xerr=xerr, fmt="none", ecolor="0.8", elinewidth=1, zorder=1)
+    ax.scatter(x, y, s=36, color="0.55", label=f"trial ({len(rows)})" + (", 95% CI" if speed == "speedup" else ""),
+               zorder=2)
+    on = sorted((r for r in rows if r["trial_id"] in front), key=lambda r: r[speed])
+    ax.plot([r[speed] for r in on], [r["retention"] for r in on], "-o", color="tab:red", ms=8, lw=1.5,
+            label=f"Pareto front ({len(on)})", zorder=3)
+    for r in on:
+        ax.annotate(f"k={r['n_layers']}, r={r['config'].get('bridge_rank')}", (r[speed], r["retention"]),
+                    textcoords="offset points", xytext=(7, -12), fontsize=8, color="tab:red")
+    teacher_x = 1.0 if speed == "speedup" or not rows else rows[0]["teacher_latency_ms"]
+    ax.scatter([teacher_x], [1.0], marker="s", s=50, color="black", label="teacher", zorder=4)
+    champion = [r for r in rows if r["trial_id"] == champion_id]
+    if champion:
+        ax.scatter([champion[0][speed]], [champion[0]["retention"]], marker="*", s=320, color="gold",
+                   edgecolors="black", label="champion", zorder=5)
+    if min_retention is not None:
+        ax.axhline(min_retention, ls="--", color="tab:blue", lw=1, label=f"min retention {min_retention}")
+    ax.margins(x=0.12, y=0.12)  # room for the labels at the edges
+    ax.set_xlabel("speedup over the teacher (ratio of median latencies)" if speed == "speedup"
+                  else "latency per batch, ms (median)")
+    ax.set_ylabel("NDCG@10 retention (validation, compact / teacher)")
+    ax.set_title(f"Search: {title}", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never on a point
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

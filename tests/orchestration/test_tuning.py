@@ -1,0 +1,321 @@
+"""`layerwise tune` for real: Ray Tune trials, Optuna (TPE / NSGA-II) in sqlite, MLflow in sqlite, Ray Train
++ DeepSpeed healing once, and a search killed with SIGKILL and resumed.
+
+The same search command runs on each shipped family file with tiny overrides (a 4-layer, 32-wide teacher
+trained by the command itself, 2 trials, 1 healing epoch). About 8 minutes in all on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from layerwise.compact import load_compact
+from layerwise.evaluate import evaluate
+from layerwise.models.checkpoint import save_recommender
+from layerwise.train import TrainConfig, train_recommender
+from orchestration.training import DataSpec, ModelSpec, build_model
+from orchestration.tune_results import choose_champion, pareto_front
+from orchestration.tuning import main, run_search
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = "synthetic:300:60:6000:0"
+TINY = [f"teacher.dataset={DATA}", "teacher.preset=tiny", "teacher.n_layers=4", "teacher.epochs=8",
+        "teacher.lr=0.003", "space.heal_epochs=1", "space.prefit_steps=20", "protocol.calib_batches=2",
+        "protocol.calib_batch_size=32", "protocol.bench_runs=5", "protocol.bench_warmup=1"]
+# Each family file once, covering both objectives, both speed metrics and a retention constraint.
+FAMILY_RUNS = {  # file stem -> (objective, speed metric, --min-retention)
+    "llama": ("pareto", "speedup", None),
+    "qwen": ("single", "speedup", None),
+    "bert": ("pareto", "latency_ms", None),
+    "t5": ("single", "speedup", 0.5),
+}
+SAMPLES = 2
+EXPERIMENT = "layerwise-tune"
+
+
+def tiny(cache: Path, *extra: str) -> list[str]:
+    return [*TINY, f"teacher.cache_dir={cache}", *extra]
+
+
+def report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report" / "trials.json").read_text())
+
+
+def mlflow_client(run_dir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def trial_runs(run_dir: Path) -> list:
+    client = mlflow_client(run_dir)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune-trial'")
+
+
+def study(run_dir: Path):
+    state = json.loads((run_dir / "search.json").read_text())
+    return optuna.load_study(study_name=state["study"], storage=f"sqlite:///{run_dir / 'optuna.db'}")
+
+
+def valid_ndcg(model_dir: str, data) -> float:
+    model = load_compact(model_dir).eval()
+    return evaluate(model.score, data, stage="valid", exclude_seen=True, max_len=50).means["ndcg@10"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_RUNS))
+def family_search(request, ray_local, cache, tmp_path_factory):
+    """(family file stem, run dir, result.json) of one search per shipped family file."""
+    name = request.param
+    run_dir = tmp_path_factory.mktemp(f"tune_{name}")
+    objective, speed, minimum = FAMILY_RUNS[name]
+    argv = [str(ROOT / "tune_spaces" / f"{name}.yaml"), *tiny(cache), "--samples", str(SAMPLES),
+            "--run-dir", str(run_dir), "--objective", objective, "--speed-metric", speed,
+            *(["--min-retention", str(minimum)] if minimum is not None else [])]
+    assert main(argv) == 0
+    return name, run_dir, json.loads((run_dir / "result.json").read_text()), argv
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(cache, tmp_path_factory) -> str:
+    """One tiny trained LLaMA teacher shared by the distributed-healing and resume tests."""
+    data = DataSpec(DATA, cache_dir=str(cache)).load()
+    spec = ModelSpec("llama", "tiny", n_layers=4, max_len=50, dropout=0.1, seed=0)
+    model = build_model(spec, data.n_items)
+    result = train_recommender(model, data, TrainConfig(epochs=8, lr=3e-3, seed=0), progress=False)
+    out = tmp_path_factory.mktemp("teacher") / "model"
+    save_recommender(model, out, {"kind": "teacher", "data_fingerprint": data.fingerprint, "max_len": 50,
+                                  "valid": result.best_valid})
+    return str(out)
+
+
+# --- the search, once per family file --------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_trial_ran_and_optuna_got_every_metric(family_search):
+    name, run_dir, result, _ = family_search
+    rows = report(run_dir)["trials"]
+    assert result["errors"] == 0 and len(rows) == SAMPLES
+    trial_dirs = [p for p in (run_dir / "tune").iterdir() if p.is_dir()]
+    assert len(trial_dirs) == SAMPLES
+    for row in rows:
+        assert 0 < row["retention"] < 3 and row["speedup"] > 0 and row["latency_ms"] > 0
+        assert row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+    completed = study(run_dir).get_trials(states=(TrialState.COMPLETE,))
+    assert len(completed) == SAMPLES
+    objective, speed, _ = FAMILY_RUNS[name]
+    reported = sorted((r["retention"], r[speed]) for r in rows)
+    if objective == "pareto":  # both objectives reached Optuna, exactly as the trials reported them
+        assert sorted(tuple(t.values) for t in completed) == reported
+    else:
+        assert sorted(t.value for t in completed) == sorted(r for r, _ in reported)
+    for trial in completed:  # Optuna's parameters are the ones the trials ran with
+        assert any(all(row["config"][k] == v for k, v in trial.params.items()) for row in rows)
+
+
+@pytest.mark.slow
+def test_trial_models_are_physically_smaller_and_score_what_they_reported(family_search, cache):
+    _, run_dir, result, _ = family_search
+    data = DataSpec(DATA, cache_dir=str(cache)).load()
+    teacher_valid = valid_ndcg(result["teacher_dir"], data)
+    assert teacher_valid == pytest.approx(result["teacher_valid_ndcg_at_10"], abs=1e-9)
+    for row in report(run_dir)["trials"]:
+        model = load_compact(row["model_dir"])
+        assert model.n_layers == row["n_layers"] < 4 and model.kept == [int(i) for i in row["kept"].split(",")]
+        assert Path(row["model_dir"]).parent.name == row["trial_id"]  # saved under the run dir, per trial
+        assert valid_ndcg(row["model_dir"], data) == pytest.approx(row["valid_ndcg_at_10"], abs=1e-6)
+        assert row["retention"] == pytest.approx(row["valid_ndcg_at_10"] / teacher_valid, rel=1e-9)
+        suffixes = {p.suffix for p in Path(row["model_dir"]).rglob("*") if p.is_file()}
+        assert suffixes == {".json", ".safetensors"}
+
+
+@pytest.mark.slow
+def test_trials_are_mlflow_children_of_the_search_run(family_search):
+    _, run_dir, result, _ = family_search
+    parent = json.loads((run_dir / "search.json").read_text())["parent_run_id"]
+    runs = trial_runs(run_dir)
+    rows = {r["trial_id"]: r for r in report(run_dir)["trials"]}
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(rows)
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
+        assert run.data.metrics["retention"] == pytest.approx(rows[run.data.tags["trial_id"]]["retention"])
+    artifacts = {a.path for a in mlflow_client(run_dir).list_artifacts(parent, "search")}
+    assert artifacts == {"search/pareto.png", "search/trials.md", "search/trials.json"}
+
+
+@pytest.mark.slow
+def test_front_registry_and_champion(family_search):
+    name, run_dir, result, _ = family_search
+    data = report(run_dir)
+    rows, front = data["trials"], data["front"]
+    speed = data["speed_metric"]
+    sign = 1 if speed == "speedup" else -1
+    expected = [rows[i]["trial_id"] for i in pareto_front([(r["retention"], sign * r[speed]) for r in rows])]
+    assert sorted(front) == sorted(expected) and front  # Optuna's best_trials = the non-dominated trials
+    client = mlflow_client(run_dir)
+    versions = client.search_model_versions("name = 'layerwise-compact'")
+    assert len(versions) == len(front) == len(result["versions"])
+    assert all(r["test_retention"] > 0 for r in rows if r["front"])  # held-out numbers for the front
+    minimum = data["min_retention"]
+    eligible = [r for r in rows if r["front"] and (minimum is None or r["retention"] >= minimum)]
+    if not eligible:
+        assert data["champion"] is None and "Nothing was promoted" in result["message"]
+        return
+    best = (max(eligible, key=lambda r: r["retention"]) if minimum is None
+            else max(eligible, key=lambda r: sign * r[speed]))
+    assert data["champion"] == best["trial_id"]
+    alias = client.get_model_version_by_alias("layerwise-compact", "champion")
+    assert int(alias.version) == result["versions"][best["trial_id"]]
+
+
+@pytest.mark.slow
+def test_report_plot_and_table(family_search):
+    _, run_dir, _, _ = family_search
+    data = report(run_dir)
+    image = matplotlib.image.imread(run_dir / "report" / "pareto.png")
+    assert image.shape[0] >= 500 and image.shape[1] >= 900 and image.std() > 0.05  # drawn, not blank
+    table = (run_dir / "report" / "trials.md").read_text().splitlines()
+    lines = [line for line in table if line.startswith("| ") and not line.startswith("| trial")]
+    assert len(lines) == SAMPLES
+    assert sum(line.split("|")[2].strip() == "yes" for line in lines) == len(data["front"])  # the front column
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_search", ["llama"], indirect=True)  # the llama search again, not a new one
+def test_rerun_redoes_nothing_and_an_unmet_constraint_promotes_nothing(family_search, capsys):
+    _, run_dir, result, argv = family_search
+    before = {r.info.run_id for r in trial_runs(run_dir)}
+    alias = mlflow_client(run_dir).get_model_version_by_alias("layerwise-compact", "champion").version
+    assert main([*argv, "--min-retention", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming the search" in out and "NO model meets retention >= 100.0" in out
+    assert {r.info.run_id for r in trial_runs(run_dir)} == before  # no trial ran again
+    again = json.loads((run_dir / "result.json").read_text())
+    assert again["champion"] is None and again["versions"] == result["versions"]  # nothing re-registered
+    client = mlflow_client(run_dir)
+    assert len(client.search_model_versions("name = 'layerwise-compact'")) == len(result["versions"])
+    assert client.get_model_version_by_alias("layerwise-compact", "champion").version == alias
+
+
+# --- pure pieces -------------------------------------------------------------------------------------------
+def test_pareto_front_keeps_exactly_the_non_dominated_points():
+    points = [(0.9, 2.0), (0.95, 1.5), (0.8, 1.9), (0.95, 1.5), (1.0, 1.0), (0.7, 3.0), (0.6, 2.5)]
+    assert pareto_front(points) == [0, 1, 3, 4, 5]  # equal points both stay; (0.8,1.9) and (0.6,2.5) go
+
+
+def test_champion_is_the_fastest_model_meeting_the_constraint():
+    rows = [{"trial_id": t, "retention": r, "speedup": s, "latency_ms": 10 / s, "n_layers": 2}
+            for t, r, s in [("a", 0.99, 1.2), ("b", 0.96, 2.0), ("c", 0.90, 3.0), ("d", 0.97, 2.5)]]
+    front = ["a", "b", "c", "d"]
+    assert choose_champion(rows, front, "speedup", 0.95)[0]["trial_id"] == "d"
+    assert choose_champion(rows, front, "latency_ms", 0.95)[0]["trial_id"] == "d"
+    assert choose_champion(rows, ["a", "b", "c"], "speedup", 0.95)[0]["trial_id"] == "b"  # only the front
+    assert choose_champion(rows, front, "speedup", None)[0]["trial_id"] == "a"
+    champion, message = choose_champion(rows, front, "speedup", 0.995)
+    assert champion is None and "NO model meets retention >= 0.995" in message and "0.990" in message
+
+
+def test_bad_arguments_fail_before_anything_starts(tmp_path):
+    space = str(ROOT / "tune_spaces" / "llama.yaml")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        run_search(space, 2, "both", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="speed metric must be one of"):
+        run_search(space, 2, "pareto", run_dir=tmp_path, speed_metric="throughput")
+    with pytest.raises(ValueError, match=r"space\.lr: low"):
+        run_search(space, 2, run_dir=tmp_path, overrides=["space.lr.low=0.1"])
+    assert not (tmp_path / "search.json").exists()
+
+
+# --- Ray Train + DeepSpeed healing inside a trial ------------------------------------------------------------
+@pytest.mark.slow
+def test_distributed_heal_runs_on_ray_train_with_deepspeed(ray_local, teacher_dir, cache, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_search(ROOT / "tune_spaces" / "llama.yaml", 1, "pareto", teacher_dir, run_dir,
+                        overrides=tiny(cache, "space.selector=topk", "space.method=block_influence",
+                                       "space.bridge_rank=4"), distributed_heal=True)
+    (row,) = result["rows"]
+    assert result["errors"] == 0 and row["heal_workers"] == 2  # two DeepSpeed ranks healed it
+    (train_run,) = [p for p in (run_dir / "ray_train").iterdir() if p.name.startswith(f"heal-{row['trial_id']}")]
+    healed = json.loads((Path(row["model_dir"]).parent / "healed" / "manifest.json").read_text())
+    assert healed["teacher_dir"] == teacher_dir and healed["heal"]["epochs"] == 1 and healed["kind"] == "compact"
+    assert load_compact(row["model_dir"]).n_layers == row["n_layers"] < 4 and math.isfinite(row["retention"])
+    assert train_run.is_dir()
+
+
+# --- kill -9 in the middle, then resume ----------------------------------------------------------------------
+def _start(run_dir: Path, teacher: str, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "orchestration.tuning", str(ROOT / "tune_spaces" / "llama.yaml"),
+            *tiny(cache, "space.selector=topk"), "--samples", "3", "--objective", "pareto",
+            "--teacher", teacher, "--max-concurrent", "1", "--run-dir", str(run_dir),
+            "--num-cpus", "2", "--object-store-mb", "150"]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _saved_statuses(run_dir: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's saved experiment state (what a restore will see)."""
+    statuses = {}
+    for path in (run_dir / "tune").glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (json.JSONDecodeError, OSError, KeyError):
+            continue  # being written
+        statuses.update({t["trial_id"]: t["status"] for t in (json.loads(d[0]) for d in trials)})
+    return statuses
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group, then any of its descendants that outlived it (by pid)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for child in alive:
+        child.kill()
+
+
+@pytest.mark.slow
+def test_search_killed_after_a_finished_trial_resumes_without_redoing_it(teacher_dir, cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, teacher_dir, cache)
+    deadline = time.time() + 600
+    while not [s for s in _saved_statuses(run_dir).values() if s == "TERMINATED"]:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    _kill_group(proc)
+    done = {t for t, s in _saved_statuses(run_dir).items() if s == "TERMINATED"}
+    assert 1 <= len(done) < 3
+    first_runs = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(run_dir)
+                  if r.data.tags["trial_id"] in done}
+
+    second = _start(run_dir, teacher_dir, cache)
+    out, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, out
+    assert "resuming the search" in out
+    rows = report(run_dir)["trials"]
+    assert len(rows) == 3 and done <= {r["trial_id"] for r in rows}  # completed to the requested count
+    assert sum(s == "TERMINATED" for s in _saved_statuses(run_dir).values()) == 3
+    runs = trial_runs(run_dir)
+    for trial_id in done:  # each finished trial ran once: one MLflow run, the one from before the kill
+        assert [r.info.run_id for r in runs if r.data.tags["trial_id"] == trial_id] == [first_runs[trial_id]]
+    assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert not study(run_dir).get_trials(states=(TrialState.RUNNING,))  # the killed trial's entry is closed
