@@ -37,7 +37,8 @@ class TeacherConfig:
     pretrained: str | None = None
     text_features: bool = False
     dropout: float = 0.1
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # A wall-clock cap keeps `make run` inside its budget on 2 cores; early stopping usually ends sooner.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_minutes=9.0))
 
 
 @dataclass(frozen=True)

@@ -165,8 +165,6 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
         tracking_uri: MLflow store (default: sqlite in run_dir). ray_options: `ray_session` arguments.
         max_concurrent: trials at once (default: what the cluster's CPUs allow).
     """
-    from ray import tune
-
     from orchestration import tracking
     from orchestration.ray_runtime import ray_session
 
@@ -186,17 +184,33 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
         with _parent_run(state, run_dir, space, teacher_path, samples, objective) as parent_id:
             ctx = _context(space, run_dir, teacher_path, teacher_valid, uri, experiment, parent_id, state,
                            distributed_heal)
-            per_trial = 0.5 if distributed_heal else 1.0
-            concurrency = max_concurrent or _max_concurrent(resources, per_trial, distributed_heal)
-            trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), {"cpu": per_trial})
-            tuner = _tuner(trainable, space, state, run_dir, samples, concurrency)
-            grid = tuner.fit()
+            grid = _fit(ctx, space, state, run_dir, resources, max_concurrent)
             outcome = conclude(grid, state, run_dir, data, teacher_path, space.teacher.max_len, min_retention,
                                registered_model, title=f"{space.teacher.family}, {objective} objective")
             tracking.log_metrics({"search": {"trials": len(outcome["rows"]), "front": len(outcome["front"]),
                                              "errors": outcome["errors"]}})
     return {**outcome, "run_dir": str(run_dir), "teacher_dir": teacher_path,
             "teacher_valid_ndcg_at_10": teacher_valid, "study": state["study"]}
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped (Ctrl-C) before all its trials finished; running the same command resumes it."""
+
+
+def _fit(ctx: dict, space: SearchSpace, state: dict, run_dir: Path, resources: dict,
+         max_concurrent: int | None):
+    """Run the trials (a new search or the restored one); the ResultGrid once every trial has ended."""
+    from ray import tune
+
+    per_trial = 0.5 if ctx["distributed_heal"] else 1.0
+    concurrency = max_concurrent or _max_concurrent(resources, per_trial, ctx["distributed_heal"])
+    trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), {"cpu": per_trial})
+    grid = _tuner(trainable, space, state, run_dir, concurrency).fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < state["samples"]:  # Tune returns normally after a Ctrl-C; the front would be partial
+        raise SearchInterrupted(f"search interrupted with {ended} of {state['samples']} trials ended; "
+                                f"run the same command again to resume it")
+    return grid
 
 
 def _check_choices(objective: str, speed_metric: str, samples: int) -> None:
@@ -324,12 +338,12 @@ def _max_concurrent(resources: dict, per_trial: float, distributed: bool) -> int
     return max(1, int(resources.get("CPU", 1.0) // need))
 
 
-def _searcher(space: SearchSpace, state: dict, run_dir: Path, samples: int):
+def _searcher(space: SearchSpace, state: dict, run_dir: Path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = space.protocol.seed
+    seed, samples = space.protocol.seed, state["samples"]
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
     if state["objective"] == "single":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, samples // 3)))
@@ -342,7 +356,7 @@ def _searcher(space: SearchSpace, state: dict, run_dir: Path, samples: int):
                         storage=storage, study_name=state["study"])
 
 
-def _tuner(trainable, space: SearchSpace, state: dict, run_dir: Path, samples: int, concurrency: int):
+def _tuner(trainable, space: SearchSpace, state: dict, run_dir: Path, concurrency: int):
     """A new Tuner, or the interrupted one restored (finished trials kept, unfinished and errored re-run)."""
     from ray import tune
 
@@ -352,7 +366,7 @@ def _tuner(trainable, space: SearchSpace, state: dict, run_dir: Path, samples: i
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     # No scheduler: early stopping would hand Optuna early values as final ones.
     return tune.Tuner(trainable, param_space=space.to_tune(), tune_config=tune.TuneConfig(
-        search_alg=_searcher(space, state, run_dir, samples), num_samples=state["samples"],
+        search_alg=_searcher(space, state, run_dir), num_samples=state["samples"],
         max_concurrent_trials=concurrency), run_config=tune.RunConfig(
         name=EXPERIMENT_NAME, storage_path=str(run_dir), verbose=1))
 
@@ -390,11 +404,15 @@ def tune_command(args: argparse.Namespace) -> int:
     """Handler of `layerwise tune`: run the search, print the front and the champion decision."""
     run_dir = args.run_dir or f"runs/tune-{Path(args.space).stem}-{args.objective}"
     ray_options = {"address": args.address, "num_cpus": args.num_cpus, "object_store_mb": args.object_store_mb}
-    result = run_search(args.space, args.samples, args.objective, args.teacher, run_dir,
-                        overrides=args.overrides, resume=not args.fresh, min_retention=args.min_retention,
-                        distributed_heal=args.distributed_heal, speed_metric=args.speed_metric,
-                        tracking_uri=args.tracking_uri, registered_model=args.registered_model,
-                        ray_options=ray_options, max_concurrent=args.max_concurrent)
+    try:
+        result = run_search(args.space, args.samples, args.objective, args.teacher, run_dir,
+                            overrides=args.overrides, resume=not args.fresh, min_retention=args.min_retention,
+                            distributed_heal=args.distributed_heal, speed_metric=args.speed_metric,
+                            tracking_uri=args.tracking_uri, registered_model=args.registered_model,
+                            ray_options=ray_options, max_concurrent=args.max_concurrent)
+    except SearchInterrupted as stop:
+        print(f"layerwise tune: {stop}")
+        return 130  # the shell's code for an interrupted command
     print((Path(result["report_dir"]) / "trials.md").read_text())
     write_json(Path(result["run_dir"]) / "result.json", {k: v for k, v in result.items() if k != "rows"})
     return 0

@@ -258,12 +258,15 @@ def test_distributed_heal_runs_on_ray_train_with_deepspeed(ray_local, teacher_di
     assert train_run.is_dir()
 
 
-# --- kill -9 in the middle, then resume ----------------------------------------------------------------------
+# --- Ctrl-C, then kill -9, then resume ---------------------------------------------------------------------
+RESUME_SAMPLES = 4
+
+
 def _start(run_dir: Path, teacher: str, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     args = [sys.executable, "-m", "orchestration.tuning", str(ROOT / "tune_spaces" / "llama.yaml"),
-            *tiny(cache, "space.selector=topk"), "--samples", "3", "--objective", "pareto",
+            *tiny(cache, "space.selector=topk"), "--samples", str(RESUME_SAMPLES), "--objective", "pareto",
             "--teacher", teacher, "--max-concurrent", "1", "--run-dir", str(run_dir),
             "--num-cpus", "2", "--object-store-mb", "150"]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -271,51 +274,76 @@ def _start(run_dir: Path, teacher: str, cache: Path) -> subprocess.Popen:
 
 
 def _saved_statuses(run_dir: Path) -> dict[str, str]:
-    """Trial id -> status in Tune's saved experiment state (what a restore will see)."""
-    statuses = {}
-    for path in (run_dir / "tune").glob("experiment_state-*.json"):
-        try:
-            trials = json.loads(path.read_text())["trial_data"]
-        except (json.JSONDecodeError, OSError, KeyError):
-            continue  # being written
-        statuses.update({t["trial_id"]: t["status"] for t in (json.loads(d[0]) for d in trials)})
-    return statuses
+    """Trial id -> status in Tune's newest saved experiment state (what a restore will see). Each driver
+    session writes its own file, named by its start time; mtimes are no guide (a sync rewrites old ones)."""
+    paths = sorted((run_dir / "tune").glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(paths[-1].read_text())["trial_data"] if paths else []
+    except (json.JSONDecodeError, OSError, KeyError):
+        return {}  # being written
+    return {t["trial_id"]: t["status"] for t in (json.loads(d[0]) for d in trials)}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's process group, then any of its descendants that outlived it (by pid)."""
+def _finished(run_dir: Path) -> set[str]:
+    return {t for t, status in _saved_statuses(run_dir).items() if status == "TERMINATED"}
+
+
+def _wait_for_finished(proc: subprocess.Popen, run_dir: Path, count: int) -> None:
+    deadline = time.time() + 600
+    while len(_finished(run_dir)) < count:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, f"{count} trials did not finish in time"
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Send `sig` to the driver's process group (as Ctrl-C or kill -9 would), wait for it, then end any of
+    its descendants that outlived it (by pid: only processes this test started)."""
     family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=180)
     _, alive = psutil.wait_procs(family, timeout=30)
     for child in alive:
         child.kill()
+    return proc.returncode, out
+
+
+def _reports(run_dir: Path, trial_id: str) -> int:
+    """Results Tune recorded for a trial (lines of its result.json): 1 means it ran exactly once."""
+    (trial_dir,) = (run_dir / "tune").glob(f"search_trial_{trial_id}_*")
+    return len((trial_dir / "result.json").read_text().splitlines())
 
 
 @pytest.mark.slow
-def test_search_killed_after_a_finished_trial_resumes_without_redoing_it(teacher_dir, cache, tmp_path):
+def test_search_survives_ctrl_c_and_kill_9_and_never_redoes_a_finished_trial(teacher_dir, cache, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, teacher_dir, cache)
-    deadline = time.time() + 600
-    while not [s for s in _saved_statuses(run_dir).values() if s == "TERMINATED"]:
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.5)
-    _kill_group(proc)
-    done = {t for t, s in _saved_statuses(run_dir).items() if s == "TERMINATED"}
-    assert 1 <= len(done) < 3
-    first_runs = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(run_dir)
-                  if r.data.tags["trial_id"] in done}
+    first = _start(run_dir, teacher_dir, cache)
+    _wait_for_finished(first, run_dir, 1)
+    code, out = _stop(first, signal.SIGINT)
+    assert code == 130 and "search interrupted" in out, out  # stopped cleanly, no partial front
+    assert not (run_dir / "report").exists() and not (run_dir / "registered.json").exists()
+    done = _finished(run_dir)
+    assert 1 <= len(done) < RESUME_SAMPLES
 
     second = _start(run_dir, teacher_dir, cache)
-    out, _ = second.communicate(timeout=900)
-    assert second.returncode == 0, out
+    _wait_for_finished(second, run_dir, len(done) + 1)
+    _stop(second, signal.SIGKILL)
+    done_before_kill = _finished(run_dir)
+    assert done < done_before_kill and len(done_before_kill) < RESUME_SAMPLES
+    first_runs = {r.data.tags["trial_id"]: r.info.run_id for r in trial_runs(run_dir)}
+
+    third = _start(run_dir, teacher_dir, cache)
+    out, _ = third.communicate(timeout=900)
+    assert third.returncode == 0, out
     assert "resuming the search" in out
     rows = report(run_dir)["trials"]
-    assert len(rows) == 3 and done <= {r["trial_id"] for r in rows}  # completed to the requested count
-    assert sum(s == "TERMINATED" for s in _saved_statuses(run_dir).values()) == 3
+    assert len(rows) == RESUME_SAMPLES and done_before_kill <= {r["trial_id"] for r in rows}
+    assert sorted(_saved_statuses(run_dir).values()) == ["TERMINATED"] * RESUME_SAMPLES
     runs = trial_runs(run_dir)
-    for trial_id in done:  # each finished trial ran once: one MLflow run, the one from before the kill
+    for trial_id in done_before_kill:  # ran once: one MLflow run (from before the stops), one result
         assert [r.info.run_id for r in runs if r.data.tags["trial_id"] == trial_id] == [first_runs[trial_id]]
-    assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == 3
-    assert not study(run_dir).get_trials(states=(TrialState.RUNNING,))  # the killed trial's entry is closed
+        assert _reports(run_dir, trial_id) == 1
+    assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == RESUME_SAMPLES
+    assert not study(run_dir).get_trials(states=(TrialState.RUNNING,))  # killed trials' entries are closed
+    parent = json.loads((run_dir / "search.json").read_text())["parent_run_id"]
+    assert mlflow_client(run_dir).get_run(parent).info.status == "FINISHED"  # one search run, reopened
