@@ -10,16 +10,16 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from layerwise.stats import ratio_ci
+
 METRICS = ("ndcg@10", "mrr", "ndcg@5", "hr@10")
 
 
 def retention_ci(teacher: np.ndarray, compact: np.ndarray, seed: int = 0, n_boot: int = 2000
                  ) -> tuple[float, float]:
     """Paired bootstrap 95% CI of mean(compact) / mean(teacher) over users (resampled together)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(teacher), size=(n_boot, len(teacher)))
-    ratios = compact[idx].mean(1) / np.maximum(teacher[idx].mean(1), 1e-12)
-    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+    lo, hi = ratio_ci(compact, teacher, n_boot=n_boot, seed=seed)
+    return float(lo), float(hi)
 
 
 def build_headline(base_dir: Path, eval_dir: Path, bench_dir: Path, comp_dir: Path) -> dict:

@@ -99,6 +99,7 @@ class TeacherSpec:
     batch_size: int = 128
     dropout: float = 0.1
     seed: int = 0
+    max_minutes: float | None = None  # wall-clock cap on teacher training (early stopping usually ends sooner)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def _close_orphans(study) -> None:
     from optuna.trial import TrialState
 
     for orphan in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(orphan._trial_id, TrialState.FAIL)
+        study.tell(orphan.number, state=TrialState.FAIL)
 
 
 def choose_champion(rows: list[dict], front: list[str], speed: str, min_retention: float | None):

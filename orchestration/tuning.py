@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from orchestration.config import stage_hash
 from orchestration.report import write_json
 from orchestration.search_space import SearchSpace, load_space
 from orchestration.tune_results import SPEED_METRICS, conclude
@@ -225,6 +223,8 @@ def _check_choices(objective: str, speed_metric: str, samples: int) -> None:
 def _search_state(run_dir: Path, space: SearchSpace, objective: str, speed_metric: str, samples: int,
                   resume: bool, teacher_dir: str | None) -> dict:
     """search.json: what this run directory searches. A resume must search the same thing."""
+    from orchestration.config import stage_hash
+
     key = stage_hash(asdict(space.teacher), asdict(space.protocol), space.entries, objective, speed_metric,
                      teacher_dir)
     path = run_dir / "search.json"
@@ -259,6 +259,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     """(data, teacher directory): the given one, the one trained here earlier, or a newly trained one."""
     from layerwise.models.checkpoint import read_manifest, save_recommender
     from layerwise.train import TrainConfig, train_recommender
+    from orchestration.config import stage_hash
     from orchestration.training import ModelSpec, build_model
 
     data = _data_spec(space).load()
@@ -272,7 +273,8 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     spec = ModelSpec(t.family, t.preset, n_layers=t.n_layers, max_len=t.max_len, dropout=t.dropout,
                      pretrained=str(Path(t.pretrained).resolve()) if t.pretrained else None, seed=t.seed)
     model = build_model(spec, data.n_items)
-    config = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_len=t.max_len, seed=t.seed)
+    config = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_len=t.max_len, seed=t.seed,
+                         max_minutes=t.max_minutes)
     result = train_recommender(model, data, config, progress=False)
     save_recommender(model, target, {
         "kind": "teacher", "model_spec": asdict(spec), "dataset": data.name, "data_fingerprint": data.fingerprint,

@@ -28,7 +28,7 @@ from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
 from orchestration.training import DataSpec, ModelSpec, build_model
-from orchestration.tune_results import choose_champion, pareto_front
+from orchestration.tune_results import choose_champion, front_ids, pareto_front
 from orchestration.tuning import main, run_search
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_RUNS))
 def family_search(request, ray_local, cache, tmp_path_factory):
-    """(family file stem, run dir, result.json) of one search per shipped family file."""
+    """(file stem, run dir, result.json, argv) of one `tune` command per shipped family file."""
     name = request.param
     run_dir = tmp_path_factory.mktemp(f"tune_{name}")
     objective, speed, minimum = FAMILY_RUNS[name]
@@ -229,6 +229,16 @@ def test_champion_is_the_fastest_model_meeting_the_constraint():
     assert choose_champion(rows, front, "speedup", None)[0]["trial_id"] == "a"
     champion, message = choose_champion(rows, front, "speedup", 0.995)
     assert champion is None and "NO model meets retention >= 0.995" in message and "0.990" in message
+
+
+def test_trials_a_killed_driver_left_running_are_closed_as_failed(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    live = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "maximize"])
+    live.tell(live.ask(), [0.9, 2.0])
+    live.ask()  # the driver dies here: this trial stays RUNNING in the database
+    ids = front_ids([], {"speed_metric": "speedup", "study": "s", "objective": "pareto"}, tmp_path)
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL] and ids == []  # no Tune row matches: none listed
 
 
 def test_bad_arguments_fail_before_anything_starts(tmp_path):

@@ -1,0 +1,367 @@
+"""The study report: one Markdown and one HTML file (plus PNG figures) from a study-results dict.
+
+    paths = write_report(results, "runs/study/report")
+    # {"markdown": .../report.md, "html": .../report.html, "figures": {"pareto": .../figures/pareto.png, ...}}
+
+Every section heading is always written; a section whose data is missing says so instead of vanishing.
+Intervals are 95% CIs printed as "value [low, high]"; retention is a fraction of the teacher, printed in %.
+
+Results-dict schema (all keys optional except where marked; lists may be numpy arrays):
+
+    Estimate = {"mean": float, "ci95": [low, high] | None}
+    Row = {"name": str (required), "group": str (Pareto legend, e.g. "ours", "pruning"),
+           "metric": Estimate (the table's metric, e.g. NDCG@10), "retention": Estimate (fraction),
+           "speedup": Estimate (x), "p_value": float | None (paired test vs the reference; None for it),
+           "p_holm": float (default: Holm over the table's p_values), "effect_size": float, "note": str}
+    results = {
+        "title": str,
+        "protocol": {label: value, ...},             # data set, fingerprint, split, ranking, seeds, ...
+        "headline": {"metric": "ndcg@10", "k": int, "n_layers": int,
+                     "teacher": Estimate, "compact": Estimate, "retention": Estimate (required),
+                     "speedup": {"batch=1": Estimate, ...},
+                     "test": stats.TestResult.to_dict(),  # compact vs teacher, per user
+                     "seeds": {"n": int, "retention": Estimate, "test": TestResult dict},
+                     "targets": {"retention": [low, high], "speedup": [low, high]}},   # the user's hopes
+        "baselines": {"metric": str, "reference": str, "rows": [Row, ...]},
+        "ablation":  {"metric": str, "reference": str, "rows": [Row, ...]},
+        "k_sweep": {"metric": str, "n_layers": int,
+                    "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}}},
+        "robustness": {"metric": str, "kinds": {kind: {"levels": [fraction],
+                       "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
+        "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
+                      "rows": scenarios.slice_retention(...) output},
+        "importance": {"scores": {estimator: [per layer]}, "kept": [int],
+                       "dependency": [[float]] (n_layers x n_layers), "dependency_unit": str},
+        "notes": [str],
+    }
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from layerwise.data.atomic import atomic_path
+from layerwise.report import plots
+from layerwise.stats import holm
+
+SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Robustness", "Scenarios", "Importance")
+MISSING = "Not available in this study."
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}")
+
+
+def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = False) -> dict:
+    """Render the figures, report.md and report.html into `out_dir` (each file written atomically).
+
+    Args:
+        results: the study-results dict (schema in the module docstring).
+        out_dir: the report folder; figures go to `out_dir/figures/`.
+        embed_images: put the PNGs into the HTML as base64 (one self-contained file) instead of
+            relative links. The Markdown always links `figures/<name>.png`.
+
+    Returns:
+        {"markdown": Path, "html": Path, "figures": {name: Path}}.
+    """
+    out = Path(out_dir)
+    figures = _render_figures(results, out / "figures")
+    sections = {name: [b for b in fn(results.get(key), figures) if b[0] != "img" or b[1] in figures]
+                for name, key, fn in _BUILDERS}
+    title = str(results.get("title") or "layerwise study report")
+    notes = [("p", str(n)) for n in results.get("notes") or []]
+    md_path, html_path = out / "report.md", out / "report.html"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(_markdown(title, sections, notes), encoding="utf-8")
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(_html(title, sections, notes, out if embed_images else None), encoding="utf-8")
+    return {"markdown": md_path, "html": html_path, "figures": figures}
+
+
+# ---- formatting ---------------------------------------------------------------------------------------
+
+def fmt_estimate(est: Mapping | None, kind: str = "metric") -> str:
+    """"0.0712 [0.0650, 0.0771]", "93.1% [90.2%, 95.8%]" (kind "pct") or "3.41x [3.30x, 3.52x]"
+    (kind "speed"); "-" when missing."""
+    if not est or est.get("mean") is None:
+        return "-"
+    text = _fmt(est["mean"], kind)
+    ci = est.get("ci95")
+    if ci is not None and len(ci) == 2 and all(np.isfinite(float(c)) for c in ci):
+        text += f" [{_fmt(ci[0], kind)}, {_fmt(ci[1], kind)}]"
+    return text
+
+
+def fmt_p(p: float | None) -> str:
+    """"0.032", "0.0041", "<1e-04" or "-"."""
+    if p is None or not np.isfinite(float(p)):
+        return "-"
+    p = float(p)
+    return "<1e-04" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
+
+
+def _fmt(x, kind: str) -> str:
+    x = float(x)
+    if not np.isfinite(x):
+        return "n/a"
+    return {"pct": f"{100 * x:.1f}%", "speed": f"{x:.2f}x"}.get(kind, f"{x:.4f}")
+
+
+# ---- sections: each returns a list of blocks ("p", text) | ("table", header, rows) | ("img", name, alt) ---
+
+def _protocol(protocol, figures) -> list:
+    if not protocol:
+        return [("p", MISSING)]
+    return [("table", ["setting", "value"], [[str(k), _plain(v)] for k, v in protocol.items()])]
+
+
+def _headline(head, figures) -> list:
+    if not head or not head.get("retention"):
+        return [("p", MISSING)]
+    metric = head.get("metric", "ndcg@10").upper()
+    layers = f"{head['k']} of {head['n_layers']} layers" if "k" in head and "n_layers" in head else "compact"
+    rows = [[f"{metric} teacher", fmt_estimate(head.get("teacher"))],
+            [f"{metric} compact ({layers})", fmt_estimate(head.get("compact"))],
+            [f"{metric} retention", fmt_estimate(head["retention"], "pct")]]
+    rows += [[f"speedup ({batch})", fmt_estimate(est, "speed")] for batch, est in (head.get("speedup") or {}).items()]
+    blocks = [("table", ["figure", "value [95% CI]"], rows)]
+    if head.get("test"):
+        blocks.append(("p", "Per-user paired test, compact vs teacher: " + _test_text(head["test"])))
+    seeds = head.get("seeds")
+    if seeds:
+        parts = [f"Across {seeds.get('n', '?')} seeds: retention {fmt_estimate(seeds.get('retention'), 'pct')}"]
+        parts += [_test_text(seeds["test"])] if seeds.get("test") else []
+        blocks.append(("p", "; ".join(parts) + "."))
+    blocks += [("p", line) for line in _target_lines(head)]
+    return blocks
+
+
+def _test_text(t: Mapping) -> str:
+    effect = "rank-biserial r" if t.get("test") == "wilcoxon" else "Cohen's d_z"
+    text = (f"{t.get('test', 'test')} over n = {t.get('n', '?')}: p = {fmt_p(t.get('p_value'))}, "
+            f"{effect} = {float(t.get('effect_size', float('nan'))):.3f}")
+    return text + (f" ({t['note']})" if t.get("note") else "")
+
+
+def _target_lines(head: Mapping) -> list[str]:
+    """Compare each CI with the user's target range: met only when the whole CI clears its low end."""
+    lines = []
+    speed = next(iter((head.get("speedup") or {}).values()), None)
+    for name, est, kind in (("retention", head.get("retention"), "pct"), ("speedup", speed, "speed")):
+        target = (head.get("targets") or {}).get(name)
+        if target is None or not est or not est.get("ci95"):
+            continue
+        lo, hi = (float(c) for c in est["ci95"])
+        verdict = "met" if lo >= target[0] else "not met" if hi < target[0] else "inconclusive (the CI straddles it)"
+        lines.append(f"Target {name} {_fmt(target[0], kind)}-{_fmt(target[1], kind)}: {verdict}; "
+                     f"measured {fmt_estimate(est, kind)}.")
+    return lines
+
+
+def _comparison(table, figures, figure: str | None = None) -> list:
+    if not table or not table.get("rows"):
+        return [("p", MISSING)]
+    rows = _with_holm(table["rows"])
+    metric = str(table.get("metric", "ndcg@10")).upper()
+    columns = [("name", "method", lambda r: str(r["name"])),
+               ("metric", f"{metric} [95% CI]", lambda r: fmt_estimate(r.get("metric"))),
+               ("retention", "retention [95% CI]", lambda r: fmt_estimate(r.get("retention"), "pct")),
+               ("speedup", "speedup [95% CI]", lambda r: fmt_estimate(r.get("speedup"), "speed")),
+               ("p_value", "p", lambda r: fmt_p(r.get("p_value"))),
+               ("p_holm", "p (Holm)", lambda r: fmt_p(r.get("p_holm"))),
+               ("effect_size", "effect", lambda r: _opt(r.get("effect_size"))),
+               ("note", "note", lambda r: str(r.get("note", "")))]
+    used = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    blocks = [("p", f"Paired tests against {table.get('reference', 'our method')} over the same users; "
+                    "p-values Holm-adjusted across this table.")]
+    blocks.append(("table", [c[1] for c in used], [[c[2](r) for c in used] for r in rows]))
+    if figure and figure in figures:
+        blocks.append(("img", figure, f"{metric} retention against speedup for every method"))
+    return blocks
+
+
+def _with_holm(rows: Sequence[Mapping]) -> list[dict]:
+    rows = [dict(r) for r in rows]
+    tested = [i for i, r in enumerate(rows) if r.get("p_value") is not None]
+    if tested and any(rows[i].get("p_holm") is None for i in tested):
+        for i, p in zip(tested, holm([rows[i]["p_value"] for i in tested])):
+            rows[i]["p_holm"] = float(p)
+    return rows
+
+
+def _k_sweep(sweep, figures) -> list:
+    if not sweep or not sweep.get("curves"):
+        return [("p", MISSING)]
+    curves = sweep["curves"]
+    ks = sorted({int(k) for c in curves.values() for k in c["k"]})
+    rows = []
+    for k in ks:
+        row = [str(k)]
+        for curve in curves.values():
+            at = [i for i, v in enumerate(curve["k"]) if int(v) == k]
+            ci = curve.get("ci95")
+            row.append(fmt_estimate({"mean": curve["mean"][at[0]], "ci95": ci[at[0]] if ci is not None else None},
+                                    "pct") if at else "-")
+        rows.append(row)
+    metric = str(sweep.get("metric", "ndcg@10")).upper()
+    return [("table", ["k"] + [f"{name}: {metric} retention" for name in curves], rows),
+            ("img", "k_sweep", f"{metric} retention against k")]
+
+
+def _robustness(robust, figures) -> list:
+    if not robust or not robust.get("kinds"):
+        return [("p", MISSING)]
+    metric = str(robust.get("metric", "ndcg@10")).upper()
+    rows = []
+    for kind, entry in robust["kinds"].items():
+        models = [m for m in entry if m != "levels"]
+        for i, level in enumerate(entry["levels"]):
+            cells = [fmt_estimate({"mean": entry[m]["mean"][i],
+                                   "ci95": entry[m]["ci95"][i] if entry[m].get("ci95") is not None else None})
+                     for m in models]
+            rows.append([kind, _fmt(level, "pct")] + cells)
+    header = ["noise", "level"] + [f"{m} {metric}" for m in models]
+    return [("p", "Test histories perturbed (targets untouched); level = expected fraction of positions."),
+            ("table", header, rows), ("img", "robustness", f"{metric} against noise level")]
+
+
+def _scenarios(scen, figures) -> list:
+    if not scen or not scen.get("rows"):
+        return [("p", MISSING)]
+    rows = [r for r in scen["rows"] if np.isfinite(r["retention"])]
+    below = sum(r["ci95"][1] < 1 for r in rows)
+    flagged = [r for r in rows if r.get("flagged")]
+    summary = (f"{len(scen['rows'])} slices of at least {scen.get('min_users', '?')} users "
+               f"({scen.get('n_dropped', '?')} smaller slices dropped). Median retention "
+               f"{_fmt(np.median([r['retention'] for r in rows]), 'pct')}; {below} slices have a CI entirely "
+               f"below 100%; flagged (lowest of those): {', '.join(r['name'] for r in flagged) or 'none'}.")
+    header = ["slice", "users", "teacher", "compact", "retention [95% CI]", "p (Holm)", "flagged"]
+    table = [[r["name"], str(r["n"]), _fmt(r["teacher"], "metric"), _fmt(r["compact"], "metric"),
+              fmt_estimate({"mean": r["retention"], "ci95": r["ci95"]}, "pct"), fmt_p(r.get("p_holm")),
+              "yes" if r.get("flagged") else ""] for r in sorted(scen["rows"], key=lambda r: r["retention"])]
+    return [("p", summary), ("img", "slices", "retention per slice"), ("table", header, table)]
+
+
+def _importance(imp, figures) -> list:
+    if not imp or not imp.get("scores"):
+        return [("p", MISSING)]
+    kept = imp.get("kept")
+    rows = [[name, ", ".join(str(int(i)) for i in np.argsort(-np.asarray(s, dtype=float), kind="stable"))]
+            for name, s in imp["scores"].items()]
+    blocks = [("p", f"Kept teacher layers: {', '.join(map(str, kept))}." if kept else "Layers by importance:"),
+              ("table", ["estimator", "layers, most important first"], rows),
+              ("img", "importance", "layer importance heatmap")]
+    if "dependency" in figures:
+        blocks.append(("img", "dependency", "inter-layer dependency matrix"))
+    return blocks
+
+
+_BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _headline),
+             ("Baselines", "baselines", lambda t, f: _comparison(t, f, "pareto")),
+             ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
+             ("Robustness", "robustness", _robustness), ("Scenarios", "scenarios", _scenarios),
+             ("Importance", "importance", _importance))
+
+
+def _plain(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _opt(x) -> str:
+    return "-" if x is None else f"{float(x):.3f}"
+
+
+# ---- figures and renderers ---------------------------------------------------------------------------
+
+def _render_figures(results: Mapping, folder: Path) -> dict[str, Path]:
+    """Draw every figure whose data is present; returns name -> PNG path."""
+    makers = {}
+    imp = results.get("importance") or {}
+    if imp.get("scores"):
+        makers["importance"] = lambda: plots.importance_heatmap(imp["scores"], kept=imp.get("kept"))
+    if imp.get("dependency") is not None:
+        makers["dependency"] = lambda: plots.dependency_heatmap(
+            imp["dependency"], unit=imp.get("dependency_unit", "interaction in validation loss"))
+    points = [_point(r) for r in (results.get("baselines") or {}).get("rows", [])]
+    if [p for p in points if p]:
+        makers["pareto"] = lambda: plots.pareto_plot([p for p in points if p])
+    sweep = results.get("k_sweep") or {}
+    if sweep.get("curves"):
+        makers["k_sweep"] = lambda: plots.k_sweep_plot(sweep["curves"], n_layers=sweep.get("n_layers"))
+    robust = results.get("robustness") or {}
+    if robust.get("kinds"):
+        makers["robustness"] = lambda: plots.noise_plot(robust["kinds"], metric=robust.get("metric", "ndcg@10").upper())
+    scen = results.get("scenarios") or {}
+    if scen.get("rows"):
+        makers["slices"] = lambda: plots.slice_plot(scen["rows"])
+    return {name: plots.save_figure(make(), folder / f"{name}.png") for name, make in makers.items()}
+
+
+def _point(row: Mapping) -> dict | None:
+    ret, speed = row.get("retention"), row.get("speedup")
+    if not ret or not speed or ret.get("mean") is None or speed.get("mean") is None:
+        return None
+    return {"name": row["name"], "group": row.get("group", "method"), "speedup": speed["mean"],
+            "retention": ret["mean"], "speedup_ci95": speed.get("ci95"), "retention_ci95": ret.get("ci95")}
+
+
+def _markdown(title: str, sections: Mapping[str, list], notes: list) -> str:
+    lines = [f"# {_md(title)}", ""]
+    for name, blocks in sections.items():
+        lines += [f"## {name}", ""]
+        for block in blocks:
+            lines += _md_block(block) + [""]
+    if notes:
+        lines += ["## Notes", ""] + [_md(text) + "\n" for _, text in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_block(block: tuple) -> list[str]:
+    kind = block[0]
+    if kind == "p":
+        return [_md(block[1])]
+    if kind == "img":
+        return [f"![{_md(block[2])}](figures/{block[1]}.png)"]
+    header, rows = block[1], block[2]
+    return (["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows])
+
+
+def _md(text: str) -> str:
+    """Markdown passes raw HTML through, so angle brackets are escaped; a pipe would split a table cell."""
+    return str(text).replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _html(title: str, sections: Mapping[str, list], notes: list, embed_from: Path | None) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    for name, blocks in sections.items():
+        parts.append(f"<h2>{e(name)}</h2>")
+        parts += [_html_block(b, embed_from) for b in blocks]
+    if notes:
+        parts += ["<h2>Notes</h2>"] + [f"<p>{e(text)}</p>" for _, text in notes]
+    return "\n".join(parts + ["</body></html>"]) + "\n"
+
+
+def _html_block(block: tuple, embed_from: Path | None) -> str:
+    e = html.escape
+    if block[0] == "p":
+        return f"<p>{e(block[1])}</p>"
+    if block[0] == "img":
+        src = f"figures/{block[1]}.png"
+        if embed_from is not None:
+            src = "data:image/png;base64," + base64.b64encode((embed_from / src).read_bytes()).decode()
+        return f'<figure><img src="{e(src)}" alt="{e(block[2])}"><figcaption>{e(block[2])}</figcaption></figure>'
+    head = "".join(f"<th>{e(h)}</th>" for h in block[1])
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
