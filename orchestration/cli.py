@@ -158,6 +158,13 @@ def _baselines_parser(sub) -> None:
     base.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
 
 
+def _tune_parser(sub) -> None:
+    from orchestration.tuning import add_arguments  # light: yaml + rich, no torch/ray
+
+    add_arguments(sub.add_parser("tune", help="search depth, bridges, selector and healing with Ray Tune + "
+                                              "Optuna; register the Pareto front and promote a champion"))
+
+
 def _serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="deploy a compact recommender over HTTP with Ray Serve")
     srv.add_argument("--model", default=None,
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _plan_parser(sub)
     _baselines_parser(sub)
+    _tune_parser(sub)
     sub.add_parser("bench-serve", add_help=False,
                    help="load benchmark of the served compact model against the teacher "
                         "(see `layerwise bench-serve --help`)")
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": commands.data, "train": commands.train, "evaluate": commands.evaluate,
         "score": commands.score, "compress": commands.compress, "bench": commands.bench,
         "serve": commands.serve, "plan": commands.plan, "baselines": commands.baselines,
+        "tune": commands.tune,
         "run": commands.run,
     }[args.command]
     try:

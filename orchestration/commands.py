@@ -146,6 +146,12 @@ def bench(args) -> int:
     return 0
 
 
+def tune(args) -> int:
+    from orchestration.tuning import tune_command
+
+    return tune_command(args)
+
+
 def baselines(args) -> int:
     from orchestration.baselines_cmd import command
 

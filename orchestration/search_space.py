@@ -112,6 +112,7 @@ class Protocol:
     bench_batch_size: int = 64
     bench_runs: int = 10
     bench_warmup: int = 3
+    alone_runs: int = 30  # timed rounds when the front is timed again, alone, after the search
     heal_max_minutes: float | None = None  # wall-clock cap on one trial's healing
 
 

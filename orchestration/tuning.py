@@ -11,8 +11,9 @@ selects k layers with its selector and estimator, builds the compact model with 
 (in the trial, or on Ray Train + DeepSpeed with --distributed-heal), and reports validation NDCG@10
 retention and the speedup measured against the teacher in the same process (interleaved rounds). TPE
 maximises retention ("single"); NSGA-II finds the retention/speed front ("pareto"), read back from the
-Optuna study. Front models are registered in MLflow; the fastest with retention >= --min-retention
-becomes `champion`. Killed searches resume: finished trials stay finished, the rest run.
+Optuna study. The front is then checked with nothing else running (test-split retention, timed again
+alone), registered in MLflow, and its fastest model with retention >= --min-retention becomes
+`champion`. Killed searches resume: finished trials stay finished, the rest run.
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
         teacher_dir: a trained teacher to compress; default: train the YAML's teacher once, here.
         run_dir: everything goes here: teacher, Tune experiment, optuna.db, mlflow.db, trials, report.
         resume: continue an interrupted search in run_dir (else refuse to touch an existing one).
-        min_retention: champion = the fastest front model with at least this retention; None: the
-            front model with the highest retention.
+        min_retention: champion = the fastest front model (timed alone after the search) with at least
+            this validation retention; None: the front model with the highest retention.
         distributed_heal: heal each trial on Ray Train + DeepSpeed (2 workers) instead of in the trial.
         speed_metric: "speedup" (max) or "latency_ms" (min) as the second objective.
         tracking_uri: MLflow store (default: sqlite in run_dir). ray_options: `ray_session` arguments.
@@ -183,8 +184,7 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
             ctx = _context(space, run_dir, teacher_path, teacher_valid, uri, experiment, parent_id, state,
                            distributed_heal)
             grid = _fit(ctx, space, state, run_dir, resources, max_concurrent)
-            outcome = conclude(grid, state, run_dir, data, teacher_path, space.teacher.max_len, min_retention,
-                               registered_model, title=f"{space.teacher.family}, {objective} objective")
+            outcome = conclude(grid, state, run_dir, data, teacher_path, space, min_retention, registered_model)
             tracking.log_metrics({"search": {"trials": len(outcome["rows"]), "front": len(outcome["front"]),
                                              "errors": outcome["errors"]}})
     return {**outcome, "run_dir": str(run_dir), "teacher_dir": teacher_path,
