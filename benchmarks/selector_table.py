@@ -97,7 +97,9 @@ def main(argv=None) -> None:
     max_len = manifest.get("max_len", 50)
     k = n_kept(args.keep, teacher.n_layers)
     batches = calibration_batches(teacher, data, 8, 64, max_len, seed=0)
-    scores = shared_scores(teacher, data, batches)
+    # Selectors that rank by nothing (uniform, first, last, random) need no scores at all.
+    needs_scores = any(SELECTOR_METHOD[s] for s in args.selectors)
+    scores = shared_scores(teacher, data, batches) if needs_scores else {}
     heal_config = HealConfig(epochs=args.heal_epochs, max_len=max_len)
     teacher_metrics = test_metrics(teacher, data, max_len)
     rows = []
