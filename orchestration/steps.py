@@ -207,4 +207,38 @@ def headline(ctx: Context, base_dir: Path, eval_dir: Path, bench_dir: Path, comp
     tracking.promote(ctx.config.tracking.registered_model, version, alias="champion")
     head["registered"] = {"name": ctx.config.tracking.registered_model, "version": version,
                           "alias": "champion"}
+    paths = write_run_report(ctx, head, comp_dir)
+    tracking.log_artifacts(paths["markdown"].parent, artifact_path="report")
     return head
+
+
+def write_run_report(ctx: Context, head: dict, comp_dir: Path) -> dict:
+    """The run's Markdown/HTML report with the importance and dependency heatmaps."""
+    from layerwise.report import write_report
+
+    importance = _importance_json(ctx.root)
+    quality, speed = head["metrics"]["quality"]["ndcg@10"], head["metrics"]["speed"]
+    results = {
+        "title": f"layerwise run '{ctx.config.name}'",
+        "protocol": {"data set": ctx.config.data.dataset, "teacher": ctx.config.teacher.family,
+                     "ranking": "full, seen items excluded", "max_len": ctx.config.data.max_len},
+        "headline": {
+            "metric": "NDCG@10", "k": head["layers"]["compact"], "n_layers": head["layers"]["teacher"],
+            "teacher": {"mean": quality["teacher"], "ci95": None},
+            "compact": {"mean": quality["compact"], "ci95": None},
+            "retention": {"mean": quality["retention"], "ci95": quality["retention_ci95"]},
+            "speedup": {f"batch={b}": {"mean": v["speedup"], "ci95": v["speedup_ci95"]}
+                        for b, v in speed.items()},
+        },
+        "importance": {"scores": importance["scores"], "kept": head["layers"]["kept"],
+                       "dependency": importance["dependency_loss"],
+                       "dependency_unit": "validation loss interaction"},
+    }
+    return write_report(results, ctx.root / "report")
+
+
+def _importance_json(root: Path) -> dict:
+    found = sorted(root.glob("importance-*/importance.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no importance stage output under {root}")
+    return json.loads(found[-1].read_text())

@@ -70,6 +70,9 @@ def test_headline_and_registry(interrupted_then_resumed):
     assert head["layers"]["teacher"] == 2 and head["layers"]["compact"] == 1
     assert head["metrics"]["speed"]["4"]["speedup"] > 0
     assert "NDCG@10" in second and "speedup" in second
+    report = (workdir / "runs" / "tiny" / "report" / "report.md").read_text()
+    assert "Headline" in report and "Importance" in report
+    assert list((workdir / "runs" / "tiny" / "report" / "figures").glob("*.png"))
     client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
     version = client.get_model_version_by_alias("layerwise-compact", "champion")
     assert int(version.version) == head["registered"]["version"]
