@@ -67,7 +67,10 @@ def ensure_experiment(name: str, where: str | Path) -> str:
     uri = tracking_uri(where)
     if uri.startswith(_SQLITE):
         Path(uri[len(_SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)  # the model registry follows the tracking URI unless told otherwise
+    mlflow.set_tracking_uri(uri)
+    # The registry lives in the same store. Set it explicitly: an earlier set_registry_uri in this process
+    # (or MLFLOW_REGISTRY_URI, which that call exports) would otherwise send registrations elsewhere.
+    mlflow.set_registry_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
