@@ -15,6 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from layerwise.bridges import detach_bridges, gap_slots
@@ -23,10 +24,11 @@ from layerwise.models.recommender import SequentialRecommender
 
 
 def build_compact(teacher: SequentialRecommender, keep: list[int], bridge_rank: int = 0,
-                  ) -> SequentialRecommender:
+                  seed: int | None = None) -> SequentialRecommender:
     """A new model holding deep copies of the teacher's layers `keep` (sorted teacher indices).
 
     bridge_rank: rank of the bridge adapters at the gaps; 0 means no bridges (plain removal).
+    seed: seeds the bridges' random initialisation (without touching the global RNG); None draws from it.
     The returned model carries `kept` (teacher indices) and `teacher_layers` (L) for its manifest.
     """
     n_teacher = teacher.n_layers
@@ -36,7 +38,11 @@ def build_compact(teacher: SequentialRecommender, keep: list[int], bridge_rank: 
     if bridge_rank < 0:
         raise ValueError(f"bridge rank must be >= 0, got {bridge_rank}")
     slots = gap_slots(list(keep), n_teacher) if bridge_rank else []
-    if slots:
+    if slots and seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student.set_bridges(slots, bridge_rank)
+    elif slots:
         student.set_bridges(slots, bridge_rank)
     else:
         student.bridges = nn.ModuleDict()

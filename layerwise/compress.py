@@ -150,7 +150,7 @@ def compress(teacher: SequentialRecommender, data, config: CompressConfig = Comp
     kept, scores = select_layers(teacher, data, k, config.selector, config.method, batches,
                                  config.ablation_users, config.seed, precomputed)
     seconds["select"] = time.perf_counter() - started
-    student = build_compact(teacher, kept, config.bridge_rank)
+    student = build_compact(teacher, kept, config.bridge_rank, seed=config.seed)
     unhealed = _validate(student, data, config.heal.max_len)
     result = CompressResult(student, kept, scores, unhealed, None, seconds)
     if config.do_heal:

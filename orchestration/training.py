@@ -254,7 +254,7 @@ def _heal_loop(config: dict) -> dict:
     _, data = _worker_start(config)
     heal = HealConfig(**config["heal"])
     teacher = load_recommender(config["teacher_dir"]).requires_grad_(False)
-    student = build_compact(teacher, config["keep"], config["bridge_rank"])
+    student = build_compact(teacher, config["keep"], config["bridge_rank"], seed=heal.seed)
     inputs, _ = training_windows(data, heal.max_len, student.family.causal)
     prefit = prefit_bridges(student, teacher, inputs, heal.prefit_steps, seed=heal.seed)
     teacher.to("cuda" if config["ds"]["device"] == "cuda" else "cpu")  # where the engine puts the student

@@ -118,3 +118,20 @@ def test_bridge_rejects_bad_rank_and_bad_keep():
         build_compact(teacher, [0, 4])
     with pytest.raises(ValueError, match="at least one"):
         build_compact(teacher, [])
+
+
+def test_seeded_bridges_are_reproducible_and_leave_the_global_rng_alone():
+    teacher = tiny_model("llama", n_layers=4)
+
+    def bridge_weights(seed):
+        student = build_compact(teacher, [0, 3], bridge_rank=4, seed=seed)
+        return torch.cat([p.detach().flatten() for p in student.bridges.parameters()])
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = bridge_weights(7)
+    assert torch.equal(torch.rand(1), expected_next)  # the global stream did not move
+    torch.manual_seed(999)
+    assert torch.equal(bridge_weights(7), first)  # same seed, same bridges, whatever the global state
+    assert not torch.equal(bridge_weights(8), first)

@@ -110,6 +110,6 @@ def nas(data, teacher=None, budget: Budget | None = None, search: Search | None 
     value, keep = objective.best
     info = {"kept": keep, "budget": n_evals, "evaluations": objective.evaluations, "search_valid_ndcg@10": value,
             "history": objective.history}
-    student = build_compact(teacher, keep, budget.bridge_rank)
+    student = build_compact(teacher, keep, budget.bridge_rank, seed=budget.seeds[0])
     return healed_pair(student, teacher, data, replace(budget.heal, seed=budget.seeds[0]), "nas", "nas", info,
                        progress)

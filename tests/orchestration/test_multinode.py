@@ -47,10 +47,9 @@ DATA = "synthetic:1000:200:20000:0"
 MODEL = ModelSpec("llama", "tiny", n_layers=4, max_len=50, dropout=0.0, seed=0)
 CALIB_BATCHES, CALIB_SIZE = 16, 64
 HEAL = HealConfig(epochs=1, batch_size=64, lr=3e-3, trainable="all", prefit_steps=10, max_len=50, seed=0)
-# No bridges: `build_compact` initialises a bridge's down-projection from torch's global RNG, which no
-# code path seeds (and torch seeds it at random per process), so two identical runs with bridges differ
-# (measured: valid NDCG@10 0.2052 vs 0.2048 before any training step). Set 4 here once that is seeded.
-KEEP, BRIDGE_RANK = [0, 3], 0
+# With bridges: `build_compact` seeds their initialisation from the heal seed, so runs on different nodes
+# (each with its own global RNG) build the same student.
+KEEP, BRIDGE_RANK = [0, 3], 4
 STORE = 100 * 2**20  # per node; Ray's minimum is 75 MiB and the tensors that travel are a few MB
 TOLERANCE = 1e-6
 TASK_TITLE = "ray::_shard_task"  # orchestration.shards._shard_task while it runs
