@@ -59,7 +59,8 @@ def teacher_train_config(manifest: dict) -> TrainConfig | None:
     return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
 
 
-def _run_method(name: str, data, teacher, budget: Budget, compact, progress: bool) -> list[Variant]:
+def run_method(name: str, data, teacher, budget: Budget, compact, progress: bool) -> list[Variant]:
+    """The variants of baseline `name` under `budget` (`compact`: our model, which `ours+int8` quantizes)."""
     if name in SCORER_BASELINES:
         return [Variant(name, BASELINES[name](data), "", None, {"scorer": True})]
     context = {"compact": compact} if name == "ours+int8" else {}
@@ -151,7 +152,7 @@ def _collect(teacher, data, budget: Budget, names: list[str], progress: bool
     budget = replace(budget, removed=n_parameters(teacher) - n_parameters(compact))
     for name in names:
         started = time.perf_counter()
-        variants[name] = _run_method(name, data, teacher, budget, compact, progress)
+        variants[name] = run_method(name, data, teacher, budget, compact, progress)
         seconds[name] = time.perf_counter() - started
         print(f"[baselines] {name}: {seconds[name]:.1f}s", file=sys.stderr)
     return variants, budget, seconds

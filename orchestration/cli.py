@@ -184,6 +184,18 @@ def _run_parser(sub) -> None:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20")
 
 
+def _study_parser(sub) -> None:
+    study = sub.add_parser(
+        "study", help="ours vs every baseline over seeds, with ablation, k sweep, noise, slices and a report",
+        description="Seeds run in parallel as Ray tasks; every stage resumes. Writes runs/<name>/report/"
+                    "report.md and report.html and logs them to MLflow. Example at tiny size: layerwise study "
+                    "seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny "
+                    "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1")
+    study.add_argument("config", nargs="?", default=None,
+                       help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
+    study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerwise",
@@ -203,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load benchmark of the served compact model against the teacher "
                         "(see `layerwise bench-serve --help`)")
     _run_parser(sub)
+    _study_parser(sub)
     return parser
 
 
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": commands.score, "compress": commands.compress, "bench": commands.bench,
         "serve": commands.serve, "plan": commands.plan, "baselines": commands.baselines,
         "tune": commands.tune,
-        "run": commands.run,
+        "run": commands.run, "study": commands.study,
     }[args.command]
     try:
         return handler(args) or 0

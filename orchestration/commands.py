@@ -182,3 +182,9 @@ def run(args) -> int:
     config = load_config(path, overrides)
     run_pipeline(config)
     return 0
+
+
+def study(args) -> int:
+    from orchestration.study import command
+
+    return command(args)

@@ -89,8 +89,9 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """PipelineConfig from the embedded defaults, then a YAML file, then key=value overrides."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = PipelineConfig):
+    """`cls` (default PipelineConfig) from the embedded defaults, then a YAML file, then key=value
+    overrides."""
     raw: dict[str, Any] = {}
     if path:
         text = Path(path).read_text()
@@ -102,7 +103,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value")
         _set_path(raw, key.split("."), yaml.safe_load(value))
-    return _build(PipelineConfig, raw, "")
+    return _build(cls, raw, "")
 
 
 def stage_hash(*parts: Any) -> str:

@@ -177,7 +177,8 @@ def _comparison(table, figures, figure: str | None = None) -> list:
                ("effect_size", "effect", lambda r: _opt(r.get("effect_size"))),
                ("note", "note", lambda r: str(r.get("note", "")))]
     used = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    blocks = [("p", f"Paired tests against {table.get('reference', 'our method')} over the same users; "
+    test = table.get("test") or "paired tests over the same users"
+    blocks = [("p", f"{test[0].upper()}{test[1:]}, against {table.get('reference', 'our method')}; "
                     "p-values Holm-adjusted across this table.")]
     blocks.append(("table", [c[1] for c in used], [[c[2](r) for c in used] for r in rows]))
     if figure and figure in figures:

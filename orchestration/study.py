@@ -1,0 +1,168 @@
+"""`layerwise study`: our method against every baseline over several seeds, with the ablation, the k sweep,
+noise robustness and scenario slices, in one Markdown/HTML report with significance tests.
+
+Smallest CPU run (tiny synthetic data, tiny model, 2 seeds; a few minutes on 2 cores):
+    layerwise study seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny \
+        teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1 baselines=[mostpop,first,int8]
+
+How it runs:
+1. Each seed is one Ray task (`ray.cpus_per_seed` CPUs), so seeds run in parallel. Inside, every stage
+   (teacher, importance, ours, each baseline, each ablation, each k of the sweep, noise) is resumable: an
+   interrupted study restarts where it stopped (orchestration.study_seed).
+2. Speed: one interleaved benchmark in the driver, after every seed is done (so no training competes with
+   it), times the first seed's teacher, our compact model and one model per baseline architecture.
+3. Statistics and report (orchestration.study_results, layerwise.report), logged to MLflow with every table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from orchestration.config import stage_hash
+from orchestration.pipeline import Stages
+from orchestration.report import write_json
+from orchestration.study_config import StudyConfig, load_study_config
+from orchestration.study_seed import ROWS, config_dict, run_seed
+
+__all__ = ["load_study_config", "run_study"]
+
+
+def run_study(config: StudyConfig, progress: bool = True) -> dict:
+    """Run (or resume) the whole study; returns the results dict the report was written from."""
+    from layerwise.report import write_report
+    from orchestration import tracking
+    from orchestration.ray_runtime import ray_session
+    from orchestration.study_results import build_results
+
+    started = time.perf_counter()
+    root = Path(config.run_dir).resolve() / config.name
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "config.json", asdict(config))
+    data = _load_data(config)  # also fills the Parquet cache the seed tasks read
+    tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
+    with ray_session(address=config.ray.address):
+        with tracking.tracked_run(config.name, params=config_dict(config), tags={"stage": "study"}):
+            seed_dirs = run_seeds(config, root, progress)
+            rows = collect_rows(seed_dirs)
+            speed = _speed(config, data, seed_dirs[config.seeds[0]], rows, root)
+            results = build_results(config, data, seed_dirs, rows, speed, time.perf_counter() - started)
+            write_json(root / "results.json", results)
+            paths = write_report(results, root / "report")
+            _log(results, paths)
+    print(f"[study] report: {paths['markdown']} and {paths['html']}", file=sys.stderr)
+    return results
+
+
+def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[int, dict[str, Path]]:
+    """One Ray task per seed, all submitted at once; Ray runs as many as the CPUs allow. A failed seed is
+    reported after the others finish, so their finished stages are kept for the resume."""
+    import ray
+    from tqdm.auto import tqdm
+
+    threads = max(1, int(config.ray.cpus_per_seed))
+    task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0)
+    raw = config_dict(config)
+    refs = {task.remote(raw, seed, str(root / "seeds" / f"seed-{seed}"), threads): seed for seed in config.seeds}
+    done_dirs, failed, pending = {}, {}, list(refs)
+    with tqdm(total=len(refs), desc="seeds", unit="seed", disable=not progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            seed = refs[ready[0]]
+            try:
+                done_dirs[seed] = {k: Path(v) for k, v in ray.get(ready[0]).items()}
+            except Exception as error:  # noqa: BLE001 - reported with its seed below
+                failed[seed] = error
+            bar.update()
+    if failed:
+        first = min(failed)
+        raise RuntimeError(f"seeds {sorted(failed)} failed (finished stages are kept; rerun to resume). "
+                           f"Seed {first}: {failed[first]}") from failed[first]
+    return done_dirs
+
+
+def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:
+    """Every row every stage wrote, with its per-user file made absolute and its stage named."""
+    rows = []
+    for seed, dirs in seed_dirs.items():
+        for stage, path in dirs.items():
+            if not (path / ROWS).exists():
+                continue
+            for row in json.loads((path / ROWS).read_text()):
+                rows.append({**row, "seed": seed, "stage": stage, "per_user": str(path / row["per_user"]),
+                             "timing_model": str(path / row["timing_model"]) if row.get("timing_model") else None})
+    return rows
+
+
+def _speed(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], root: Path) -> dict:
+    """The first seed's models in one interleaved benchmark (a resumable stage of its own)."""
+    key = stage_hash(sorted(str(p) for p in dirs.values()), config.bench)
+    out = Stages(root).run("speed", key, lambda out: _time_models(config, data, dirs, rows, out))
+    return json.loads((out / "speed.json").read_text())
+
+
+def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], out: Path) -> None:
+    import torch
+
+    from layerwise.baselines import BASELINES, Budget
+    from layerwise.bench import benchmark
+    from layerwise.compact import load_compact
+
+    b = config.bench
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    teacher = load_compact(dirs["teacher"] / "model").eval()
+    compact = load_compact(dirs["ours"] / "model").eval()
+    models, sources = {"teacher": teacher, "ours": compact}, {}
+    first = config.seeds[0]
+    for row in rows:
+        key = row.get("timing")
+        if row["seed"] != first or not key or key in models:
+            continue
+        if row.get("quantized"):  # int8/int4 have no stock save format: quantize the same weights again
+            variant = BASELINES[row["quantized"]](data, teacher=teacher, budget=Budget(k=compact.n_layers),
+                                                  compact=compact)[0]
+            models[key], sources[key] = variant.model, f"re-quantized ({row['quantized']})"
+        elif row.get("timing_model"):
+            models[key], sources[key] = load_compact(row["timing_model"]).eval(), row["timing_model"]
+    result = benchmark(models, b.batch_sizes, runs=b.runs, warmup=b.warmup, max_len=config.data.max_len,
+                       reference="teacher")
+    result["sources"] = sources
+    write_json(out / "speed.json", result)
+
+
+def _load_data(config: StudyConfig):
+    from layerwise.data import load_dataset
+
+    d = config.data
+    return load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
+
+
+def _log(results: dict, paths: dict) -> None:
+    from orchestration import tracking
+
+    head = results["headline"]
+    tracking.log_metrics({"headline": {"retention": head["retention"]["mean"],
+                                       "teacher": head["teacher"]["mean"], "compact": head["compact"]["mean"],
+                                       **{f"speedup_{b}": e["mean"] for b, e in head.get("speedup", {}).items()
+                                          if e and e.get("mean") is not None}},
+                          "wall_seconds": results["protocol"]["wall time (s)"]})
+    for table in ("headline", "baselines", "ablation", "k_sweep", "robustness", "scenarios", "importance"):
+        if results.get(table) is not None:
+            tracking.log_json(results[table], f"tables/{table}.json")
+    tracking.log_json(results, "results.json")
+    tracking.log_artifacts(Path(paths["markdown"]).parent, artifact_path="report")
+
+
+def command(args) -> int:
+    """Handler of `layerwise study` (argparse namespace from orchestration.cli)."""
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]  # `layerwise study key=value ...` with no YAML file
+    results = run_study(load_study_config(path, overrides))
+    head = results["headline"]
+    print(json.dumps({"retention": head["retention"], "speedup": head.get("speedup")}, indent=1))
+    return 0

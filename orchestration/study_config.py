@@ -1,0 +1,110 @@
+"""The study's configuration: `layerwise study [CONFIG.yaml] [key=value ...]`.
+
+    config = load_study_config("study.yaml", ["seeds=[0,1]", "sweep.heal_epochs=2"])
+
+The data, teacher, compression, tracking and benchmark sections are the pipeline's own (orchestration.config),
+so a study and `layerwise run` describe a model the same way. What a study adds: the seeds, the baselines,
+the ablation components, the k sweep, the noise levels and the scenario slices. Unknown keys and wrong types
+are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestration.config import (
+    BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
+)
+
+# Every compression baseline of layerwise.baselines, in the table order of `layerwise baselines`.
+ALL_BASELINES = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude",
+                 "width", "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
+# One component removed at a time. "estimators": selection by `combined` over all local estimators, then
+# without each one; the others switch one part of our method off.
+ABLATIONS = ("estimators", "bridges", "kd", "hidden", "prefit", "heal")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """k from 1 to L-1 (or `ks`) for each selector; "ours" is compress.selector."""
+
+    selectors: tuple[str, ...] = ("ours", "random", "uniform")
+    ks: tuple[int, ...] = ()  # empty: every k from 1 to L-1
+    heal_epochs: int = 3  # a shorter heal than the headline's: 3 selectors x (L-1) models per seed
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    kinds: tuple[str, ...] = ("replace_uniform", "drop", "reorder")
+    levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4)
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    min_users: int = 20  # slices with fewer test users are dropped (and counted)
+    n_flag: int = 10  # flag at most this many slices where the compact model loses most
+
+
+@dataclass(frozen=True)
+class StudyRayConfig:
+    address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS when set)
+    cpus_per_seed: float = 1.0  # each seed is one Ray task; torch in it uses this many threads (at least 1)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    run_dir: str = "runs"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seed = teacher init + data order + calibration draw
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    compress: CompressStageConfig = field(default_factory=CompressStageConfig)
+    baselines: tuple[str, ...] = ALL_BASELINES
+    random_draws: int = 3  # random-layer draws per seed for the `random` baseline
+    ablation: tuple[str, ...] = ABLATIONS
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
+    ray: StudyRayConfig = field(default_factory=StudyRayConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="layerwise-study"))
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def load_study_config(path: str | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """StudyConfig from the embedded defaults, a YAML file, then key=value overrides; checked."""
+    config = load_config(path, overrides, cls=StudyConfig)
+    check(config)
+    return config
+
+
+def check(config: StudyConfig) -> None:
+    """Reject settings that would fail hours into a run, naming the key."""
+    from layerwise.baselines import BASELINES
+    from layerwise.noise import KINDS
+    from layerwise.select import SELECTORS
+
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {list(config.seeds)}")
+    unknown = sorted(set(config.baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
+    unknown = sorted(set(config.ablation) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"ablation: unknown components {unknown}; choose from {list(ABLATIONS)}")
+    unknown = sorted(set(config.sweep.selectors) - set(SELECTORS) - {"ours"})
+    if unknown:
+        raise ValueError(f"sweep.selectors: unknown {unknown}; choose from ['ours', *{sorted(SELECTORS)}]")
+    if config.compress.selector not in SELECTORS:
+        raise ValueError(f"compress.selector: unknown {config.compress.selector!r}; choose from {sorted(SELECTORS)}")
+    unknown = sorted(set(config.noise.kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"noise.kinds: unknown {unknown}; choose from {list(KINDS)}")
+    bad = [lv for lv in config.noise.levels if not 0.0 <= lv < 1.0]
+    if bad:
+        raise ValueError(f"noise.levels must be in [0, 1), got {bad}")
+    if any(k < 1 for k in config.sweep.ks):
+        raise ValueError(f"sweep.ks must be >= 1, got {list(config.sweep.ks)}")
+    if config.random_draws < 1 or config.sweep.heal_epochs < 1 or config.ray.cpus_per_seed <= 0:
+        raise ValueError("random_draws and sweep.heal_epochs must be >= 1 and ray.cpus_per_seed > 0")
+    if config.scenarios.min_users < 2:
+        raise ValueError(f"scenarios.min_users must be >= 2, got {config.scenarios.min_users}")

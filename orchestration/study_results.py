@@ -1,0 +1,244 @@
+"""A study's statistics: from the rows the seeds wrote to the results dict that layerwise.report renders.
+
+Two sampling units, each used where it answers the question:
+- seeds (training randomness): a method's figure is the mean of its per-seed means, with a t-interval over
+  seeds, and p-values against our method are paired t-tests on the seed means (`stats.seed_test`; with one
+  seed, a paired Wilcoxon over users instead);
+- users (test-set randomness): the headline's retention is also given with a paired bootstrap CI over the
+  users of the seed-averaged per-user metrics, with a paired Wilcoxon test; scenario slices use these too.
+Draws of the random-layer baseline are averaged within a seed first, so every method has one number per seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from scipy import stats as sps
+
+from layerwise import stats
+from orchestration.study_config import StudyConfig
+
+METRIC = "ndcg@10"
+TARGETS = {"retention": [0.90, 0.95], "speedup": [3.5, 4.0]}  # the claim we test: 25% of layers, ~4x, ~90%
+
+
+class Rows:
+    """Rows by name and seed, with per-user arrays loaded once and checked to cover the same users."""
+
+    def __init__(self, rows: Sequence[Mapping], seeds: Sequence[int], metric: str = METRIC):
+        self.seeds, self.metric = list(seeds), metric
+        self.by_name: dict[str, dict[int, list[Mapping]]] = {}
+        for row in rows:
+            self.by_name.setdefault(row["row"], {}).setdefault(row["seed"], []).append(row)
+        self._users: np.ndarray | None = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    def names(self, table: str) -> list[str]:
+        return [n for n, seeds in self.by_name.items() if next(iter(seeds.values()))[0]["table"] == table]
+
+    def first(self, name: str) -> Mapping:
+        return self.by_name[name][self.seeds[0]][0] if self.seeds[0] in self.by_name[name] else \
+            next(iter(self.by_name[name].values()))[0]
+
+    def complete(self, name: str) -> bool:
+        return all(s in self.by_name.get(name, {}) for s in self.seeds)
+
+    def seed_means(self, name: str) -> np.ndarray:
+        """(n_seeds,) the metric per seed (mean over draws within a seed)."""
+        return np.array([np.mean([r["means"][self.metric] for r in self.by_name[name][s]]) for s in self.seeds])
+
+    def per_user(self, name: str) -> np.ndarray:
+        """(n_users,) the per-user metric averaged over seeds and draws."""
+        if name not in self._cache:
+            arrays = [self._load(r["per_user"]) for s in self.seeds for r in self.by_name[name][s]]
+            self._cache[name] = np.mean(arrays, axis=0)
+        return self._cache[name]
+
+    @property
+    def users(self) -> np.ndarray:
+        if self._users is None:
+            raise RuntimeError("no per-user table loaded yet")
+        return self._users
+
+    def _load(self, path: str) -> np.ndarray:
+        table = pq.read_table(path, columns=["user", self.metric])
+        users = table.column("user").to_numpy()
+        if self._users is None:
+            self._users = users
+        elif not np.array_equal(users, self._users):
+            raise ValueError(f"{path}: its test users differ from the other evaluations'")
+        return table.column(self.metric).to_numpy()
+
+
+def across_seeds(values: np.ndarray) -> dict:
+    """Mean with a t-interval over seeds (None with one seed)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": len(values)}
+    half = float(sps.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
+
+
+def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str, Path]], rows: Sequence[Mapping],
+                  speed: Mapping, wall_seconds: float) -> dict:
+    table = Rows(rows, config.seeds)
+    first_dirs = seed_dirs[config.seeds[0]]
+    ours = table.first("ours")
+    k, n_layers = ours["n_layers"], table.first("teacher")["n_layers"]
+    big = str(max(config.bench.batch_sizes))
+    results = {
+        "title": f"layerwise study '{config.name}': {config.data.dataset}, {_teacher_name(config)}, "
+                 f"{len(config.seeds)} seeds",
+        "protocol": _protocol(config, data, k, n_layers, wall_seconds),
+        "headline": headline(table, speed, k, n_layers),
+        "baselines": comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
+        "ablation": comparison(table, ["ours", *table.names("ablation")], speed, big, with_speed=False),
+        "k_sweep": k_sweep(table, config, n_layers),
+        "robustness": robustness(seed_dirs, config),
+        "scenarios": scenarios(table, data, config),
+        "importance": _importance(first_dirs, ours),
+        "notes": _notes(config, speed, big),
+    }
+    return results
+
+
+def headline(table: Rows, speed: Mapping, k: int, n_layers: int) -> dict:
+    teacher_u, ours_u = table.per_user("teacher"), table.per_user("ours")
+    t_seeds, c_seeds = table.seed_means("teacher"), table.seed_means("ours")
+    low, high = stats.ratio_ci(ours_u, teacher_u)
+    user_test = stats.paired_test(ours_u, teacher_u, test="wilcoxon")
+    seeds = {"n": len(t_seeds), "retention": across_seeds(c_seeds / t_seeds)}
+    if len(t_seeds) >= 2:
+        seeds["test"] = stats.seed_test(c_seeds, t_seeds).to_dict()
+    return {
+        "metric": METRIC, "k": k, "n_layers": n_layers,
+        "teacher": across_seeds(t_seeds), "compact": across_seeds(c_seeds),
+        "retention": {"mean": float(ours_u.mean() / teacher_u.mean()), "ci95": [low, high]},
+        "speedup": {f"batch={b}": _speed_estimate(speed, "ours", b) for b in speed["settings"]["batch_sizes"]},
+        "test": user_test.to_dict(), "seeds": seeds, "targets": TARGETS,
+    }
+
+
+def comparison(table: Rows, names: Sequence[str], speed: Mapping, batch: str, with_speed: bool = True) -> dict:
+    """One row per method: metric and retention over seeds, speedup at `batch`, p against ours."""
+    t_seeds, ours_seeds, ours_u = table.seed_means("teacher"), table.seed_means("ours"), table.per_user("ours")
+    out = []
+    for name in names:
+        if not table.complete(name):
+            continue
+        values = table.seed_means(name)
+        first = table.first(name)
+        row = {"name": name, "group": first["group"], "metric": across_seeds(values),
+               "retention": across_seeds(values / t_seeds), "p_value": None, "note": _note(first)}
+        if with_speed or name in ("teacher", "ours"):
+            row["speedup"] = _speed_estimate(speed, "ours" if name == "ours" else first.get("timing") or name, batch)
+        if name != "ours":
+            test = stats.seed_test(ours_seeds, values) if len(values) >= 2 else \
+                stats.paired_test(ours_u, table.per_user(name), test="wilcoxon")
+            row.update(p_value=test.p_value, effect_size=test.effect_size, test=test.to_dict())
+        out.append(row)
+    kind = "paired t-test on the seed means" if len(t_seeds) >= 2 else "paired Wilcoxon over users (one seed)"
+    return {"metric": METRIC, "reference": "ours", "test": kind, "rows": out}
+
+
+def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:
+    t_seeds = table.seed_means("teacher")
+    curves = {}
+    for selector in config.sweep.selectors:
+        ks = sorted(table.first(n)["k"] for n in table.names("sweep") if table.first(n).get("selector") == selector
+                    and table.complete(n))
+        estimates = [across_seeds(table.seed_means(f"{selector} k={k}") / t_seeds) for k in ks]
+        if ks:
+            curves[selector] = {"k": ks, "mean": [e["mean"] for e in estimates], "ci95": _cis(estimates)}
+    return {"metric": METRIC, "n_layers": n_layers, "heal_epochs": config.sweep.heal_epochs, "curves": curves}
+
+
+def robustness(seed_dirs: Mapping[int, Mapping[str, Path]], config: StudyConfig) -> dict | None:
+    per_seed = [json.loads((dirs["noise"] / "noise.json").read_text()) for dirs in seed_dirs.values()
+                if "noise" in dirs]
+    if not per_seed:
+        return None
+    kinds = {}
+    for kind in config.noise.kinds:
+        levels = sorted(config.noise.levels)
+        entry = {"levels": levels}
+        for model in ("teacher", "compact"):
+            estimates = [across_seeds([next(r["means"][METRIC] for r in rows if r["model"] == model and
+                                            r["kind"] == kind and r["level"] == level) for rows in per_seed])
+                         for level in levels]
+            entry[model] = {"mean": [e["mean"] for e in estimates], "ci95": _cis(estimates)}
+        kinds[kind] = entry
+    return {"metric": METRIC, "kinds": kinds}
+
+
+def scenarios(table: Rows, data, config: StudyConfig) -> dict:
+    from layerwise.scenarios import candidate_slices, filter_slices, slice_retention
+
+    kept, dropped = filter_slices(candidate_slices(data), config.scenarios.min_users)
+    teacher_u, ours_u = table.per_user("teacher"), table.per_user("ours")
+    rows = slice_retention(teacher_u, ours_u, table.users, kept, metric=METRIC, n_flag=config.scenarios.n_flag)
+    return {"metric": METRIC, "min_users": config.scenarios.min_users, "n_dropped": len(dropped), "rows": rows}
+
+
+def _importance(dirs: Mapping[str, Path], ours: Mapping) -> dict:
+    raw = json.loads((dirs["importance"] / "importance.json").read_text())
+    return {"scores": raw["scores"], "kept": ours.get("kept"), "dependency": raw["dependency_loss"],
+            "dependency_unit": "validation loss interaction (first seed)"}
+
+
+def _cis(estimates: Sequence[Mapping]) -> list | None:
+    """The CIs of a curve, or None when any point has none (one seed): a band needs every point."""
+    cis = [e["ci95"] for e in estimates]
+    return None if any(c is None for c in cis) else cis
+
+
+def _speed_estimate(speed: Mapping, key: str, batch) -> dict | None:
+    entry = speed["models"].get(key, {}).get("batches", {}).get(str(batch))
+    if not entry or entry.get("speedup") is None:
+        return None
+    return {"mean": entry["speedup"], "ci95": entry.get("speedup_ci95")}
+
+
+def _note(row: Mapping) -> str:
+    parts = []
+    if row.get("kept") is not None and row["table"] != "baselines":
+        parts.append(f"kept {row['kept']} (seed {row['seed']})")
+    if row.get("weights"):
+        used = {m: round(w, 2) for m, w in row["weights"].items() if w}
+        parts.append(f"weights {used}")
+    return "; ".join(parts)
+
+
+def _teacher_name(config: StudyConfig) -> str:
+    t = config.teacher
+    return f"pretrained {Path(t.pretrained).name}" if t.pretrained else f"{t.family}-{t.preset}"
+
+
+def _protocol(config: StudyConfig, data, k: int, n_layers: int, wall_seconds: float) -> dict:
+    t, c = config.teacher, config.compress
+    return {
+        "data set": config.data.dataset, "fingerprint": data.fingerprint[:16],
+        "users / items": f"{data.n_users} / {data.n_items}",
+        "split": "leave-one-out by time: last item test, second-to-last validation",
+        "ranking": "full catalogue, the user's seen items excluded", "max_len": config.data.max_len,
+        "teacher": _teacher_name(config) + (" + item text" if t.text_features else ""),
+        "seeds": list(config.seeds), "seed controls": "teacher init, data order, calibration draw, bridge init",
+        "kept layers": f"{k} of {n_layers} (keep {c.keep})", "selector": c.selector, "bridge rank": c.bridge_rank,
+        "healing": f"{c.heal.epochs} epochs max, patience {c.heal.patience}, trainable {c.heal.trainable}",
+        "k sweep healing": f"{config.sweep.heal_epochs} epochs", "random-layer draws per seed": config.random_draws,
+        "p-values": "paired t-test on seed means (>= 2 seeds), Holm-adjusted per table",
+        "wall time (s)": round(wall_seconds, 1),
+    }
+
+
+def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
+    env = speed.get("env", {})
+    return [f"Speedups are at batch {batch} unless a column says otherwise: ratios of median latencies in one "
+            f"interleaved benchmark of the first seed's models ({speed['settings']['runs']} rounds, "
+            f"{env.get('threads', '?')} threads), after every seed finished.",
+            "Retention is a fraction of the teacher's figure of the same seed."]

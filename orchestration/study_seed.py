@@ -1,0 +1,314 @@
+"""One seed of a study: teacher, importance, our compact model, the baselines, the ablation, the k sweep
+and the noise curves. Each is a resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
+
+The seed sets the teacher's initialisation and data order, the calibration draw, the bridges' init and
+the healing order (and the first random-layer draw). Every model a stage evaluates leaves one row in the
+stage's rows.json and its per-user test metrics (full ranking, seen items excluded) in eval/<row>.parquet;
+the driver (orchestration.study) reads nothing else. On the first seed, the baseline stages also save one
+model per architecture under timing/ so that the driver can time them all in one interleaved benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from orchestration.config import stage_hash
+from orchestration.pipeline import Stages
+from orchestration.report import write_json
+from orchestration.study_config import StudyConfig
+
+ROWS = "rows.json"
+METRIC = "ndcg@10"
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a row name ("ours+int8 +heal" -> "ours-int8-heal")."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "row"
+
+
+class SeedRun:
+    """The stages of one seed. `run()` executes (or resumes) them all and returns their directories."""
+
+    def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
+        self.config, self.seed, self.root, self.data, self.progress = config, seed, root, data, progress
+        self.max_len = config.data.max_len
+        self.stages = Stages(root)
+        self.dirs: dict[str, Path] = {}
+
+    # --- the sequence ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, str]:
+        from layerwise.compact import load_compact
+        from layerwise.compress import n_kept
+
+        c = self.config
+        teacher_key = stage_hash(c.data, self.data.fingerprint, c.teacher, self.seed)
+        self._stage("teacher", teacher_key, self._teacher)
+        self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
+        self.k = n_kept(c.compress.keep, self.teacher.n_layers)
+        imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size)
+        self._stage("importance", imp_key, self._importance)
+        self.scores = _load_scores(self.dirs["importance"])
+        ours_key = stage_hash(imp_key, c.compress)
+        self._stage("ours", ours_key, self._ours)
+        self.compact = load_compact(self.dirs["ours"] / "model").eval()
+        for name in c.baselines:
+            self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
+        for component in c.ablation:
+            self._stage(f"ablation-{component}", stage_hash(ours_key, component), self._ablation(component))
+        for selector in c.sweep.selectors:
+            for k in self._sweep_ks():
+                key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
+                self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
+        self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
+        return {name: str(path) for name, path in self.dirs.items()}
+
+    def _stage(self, name: str, key: str, fn: Callable[[Path], Any]) -> None:
+        self.dirs[name] = self.stages.run(name, key, fn)
+
+    def _sweep_ks(self) -> list[int]:
+        n = self.teacher.n_layers
+        ks = self.config.sweep.ks or tuple(range(1, n))
+        bad = [k for k in ks if k >= n]
+        if bad:
+            raise ValueError(f"sweep.ks {bad} must be below the teacher's {n} layers")
+        return list(ks)
+
+    # --- stages ---------------------------------------------------------------------------------------
+    def _teacher(self, out: Path) -> None:
+        from layerwise.models.checkpoint import save_recommender
+        from layerwise.models.factory import build_recommender
+        from layerwise.train import train_recommender
+
+        t = self.config.teacher
+        recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
+        model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
+                                  text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
+                                  seed=self.seed)
+        result = train_recommender(model, self.data, recipe, progress=self.progress)
+        save_recommender(model, out / "model", {
+            "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
+            "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
+            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed})
+        model.eval()
+        rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
+                               n_layers=model.n_layers, training={"best_epoch": result.best_epoch,
+                                                                  "epochs_run": len(result.history)})]
+        write_json(out / ROWS, rows)
+
+    def _importance(self, out: Path) -> None:
+        from layerwise.dependency import dependency_matrix
+        from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+
+        scores = compute_importance(self.teacher, self._batches(), methods=LOCAL_METHODS)
+        scores["ablation"] = IMPORTANCE["ablation"](self.teacher, self._batches(), data=self.data)
+        scores["ablation_loss"] = IMPORTANCE["ablation_loss"](self.teacher, self._batches(), data=self.data)
+        dependency = dependency_matrix(self.teacher, self._batches(), data=self.data, metric="loss", seed=self.seed)
+        write_json(out / "importance.json", {"n_layers": self.teacher.n_layers,
+                                             "scores": {m: v.tolist() for m, v in scores.items()},
+                                             "dependency_loss": dependency.tolist()})
+
+    def _ours(self, out: Path) -> None:
+        from layerwise.compact import build_compact, save_compact
+        from layerwise.compress import compress
+
+        config = self._compress_config()
+        result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
+        save_compact(result.model, out / "model", {"data_fingerprint": self.data.fingerprint,
+                                                   "max_len": self.max_len, **result.manifest(config)})
+        unhealed = build_compact(self.teacher, result.kept, config.bridge_rank, seed=config.seed).eval()
+        write_json(out / ROWS, [
+            self._evaluate(result.model.score, out, "ours", "ours", "headline", n_layers=result.model.n_layers,
+                           kept=result.kept, training=_heal_record(result.heal)),
+            self._evaluate(unhealed.score, out, "ours, unhealed", "ablation", "ablation", kept=result.kept,
+                           n_layers=unhealed.n_layers, component="heal"),
+        ])
+
+    def _baseline(self, name: str) -> Callable[[Path], None]:
+        def stage(out: Path) -> None:
+            from layerwise.baselines import is_quantized
+            from layerwise.models.checkpoint import save_recommender
+            from orchestration.baselines_cmd import run_method
+
+            variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
+            rows, saved = [], set()
+            for v in variants:
+                scorer = v.model if v.info.get("scorer") else v.model.score
+                timing = v.timing or None
+                row = self._evaluate(scorer, out, v.row, _group(name), "baselines", method=name, timing=timing,
+                                     n_layers=getattr(v.model, "n_layers", None), training=v.training,
+                                     kept=v.info.get("kept"), draw=v.info.get("seed"))
+                if timing and self.seed == self.config.seeds[0]:
+                    if is_quantized(v.model):
+                        row["quantized"] = name  # rebuilt for timing: int8/int4 of the teacher or of ours
+                    elif timing not in saved:
+                        save_recommender(v.model, out / "timing" / slug(timing), {"kind": "baseline", "row": v.row})
+                        saved.add(timing)
+                    row["timing_model"] = f"timing/{slug(timing)}" if timing in saved else None
+                rows.append(row)
+            write_json(out / ROWS, rows)
+
+        return stage
+
+    def _ablation(self, component: str) -> Callable[[Path], None]:
+        def stage(out: Path) -> None:
+            if component == "heal":  # the unhealed model is evaluated in the `ours` stage
+                write_json(out / ROWS, [])
+                return
+            if component == "estimators":
+                write_json(out / ROWS, self._estimator_ablation(out))
+                return
+            heal = self.config.compress.heal
+            changed = {"bridges": ({"bridge_rank": 0}, {}), "kd": ({}, {"kd_weight": 0.0}),
+                       "hidden": ({}, {"hidden_weight": 0.0}), "prefit": ({}, {"prefit_steps": 0})}[component]
+            config = self._compress_config(**changed[0], heal=replace(heal, **changed[1]))
+            name = {"bridges": "ours without bridges", "kd": "ours without the KD term",
+                    "hidden": "ours without the hidden-state term", "prefit": "ours without bridge pre-fitting"}
+            write_json(out / ROWS, [self._compress_row(config, out, name[component], "ablation",
+                                                        component=component)])
+
+        return stage
+
+    def _estimator_ablation(self, out: Path) -> list[dict]:
+        """Top-k by `combined` over every local estimator, then with each estimator left out; a kept set
+        seen before is healed once (the same layers, seed and recipe give the same model)."""
+        from layerwise.compact import build_compact
+        from layerwise.distill import heal
+        from layerwise.importance import LOCAL_METHODS, combined
+        from layerwise.select import SELECTORS
+
+        config = self._compress_config()
+        local = {m: self.scores[m] for m in LOCAL_METHODS}
+        choices = {"combined (all estimators)": local}
+        choices.update({f"combined without {m}": {n: v for n, v in local.items() if n != m} for m in LOCAL_METHODS})
+        healed: dict[tuple[int, ...], dict] = {}
+        rows = []
+        for row_name, scores in choices.items():
+            ranking = combined(self.teacher, None, self.data, self.k, scores=scores, max_len=self.max_len,
+                               seed=self.seed)
+            kept = tuple(SELECTORS["topk"](ranking, self.k))
+            if kept not in healed:
+                student = build_compact(self.teacher, list(kept), config.bridge_rank, seed=self.seed)
+                result = heal(student, self.teacher, self.data, config.heal, progress=self.progress)
+                healed[kept] = self._evaluate(student.eval().score, out, f"kept {list(kept)}", "ablation",
+                                              "ablation", kept=list(kept), training=_heal_record(result))
+            row = {**healed[kept], "row": row_name, "component": "estimators",
+                   "weights": ranking.combination.weights}
+            rows.append(row)
+        return rows
+
+    def _sweep(self, selector: str, k: int) -> Callable[[Path], None]:
+        def stage(out: Path) -> None:
+            real = self.config.compress.selector if selector == "ours" else selector
+            heal = replace(self.config.compress.heal, epochs=self.config.sweep.heal_epochs)
+            config = self._compress_config(keep=k / self.teacher.n_layers, selector=real, heal=heal,
+                                           method=self.config.compress.method if selector == "ours" else None)
+            write_json(out / ROWS, [self._compress_row(config, out, f"{selector} k={k}", "sweep",
+                                                        selector=selector, k=k)])
+
+        return stage
+
+    def _noise(self, out: Path) -> None:
+        from layerwise.evaluate import evaluate
+        from layerwise.noise import NoisyData
+
+        models = {"teacher": self.teacher, "compact": self.compact}
+        rows = []
+        for level in self.config.noise.levels:
+            for kind in self.config.noise.kinds:
+                view = self.data if level == 0 else NoisyData(self.data, kind, level, seed=self.seed)
+                for model_name, model in models.items():
+                    result = evaluate(model.score, view, stage="test", exclude_seen=True, max_len=self.max_len)
+                    rows.append({"model": model_name, "kind": kind, "level": level, "means": result.means})
+                if level == 0:  # clean data: the same for every kind
+                    rows += [{**r, "kind": k} for r in rows[-len(models):] for k in self.config.noise.kinds
+                             if k != kind]
+                    break
+        write_json(out / "noise.json", rows)
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def _batches(self):
+        from layerwise.compress import calibration_batches
+
+        c = self.config.compress
+        return calibration_batches(self.teacher, self.data, c.calib_batches, c.calib_batch_size, self.max_len,
+                                   self.seed)
+
+    def _compress_config(self, **changes):
+        from layerwise.compress import CompressConfig
+
+        s = self.config.compress
+        heal = changes.pop("heal", s.heal)
+        base = dict(keep=s.keep, selector=s.selector, method=s.method, bridge_rank=s.bridge_rank,
+                    calib_batches=s.calib_batches, calib_batch_size=s.calib_batch_size, seed=self.seed)
+        return CompressConfig(**{**base, **changes}, heal=replace(heal, max_len=self.max_len, seed=self.seed))
+
+    def _compress_row(self, config, out: Path, row: str, table: str, **extra) -> dict:
+        from layerwise.compress import compress
+
+        result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
+        return self._evaluate(result.model.score, out, row, table, table, kept=result.kept,
+                              n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
+
+    def _budget(self):
+        from layerwise.baselines import Budget
+        from layerwise.baselines.budget import n_parameters
+        from orchestration.baselines_cmd import teacher_train_config
+        from layerwise.models.checkpoint import read_manifest
+
+        heal = replace(self.config.compress.heal, max_len=self.max_len, seed=self.seed)
+        draws = tuple(self.seed + 1000 * i for i in range(self.config.random_draws))
+        return Budget(k=self.k, heal=heal, bridge_rank=self.config.compress.bridge_rank,
+                      removed=n_parameters(self.teacher) - n_parameters(self.compact), seeds=draws,
+                      train=teacher_train_config(read_manifest(self.dirs["teacher"] / "model")))
+
+    def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, **extra) -> dict:
+        from layerwise.evaluate import evaluate
+
+        result = evaluate(scorer, self.data, stage="test", exclude_seen=True, max_len=self.max_len)
+        path = out / "eval" / f"{slug(row)}.parquet"
+        result.to_parquet(path)
+        return {"row": row, "group": group, "table": table, "seed": self.seed,
+                "per_user": str(path.relative_to(out)), "means": result.means, **extra}
+
+
+def _group(name: str) -> str:
+    return {"mostpop": "popularity", "nas": "search", "magnitude": "pruning", "width": "pruning",
+            "int8": "quantization", "int4": "quantization", "ours+int8": "quantization",
+            "distilbert": "students", "tinybert": "students", "scratch": "students"}.get(name, "depth")
+
+
+def _heal_record(result) -> dict | None:
+    if result is None:
+        return None
+    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+
+
+def _load_scores(imp_dir: Path) -> dict[str, torch.Tensor]:
+    raw = json.loads((imp_dir / "importance.json").read_text())
+    scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in raw["scores"].items()}
+    scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
+    return scores
+
+
+def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:
+    """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run every stage."""
+    from orchestration.config import _build
+    from orchestration.study_config import StudyConfig
+    from layerwise.data import load_dataset
+
+    torch.set_num_threads(max(1, threads))
+    config = _build(StudyConfig, config_dict, "")
+    d = config.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
+    return SeedRun(config, seed, Path(root), data).run()
+
+
+def config_dict(config: StudyConfig) -> dict:
+    """The config as plain data (tuples as lists) that `_build` turns back into the same StudyConfig."""
+    return json.loads(json.dumps(asdict(config)))

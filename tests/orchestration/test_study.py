@@ -1,0 +1,107 @@
+"""`layerwise study` end to end at a tiny size: 2 seeds in parallel Ray tasks, a few baselines, one ablation
+of each kind, the k sweep, noise and slices; the report holds every section; a rerun resumes everything."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from layerwise.report.document import MISSING, SECTIONS
+from orchestration import tracking
+from orchestration.study import run_study
+from orchestration.study_config import load_study_config
+
+SETTINGS = [
+    "seeds=[0,1]", "data.dataset=synthetic:300:60:6000:0", "teacher.preset=tiny", "teacher.train.epochs=2",
+    "compress.keep=0.5", "compress.calib_batches=2", "compress.heal.epochs=1", "compress.heal.prefit_steps=5",
+    "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd]", "sweep.selectors=[ours,random]",
+    "sweep.heal_epochs=1", "noise.kinds=[drop,reorder]", "noise.levels=[0.0,0.2]", "scenarios.min_users=10",
+    "ray.cpus_per_seed=0.5", "bench.runs=3", "bench.warmup=1", "bench.batch_sizes=[1,8]",
+]
+
+
+@pytest.fixture(scope="module")
+def study(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    config = load_study_config(None, [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}"])
+    results = run_study(config, progress=False)
+    return config, root, results
+
+
+@pytest.mark.slow
+def test_report_has_every_section_filled(study):
+    config, root, results = study
+    text = (root / "study" / "report" / "report.md").read_text()
+    html = (root / "study" / "report" / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in text and section in html
+        body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+        assert MISSING not in body, section
+    for figure in ("pareto", "k_sweep", "robustness", "slices", "importance", "dependency"):
+        assert (root / "study" / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_headline_and_p_values_against_each_baseline(study):
+    config, root, results = study
+    head = results["headline"]
+    assert head["k"] == 1 and head["n_layers"] == 2 and head["seeds"]["n"] == 2
+    low, high = head["retention"]["ci95"]
+    assert low <= head["retention"]["mean"] <= high
+    assert set(head["speedup"]) == {"batch=1", "batch=8"}
+    rows = {r["name"]: r for r in results["baselines"]["rows"]}
+    assert {"teacher", "ours", "mostpop", "first", "first +heal", "int8"} <= set(rows)
+    for name, row in rows.items():
+        if name != "ours":
+            assert 0 <= row["p_value"] <= 1 and row["test"]["test"] == "ttest" and row["test"]["n"] == 2
+    assert rows["first"]["speedup"]["mean"] > 0 and rows["mostpop"].get("speedup") is None
+    # The per-seed means behind a row are the seed stages' own evaluations.
+    seed_means = [json.loads(p.read_text())[0]["means"]["ndcg@10"]
+                  for p in sorted((root / "study" / "seeds").glob("seed-*/ours-*/rows.json"))]
+    assert rows["ours"]["metric"]["mean"] == pytest.approx(sum(seed_means) / 2)
+
+
+@pytest.mark.slow
+def test_ablation_sweep_noise_and_slices(study):
+    config, root, results = study
+    ablation = {r["name"] for r in results["ablation"]["rows"]}
+    assert {"ours, unhealed", "ours without the KD term", "combined (all estimators)"} <= ablation
+    assert any(name.startswith("combined without ") for name in ablation)
+    assert set(results["k_sweep"]["curves"]) == {"ours", "random"}
+    assert results["k_sweep"]["curves"]["ours"]["k"] == [1]
+    kinds = results["robustness"]["kinds"]
+    assert set(kinds) == {"drop", "reorder"} and kinds["drop"]["levels"] == [0.0, 0.2]
+    assert kinds["drop"]["teacher"]["mean"][0] == kinds["reorder"]["teacher"]["mean"][0]  # level 0 is clean
+    assert len(results["scenarios"]["rows"]) >= 10
+
+
+@pytest.mark.slow
+def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
+    config, root, results = study
+    client = MlflowClient(tracking.tracking_uri(root))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.info.status == "FINISHED" and "headline/retention" in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "report", "tables"} <= names
+    before = {p: p.stat().st_mtime for p in (root / "study" / "seeds").glob("seed-*/*/_DONE")}
+    again = run_study(config, progress=False)  # every stage is done: nothing is trained again
+    assert {p: p.stat().st_mtime for p in before} == before
+    assert again["headline"]["compact"] == results["headline"]["compact"]
+    mlflow.set_tracking_uri(tracking.tracking_uri(root))  # leave a valid URI for the next module
+
+
+def test_bad_study_configs_name_the_key():
+    with pytest.raises(ValueError, match="baselines: unknown"):
+        load_study_config(None, ["baselines=[nope]"])
+    with pytest.raises(ValueError, match="ablation: unknown"):
+        load_study_config(None, ["ablation=[bridges,wings]"])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        load_study_config(None, ["seeds=[1,1]"])
+    with pytest.raises(ValueError, match="noise.levels"):
+        load_study_config(None, ["noise.levels=[0.0,1.5]"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_study_config(None, ["sweep.selector=[ours]"])
+    with pytest.raises(ValueError, match="sweep.selectors"):
+        load_study_config(None, ["sweep.selectors=[ours,best]"])
