@@ -13,10 +13,15 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
                       seed: int = 0, text_encoder: str | None = None) -> SequentialRecommender:
     """A randomly initialised (or pretrained-backbone) recommender sized for `data`'s catalogue.
 
-    With `pretrained`, the family comes from the directory's config and `family`/`preset` are ignored.
+    With `pretrained` (a local directory, or "minilm" for the bundled all-MiniLM-L6-v2), the family comes
+    from the directory's config and `family`/`preset` are ignored.
     """
     torch.manual_seed(seed)
     drop = 0.1 if dropout is None else dropout
+    if pretrained == "minilm":
+        from layerwise.models.text import default_text_encoder
+
+        pretrained = str(default_text_encoder())
     if pretrained:
         backbone = load_backbone(pretrained)
     else:

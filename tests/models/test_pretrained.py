@@ -45,3 +45,8 @@ def test_pretrained_minilm_recommender_trains_a_step(data):
     assert not torch.equal(model.text_projection.weight, before)
     scores = model.eval().score(data.padded_histories([0, 1], "test", 20))
     assert scores.shape == (2, data.n_items + 1)
+
+
+def test_minilm_alias_loads_the_bundled_encoder(data):
+    model = build_recommender(data, "llama", pretrained="minilm", max_len=20)
+    assert model.family.name == "bert" and model.n_layers == 6 and model.hidden_size == 384
