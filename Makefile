@@ -26,7 +26,7 @@ run: $(STAMP)
 
 # pytest exits 5 when it collects no tests; that is a failure here, never a pass.
 test: $(STAMP)
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PY) -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 clean:
