@@ -6,7 +6,9 @@
 Importance scores and the dependency matrix are computed once on the teacher and shared by every
 selector, so the selectors differ only in how they pick. Each compact model is healed with exactly the
 same HealConfig (epochs, data, trainable set) and evaluated on the test split (full ranking, seen items
-excluded). `random` is drawn with several seeds and reported as mean and spread.
+excluded). `random` is drawn with several seeds and reported as mean and spread. With --heal-seeds N,
+every selector is healed N times (seeds 0..N-1: bridge initialisation and healing order), and each one is
+compared with the first selector by a paired t-test over those seeds.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def test_metrics(model, data, max_len: int) -> dict[str, float]:
 def run_selector(teacher, data, selector: str, k: int, seed: int, scores, batches, heal_config,
                  bridge_rank: int, max_len: int) -> dict:
     kept, _ = select_layers(teacher, data, k, selector, None, batches, seed=seed, precomputed=scores)
-    student = build_compact(teacher, kept, bridge_rank)
+    student = build_compact(teacher, kept, bridge_rank, seed=seed)
     row = {"selector": selector, "seed": seed, "kept": kept,
            "unhealed": test_metrics(build_compact(teacher, kept, 0), data, max_len)}
     started = time.perf_counter()
@@ -62,20 +64,27 @@ def run_selector(teacher, data, selector: str, k: int, seed: int, scores, batche
 
 
 def markdown(rows: list[dict], teacher: dict) -> str:
+    from layerwise.stats import seed_test
+
     lines = [f"teacher test NDCG@10 {teacher['ndcg@10']:.4f}, MRR {teacher['mrr']:.4f}", "",
-             "| selector | kept | NDCG@10 unhealed | NDCG@10 healed | retention healed | MRR healed |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| selector | kept | NDCG@10 unhealed | NDCG@10 healed | retention healed | MRR healed | "
+             "p vs first row (paired t over seeds) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     by_selector: dict[str, list[dict]] = {}
     for row in rows:
         by_selector.setdefault(row["selector"], []).append(row)
+    reference = {r["seed"]: r["healed"]["ndcg@10"] for r in next(iter(by_selector.values()))}
     for selector, group in by_selector.items():
         un = np.array([r["unhealed"]["ndcg@10"] for r in group])
         he = np.array([r["healed"]["ndcg@10"] for r in group])
         mrr = np.array([r["healed"]["mrr"] for r in group])
         spread = lambda a: f"{a.mean():.4f}" + (f" ± {a.std(ddof=1):.4f}" if len(a) > 1 else "")
-        kept = group[0]["kept"] if len(group) == 1 else f"{len(group)} draws"
+        kept = group[0]["kept"] if len({tuple(r["kept"]) for r in group}) == 1 else f"{len(group)} draws"
+        paired = [(reference[r["seed"]], r["healed"]["ndcg@10"]) for r in group if r["seed"] in reference]
+        p = "-" if len(paired) < 2 or group is next(iter(by_selector.values())) else \
+            f"{seed_test([a for a, _ in paired], [b for _, b in paired]).p_value:.3f}"
         lines.append(f"| {selector} | {kept} | {spread(un)} | {spread(he)} | "
-                     f"{he.mean() / teacher['ndcg@10']:.1%} | {spread(mrr)} |")
+                     f"{he.mean() / teacher['ndcg@10']:.1%} | {spread(mrr)} | {p} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bridge-rank", type=int, default=16)
     parser.add_argument("--heal-epochs", type=int, default=20)
     parser.add_argument("--random-draws", type=int, default=5)
+    parser.add_argument("--heal-seeds", type=int, default=1, help="heal every selector with seeds 0..N-1")
     parser.add_argument("--selectors", nargs="+", default=list(SELECTORS))
     parser.add_argument("--cache-dir", default="runs/data_cache")
     parser.add_argument("--json", required=True)
@@ -104,7 +114,7 @@ def main(argv=None) -> None:
     teacher_metrics = test_metrics(teacher, data, max_len)
     rows = []
     for selector in args.selectors:
-        seeds = range(args.random_draws) if selector == "random" else [0]
+        seeds = range(max(args.random_draws, args.heal_seeds)) if selector == "random" else range(args.heal_seeds)
         for seed in seeds:
             rows.append(run_selector(teacher, data, selector, k, seed, scores, batches, heal_config,
                                      args.bridge_rank, max_len))

@@ -94,6 +94,11 @@ def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:
             for row in json.loads((path / ROWS).read_text()):
                 rows.append({**row, "seed": seed, "stage": stage, "per_user": str(path / row["per_user"]),
                              "timing_model": str(path / row["timing_model"]) if row.get("timing_model") else None})
+    # Baseline rows never share a table (the estimator ablation does, on purpose: same kept layers, one model).
+    files = [r["per_user"] for r in rows if r["table"] == "baselines"]
+    shared = {f for f in files if files.count(f) > 1}
+    if shared:  # two rows reading one table would silently report the same numbers
+        raise RuntimeError(f"per-user tables shared by different rows: {sorted(shared)[:3]}")
     return rows
 
 

@@ -137,10 +137,11 @@ class SeedRun:
 
             variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
             rows, saved = [], set()
-            for v in variants:
+            for i, v in enumerate(variants):  # draws of a randomised baseline share a row name, not a file
                 scorer = v.model if v.info.get("scorer") else v.model.score
                 timing = v.timing or None
-                row = self._evaluate(scorer, out, v.row, _group(name), "baselines", method=name, timing=timing,
+                row = self._evaluate(scorer, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
+                                     method=name, timing=timing,
                                      n_layers=getattr(v.model, "n_layers", None), training=v.training,
                                      kept=v.info.get("kept"), draw=v.info.get("seed"))
                 if timing and self.seed == self.config.seeds[0]:
@@ -267,11 +268,12 @@ class SeedRun:
                       removed=n_parameters(self.teacher) - n_parameters(self.compact), seeds=draws,
                       train=teacher_train_config(read_manifest(self.dirs["teacher"] / "model")))
 
-    def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, **extra) -> dict:
+    def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, file: str | None = None,
+                  **extra) -> dict:
         from layerwise.evaluate import evaluate
 
         result = evaluate(scorer, self.data, stage="test", exclude_seen=True, max_len=self.max_len)
-        path = out / "eval" / f"{slug(row)}.parquet"
+        path = out / "eval" / f"{file or slug(row)}.parquet"
         result.to_parquet(path)
         return {"row": row, "group": group, "table": table, "seed": self.seed,
                 "per_user": str(path.relative_to(out)), "means": result.means, **extra}
