@@ -54,8 +54,9 @@ class Rows:
     def per_user(self, name: str) -> np.ndarray:
         """(n_users,) the per-user metric averaged over seeds and draws."""
         if name not in self._cache:
-            arrays = [self._load(r["per_user"]) for s in self.seeds for r in self.by_name[name][s]]
-            self._cache[name] = np.mean(arrays, axis=0)
+            per_seed = [np.mean([self._load(r["per_user"]) for r in self.by_name[name][s]], axis=0)
+                        for s in self.seeds]  # draws first, as in seed_means, so every seed weighs the same
+            self._cache[name] = np.mean(per_seed, axis=0)
         return self._cache[name]
 
     @property
