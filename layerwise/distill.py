@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -98,9 +99,15 @@ def prefit_bridges(student: SequentialRecommender, teacher: SequentialRecommende
 
 
 def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
-         config: HealConfig = HealConfig(), progress: bool = True) -> HealResult:
+         config: HealConfig = HealConfig(), progress: bool = True, epoch_fn: Callable[..., dict] | None = None,
+         ) -> HealResult:
     """Distil `teacher` into `student` (built by layerwise.compact.build_compact) on `data`'s training
-    histories; returns the validation history and keeps the student's best-epoch weights."""
+    histories; returns the validation history and keeps the student's best-epoch weights.
+
+    epoch_fn: one training pass, `(student, teacher, inputs, targets, optimizer, params, config, generator)
+    -> {"loss": ..., ...}`; default: our distillation loss. A baseline with another loss (TinyBERT's
+    attention maps) passes its own and keeps the rest: early stopping, best weights, LoRA merge.
+    """
     if config.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
     torch.manual_seed(config.seed)
@@ -117,8 +124,8 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     best_state, stale = copy.deepcopy(student.state_dict()), 0
     started = time.monotonic()
     for epoch in tqdm(range(1, config.epochs + 1), desc="heal", disable=not progress, unit="epoch"):
-        loss = _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)
-        record = {"epoch": epoch, "loss": loss}
+        run_epoch = epoch_fn or _heal_epoch
+        record = {"epoch": epoch, **run_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)}
         if epoch % config.eval_every == 0:
             valid = _validate(student, data, config.max_len)
             record.update({f"valid_{k}": v for k, v in valid.items()})
@@ -154,7 +161,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
-def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> float:
+def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> dict:
     student.train()
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
@@ -169,7 +176,7 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         total, batches = total + loss.item(), batches + 1
-    return total / max(batches, 1)
+    return {"loss": total / max(batches, 1)}
 
 
 def _batch_loss(student, teacher, x, y, config) -> torch.Tensor:

@@ -16,19 +16,17 @@ go back to their own implementation afterwards. Forward hooks on the attention m
 from __future__ import annotations
 
 import contextlib
-import copy
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
 from layerwise.baselines.students import every_nth, student_config
 from layerwise.compact import build_compact
-from layerwise.distill import HealConfig, HealResult, heal_loss, merge_lora, trainable_parameters
+from layerwise.distill import HealConfig, HealResult, heal, heal_loss
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import _validate, cloze_mask, training_windows
+from layerwise.train import cloze_mask
 
 # Attention module inside a layer, and the index of the probabilities in its output tuple (T5 returns
 # (output, position_bias, weights)).
@@ -104,38 +102,15 @@ def _epoch(student, teacher, windows, optimizer, params, config, weight, generat
 
 def distil_attention(student: SequentialRecommender, teacher: SequentialRecommender, data,
                      config: HealConfig, attention_weight: float = 1.0, progress: bool = False) -> HealResult:
-    """Our healing loop (epochs, patience, eval_every, max_minutes, best-epoch weights, LoRA merge) with
-    the attention-map KL added to the loss. student.kept maps student layer j to teacher layer kept[j]."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    teacher.eval().requires_grad_(False)
-    inputs, targets = training_windows(data, config.max_len, student.family.causal)
-    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len), config=asdict(config))
-    params = trainable_parameters(student, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    best_state, stale, started = copy.deepcopy(student.state_dict()), 0, time.monotonic()
-    for epoch in range(1, config.epochs + 1):
+    """Our healing loop (`heal`: epochs, patience, best-epoch weights, LoRA merge) with the attention-map
+    KL added to the loss. student.kept maps student layer j to teacher layer kept[j]."""
+
+    def epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> dict:
         with eager_attention(student, teacher):
-            record = {"epoch": epoch, **_epoch(student, teacher, (inputs, targets), optimizer, params, config,
-                                               attention_weight, generator)}
-        if epoch % config.eval_every == 0:
-            valid = _validate(student, data, config.max_len)
-            record.update({f"valid_{k}": v for k, v in valid.items()})
-            if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
-                result.best_epoch, result.best_valid = epoch, valid
-                best_state, stale = copy.deepcopy(student.state_dict()), 0
-            else:
-                stale += 1
-        result.history.append(record)
-        if progress:
-            print(f"tinybert epoch {epoch}: {record}")
-        out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
-        if stale >= config.patience or out_of_time:
-            break
-    student.load_state_dict(best_state)
-    merge_lora(student)
-    student.requires_grad_(True)
-    return result
+            return _epoch(student, teacher, (inputs, targets), optimizer, params, config, attention_weight,
+                          generator)
+
+    return heal(student, teacher, data, config, progress=progress, epoch_fn=epoch)
 
 
 def tinybert(data, teacher=None, budget: Budget | None = None, progress: bool = False,
