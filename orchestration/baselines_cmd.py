@@ -160,7 +160,7 @@ def _collect(teacher, data, budget: Budget, names: list[str], progress: bool
 
 def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_config: HealConfig = HealConfig(),
                   seeds: tuple[int, ...] = DRAWS, out_json: str | Path | None = None,
-                  out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 16,
+                  out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 0,
                   batch_sizes: tuple[int, ...] = (1, 64), runs: int = 30, memory: bool = True,
                   progress: bool = True) -> dict:
     """Run the teacher, our method and the chosen baselines under one budget; returns the table as a dict.

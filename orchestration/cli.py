@@ -101,7 +101,8 @@ def _compress_parser(sub) -> None:
                       help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
     comp.add_argument("--selector", default="beam", help="layer selector (default: %(default)s)")
     comp.add_argument("--method", default=None, help="importance estimator the selector ranks by")
-    comp.add_argument("--bridge-rank", type=int, default=16, help="bridge adapter rank; 0 = no bridges")
+    comp.add_argument("--bridge-rank", type=int, default=0,
+                      help="bridge adapter rank at the gaps; 0 = no bridges (default: %(default)s, measured best)")
     comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
     comp.add_argument("--heal-epochs", type=int, default=20)
     comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
@@ -151,7 +152,7 @@ def _baselines_parser(sub) -> None:
                       help="baselines to run (default: all); ours and the teacher always run")
     base.add_argument("--heal-epochs", type=int, default=20)
     base.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
-    base.add_argument("--bridge-rank", type=int, default=16)
+    base.add_argument("--bridge-rank", type=int, default=0, help="as `layerwise compress` (default: %(default)s)")
     base.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                       help="random-layer draws; the first seeds every other method")
     base.add_argument("--runs", type=int, default=30, help="interleaved benchmark rounds")

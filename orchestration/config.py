@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
 
@@ -46,7 +47,7 @@ class CompressStageConfig:
     keep: float = 0.25
     selector: str = "beam"
     method: str | None = None
-    bridge_rank: int = 16
+    bridge_rank: int = DEFAULT_BRIDGE_RANK
     calib_batches: int = 8
     calib_batch_size: int = 64
     heal: HealConfig = field(default_factory=HealConfig)

@@ -19,8 +19,9 @@ from orchestration.config import (
 # Every compression baseline of layerwise.baselines, in the table order of `layerwise baselines`.
 ALL_BASELINES = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude",
                  "width", "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
-# One component removed at a time. "estimators": selection by `combined` over all local estimators, then
-# without each one; the others switch one part of our method off.
+# One component changed at a time. "estimators": selection by `combined` over all local estimators, then
+# without each one; "bridges" removes them (or adds rank-16 ones when compress.bridge_rank is 0, the
+# default); the others switch one part of our method off.
 ABLATIONS = ("estimators", "bridges", "kd", "hidden", "prefit", "heal")
 
 

@@ -164,11 +164,13 @@ class SeedRun:
             if component == "estimators":
                 write_json(out / ROWS, self._estimator_ablation(out))
                 return
-            heal = self.config.compress.heal
-            changed = {"bridges": ({"bridge_rank": 0}, {}), "kd": ({}, {"kd_weight": 0.0}),
+            heal, rank = self.config.compress.heal, self.config.compress.bridge_rank
+            # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then.
+            changed = {"bridges": ({"bridge_rank": 0 if rank else 16}, {}), "kd": ({}, {"kd_weight": 0.0}),
                        "hidden": ({}, {"hidden_weight": 0.0}), "prefit": ({}, {"prefit_steps": 0})}[component]
             config = self._compress_config(**changed[0], heal=replace(heal, **changed[1]))
-            name = {"bridges": "ours without bridges", "kd": "ours without the KD term",
+            name = {"bridges": "ours without bridges" if rank else "ours with rank-16 bridges",
+                    "kd": "ours without the KD term",
                     "hidden": "ours without the hidden-state term", "prefit": "ours without bridge pre-fitting"}
             write_json(out / ROWS, [self._compress_row(config, out, name[component], "ablation",
                                                         component=component)])

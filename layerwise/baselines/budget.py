@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig, HealResult, heal
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.train import TrainConfig, TrainResult
@@ -42,7 +43,7 @@ class Budget:
 
     k: int
     heal: HealConfig = field(default_factory=HealConfig)
-    bridge_rank: int = 16
+    bridge_rank: int = DEFAULT_BRIDGE_RANK
     removed: int | None = None
     seeds: tuple[int, ...] = DRAWS
     train: TrainConfig | None = None
