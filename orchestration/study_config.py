@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from layerwise.train import TrainConfig
 from orchestration.config import (
     BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
 )
@@ -58,7 +59,9 @@ class StudyConfig:
     run_dir: str = "runs"
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seed = teacher init + data order + calibration draw
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # No wall-clock cap on the teachers (early stopping ends them): a cap would give each seed a different
+    # training budget depending on what else the machine runs.
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(train=TrainConfig()))
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)
     baselines: tuple[str, ...] = ALL_BASELINES
     random_draws: int = 3  # random-layer draws per seed for the `random` baseline
