@@ -149,7 +149,9 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     })
 
 
-def _load_importance(imp_dir: Path) -> dict[str, torch.Tensor]:
+def load_importance(imp_dir: Path) -> dict[str, torch.Tensor]:
+    """The scores an importance stage wrote, with its loss dependency matrix as "dependency" (what
+    `compress(precomputed=...)` takes)."""
     raw = json.loads((imp_dir / "importance.json").read_text())
     scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in raw["scores"].items()}
     scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
@@ -171,7 +173,7 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
                             bridge_rank=s.bridge_rank, calib_batches=s.calib_batches,
                             calib_batch_size=s.calib_batch_size, seed=c.seed,
                             heal=replace(s.heal, max_len=c.data.max_len, seed=c.seed))
-    result = run_compress(teacher, data, config, precomputed=_load_importance(imp_dir))
+    result = run_compress(teacher, data, config, precomputed=load_importance(imp_dir))
     manifest = {"teacher": str(teacher_dir / "model"), "dataset": c.data.dataset,
                 "data_fingerprint": data.fingerprint, "max_len": c.data.max_len,
                 **result.manifest(config)}

@@ -21,6 +21,7 @@ import torch
 from orchestration.config import stage_hash
 from orchestration.pipeline import Stages
 from orchestration.report import write_json
+from orchestration.steps import load_importance
 from orchestration.study_config import StudyConfig
 
 ROWS = "rows.json"
@@ -53,7 +54,7 @@ class SeedRun:
         self.k = n_kept(c.compress.keep, self.teacher.n_layers)
         imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size)
         self._stage("importance", imp_key, self._importance)
-        self.scores = _load_scores(self.dirs["importance"])
+        self.scores = load_importance(self.dirs["importance"])
         ours_key = stage_hash(imp_key, c.compress)
         self._stage("ours", ours_key, self._ours)
         self.compact = load_compact(self.dirs["ours"] / "model").eval()
@@ -291,13 +292,6 @@ def _heal_record(result) -> dict | None:
     if result is None:
         return None
     return {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
-
-
-def _load_scores(imp_dir: Path) -> dict[str, torch.Tensor]:
-    raw = json.loads((imp_dir / "importance.json").read_text())
-    scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in raw["scores"].items()}
-    scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
-    return scores
 
 
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:

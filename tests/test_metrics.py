@@ -33,7 +33,7 @@ TARGETS = torch.tensor([0, 1, 3, 1, 0, 3])
 RANKS = [0, 1, 3, 0, 3, 3]
 
 
-def _close(t, expected):
+def assert_close(t, expected):
     assert t.dtype == torch.float64
     assert torch.allclose(t, torch.tensor(expected, dtype=torch.float64), atol=1e-12), (t, expected)
 
@@ -45,22 +45,22 @@ def test_target_ranks_pessimistic_ties_and_inf():
 def test_metrics_at_k2_hand_computed():
     m = ranking_metrics(SCORES, TARGETS, ks=(2,))
     g1 = 1 / math.log2(3)
-    _close(m["hr@2"], [1, 1, 0, 1, 0, 0])
-    _close(m["recall@2"], [1, 1, 0, 1, 0, 0])
-    _close(m["precision@2"], [0.5, 0.5, 0, 0.5, 0, 0])
-    _close(m["ndcg@2"], [1, g1, 0, 1, 0, 0])
-    _close(m["mrr@2"], [1, 0.5, 0, 1, 0, 0])
-    _close(m["map@2"], [1, 0.5, 0, 1, 0, 0])
-    _close(m["mrr"], [1, 0.5, 0.25, 1, 0.25, 0.25])
+    assert_close(m["hr@2"], [1, 1, 0, 1, 0, 0])
+    assert_close(m["recall@2"], [1, 1, 0, 1, 0, 0])
+    assert_close(m["precision@2"], [0.5, 0.5, 0, 0.5, 0, 0])
+    assert_close(m["ndcg@2"], [1, g1, 0, 1, 0, 0])
+    assert_close(m["mrr@2"], [1, 0.5, 0, 1, 0, 0])
+    assert_close(m["map@2"], [1, 0.5, 0, 1, 0, 0])
+    assert_close(m["mrr"], [1, 0.5, 0.25, 1, 0.25, 0.25])
 
 
 def test_k_larger_than_catalogue_is_always_a_hit():
     m = ranking_metrics(SCORES, TARGETS, ks=(10,))
     g1, g3 = 1 / math.log2(3), 1 / math.log2(5)
-    _close(m["hr@10"], [1] * 6)
-    _close(m["precision@10"], [0.1] * 6)
-    _close(m["ndcg@10"], [1, g1, g3, 1, g3, g3])
-    _close(m["mrr@10"], [1, 0.5, 0.25, 1, 0.25, 0.25])
+    assert_close(m["hr@10"], [1] * 6)
+    assert_close(m["precision@10"], [0.1] * 6)
+    assert_close(m["ndcg@10"], [1, g1, g3, 1, g3, g3])
+    assert_close(m["mrr@10"], [1, 0.5, 0.25, 1, 0.25, 0.25])
 
 
 def test_keys_for_every_k():
@@ -72,13 +72,13 @@ def test_keys_for_every_k():
 
 def test_rank_functions_directly():
     ranks = torch.tensor([0, 1, 2, 9, 10, 50])
-    _close(ndcg_at_k(ranks, 10), [1, 1 / math.log2(3), 0.5, 1 / math.log2(11), 0, 0])
-    _close(hr_at_k(ranks, 10), [1, 1, 1, 1, 0, 0])
-    _close(recall_at_k(ranks, 3), [1, 1, 1, 0, 0, 0])
-    _close(precision_at_k(ranks, 5), [0.2, 0.2, 0.2, 0, 0, 0])
-    _close(mrr_at_k(ranks, 10), [1, 0.5, 1 / 3, 0.1, 0, 0])
-    _close(map_at_k(ranks, 2), [1, 0.5, 0, 0, 0, 0])
-    _close(mrr(ranks), [1, 0.5, 1 / 3, 0.1, 1 / 11, 1 / 51])
+    assert_close(ndcg_at_k(ranks, 10), [1, 1 / math.log2(3), 0.5, 1 / math.log2(11), 0, 0])
+    assert_close(hr_at_k(ranks, 10), [1, 1, 1, 1, 0, 0])
+    assert_close(recall_at_k(ranks, 3), [1, 1, 1, 0, 0, 0])
+    assert_close(precision_at_k(ranks, 5), [0.2, 0.2, 0.2, 0, 0, 0])
+    assert_close(mrr_at_k(ranks, 10), [1, 0.5, 1 / 3, 0.1, 0, 0])
+    assert_close(map_at_k(ranks, 2), [1, 0.5, 0, 0, 0, 0])
+    assert_close(mrr(ranks), [1, 0.5, 1 / 3, 0.1, 1 / 11, 1 / 51])
 
 
 def test_single_item_catalogue_and_all_minus_inf_row():
