@@ -66,12 +66,20 @@ class StudyConfig:
     baselines: tuple[str, ...] = ALL_BASELINES
     random_draws: int = 3  # random-layer draws per seed for the `random` baseline
     ablation: tuple[str, ...] = ABLATIONS
+    # The ablation and the k sweep run on the first `extras_seeds` seeds (None: on all). They are most of a
+    # seed's cost (about 25 heals), so on a small machine they can get fewer seeds than the headline.
+    extras_seeds: int | None = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
     ray: StudyRayConfig = field(default_factory=StudyRayConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="layerwise-study"))
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def extras_seeds(config: StudyConfig) -> tuple[int, ...]:
+    """The seeds that also run the ablation and the k sweep."""
+    return tuple(config.seeds[:config.extras_seeds]) if config.extras_seeds else tuple(config.seeds)
 
 
 def load_study_config(path: str | None = None, overrides: list[str] | None = None) -> StudyConfig:
@@ -110,5 +118,8 @@ def check(config: StudyConfig) -> None:
         raise ValueError(f"sweep.ks must be >= 1, got {list(config.sweep.ks)}")
     if config.random_draws < 1 or config.sweep.heal_epochs < 1 or config.ray.cpus_per_seed <= 0:
         raise ValueError("random_draws and sweep.heal_epochs must be >= 1 and ray.cpus_per_seed > 0")
+    if config.extras_seeds is not None and not 1 <= config.extras_seeds <= len(config.seeds):
+        raise ValueError(f"extras_seeds must be between 1 and the {len(config.seeds)} seeds, "
+                         f"got {config.extras_seeds}")
     if config.scenarios.min_users < 2:
         raise ValueError(f"scenarios.min_users must be >= 2, got {config.scenarios.min_users}")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from scipy import stats as sps
 
 from layerwise import stats
-from orchestration.study_config import StudyConfig
+from orchestration.study_config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
 TARGETS = {"retention": [0.90, 0.95], "speedup": [3.5, 4.0]}  # the claim we test: 25% of layers, ~4x, ~90%
@@ -88,6 +88,7 @@ def across_seeds(values: np.ndarray) -> dict:
 def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str, Path]], rows: Sequence[Mapping],
                   speed: Mapping, wall_seconds: float) -> dict:
     table = Rows(rows, config.seeds)
+    extras = table if extras_seeds(config) == tuple(config.seeds) else Rows(rows, extras_seeds(config))
     first_dirs = seed_dirs[config.seeds[0]]
     ours = table.first("ours")
     k, n_layers = ours["n_layers"], table.first("teacher")["n_layers"]
@@ -98,8 +99,8 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "protocol": _protocol(config, data, k, n_layers, wall_seconds),
         "headline": headline(table, speed, k, n_layers),
         "baselines": comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
-        "ablation": comparison(table, ["ours", *table.names("ablation")], speed, big, with_speed=False),
-        "k_sweep": k_sweep(table, config, n_layers),
+        "ablation": comparison(extras, ["ours", *table.names("ablation")], speed, big, with_speed=False),
+        "k_sweep": k_sweep(extras, config, n_layers),
         "robustness": robustness(seed_dirs, config),
         "scenarios": scenarios(table, data, config),
         "importance": _importance(first_dirs, ours),
@@ -143,8 +144,9 @@ def comparison(table: Rows, names: Sequence[str], speed: Mapping, batch: str, wi
                 stats.paired_test(ours_u, table.per_user(name), test="wilcoxon")
             row.update(p_value=test.p_value, effect_size=test.effect_size, test=test.to_dict())
         out.append(row)
-    kind = "paired t-test on the seed means" if len(t_seeds) >= 2 else "paired Wilcoxon over users (one seed)"
-    return {"metric": METRIC, "reference": "ours", "test": kind, "rows": out}
+    kind = f"paired t-test on the means of seeds {table.seeds}" if len(t_seeds) >= 2 else \
+        "paired Wilcoxon over users (one seed)"
+    return {"metric": METRIC, "reference": "ours", "test": kind, "seeds": table.seeds, "rows": out}
 
 
 def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:
@@ -156,7 +158,8 @@ def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:
         estimates = [across_seeds(table.seed_means(f"{selector} k={k}") / t_seeds) for k in ks]
         if ks:
             curves[selector] = {"k": ks, "mean": [e["mean"] for e in estimates], "ci95": _cis(estimates)}
-    return {"metric": METRIC, "n_layers": n_layers, "heal_epochs": config.sweep.heal_epochs, "curves": curves}
+    return {"metric": METRIC, "n_layers": n_layers, "heal_epochs": config.sweep.heal_epochs, "seeds": table.seeds,
+            "curves": curves}
 
 
 def robustness(seed_dirs: Mapping[int, Mapping[str, Path]], config: StudyConfig) -> dict | None:
@@ -231,6 +234,7 @@ def _protocol(config: StudyConfig, data, k: int, n_layers: int, wall_seconds: fl
         "seeds": list(config.seeds), "seed controls": "teacher init, data order, calibration draw, bridge init",
         "kept layers": f"{k} of {n_layers} (keep {c.keep})", "selector": c.selector, "bridge rank": c.bridge_rank,
         "healing": f"{c.heal.epochs} epochs max, patience {c.heal.patience}, trainable {c.heal.trainable}",
+        "ablation and k sweep seeds": list(extras_seeds(config)),
         "k sweep healing": f"{config.sweep.heal_epochs} epochs", "random-layer draws per seed": config.random_draws,
         "p-values": "paired t-test on seed means (>= 2 seeds), Holm-adjusted per table",
         "wall time (s)": round(wall_seconds, 1),

@@ -22,7 +22,7 @@ from orchestration.config import stage_hash
 from orchestration.pipeline import Stages
 from orchestration.report import write_json
 from orchestration.steps import load_importance
-from orchestration.study_config import StudyConfig
+from orchestration.study_config import StudyConfig, extras_seeds
 
 ROWS = "rows.json"
 METRIC = "ndcg@10"
@@ -60,9 +60,10 @@ class SeedRun:
         self.compact = load_compact(self.dirs["ours"] / "model").eval()
         for name in c.baselines:
             self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
-        for component in c.ablation:
+        extras = self.seed in extras_seeds(c)
+        for component in c.ablation if extras else ():
             self._stage(f"ablation-{component}", stage_hash(ours_key, component), self._ablation(component))
-        for selector in c.sweep.selectors:
+        for selector in c.sweep.selectors if extras else ():
             for k in self._sweep_ks():
                 key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
                 self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
@@ -297,7 +298,7 @@ def _heal_record(result) -> dict | None:
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:
     """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run every stage."""
     from orchestration.config import _build
-    from orchestration.study_config import StudyConfig
+    from orchestration.study_config import StudyConfig, extras_seeds
     from layerwise.data import load_dataset
 
     torch.set_num_threads(max(1, threads))

@@ -23,8 +23,8 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                      "seeds": {"n": int, "retention": Estimate, "test": TestResult dict},
                      "targets": {"retention": [low, high], "speedup": [low, high]}},   # the user's hopes
         "baselines": {"metric": str, "reference": str, "rows": [Row, ...]},
-        "ablation":  {"metric": str, "reference": str, "rows": [Row, ...]},
-        "k_sweep": {"metric": str, "n_layers": int,
+        "ablation":  {"metric": str, "reference": str, "test": str, "seeds": [int], "rows": [Row, ...]},
+        "k_sweep": {"metric": str, "n_layers": int, "heal_epochs": int, "seeds": [int],
                     "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}}},
         "robustness": {"metric": str, "kinds": {kind: {"levels": [fraction],
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
@@ -210,7 +210,10 @@ def _k_sweep(sweep, figures) -> list:
                                     "pct") if at else "-")
         rows.append(row)
     metric = str(sweep.get("metric", "ndcg@10")).upper()
-    return [("table", ["k"] + [f"{name}: {metric} retention" for name in curves], rows),
+    over = f" over seeds {sweep['seeds']}" if sweep.get("seeds") else ""
+    return [("p", f"Retention of each selector's model healed for {sweep.get('heal_epochs', '?')} epochs, mean "
+                  f"[95% CI]{over}."),
+            ("table", ["k"] + [f"{name}: {metric} retention" for name in curves], rows),
             ("img", "k_sweep", f"{metric} retention against k")]
 
 

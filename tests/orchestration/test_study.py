@@ -15,7 +15,7 @@ from orchestration.study_config import load_study_config
 SETTINGS = [
     "seeds=[0,1]", "data.dataset=synthetic:300:60:6000:0", "teacher.preset=tiny", "teacher.train.epochs=2",
     "compress.keep=0.5", "compress.calib_batches=2", "compress.heal.epochs=1", "compress.heal.prefit_steps=5",
-    "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd]", "sweep.selectors=[ours,random]",
+    "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd]", "extras_seeds=1", "sweep.selectors=[ours,random]",
     "sweep.heal_epochs=1", "noise.kinds=[drop,reorder]", "noise.levels=[0.0,0.2]", "scenarios.min_users=10",
     "ray.cpus_per_seed=0.5", "bench.runs=3", "bench.warmup=1", "bench.batch_sizes=[1,8]",
 ]
@@ -70,6 +70,12 @@ def test_ablation_sweep_noise_and_slices(study):
     assert any(name.startswith("combined without ") for name in ablation)
     assert set(results["k_sweep"]["curves"]) == {"ours", "random"}
     assert results["k_sweep"]["curves"]["ours"]["k"] == [1]
+    # extras_seeds=1: only the first seed ran the ablation and the sweep, and their tables say so.
+    assert results["ablation"]["seeds"] == results["k_sweep"]["seeds"] == [0]
+    assert "one seed" in results["ablation"]["test"] and results["k_sweep"]["curves"]["ours"]["ci95"] is None
+    assert not list((root / "study" / "seeds" / "seed-1").glob("ablation-*"))
+    assert not list((root / "study" / "seeds" / "seed-1").glob("sweep-*"))
+    assert list((root / "study" / "seeds" / "seed-0").glob("sweep-*"))
     kinds = results["robustness"]["kinds"]
     assert set(kinds) == {"drop", "reorder"} and kinds["drop"]["levels"] == [0.0, 0.2]
     assert kinds["drop"]["teacher"]["mean"][0] == kinds["reorder"]["teacher"]["mean"][0]  # level 0 is clean
@@ -105,3 +111,5 @@ def test_bad_study_configs_name_the_key():
         load_study_config(None, ["sweep.selector=[ours]"])
     with pytest.raises(ValueError, match="sweep.selectors"):
         load_study_config(None, ["sweep.selectors=[ours,best]"])
+    with pytest.raises(ValueError, match="extras_seeds must be between 1 and the 5 seeds"):
+        load_study_config(None, ["extras_seeds=6"])
