@@ -15,32 +15,25 @@ Wall time is the measure; process CPU time per call is recorded beside it (`cpu`
 machine long calls are preempted more than short ones, which inflates wall-clock speedups past the bound
 (CPU time is immune to that with one torch thread; with more it also counts OpenMP spin-waiting).
 CPU RSS is process-wide, so peak memory is measured per saved model in a fresh subprocess
-(`peak_memory`); in-memory models on CPU are reported "not measured" rather than given a number.
-
-Peak memory of one saved model (the subprocess entry; the `layerwise bench` command wraps `bench_dirs`):
-    python -m layerwise.bench --peak runs/teacher --batch-size 64 --max-len 50
+(`layerwise.memory.peak_memory`); in-memory models on CPU are reported "not measured" rather than given a
+number. The `layerwise bench` command wraps `bench_dirs`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import torch.nn as nn
 import transformers
 
+from layerwise.memory import peak_memory
 from layerwise.models.recommender import SequentialRecommender
 
 _MB = 2**20
@@ -289,68 +282,6 @@ def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), run
     return result
 
 
-def peak_memory(model_dir: str | Path, batch_size: int, max_len: int, device: str = "cpu", seed: int = 0) -> dict:
-    """Peak memory of loading `model_dir` and scoring one batch, measured in a fresh Python subprocess.
-
-    CPU: RSS from /proc (VmHWM is reset after loading, so `peak_rss_bytes` is the inference peak),
-    `peak_over_baseline_bytes` = peak minus the RSS of the bare interpreter after imports. CUDA:
-    torch.cuda.max_memory_allocated. Raises RuntimeError with the child's stderr if it fails.
-    """
-    cmd = [sys.executable, "-m", "layerwise.bench", "--peak", str(model_dir), "--batch-size", str(batch_size),
-           "--max-len", str(max_len), "--device", device, "--seed", str(seed),
-           "--threads", str(torch.get_num_threads())]
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"peak-memory subprocess failed for {model_dir}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _hwm_bytes() -> tuple[int, str]:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return 1024 * next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), "VmHWM"
-    except (OSError, StopIteration):
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset the RSS high-water mark
-        return True
-    except OSError:
-        return False
-
-
-def _measure_peak(model_dir: str, batch_size: int, max_len: int, device: str, seed: int) -> dict:
-    """Runs in the fresh subprocess: baseline after imports, load, reset the high-water mark, score."""
-    from layerwise.models.checkpoint import load_recommender  # imports every family's modeling code
-
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    model = load_recommender(model_dir).to(device).eval()
-    histories = make_histories(batch_size, max_len, model.n_items, seed).to(device)
-    loaded = process.memory_info().rss
-    load_peak, method = _hwm_bytes()
-    reset = _reset_hwm()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        for _ in range(2):  # the first call may allocate lazily initialised state; the peak covers both
-            model.score(histories)
-    peak, method = _hwm_bytes()
-    out = {"status": "measured", "method": method, "device": device, "pid": os.getpid(), "batch_size": batch_size,
-           "max_len": max_len, "threads": torch.get_num_threads(), "baseline_rss_bytes": baseline,
-           "loaded_rss_bytes": loaded, "load_peak_rss_bytes": load_peak, "peak_rss_bytes": peak,
-           "peak_scope": "inference (high-water mark reset after loading)" if reset else "load + inference",
-           "peak_over_baseline_bytes": peak - baseline, "param_bytes": parameter_bytes(model)}
-    if device.startswith("cuda"):
-        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    return out
-
-
 def _unique_names(model_dirs: list[str]) -> list[str]:
     names: list[str] = []
     for d in model_dirs:
@@ -414,20 +345,3 @@ def format_table(result: dict) -> str:
                  f"({v['median_ms']:.3f} ms; cpu-time f = {v['cpu_f']:.3f})" for b, v in result["nonlayer"].items()]
         lines += ["", "Non-layer fraction (0-layer copy of the reference): " + "; ".join(parts) + "."]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Subprocess entry: `python -m layerwise.bench --peak DIR --batch-size 64 --max-len 50` prints JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peak", required=True, metavar="MODEL_DIR", help="saved model directory")
-    for flag, default in (("--batch-size", 64), ("--max-len", 50), ("--seed", 0), ("--threads", 0)):
-        parser.add_argument(flag, type=int, default=default)  # --threads: the parent's torch threads
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(json.dumps(_measure_peak(args.peak, args.batch_size, args.max_len, args.device, args.seed)))
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,8 @@ import numpy as np
 
 from layerwise.baselines import BASELINES, SCORER_BASELINES, Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
-from layerwise.bench import benchmark, peak_memory
+from layerwise.bench import benchmark
+from layerwise.memory import peak_memory
 from layerwise.compress import n_kept
 from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate

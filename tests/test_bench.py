@@ -16,8 +16,9 @@ import torch
 
 from layerwise.bench import (
     bench_dirs, benchmark, format_table, forward_flops, interleaved_schedule, make_histories, parameter_bytes,
-    peak_memory, ratio_ci, zero_layer_variant,
+    ratio_ci, zero_layer_variant,
 )
+from layerwise.memory import peak_memory
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import save_recommender
 
