@@ -38,10 +38,11 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     from orchestration.ray_runtime import ray_session
     from orchestration.study_results import build_results
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root = Path(config.run_dir).resolve() / config.name
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "config.json", asdict(config))
+    _record_invocation(root, started_at, None)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     with ray_session(address=config.ray.address):
@@ -49,7 +50,8 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
             seed_dirs = run_seeds(config, root, progress)
             rows = collect_rows(seed_dirs)
             speed = _speed(config, data, seed_dirs[config.seeds[0]], rows, root)
-            results = build_results(config, data, seed_dirs, rows, speed, time.perf_counter() - started)
+            walls = _record_invocation(root, started_at, time.perf_counter() - started)
+            results = build_results(config, data, seed_dirs, rows, speed, walls)
             write_json(root / "results.json", results)
             paths = write_report(results, root / "report")
             _log(results, paths)
@@ -139,6 +141,19 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     write_json(out / "speed.json", result)
 
 
+def _record_invocation(root: Path, started_at: str, seconds: float | None) -> list[dict]:
+    """Note this run in <study>/invocations.json: at its start with no time, at its end with its wall time.
+    A study resumed after an interruption is several runs; an interrupted one keeps `seconds: null`."""
+    path = root / "invocations.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    if runs and runs[-1]["started"] == started_at:
+        runs[-1]["seconds"] = round(seconds, 1)
+    else:
+        runs.append({"started": started_at, "seconds": seconds})
+    write_json(path, runs)
+    return runs
+
+
 def _load_data(config: StudyConfig):
     from layerwise.data import load_dataset
 
@@ -154,7 +169,8 @@ def _log(results: dict, paths: dict) -> None:
                                        "teacher": head["teacher"]["mean"], "compact": head["compact"]["mean"],
                                        **{f"speedup_{b}": e["mean"] for b, e in head.get("speedup", {}).items()
                                           if e and e.get("mean") is not None}},
-                          "wall_seconds": results["protocol"]["wall time (s)"]})
+                          "wall_seconds": results["protocol"]["wall time (s)"],
+                          "stage_seconds": results["protocol"]["stage time summed over seeds (s)"]})
     for table in ("headline", "baselines", "ablation", "k_sweep", "robustness", "scenarios", "importance"):
         if results.get(table) is not None:
             tracking.log_json(results[table], f"tables/{table}.json")

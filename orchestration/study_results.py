@@ -86,7 +86,8 @@ def across_seeds(values: np.ndarray) -> dict:
 
 
 def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str, Path]], rows: Sequence[Mapping],
-                  speed: Mapping, wall_seconds: float) -> dict:
+                  speed: Mapping, runs: Sequence[Mapping]) -> dict:
+    """`runs`: every invocation of this study, oldest first: {"started", "seconds" (None if interrupted)}."""
     table = Rows(rows, config.seeds)
     extras = table if extras_seeds(config) == tuple(config.seeds) else Rows(rows, extras_seeds(config))
     first_dirs = seed_dirs[config.seeds[0]]
@@ -96,7 +97,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
     results = {
         "title": f"layerwise study '{config.name}': {config.data.dataset}, {_teacher_name(config)}, "
                  f"{len(config.seeds)} seeds",
-        "protocol": _protocol(config, data, k, n_layers, wall_seconds),
+        "protocol": _protocol(config, data, k, n_layers, runs, _stage_seconds(seed_dirs)),
         "headline": headline(table, speed, k, n_layers),
         "baselines": comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
         "ablation": comparison(extras, ["ours", *table.names("ablation")], speed, big, with_speed=False),
@@ -223,7 +224,15 @@ def _teacher_name(config: StudyConfig) -> str:
     return f"pretrained {Path(t.pretrained).name}" if t.pretrained else f"{t.family}-{t.preset}"
 
 
-def _protocol(config: StudyConfig, data, k: int, n_layers: int, wall_seconds: float) -> dict:
+def _stage_seconds(seed_dirs: Mapping[int, Mapping[str, Path]]) -> float:
+    """Seconds the seeds' stages took, summed (a resumed study counts each stage once, where it finished)."""
+    files = [path / "_seconds.json" for dirs in seed_dirs.values() for path in dirs.values()]
+    return sum(json.loads(f.read_text())["seconds"] for f in files if f.exists())
+
+
+def _protocol(config: StudyConfig, data, k: int, n_layers: int, runs: Sequence[Mapping],
+              stage_seconds: float) -> dict:
+    timed = [r["seconds"] for r in runs if r["seconds"] is not None]
     t, c = config.teacher, config.compress
     return {
         "data set": config.data.dataset, "fingerprint": data.fingerprint[:16],
@@ -237,7 +246,9 @@ def _protocol(config: StudyConfig, data, k: int, n_layers: int, wall_seconds: fl
         "ablation and k sweep seeds": list(extras_seeds(config)),
         "k sweep healing": f"{config.sweep.heal_epochs} epochs", "random-layer draws per seed": config.random_draws,
         "p-values": "paired t-test on seed means (>= 2 seeds), Holm-adjusted per table",
-        "wall time (s)": round(wall_seconds, 1),
+        "wall time (s)": round(sum(timed), 1),
+        "invocations": f"{len(runs)} ({len(runs) - len(timed)} interrupted, not timed)" if len(runs) > 1 else 1,
+        "stage time summed over seeds (s)": round(stage_seconds, 1),
     }
 
 

@@ -95,6 +95,12 @@ def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
     again = run_study(config, progress=False)  # every stage is done: nothing is trained again
     assert {p: p.stat().st_mtime for p in before} == before
     assert again["headline"]["compact"] == results["headline"]["compact"]
+    runs = json.loads((root / "study" / "invocations.json").read_text())
+    assert len(runs) == 2 and all(r["seconds"] > 0 for r in runs)
+    protocol = again["protocol"]
+    assert protocol["wall time (s)"] == pytest.approx(sum(r["seconds"] for r in runs), abs=0.2)
+    assert protocol["invocations"].startswith("2 (0 interrupted")
+    assert protocol["stage time summed over seeds (s)"] == results["protocol"]["stage time summed over seeds (s)"] > 0
     mlflow.set_tracking_uri(tracking.tracking_uri(root))  # leave a valid URI for the next module
 
 
