@@ -119,3 +119,12 @@ def test_bad_study_configs_name_the_key():
         load_study_config(None, ["sweep.selectors=[ours,best]"])
     with pytest.raises(ValueError, match="extras_seeds must be between 1 and the 5 seeds"):
         load_study_config(None, ["extras_seeds=6"])
+
+
+def test_shipped_study_configs_load():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+    assert paths, "studies/ holds the study configs of the README"
+    names = [load_study_config(str(path)).name for path in paths]  # parsed and checked like a user's file
+    assert len(set(names)) == len(names) and "study" not in names  # each writes its own run folder
