@@ -56,7 +56,7 @@ def make_batches(model: SequentialRecommender, n_batches: int, batch_size: int, 
         seqs = torch.randint(1, model.n_items + 1, (batch_size, seq_len + 1), generator=g)
         lengths = torch.randint(5, seq_len + 2, (batch_size, 1), generator=g)
         seqs = seqs.masked_fill(torch.arange(seq_len + 1) < seq_len + 1 - lengths, 0)
-        if model.family.causal:
+        if model.causal:
             inputs, targets = seqs[:, :-1], seqs[:, 1:].masked_fill(seqs[:, :-1] == 0, 0)
         else:
             inputs, targets = cloze_mask(seqs[:, 1:], model.mask_index, 0.2, g)

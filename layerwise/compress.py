@@ -87,13 +87,13 @@ def n_kept(keep: float, n_layers: int) -> int:
 def calibration_batches(model: SequentialRecommender, data, n_batches: int, batch_size: int,
                         max_len: int = 50, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random training windows as (inputs (B, T), targets (B, T)) batches; encoders get cloze masks."""
-    inputs, targets = training_windows(data, max_len, model.family.causal)
+    inputs, targets = training_windows(data, max_len, model.causal)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(inputs), generator=generator)[: n_batches * batch_size]
     batches = []
     for start in range(0, len(order), batch_size):
         x, y = inputs[order[start:start + batch_size]], targets[order[start:start + batch_size]]
-        if not model.family.causal:
+        if not model.causal:
             x, y = cloze_mask(x, model.mask_index, 0.2, generator)
         batches.append((x, y))
     return batches

@@ -113,7 +113,7 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
-    inputs, targets = training_windows(data, config.max_len, student.family.causal)
+    inputs, targets = training_windows(data, config.max_len, student.causal)
     result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len),
                         config=asdict(config))
     result.prefit_mse = prefit_bridges(student, teacher, inputs, config.prefit_steps, seed=config.seed)
@@ -168,7 +168,7 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         x, y = inputs[idx], targets[idx]
-        if not student.family.causal:
+        if not student.causal:
             x, y = cloze_mask(x, student.mask_index, 0.2, generator)
         loss = _batch_loss(student, teacher, x, y, config)
         optimizer.zero_grad(set_to_none=True)

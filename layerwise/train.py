@@ -111,7 +111,7 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     """Train `model` on `data`'s training histories; keeps the weights of the best validation epoch."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    inputs, targets = training_windows(data, config.max_len, model.family.causal)
+    inputs, targets = training_windows(data, config.max_len, model.causal)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(best_epoch=-1, best_valid={"ndcg@10": -1.0}, config=asdict(config))
     best_state, stale = None, 0
@@ -146,7 +146,7 @@ def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         x, y = inputs[idx], targets[idx]
-        if not model.family.causal:
+        if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
         hidden = model.encode(x)
         loss = next_item_loss(model, hidden, y, config, generator)

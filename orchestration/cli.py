@@ -55,6 +55,9 @@ def _train_parser(sub) -> None:
                        help="local pretrained backbone directory instead of a preset (e.g. MiniLM)")
     train.add_argument("--text-features", action="store_true",
                        help="add frozen MiniLM embeddings of item titles and genres")
+    train.add_argument("--causal", action="store_true",
+                       help="train a BERT as a decoder (causal mask, next item at every position) instead "
+                            "of by cloze, which learns from ~20%% of positions and needs far more epochs")
     train.add_argument("--out", required=True, help="output model directory")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)

@@ -51,7 +51,7 @@ def train(args) -> int:
     config = replace(config, **overrides)
     model = build_recommender(dataset, args.family, args.preset, pretrained=args.pretrained,
                               text_features=args.text_features, max_len=args.max_len,
-                              dropout=args.dropout, seed=args.seed)
+                              dropout=args.dropout, seed=args.seed, causal=args.causal)
     started = time.perf_counter()
     result = train_recommender(model, dataset, config)
     minutes = (time.perf_counter() - started) / 60

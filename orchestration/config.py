@@ -22,6 +22,11 @@ from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
 
 
+def added_option(default: Any) -> Any:
+    """A config field whose default keeps every earlier result valid (see `_plain`)."""
+    return field(default=default, metadata={"hash_if_set": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "ml-100k"
@@ -38,6 +43,7 @@ class TeacherConfig:
     pretrained: str | None = None
     text_features: bool = False
     dropout: float = 0.1
+    causal: bool = added_option(False)  # BERT as a decoder: next item at every position, not cloze
     # A wall-clock cap keeps `make run` inside its budget on 2 cores; early stopping usually ends sooner.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_minutes=9.0))
 
@@ -114,7 +120,13 @@ def stage_hash(*parts: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    """A dataclass as a dict for hashing. A field added after runs existed (metadata `hash_if_set`) is left
+    out while it has its default, which keeps the old behaviour: finished stages keep their folders."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if not (f.metadata.get("hash_if_set") and getattr(value, f.name) == f.default)}
+
 
 
 def _set_path(raw: dict, keys: list[str], value: Any) -> None:

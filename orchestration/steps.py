@@ -75,8 +75,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
     if c.ray.distributed_training:
         from orchestration.training import DataSpec, ModelSpec, train_teacher_distributed
 
-        if t.text_features:
-            raise ValueError("text features are not wired into distributed training yet; "
+        if t.text_features or t.causal:
+            raise ValueError("text features and causal BERT are not wired into distributed training yet; "
                              "set ray.distributed_training=false")
         data_spec = DataSpec(c.data.dataset, cache_dir=c.data.cache_dir, data_dir=c.data.data_dir,
                              min_core=c.data.min_core)
@@ -92,7 +92,7 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
         return
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
                               text_features=t.text_features, max_len=c.data.max_len,
-                              dropout=t.dropout, seed=c.seed)
+                              dropout=t.dropout, seed=c.seed, causal=t.causal)
     result = train_recommender(model, data, train_config)
     save_recommender(model, out / "model", {
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": c.data.dataset,

@@ -239,7 +239,8 @@ def _protocol(config: StudyConfig, data, k: int, n_layers: int, runs: Sequence[M
         "users / items": f"{data.n_users} / {data.n_items}",
         "split": "leave-one-out by time: last item test, second-to-last validation",
         "ranking": "full catalogue, the user's seen items excluded", "max_len": config.data.max_len,
-        "teacher": _teacher_name(config) + (" + item text" if t.text_features else ""),
+        "teacher": _teacher_name(config) + (" + item text" if t.text_features else "")
+        + (", causal (decoder mask)" if t.causal else ""),
         "seeds": list(config.seeds), "seed controls": "teacher init, data order, calibration draw, bridge init",
         "kept layers": f"{k} of {n_layers} (keep {c.keep})", "selector": c.selector, "bridge rank": c.bridge_rank,
         "healing": f"{c.heal.epochs} epochs max, patience {c.heal.patience}, trainable {c.heal.trainable}",

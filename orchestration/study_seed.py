@@ -91,7 +91,7 @@ class SeedRun:
         recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
         model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
                                   text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
-                                  seed=self.seed)
+                                  seed=self.seed, causal=t.causal)
         result = train_recommender(model, self.data, recipe, progress=self.progress)
         save_recommender(model, out / "model", {
             "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,

@@ -255,7 +255,7 @@ def _heal_loop(config: dict) -> dict:
     heal = HealConfig(**config["heal"])
     teacher = load_recommender(config["teacher_dir"]).requires_grad_(False)
     student = build_compact(teacher, config["keep"], config["bridge_rank"], seed=heal.seed)
-    inputs, _ = training_windows(data, heal.max_len, student.family.causal)
+    inputs, _ = training_windows(data, heal.max_len, student.causal)
     prefit = prefit_bridges(student, teacher, inputs, heal.prefit_steps, seed=heal.seed)
     teacher.to("cuda" if config["ds"]["device"] == "cuda" else "cpu")  # where the engine puts the student
     params = trainable_parameters(student, heal)
@@ -313,7 +313,7 @@ class _Worker:
         self.engine, self.model, self.snapshot, self.data = engine, model, snapshot, data
         self.loop, self.manifest, self.save = loop, manifest, save
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.inputs, self.targets = training_windows(data, loop.max_len, model.family.causal)
+        self.inputs, self.targets = training_windows(data, loop.max_len, model.causal)
         self.order_rng = torch.Generator().manual_seed(loop.seed)  # the same permutation on every rank
         self.mask_rng = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
         self.best, self.stale, self.history = -1.0, 0, []
@@ -328,7 +328,7 @@ class _Worker:
         total, steps = 0.0, 0
         for start in range(0, len(mine), size):
             x, y = self.inputs[mine[start:start + size]], self.targets[mine[start:start + size]]
-            if not self.model.family.causal:
+            if not self.model.causal:
                 x, y = cloze_mask(x, self.model.mask_index, self.loop.mask_prob, self.mask_rng)
             loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             share = self._share(y)

@@ -95,3 +95,15 @@ def test_bad_inputs_give_clear_errors(teacher, workdir):
     assert out.returncode == 2 and "cannot keep" in out.stderr
     out = layerwise("data", "stats", "--dataset", str(workdir / "missing.csv"), cwd=workdir, check=False)
     assert out.returncode == 2 and "missing.csv" in out.stderr
+
+
+def test_train_a_causal_bert_and_refuse_a_causal_t5(workdir):
+    out_dir = workdir / "causal-bert"
+    layerwise("train", "--dataset", DATASET, "--cache-dir", str(workdir / "cache"), "--family", "bert",
+              "--preset", "tiny", "--causal", "--epochs", "1", "--max-len", "20", "--out", str(out_dir), cwd=workdir)
+    config = json.loads((out_dir / "backbone" / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["is_decoder"] is True
+    out = layerwise("train", "--dataset", DATASET, "--cache-dir", str(workdir / "cache"), "--family", "t5",
+                    "--preset", "tiny", "--causal", "--epochs", "1", "--out", str(workdir / "t5"), cwd=workdir,
+                    check=False)
+    assert out.returncode == 2 and "T5's encoder has no causal mode" in out.stderr

@@ -86,7 +86,7 @@ def _epoch(student, teacher, windows, optimizer, params, config, weight, generat
     with recorded_attention(teacher, keep) as t_maps, recorded_attention(student, range(len(keep))) as s_maps:
         for start in range(0, len(order), config.batch_size):
             x, y = inputs[order[start:start + config.batch_size]], targets[order[start:start + config.batch_size]]
-            if not student.family.causal:
+            if not student.causal:
                 x, y = cloze_mask(x, student.mask_index, 0.2, generator)
             loss = heal_loss(student, teacher, x, y, config)  # fills both maps (teacher's without grad)
             kl = sum(attention_kl(s_maps[j], t_maps[t], x != 0) for j, t in enumerate(keep)) / len(keep)

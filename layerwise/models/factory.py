@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from layerwise.models.presets import build_backbone, load_backbone, preset_config
+from layerwise.models.presets import build_backbone, check_causal, load_backbone, preset_config
 from layerwise.models.recommender import SequentialRecommender
 
 
 def build_recommender(data, family: str, preset: str = "small", pretrained: str | None = None,
                       text_features: bool = False, max_len: int = 50, dropout: float | None = None,
-                      seed: int = 0, text_encoder: str | None = None) -> SequentialRecommender:
+                      seed: int = 0, text_encoder: str | None = None, causal: bool = False) -> SequentialRecommender:
     """A randomly initialised (or pretrained-backbone) recommender sized for `data`'s catalogue.
 
     With `pretrained` (a local directory, or "minilm" for the bundled all-MiniLM-L6-v2), the family comes
-    from the directory's config and `family`/`preset` are ignored.
+    from the directory's config and `family`/`preset` are ignored. `causal` makes a BERT a decoder (causal
+    mask, next item at every position): cloze training of an encoder learns from only the masked ~20% of
+    positions and needs many times more epochs.
     """
     torch.manual_seed(seed)
     drop = 0.1 if dropout is None else dropout
@@ -23,9 +25,11 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
 
         pretrained = str(default_text_encoder())
     if pretrained:
-        backbone = load_backbone(pretrained)
+        backbone = load_backbone(pretrained, causal=causal)
     else:
-        backbone = build_backbone(preset_config(family, preset, max_len=max_len, dropout=drop))
+        check_causal(family, causal)
+        extra = {"is_decoder": True} if causal and family == "bert" else {}
+        backbone = build_backbone(preset_config(family, preset, max_len=max_len, dropout=drop, **extra))
     text = None
     if text_features:
         from layerwise.models.text import encode_texts

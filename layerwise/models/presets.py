@@ -121,12 +121,26 @@ def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
-def load_backbone(path: str) -> PreTrainedModel:
-    """Load a local pretrained backbone (e.g. all-MiniLM-L6-v2) with stock transformers, no remote code."""
+def load_backbone(path: str, causal: bool = False) -> PreTrainedModel:
+    """Load a local pretrained backbone (e.g. all-MiniLM-L6-v2) with stock transformers, no remote code.
+
+    causal: load a BERT as a decoder (`is_decoder=True`: the same weights under a causal mask), so it
+    learns the next item at every position instead of by cloze; decoders are causal already. A causal
+    BERT saved by `layerwise` reloads causal without it.
+    """
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    check_causal(config.model_type, causal)
     if config.model_type == "t5":
         return T5EncoderModel.from_pretrained(path)
     if config.model_type == "bert":
         # The recommender never uses BERT's pooler; without it no unused (or random) weights run.
-        return BertModel.from_pretrained(path, add_pooling_layer=False)
+        # A saved causal BERT keeps is_decoder in its config.json; `causal` only ever switches it on.
+        return BertModel.from_pretrained(path, add_pooling_layer=False, is_decoder=causal or config.is_decoder)
     return AutoModel.from_pretrained(path, trust_remote_code=False)
+
+
+def check_causal(model_type: str, causal: bool) -> None:
+    """Causal training is built in for decoders and a config switch for BERT; T5's encoder has none."""
+    if causal and model_type == "t5":
+        raise ValueError("causal training needs a decoder family or BERT (is_decoder); T5's encoder has no "
+                         "causal mode, so it trains by cloze")

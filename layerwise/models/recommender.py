@@ -66,6 +66,12 @@ class SequentialRecommender(nn.Module):
         return len(self.layers)
 
     @property
+    def causal(self) -> bool:
+        """Predicts the next item at every position: decoder families, and a BERT loaded as a decoder
+        (`is_decoder`, a causal mask; see models.presets.load_backbone). Encoders train by cloze instead."""
+        return self.family.causal or bool(getattr(self.backbone.config, "is_decoder", False))
+
+    @property
     def mask_index(self) -> int:
         return self.n_items + 1
 
@@ -89,7 +95,7 @@ class SequentialRecommender(nn.Module):
 
         histories: (B, T) left-padded item indices -> (B, T) model input.
         """
-        if self.family.causal:
+        if self.causal:
             return histories
         mask = torch.full_like(histories[:, :1], self.mask_index)
         return torch.cat([histories[:, 1:], mask], dim=1)

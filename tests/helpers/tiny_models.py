@@ -57,13 +57,13 @@ def cyclic_data(n_users: int = 40, n_items: int = 20, seed: int = 0) -> FakeSequ
 def calibration_batches(model: SequentialRecommender, data, max_len: int = 12, batch_size: int = 16,
                         n_batches: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`(inputs, targets)` training windows; cloze-masked for encoder families."""
-    inputs, targets = training_windows(data, max_len, model.family.causal)
+    inputs, targets = training_windows(data, max_len, model.causal)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(inputs), generator=generator)[: batch_size * n_batches]
     batches = []
     for chunk in order.split(batch_size):
         x, y = inputs[chunk], targets[chunk]
-        if not model.family.causal:
+        if not model.causal:
             x, y = cloze_mask(x, model.mask_index, 0.2, generator)
         batches.append((x, y))
     return batches

@@ -50,3 +50,32 @@ def test_pretrained_minilm_recommender_trains_a_step(data):
 def test_minilm_alias_loads_the_bundled_encoder(data):
     model = build_recommender(data, "llama", pretrained="minilm", max_len=20)
     assert model.family.name == "bert" and model.n_layers == 6 and model.hidden_size == 384
+
+
+def test_causal_minilm_sees_only_the_past_and_stays_causal_when_compacted(data, tmp_path):
+    from layerwise.compact import build_compact, load_compact, save_compact
+
+    model = build_recommender(data, "bert", pretrained="minilm", max_len=20, dropout=0.0, causal=True).eval()
+    assert model.causal and model.backbone.config.is_decoder
+    assert not build_recommender(data, "bert", pretrained="minilm", max_len=20).causal
+    histories = data.padded_histories([0, 1], "test", 20)
+    assert torch.equal(model.prepare(histories), histories)  # no mask slot: the last position predicts
+    changed = histories.clone()
+    changed[:, -1] = changed[:, -1] % data.n_items + 1  # a different last item
+    with torch.inference_mode():
+        before, after = model.encode(histories), model.encode(changed)
+    assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5)  # earlier positions cannot see it
+    assert not torch.allclose(before[:, -1], after[:, -1])
+    compact = build_compact(model, [0, 3])
+    save_compact(compact, tmp_path / "compact", {})
+    reloaded = load_compact(tmp_path / "compact").eval()
+    assert reloaded.causal and reloaded.n_layers == 2
+    with torch.inference_mode():
+        assert torch.allclose(reloaded.score(histories), compact.eval().score(histories), atol=1e-5)
+
+
+def test_causal_is_refused_for_t5_and_works_for_a_bert_preset(data):
+    with pytest.raises(ValueError, match="T5's encoder has no causal mode"):
+        build_recommender(data, "t5", "tiny", max_len=20, causal=True)
+    assert build_recommender(data, "bert", "tiny", max_len=20, causal=True).causal
+    assert build_recommender(data, "llama", "tiny", max_len=20, causal=True).causal
