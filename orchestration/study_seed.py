@@ -62,7 +62,9 @@ class SeedRun:
             self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
         extras = self.seed in extras_seeds(c)
         for component in c.ablation if extras else ():
-            self._stage(f"ablation-{component}", stage_hash(ours_key, component), self._ablation(component))
+            # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
+            key = stage_hash(ours_key, component, *([c.compress.bridge_rank or 16] if component == "prefit" else []))
+            self._stage(f"ablation-{component}", key, self._ablation(component))
         for selector in c.sweep.selectors if extras else ():
             for k in self._sweep_ks():
                 key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
@@ -167,13 +169,16 @@ class SeedRun:
                 write_json(out / ROWS, self._estimator_ablation(out))
                 return
             heal, rank = self.config.compress.heal, self.config.compress.bridge_rank
-            # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then.
+            # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then,
+            # and the pre-fitting ablation is made on rank-16 bridges (with none there is nothing to pre-fit).
             changed = {"bridges": ({"bridge_rank": 0 if rank else 16}, {}), "kd": ({}, {"kd_weight": 0.0}),
-                       "hidden": ({}, {"hidden_weight": 0.0}), "prefit": ({}, {"prefit_steps": 0})}[component]
+                       "hidden": ({}, {"hidden_weight": 0.0}),
+                       "prefit": ({"bridge_rank": rank or 16}, {"prefit_steps": 0})}[component]
             config = self._compress_config(**changed[0], heal=replace(heal, **changed[1]))
             name = {"bridges": "ours without bridges" if rank else "ours with rank-16 bridges",
-                    "kd": "ours without the KD term",
-                    "hidden": "ours without the hidden-state term", "prefit": "ours without bridge pre-fitting"}
+                    "kd": "ours without the KD term", "hidden": "ours without the hidden-state term",
+                    "prefit": "ours without bridge pre-fitting" if rank else
+                    "ours with rank-16 bridges, not pre-fitted"}
             write_json(out / ROWS, [self._compress_row(config, out, name[component], "ablation",
                                                         component=component)])
 
@@ -257,7 +262,11 @@ class SeedRun:
         from layerwise.compress import compress
 
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
-        return self._evaluate(result.model.score, out, row, table, table, kept=result.kept,
+        h = config.heal
+        recipe = {"bridge_rank": config.bridge_rank, "bridges": len(result.model.bridges),
+                  "prefit_steps": h.prefit_steps, "kd_weight": h.kd_weight, "hidden_weight": h.hidden_weight,
+                  "heal_epochs": h.epochs}
+        return self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
                               n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
 
     def _budget(self):

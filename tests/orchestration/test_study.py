@@ -15,7 +15,7 @@ from orchestration.study_config import load_study_config
 SETTINGS = [
     "seeds=[0,1]", "data.dataset=synthetic:300:60:6000:0", "teacher.preset=tiny", "teacher.train.epochs=2",
     "compress.keep=0.5", "compress.calib_batches=2", "compress.heal.epochs=1", "compress.heal.prefit_steps=5",
-    "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd]", "extras_seeds=1", "sweep.selectors=[ours,random]",
+    "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd,prefit]", "extras_seeds=1", "sweep.selectors=[ours,random]",
     "sweep.heal_epochs=1", "noise.kinds=[drop,reorder]", "noise.levels=[0.0,0.2]", "scenarios.min_users=10",
     "ray.cpus_per_seed=0.5", "bench.runs=3", "bench.warmup=1", "bench.batch_sizes=[1,8]",
 ]
@@ -67,6 +67,13 @@ def test_ablation_sweep_noise_and_slices(study):
     config, root, results = study
     ablation = {r["name"] for r in results["ablation"]["rows"]}
     assert {"ours, unhealed", "ours without the KD term", "combined (all estimators)"} <= ablation
+    # No bridges by default, so pre-fitting is ablated on rank-16 bridges: they are there, and not pre-fitted.
+    prefit = next(r for r in results["ablation"]["rows"] if r["name"] == "ours with rank-16 bridges, not pre-fitted")
+    stage = next((root / "study" / "seeds" / "seed-0").glob("ablation-prefit-*"))
+    row = json.loads((stage / "rows.json").read_text())[0]
+    assert row["recipe"]["prefit_steps"] == 0 and row["recipe"]["bridge_rank"] == 16 and prefit["p_value"] is not None
+    kd = json.loads(next((root / "study" / "seeds" / "seed-0").glob("ablation-kd-*/rows.json")).read_text())[0]
+    assert kd["recipe"]["kd_weight"] == 0.0 and kd["recipe"]["prefit_steps"] > 0
     assert any(name.startswith("combined without ") for name in ablation)
     assert set(results["k_sweep"]["curves"]) == {"ours", "random"}
     assert results["k_sweep"]["curves"]["ours"]["k"] == [1]
