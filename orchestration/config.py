@@ -128,7 +128,6 @@ def _plain(value: Any) -> Any:
             if not (f.metadata.get("hash_if_set") and getattr(value, f.name) == f.default)}
 
 
-
 def _set_path(raw: dict, keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         raw = raw.setdefault(key, {})

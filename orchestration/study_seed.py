@@ -27,6 +27,9 @@ from orchestration.study_config import StudyConfig, extras_seeds
 ROWS = "rows.json"
 METRIC = "ndcg@10"
 
+# The rank of the bridges the ablation adds when the default compresses without any.
+ABLATION_BRIDGE_RANK = 16
+
 
 def slug(name: str) -> str:
     """A file-name-safe form of a row name ("ours+int8 +heal" -> "ours-int8-heal")."""
@@ -63,7 +66,8 @@ class SeedRun:
         extras = self.seed in extras_seeds(c)
         for component in c.ablation if extras else ():
             # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
-            key = stage_hash(ours_key, component, *([c.compress.bridge_rank or 16] if component == "prefit" else []))
+            rank = [c.compress.bridge_rank or ABLATION_BRIDGE_RANK] if component == "prefit" else []
+            key = stage_hash(ours_key, component, *rank)
             self._stage(f"ablation-{component}", key, self._ablation(component))
         for selector in c.sweep.selectors if extras else ():
             for k in self._sweep_ks():
@@ -171,14 +175,15 @@ class SeedRun:
             heal, rank = self.config.compress.heal, self.config.compress.bridge_rank
             # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then,
             # and the pre-fitting ablation is made on rank-16 bridges (with none there is nothing to pre-fit).
-            changed = {"bridges": ({"bridge_rank": 0 if rank else 16}, {}), "kd": ({}, {"kd_weight": 0.0}),
+            changed = {"bridges": ({"bridge_rank": 0 if rank else ABLATION_BRIDGE_RANK}, {}),
+                       "kd": ({}, {"kd_weight": 0.0}),
                        "hidden": ({}, {"hidden_weight": 0.0}),
-                       "prefit": ({"bridge_rank": rank or 16}, {"prefit_steps": 0})}[component]
+                       "prefit": ({"bridge_rank": rank or ABLATION_BRIDGE_RANK}, {"prefit_steps": 0})}[component]
             config = self._compress_config(**changed[0], heal=replace(heal, **changed[1]))
-            name = {"bridges": "ours without bridges" if rank else "ours with rank-16 bridges",
+            name = {"bridges": "ours without bridges" if rank else f"ours with rank-{ABLATION_BRIDGE_RANK} bridges",
                     "kd": "ours without the KD term", "hidden": "ours without the hidden-state term",
                     "prefit": "ours without bridge pre-fitting" if rank else
-                    "ours with rank-16 bridges, not pre-fitted"}
+                    f"ours with rank-{ABLATION_BRIDGE_RANK} bridges, not pre-fitted"}
             write_json(out / ROWS, [self._compress_row(config, out, name[component], "ablation",
                                                         component=component)])
 
