@@ -30,6 +30,8 @@ from orchestration.study_seed import ROWS, config_dict, run_seed
 
 __all__ = ["load_study_config", "run_study"]
 
+PROGRESS_SECONDS = 30  # how often the driver's progress line re-reads the seeds' stage folders
+
 
 def run_study(config: StudyConfig, progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the results dict the report was written from."""
@@ -72,7 +74,10 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
     done_dirs, failed, pending = {}, {}, list(refs)
     with tqdm(total=len(refs), desc="seeds", unit="seed", disable=not progress) as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_SECONDS)
+            bar.set_postfix_str(stage_progress(root / "seeds"), refresh=True)
+            if not ready:
+                continue
             seed = refs[ready[0]]
             try:
                 done_dirs[seed] = {k: Path(v) for k, v in ray.get(ready[0]).items()}
@@ -84,6 +89,16 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
         raise RuntimeError(f"seeds {sorted(failed)} failed (finished stages are kept; rerun to resume). "
                            f"Seed {first}: {failed[first]}") from failed[first]
     return done_dirs
+
+
+def stage_progress(seeds_dir: Path) -> str:
+    """What the seed tasks are doing, read from their stage folders: how many stages are done and which
+    ones are running (a folder without its _DONE marker). Seeds run quietly, so this is the driver's view."""
+    stages = [p for p in seeds_dir.glob("seed-*/*") if p.is_dir()]
+    running = sorted(f"{p.parent.name}/{p.name.rsplit('-', 1)[0]}"
+                     for p in stages if not (p / "_DONE").exists())
+    done = len(stages) - len(running)
+    return f"{done} stages done" + (f"; running {', '.join(running)}" if running else "")
 
 
 def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:

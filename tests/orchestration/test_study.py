@@ -135,3 +135,15 @@ def test_shipped_study_configs_load():
     assert paths, "studies/ holds the study configs of the README"
     names = [load_study_config(str(path)).name for path in paths]  # parsed and checked like a user's file
     assert len(set(names)) == len(names) and "study" not in names  # each writes its own run folder
+
+
+def test_progress_line_names_done_and_running_stages(tmp_path):
+    from orchestration.study import stage_progress
+
+    assert stage_progress(tmp_path / "seeds") == "0 stages done"
+    for done in ("seed-0/teacher-1a2b", "seed-0/importance-3c4d"):
+        (tmp_path / "seeds" / done).mkdir(parents=True)
+        (tmp_path / "seeds" / done / "_DONE").write_text("")
+    (tmp_path / "seeds" / "seed-0" / "sweep-ours-k3-5e6f").mkdir()
+    (tmp_path / "seeds" / "seed-1" / "teacher-7a8b").mkdir(parents=True)
+    assert stage_progress(tmp_path / "seeds") == "2 stages done; running seed-0/sweep-ours-k3, seed-1/teacher"
