@@ -255,7 +255,10 @@ def _protocol(config: StudyConfig, data, k: int, n_layers: int, runs: Sequence[M
 
 def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
     env = speed.get("env", {})
+    load = env.get("load_avg_start")
     return [f"Speedups are at batch {batch} unless a column says otherwise: ratios of median latencies in one "
             f"interleaved benchmark of the first seed's models ({speed['settings']['runs']} rounds, "
-            f"{env.get('threads', '?')} threads), after every seed finished.",
+            f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
+            + (f", 1-minute load average {load[0]:.1f} at its start" if load else "")
+            + "), after every seed finished.",
             "Retention is a fraction of the teacher's figure of the same seed."]

@@ -255,6 +255,13 @@ def _pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(sorted(keep, key=lambda i: x[i]), dtype=int)
 
 
+# Where a label may go, in points from its marker: near first, then out on a leader line. A crowd of two
+# dozen methods with overlapping CIs (a real study's) needs the far rings and the in-between directions.
+LABEL_RADII = (6, 14, 24, 36, 50, 68, 90, 115, 145)
+LABEL_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1),
+                    (1, 0.5), (-1, 0.5), (1, -0.5), (-1, -0.5), (0.5, 1), (-0.5, 1), (0.5, -1), (-0.5, -1))
+
+
 def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, names: Sequence[str],
                   obstacles: list[tuple], colors: Sequence[str]) -> None:
     """Greedy label placement: around each point try 8 directions at growing distances and keep the
@@ -288,9 +295,9 @@ def _bar_boxes(ax, xs: np.ndarray, ys: np.ndarray, xerr, yerr) -> list[tuple]:
 
 def _place_one(ax, renderer, taken: list[tuple], name: str, x: float, y: float, color: str) -> bool:
     frame = ax.get_window_extent(renderer)
-    for radius in (6, 14, 24, 36, 50):
-        for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)):
-            text = _label(ax, name, x, y, dx * radius, dy * radius, radius > 6, color)
+    for radius in LABEL_RADII:
+        for dx, dy in LABEL_DIRECTIONS:
+            text = _label(ax, name, x, y, dx * radius, dy * radius, radius > LABEL_RADII[0], color)
             text.update_positions(renderer)  # an annotation's position is otherwise only set when drawn
             box = Text.get_window_extent(text, renderer)  # the text alone, not its leader line
             bounds = (box.x0 - 2, box.y0 - 1, box.x1 + 2, box.y1 + 1)

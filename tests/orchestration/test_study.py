@@ -2,6 +2,7 @@
 of each kind, the k sweep, noise and slices; the report holds every section; a rerun resumes everything."""
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -38,6 +39,7 @@ def test_report_has_every_section_filled(study):
         assert f"## {section}" in text and section in html
         body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
         assert MISSING not in body, section
+    assert re.search(r"\d+ torch threads on \d+ CPUs, 1-minute load average [\d.]+ at its start", results["notes"][0])
     for figure in ("pareto", "k_sweep", "robustness", "slices", "importance", "dependency"):
         assert (root / "study" / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
 

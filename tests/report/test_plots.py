@@ -90,6 +90,52 @@ def _labelled(ax) -> None:
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
 
 
+def dense_points() -> list[dict]:
+    """The crowd of a real 5-seed ml-100k study (rounded): two dozen methods inside 3-4x and 90-105%, with
+    CIs wider than the gaps between them, three of them on one retention."""
+    rows = [("teacher", "teacher", 1.0, 1.0, 0, 0), ("ours", "ours", 3.76, 1.022, 0.37, 0.078),
+            ("random", "depth", 3.46, 0.801, 0.3, 0.076), ("random +heal", "depth", 3.46, 1.007, 0.3, 0.048),
+            ("uniform", "depth", 3.71, 0.729, 0.28, 0.014), ("uniform +heal", "depth", 3.71, 1.003, 0.28, 0.073),
+            ("first", "depth", 3.67, 0.918, 0.4, 0.05), ("first +heal", "depth", 3.67, 1.03, 0.4, 0.057),
+            ("last", "depth", 3.6, 0.623, 0.33, 0.02), ("last +heal", "depth", 3.6, 1.025, 0.33, 0.065),
+            ("shortgpt", "depth", 3.74, 0.918, 0.46, 0.05), ("shortgpt +heal", "depth", 3.74, 1.03, 0.46, 0.057),
+            ("gromov", "depth", 3.56, 0.918, 0.33, 0.05), ("gromov +heal", "depth", 3.56, 1.03, 0.33, 0.057),
+            ("nas", "search", 3.7, 0.926, 0.37, 0.022), ("nas +heal", "search", 3.7, 1.005, 0.37, 0.077),
+            ("magnitude", "pruning", 1.11, 0.948, 0.09, 0.044), ("magnitude +heal", "pruning", 1.11, 1.035, 0.09, 0.024),
+            ("width", "pruning", 3.12, 0.874, 0.3, 0.07), ("width +heal", "pruning", 3.12, 0.992, 0.3, 0.077),
+            ("int8", "quantization", 0.96, 0.994, 0.08, 0.016), ("int4", "quantization", 0.79, 0.997, 0.06, 0.014),
+            ("ours+int8", "quantization", 3.53, 1.022, 0.45, 0.088), ("distilbert", "students", 3.5, 1.04, 0.3, 0.059),
+            ("tinybert", "students", 3.55, 0.989, 0.33, 0.053), ("scratch", "students", 3.57, 1.015, 0.41, 0.064)]
+    return [{"name": name, "group": group, "speedup": x, "retention": y, "speedup_ci95": [x - dx, x + dx],
+             "retention_ci95": [y - dy, y + dy]} for name, group, x, y, dx, dy in rows]
+
+
+def _covered_labels(fig, ax, points) -> list[str]:
+    """Labels whose text box covers another point's marker or the legend."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    centres = ax.transData.transform([(p["speedup"], 100 * p["retention"]) for p in points])
+    legend = ax.get_legend().get_window_extent(renderer)
+    covered = []
+    for t in (t for t in ax.texts if isinstance(t, Annotation)):
+        box = Text.get_window_extent(t, renderer)
+        on_marker = any(box.x0 - 4 < x < box.x1 + 4 and box.y0 - 4 < y < box.y1 + 4 for x, y in centres)
+        if on_marker or box.overlaps(legend):
+            covered.append(t.get_text())
+    return covered
+
+
+def test_pareto_labels_stay_readable_in_a_dense_crowd(tmp_path):
+    points = dense_points()
+    fig = plots.pareto_plot(points)
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    assert sorted(t.get_text() for t in labels) == sorted(p["name"] for p in points)
+    assert _texts_overlap(fig, labels) == []
+    assert _covered_labels(fig, ax, points) == []
+    _check_png(fig, tmp_path / "pareto_dense.png")
+
+
 def test_importance_heatmap(tmp_path):
     fig = plots.importance_heatmap(importance_scores(), kept=[0, 5])
     ax = fig.axes[0]
