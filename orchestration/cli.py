@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestration import commands
+from orchestration import commands, interrupts
 
 DEFAULT_DATASET = "ml-100k"
 
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "tune": commands.tune,
         "run": commands.run, "study": commands.study,
     }[args.command]
+    if args.command in ("run", "study"):  # resumable stage runs: a Ctrl-C must stop them (see interrupts)
+        interrupts.install()
     try:
         return handler(args) or 0
     except (ValueError, FileNotFoundError) as err:

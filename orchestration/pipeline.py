@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from orchestration import interrupts
 from orchestration.config import PipelineConfig, load_config, stage_hash
 from orchestration.report import print_metrics_table, write_json
 
@@ -37,6 +38,7 @@ class Stages:
         self.ran: list[str] = []
 
     def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
+        interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
         marker = out / "_DONE"
         if marker.exists():
@@ -51,6 +53,7 @@ class Stages:
             (out / "_seconds.json").write_text(json.dumps({"seconds": seconds}))
             marker.write_text("")
             self.ran.append(name)
+            interrupts.check()  # the stage's outputs are complete and kept; what follows it is not run
         if self.on_done:
             self.on_done(name, out, name in self.skipped)
         return out

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from orchestration import interrupts
 from orchestration.config import stage_hash
 from orchestration.pipeline import Stages
 from orchestration.report import write_json
@@ -74,6 +75,7 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
     done_dirs, failed, pending = {}, {}, list(refs)
     with tqdm(total=len(refs), desc="seeds", unit="seed", disable=not progress) as bar:
         while pending:
+            interrupts.check()
             ready, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_SECONDS)
             bar.set_postfix_str(stage_progress(root / "seeds"), refresh=True)
             if not ready:
