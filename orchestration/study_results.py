@@ -248,7 +248,8 @@ def _protocol(config: StudyConfig, data, k: int, n_layers: int, runs: Sequence[M
         "k sweep healing": f"{config.sweep.heal_epochs} epochs", "random-layer draws per seed": config.random_draws,
         "p-values": "paired t-test on seed means (>= 2 seeds), Holm-adjusted per table",
         "wall time (s)": round(sum(timed), 1),
-        "invocations": f"{len(runs)} ({len(runs) - len(timed)} interrupted, not timed)" if len(runs) > 1 else 1,
+        "invocations": (f"{len(runs)} ({len(runs) - len(timed)} interrupted, not timed)" if len(runs) > len(timed)
+                        else len(runs)),
         "stage time summed over seeds (s)": round(stage_seconds, 1),
     }
 
