@@ -135,11 +135,23 @@ def degraded(intact, cluster, case):
         watcher.join(timeout=60)
     if watcher.error is not None:
         raise watcher.error
-    after_loss = _alive_nodes()
+    after_loss = _alive_after_loss((watcher.caught or {}).get("node_id"))
     _add_worker(cluster)
     cluster.wait_for_nodes()
     return {"scores": scores, "caught": watcher.caught, "after_loss": after_loss,
             "heal": _heal(case, "heal-degraded"), "nodes": _alive_nodes()}
+
+
+def _alive_after_loss(lost: str | None, timeout_s: float = 60.0) -> dict[str, float]:
+    """The live set once the GCS has noticed the loss. The raylet retries the task first; the GCS marks the
+    node dead only after its health checks fail, which can be after the retried task is done. A node that
+    is still alive after `timeout_s` stays in the set and fails the test."""
+    deadline = time.time() + timeout_s
+    alive = _alive_nodes()
+    while lost in alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = _alive_nodes()
+    return alive
 
 
 def _alive_nodes() -> dict[str, float]:
