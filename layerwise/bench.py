@@ -297,10 +297,10 @@ def _unique_names(model_dirs: list[str]) -> list[str]:
 def bench_dirs(model_dirs: list[str], batch_sizes=(1, 64), runs: int = 30, warmup: int = 5,
                reference_index: int = 0, max_len: int = 50, seed: int = 0) -> dict:
     """Load saved models, `benchmark` them against model_dirs[reference_index], add subprocess peaks."""
-    from layerwise.models.checkpoint import load_recommender
+    from layerwise.compact import load_compact
 
     names = _unique_names(model_dirs)
-    models = {name: load_recommender(d) for name, d in zip(names, model_dirs)}
+    models = {name: load_compact(d) for name, d in zip(names, model_dirs)}
     result = benchmark(models, batch_sizes, runs, warmup, max_len=max_len, seed=seed,
                        reference=names[reference_index])
     for name, d in zip(names, model_dirs):

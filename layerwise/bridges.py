@@ -6,13 +6,19 @@ fresh bridge is exactly the identity (the compact model starts as plain layer re
 
 Bridges live in *slots* of the compact model: slot j (0 <= j < k) transforms the input of compact layer j,
 slot k transforms the output of the last layer (when the teacher's final layers were removed). They are
-attached with forward hooks, so the backbone itself stays a stock transformers model with k layers.
+attached with forward hooks, so the backbone itself stays a stock transformers model with k layers. The
+model holds them in its `bridges` ModuleDict (so they train, save and load with it) but never builds them:
+`set_bridges` does, from here, and `restore_bridges` rebuilds them from a saved manifest.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
+
+from layerwise.models.recommender import SequentialRecommender
 
 
 class Bridge(nn.Module):
@@ -22,6 +28,7 @@ class Bridge(nn.Module):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"bridge rank must be positive, got {rank}")
+        self.rank = rank  # recorded in a saved model's manifest
         self.norm = nn.LayerNorm(hidden)
         self.down = nn.Linear(hidden, rank)
         self.up = nn.Linear(rank, hidden)
@@ -83,3 +90,18 @@ def attach_bridges(layers: nn.ModuleList, bridges: nn.ModuleDict) -> None:
             layers[slot].register_forward_pre_hook(_BridgeHook(bridge, False), with_kwargs=True)
         else:
             layers[k - 1].register_forward_hook(_BridgeHook(bridge, True))
+
+
+def set_bridges(model: SequentialRecommender, slots: list[int], rank: int) -> nn.ModuleDict:
+    """Replace `model`'s bridges with fresh identity bridges of `rank` at `slots`, hooked onto its layers."""
+    model.bridges = nn.ModuleDict({str(s): Bridge(model.hidden_size, rank) for s in slots})
+    attach_bridges(model.layers, model.bridges)
+    return model.bridges
+
+
+def restore_bridges(model: SequentialRecommender, manifest: dict[str, Any]) -> None:
+    """Rebuild the bridges a saved model's manifest lists ({"slots": [...], "rank": r}); their weights are
+    loaded afterwards with the rest (see `layerwise.models.checkpoint.load_recommender(adapters=...)`)."""
+    spec = manifest.get("bridges") or {}
+    if spec.get("slots"):
+        set_bridges(model, spec["slots"], spec["rank"])

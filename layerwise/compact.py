@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from layerwise.bridges import detach_bridges, gap_slots
-from layerwise.models.checkpoint import load_recommender, save_recommender
+from layerwise.bridges import detach_bridges, gap_slots, restore_bridges, set_bridges
+from layerwise.models.checkpoint import load_recommender, read_manifest, save_recommender
 from layerwise.models.recommender import SequentialRecommender
 
 
@@ -41,9 +41,9 @@ def build_compact(teacher: SequentialRecommender, keep: list[int], bridge_rank: 
     if slots and seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            student.set_bridges(slots, bridge_rank)
+            set_bridges(student, slots, bridge_rank)
     elif slots:
-        student.set_bridges(slots, bridge_rank)
+        set_bridges(student, slots, bridge_rank)
     else:
         student.bridges = nn.ModuleDict()
     student.kept = list(keep)
@@ -59,11 +59,10 @@ def save_compact(model: SequentialRecommender, out_dir: str | Path, manifest: di
 
 
 def load_compact(model_dir: str | Path) -> SequentialRecommender:
-    """Load a compact model; `kept` and `teacher_layers` come back from the manifest."""
-    from layerwise.models.checkpoint import read_manifest
-
+    """Load any saved model, bridges included; a compact one gets `kept` and `teacher_layers` back from its
+    manifest (a teacher: all its layers)."""
     manifest = read_manifest(model_dir)
-    model = load_recommender(model_dir)
+    model = load_recommender(model_dir, adapters=restore_bridges)
     model.kept = manifest.get("kept", list(range(model.n_layers)))
     model.teacher_layers = manifest.get("teacher_layers", model.n_layers)
     return model

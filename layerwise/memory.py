@@ -55,11 +55,11 @@ def _reset_hwm() -> bool:
 def _measure_peak(model_dir: str, batch_size: int, max_len: int, device: str, seed: int) -> dict:
     """Runs in the fresh subprocess: baseline after imports, load, reset the high-water mark, score."""
     from layerwise.bench import make_histories, parameter_bytes
-    from layerwise.models.checkpoint import load_recommender  # imports every family's modeling code
+    from layerwise.compact import load_compact  # imports every family's modeling code
 
     process = psutil.Process()
     baseline = process.memory_info().rss
-    model = load_recommender(model_dir).to(device).eval()
+    model = load_compact(model_dir).to(device).eval()
     histories = make_histories(batch_size, max_len, model.n_items, seed).to(device)
     loaded = process.memory_info().rss
     load_peak, method = _hwm_bytes()

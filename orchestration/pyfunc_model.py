@@ -3,7 +3,7 @@
 `orchestration.tracking.log_compact_model` logs this file with `mlflow.pyfunc.log_model(python_model=<this
 file>, artifacts={"model_dir": <safetensors model directory>})` ("models from code"): MLflow stores the
 source, not a pickled object, and runs it at load time; the weights stay safetensors + JSON and load with
-`layerwise.models.checkpoint.load_recommender`.
+`layerwise.compact.load_compact` (bridges included).
 
     model = mlflow.pyfunc.load_model("models:/teacher@champion")
     model.predict(pd.DataFrame({"history": [[3, 17, 5], [8]]}), params={"k": 10})
@@ -24,10 +24,11 @@ class RecommenderModel(PythonModel):
     """Top-k next items for item-index histories (1..n_items, most recent last)."""
 
     def load_context(self, context) -> None:
-        from layerwise.models.checkpoint import load_recommender, read_manifest
+        from layerwise.compact import load_compact
+        from layerwise.models.checkpoint import read_manifest
 
         path = context.artifacts["model_dir"]
-        self.model = load_recommender(path)
+        self.model = load_compact(path)
         self.max_len = int(read_manifest(path).get("max_len") or 50)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -174,7 +174,7 @@ def promote(registered_name: str, version: int, alias: str = "champion") -> None
 
 def load_champion(registered_name: str, alias: str = "champion", dst_dir: str | Path | None = None) -> Path:
     """Download `models:/<registered_name>@<alias>` and return the layerwise model directory inside it
-    (load it with `layerwise.models.checkpoint.load_recommender`)."""
+    (load it with `layerwise.compact.load_compact`)."""
     from mlflow.models import Model
 
     local = Path(mlflow.artifacts.download_artifacts(

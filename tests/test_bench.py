@@ -18,6 +18,7 @@ from layerwise.bench import (
     bench_dirs, benchmark, format_table, forward_flops, interleaved_schedule, make_histories, parameter_bytes,
     ratio_ci, zero_layer_variant,
 )
+from layerwise.bridges import set_bridges
 from layerwise.memory import peak_memory
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import save_recommender
@@ -149,7 +150,7 @@ def test_flops_match_a_hand_count_for_tiny_llama():
 
 def test_bridges_add_flops_outside_the_layers():
     model = compact(tiny("llama", layers=4), [0, 3])
-    model.set_bridges([1], rank=4)
+    set_bridges(model, [1], rank=4)
     flops = forward_flops(model, 2, 8)
     assert flops["bridges"] == (2 * 32 * 4 + 2 * 4 * 32) * 2 * 8
 

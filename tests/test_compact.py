@@ -13,6 +13,7 @@ from layerwise.compact import build_compact, load_compact, removed_parameters, s
 from layerwise.compress import calibration_batches
 from layerwise.importance import compute_importance
 from layerwise.models import FAMILIES
+from layerwise.models.checkpoint import load_recommender
 from layerwise.select import SELECTORS
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
@@ -50,6 +51,10 @@ def test_score_compress_save_stock_reload(family, tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded.score(histories), compact.eval().score(histories), atol=1e-5)
     assert reloaded.kept == kept and reloaded.teacher_layers == 4
+    # The model package knows nothing of bridges: its own loader refuses a bridged model, naming the one
+    # that rebuilds them.
+    with pytest.raises(ValueError, match="load_compact"):
+        load_recommender(tmp_path / "c")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

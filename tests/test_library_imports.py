@@ -1,4 +1,5 @@
-"""The library never imports ray, mlflow or deepspeed: it must run and test in a plain process."""
+"""The library never imports ray, mlflow or deepspeed: it must run and test in a plain process. And inside
+the library, the models never import the compression code: compression builds on models, not back."""
 
 from __future__ import annotations
 
@@ -13,15 +14,25 @@ FORBIDDEN = {"ray", "mlflow", "deepspeed", "optuna"}
 ROOT = Path(layerwise.__file__).parent
 
 
-def imported_top_levels(path: Path) -> set[str]:
+# What layerwise/models/ may import from the library: itself and the data it is built for. Everything else
+# there (bridges, compact, compress, distill, importance, select, ...) is compression code.
+MODELS_MAY_IMPORT = ("layerwise.models", "layerwise.data")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports, at module level or inside a function."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_modules(path)}
 
 
 def test_no_library_file_imports_orchestration_packages():
@@ -31,6 +42,24 @@ def test_no_library_file_imports_orchestration_packages():
         if bad:
             offenders[str(path.relative_to(ROOT.parent))] = sorted(bad)
     assert not offenders, f"library files import glue packages: {offenders}"
+
+
+def test_models_never_import_the_compression_code():
+    offenders = {}
+    for path in (ROOT / "models").rglob("*.py"):
+        bad = {m for m in imported_modules(path) if m.split(".")[0] == "layerwise"
+               and not any(m == ok or m.startswith(ok + ".") for ok in MODELS_MAY_IMPORT)}
+        if bad:
+            offenders[str(path.relative_to(ROOT.parent))] = sorted(bad)
+    assert not offenders, f"layerwise/models/ imports compression code: {offenders}"
+
+
+def test_importing_a_model_loads_no_compression_module():
+    code = ("import sys, layerwise.models, layerwise.models.checkpoint, layerwise.models.factory\n"
+            "print(sorted(m for m in sys.modules if m.startswith('layerwise.') and not m.startswith("
+            f"{MODELS_MAY_IMPORT!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_importing_every_library_module_loads_none_of_them():

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,18 +63,27 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_recommender(model_dir: str | Path) -> SequentialRecommender:
-    """Rebuild a saved recommender (teacher or compact) in eval mode."""
+def load_recommender(model_dir: str | Path,
+                     adapters: Callable[[SequentialRecommender, dict[str, Any]], None] | None = None
+                     ) -> SequentialRecommender:
+    """Rebuild a saved recommender in eval mode.
+
+    adapters: called as adapters(model, manifest) before the weights load, to add the modules the manifest
+        lists beyond the recommender itself (a compact model's bridges: `layerwise.compact.load_compact`
+        passes `layerwise.bridges.restore_bridges`). Without it, a model saved with bridges is refused.
+    """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    if (manifest.get("bridges") or {}).get("slots") and adapters is None:
+        raise ValueError(f"{model_dir} is a compact model with bridge adapters; load it with "
+                         f"layerwise.compact.load_compact")
     backbone = load_backbone(str(model_dir / "backbone"))
     state = load_file(str(model_dir / "recommender.safetensors"))
     text = state.get("text_embeddings")
     model = SequentialRecommender(backbone, manifest["n_items"], text_embeddings=text,
                                   dropout=manifest.get("dropout", 0.0))
-    spec = manifest.get("bridges") or {}
-    if spec.get("slots"):
-        model.set_bridges(spec["slots"], spec["rank"])
+    if adapters is not None:
+        adapters(model, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
@@ -87,8 +96,7 @@ def _bridge_spec(model: SequentialRecommender) -> dict[str, Any]:
     bridges = getattr(model, "bridges", None)
     if not bridges:
         return {"slots": [], "rank": 0}
-    first = next(iter(bridges.values()))
-    return {"slots": sorted(int(k) for k in bridges), "rank": first.down.out_features}
+    return {"slots": sorted(int(k) for k in bridges), "rank": next(iter(bridges.values())).rank}
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
-from layerwise.bridges import Bridge, attach_bridges
 from layerwise.models.families import Family, family_of
 
 
@@ -42,7 +41,8 @@ class SequentialRecommender(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n_items + 1))
         self.dropout = nn.Dropout(dropout)
         self.text_projection: nn.Linear | None = None
-        # Bridge adapters of a compact model (see layerwise.bridges); empty for a teacher.
+        # Modules hooked onto the layers from outside (a compact model's bridge adapters) sit here, so that
+        # they move, train, save and load with the model. A teacher has none.
         self.bridges = nn.ModuleDict()
         if text_embeddings is not None:
             if text_embeddings.shape[0] != n_items + 1:
@@ -74,12 +74,6 @@ class SequentialRecommender(nn.Module):
     @property
     def mask_index(self) -> int:
         return self.n_items + 1
-
-    def set_bridges(self, slots: list[int], rank: int) -> nn.ModuleDict:
-        """Replace the bridges with fresh identity bridges of `rank` at `slots`, hooked onto the layers."""
-        self.bridges = nn.ModuleDict({str(s): Bridge(self.hidden_size, rank) for s in slots})
-        attach_bridges(self.layers, self.bridges)
-        return self.bridges
 
     # --- the parts before and after the layers ---------------------------------------------------
     def item_vectors(self) -> torch.Tensor:

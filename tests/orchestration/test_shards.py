@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 
+from layerwise.bridges import set_bridges
 from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
 from orchestration.ray_runtime import cpu_fraction, init_ray, ray_session
@@ -71,7 +72,7 @@ def test_model_weights_rebuild_the_same_model():
     with torch.no_grad():
         assert torch.equal(rebuilt.score(histories), model.eval().score(histories))
     bridged = tiny_model("llama", n_layers=2)
-    bridged.set_bridges([1], 2)
+    set_bridges(bridged, [1], 2)
     with pytest.raises(ValueError, match="bridges"):
         model_weights(bridged)
 
