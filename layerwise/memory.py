@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from layerwise.cost import make_histories, parameter_bytes
+
 
 def peak_memory(model_dir: str | Path, batch_size: int, max_len: int, device: str = "cpu", seed: int = 0) -> dict:
     """Peak memory of loading `model_dir` and scoring one batch, measured in a fresh Python subprocess.
@@ -54,7 +56,6 @@ def _reset_hwm() -> bool:
 
 def _measure_peak(model_dir: str, batch_size: int, max_len: int, device: str, seed: int) -> dict:
     """Runs in the fresh subprocess: baseline after imports, load, reset the high-water mark, score."""
-    from layerwise.bench import make_histories, parameter_bytes
     from layerwise.compact import load_compact  # imports every family's modeling code
 
     process = psutil.Process()
@@ -78,7 +79,6 @@ def _measure_peak(model_dir: str, batch_size: int, max_len: int, device: str, se
     if device.startswith("cuda"):
         out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
-
 
 
 def main(argv: list[str] | None = None) -> None:
