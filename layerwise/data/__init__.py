@@ -9,7 +9,8 @@
 from layerwise.data.atomic import atomic_path, write_atomic
 from layerwise.data.cache import load_dataset, load_sequences, save_sequences
 from layerwise.data.movielens import ML100K_URL, resolve_ml100k
-from layerwise.data.readers import DataError, Interactions, read_atomic, read_table
+from layerwise.data.readers import DataError, Interactions, read_atomic
+from layerwise.data.tabular import read_table
 from layerwise.data.split import SequenceData, build_sequences, fingerprint
 from layerwise.data.stats import dataset_stats
 from layerwise.data.synthetic import generate_synthetic

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from layerwise.data.atomic import atomic_path
 from layerwise.data.movielens import resolve_ml100k
-from layerwise.data.readers import DataError, Interactions, read_atomic, read_table
+from layerwise.data.readers import DataError, Interactions, read_atomic
+from layerwise.data.tabular import read_table
 from layerwise.data.split import SequenceData, build_sequences, fingerprint
 from layerwise.data.synthetic import GENERATOR_VERSION, generate_synthetic
 

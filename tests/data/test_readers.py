@@ -1,31 +1,18 @@
-"""Readers: good files parse; every kind of bad input names the file, the line and the problem."""
+"""RecBole atomic files: good files parse; every kind of bad input names the file, the line and the problem."""
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
-from layerwise.data import DataError, Interactions, read_atomic, read_table, write_atomic
+from layerwise.data import Interactions, read_atomic, write_atomic
+from tests.helpers.data_files import error_of, write_lines
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
 
 
 def _inter(tmp_path: Path, lines: list[str], name: str = "x") -> Path:
     write_lines(tmp_path / f"{name}.inter", lines)
     return tmp_path / f"{name}.inter"
-
-
-def _error(fn, *args, **kwargs) -> str:
-    with pytest.raises(DataError) as info:
-        fn(*args, **kwargs)
-    return str(info.value)
 
 
 def test_read_atomic_parses_columns_and_metadata(tiny_atomic):
@@ -40,201 +27,116 @@ def test_read_atomic_parses_columns_and_metadata(tiny_atomic):
 
 
 def test_missing_inter_file(tmp_path):
-    msg = _error(read_atomic, tmp_path, "nope")
+    msg = error_of(read_atomic, tmp_path, "nope")
     assert str(tmp_path / "nope.inter") in msg and "file not found" in msg
 
 
 def test_missing_column_names_file_line_and_column(tmp_path):
     path = _inter(tmp_path, ["user_id:token\titem_id:token\trating:float", "1\t2\t3"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "missing column 'timestamp'" in msg
 
 
 def test_non_numeric_timestamp_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t100", "1\t3\t3\tyesterday", "1\t4\t3\t300"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 3" in msg and "non-numeric timestamp 'yesterday'" in msg
 
 
 def test_non_numeric_rating_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\tgood\t100"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 2" in msg and "non-numeric rating 'good'" in msg
 
 
 def test_non_finite_timestamp_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t100", "1\t3\t3\tnan"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 3" in msg and "non-finite timestamp 'nan'" in msg
 
 
 def test_empty_value_in_float_column_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 2" in msg and "non-numeric timestamp ''" in msg
 
 
 def test_line_numbers_count_blank_lines(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t100", "", "1\t3\t3\tbad"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 4" in msg
 
 
 def test_wrong_field_count_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t100", "1\t2\t3\t4", "1\t5\t100"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 4" in msg and "expected 4 fields, got 3" in msg
 
 
 def test_empty_user_id_names_line(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER, "1\t2\t3\t100", "\t2\t3\t100"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 3" in msg and "empty user_id" in msg
 
 
 def test_invalid_utf8_is_reported(tmp_path):
     path = tmp_path / "x.inter"
     path.write_bytes((INTER_HEADER + "\n1\t2\t3\t100\n").encode() + b"\xff\xfe\t2\t3\t100\n")
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 3" in msg and "not valid UTF-8" in msg
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "x.inter"
     path.write_bytes(b"")
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "empty file" in msg
 
 
 def test_header_only(tmp_path):
     path = _inter(tmp_path, [INTER_HEADER])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "header only" in msg
 
 
 def test_duplicate_column(tmp_path):
     path = _inter(tmp_path, ["user_id:token\titem_id:token\titem_id:token\ttimestamp:float", "1\t2\t2\t3"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "duplicate column 'item_id'" in msg
 
 
 def test_unknown_header_type(tmp_path):
     path = _inter(tmp_path, ["user_id:token\titem_id:token\ttimestamp:decimal", "1\t2\t3"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "unknown type 'decimal'" in msg
 
 
 def test_untyped_header(tmp_path):
     path = _inter(tmp_path, ["user_id\titem_id\ttimestamp", "1\t2\t3"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "'user_id' is not of the form 'name:type'" in msg
 
 
 def test_wrong_declared_type(tmp_path):
     path = _inter(tmp_path, ["user_id:token\titem_id:token\ttimestamp:token", "1\t2\t3"])
-    msg = _error(read_atomic, tmp_path, "x")
+    msg = error_of(read_atomic, tmp_path, "x")
     assert f"{path}, line 1" in msg and "'timestamp' is declared :token, expected :float" in msg
 
 
 def test_duplicate_item_in_item_file_names_line(tiny_atomic):
     item = tiny_atomic / "tiny.item"
     item.write_text(item.read_text() + "2\tBeta again\t1991\tDrama\n")
-    msg = _error(read_atomic, tiny_atomic, "tiny")
+    msg = error_of(read_atomic, tiny_atomic, "tiny")
     assert f"{item}, line 5" in msg and "duplicate item id '2'" in msg
 
 
 def test_item_file_without_item_id(tiny_atomic):
     item = write_lines(tiny_atomic / "tiny.item", ["movie_title:token_seq", "Alpha"])
-    msg = _error(read_atomic, tiny_atomic, "tiny")
+    msg = error_of(read_atomic, tiny_atomic, "tiny")
     assert f"{item}, line 1" in msg and "missing column 'item_id'" in msg
 
 
 # ----------------------------------------------------------------------------- CSV and Parquet
-
-
-def test_read_csv_with_named_columns(tmp_path):
-    path = write_lines(tmp_path / "log.csv", ["uid,when,iid,extra", "7,100.5,a,x", '8,200,"b,c",y'])
-    data = read_table(path, user_col="uid", item_col="iid", time_col="when")
-    assert data.user.tolist() == ["7", "8"] and data.item.tolist() == ["a", "b,c"]
-    assert data.timestamp.tolist() == [100.5, 200.0] and data.rating is None
-
-
-def test_csv_missing_file(tmp_path):
-    msg = _error(read_table, tmp_path / "none.csv")
-    assert str(tmp_path / "none.csv") in msg and "file not found" in msg
-
-
-def test_csv_missing_column(tmp_path):
-    path = write_lines(tmp_path / "log.csv", ["user_id,item_id,time", "1,2,3"])
-    msg = _error(read_table, path)
-    assert f"{path}, line 1" in msg and "missing timestamp column 'timestamp'" in msg
-
-
-def test_csv_non_numeric_timestamp_names_line(tmp_path):
-    path = write_lines(tmp_path / "log.csv", ["user_id,item_id,timestamp", "1,2,3", "1,3,4", "1,4,2021-01-01"])
-    msg = _error(read_table, path)
-    assert f"{path}, line 4" in msg and "non-numeric timestamp '2021-01-01'" in msg
-
-
-def test_csv_empty_file(tmp_path):
-    path = tmp_path / "log.csv"
-    path.write_text("")
-    msg = _error(read_table, path)
-    assert f"{path}, line 1" in msg and "empty file" in msg
-
-
-def test_csv_header_only(tmp_path):
-    path = write_lines(tmp_path / "log.csv", ["user_id,item_id,timestamp"])
-    msg = _error(read_table, path)
-    assert f"{path}, line 1" in msg and "header only" in msg
-
-
-def test_csv_duplicate_column(tmp_path):
-    path = write_lines(tmp_path / "log.csv", ["user_id,item_id,user_id,timestamp", "1,2,1,3"])
-    msg = _error(read_table, path)
-    assert f"{path}, line 1" in msg and "duplicate column 'user_id'" in msg
-
-
-def test_unsupported_suffix(tmp_path):
-    path = write_lines(tmp_path / "log.json", ["{}"])
-    assert "unsupported file type '.json'" in _error(read_table, path)
-
-
-def test_read_parquet_casts_ids_and_timestamps(tmp_path):
-    path = tmp_path / "log.parquet"
-    when = pa.array([1_000_000_000_000, 2_000_000_000_000], type=pa.timestamp("ms"))
-    pq.write_table(pa.table({"user_id": [1, 2], "item_id": ["x", "y"], "timestamp": when}), path)
-    data = read_table(path)
-    assert data.user.tolist() == ["1", "2"] and data.item.tolist() == ["x", "y"]
-    assert data.timestamp.tolist() == [1e9, 2e9]
-
-
-def test_parquet_non_numeric_timestamp_names_row(tmp_path):
-    path = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"user_id": ["1", "2"], "item_id": ["x", "y"], "timestamp": ["5", "soon"]}), path)
-    msg = _error(read_table, path)
-    assert str(path) in msg and "non-numeric timestamp 'soon' at row 2" in msg
-
-
-def test_parquet_null_id_names_row(tmp_path):
-    path = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"user_id": ["1", None], "item_id": ["x", "y"], "timestamp": [1.0, 2.0]}), path)
-    assert "null user_id at row 2" in _error(read_table, path)
-
-
-def test_parquet_missing_column(tmp_path):
-    path = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"user_id": ["1"], "item_id": ["x"]}), path)
-    msg = _error(read_table, path)
-    assert str(path) in msg and "missing timestamp column 'timestamp'" in msg
-
-
-def test_parquet_not_a_parquet_file(tmp_path):
-    path = write_lines(tmp_path / "log.parquet", ["user_id,item_id,timestamp"])
-    assert "not a readable Parquet file" in _error(read_table, path)
-
-
-# ----------------------------------------------------------------------------- writing atomic files
 
 
 def test_write_atomic_keeps_quotes_literally(tmp_path):
@@ -248,6 +150,6 @@ def test_write_atomic_keeps_quotes_literally(tmp_path):
 
 def test_write_atomic_refuses_tabs_and_leaves_nothing(tmp_path):
     log = Interactions(np.array(["a", "b\tc"]), np.array(["x", "y"]), np.array([1.0, 2.0]))
-    msg = _error(write_atomic, log, tmp_path, "t")
+    msg = error_of(write_atomic, log, tmp_path, "t")
     assert f"{tmp_path / 't.inter'}, line 3" in msg and "contains a tab or newline" in msg
     assert list(tmp_path.iterdir()) == []
