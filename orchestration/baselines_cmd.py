@@ -33,7 +33,7 @@ from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import read_manifest, save_recommender
 from layerwise.train import TrainConfig
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
 # Table order: our method, then the references, depth, search, width/sparsity, quantization, students.
@@ -177,7 +177,7 @@ def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_con
          "weight_bytes", "training", "speed", "memory", "members"}], "benchmark", "seconds"}.
     """
     from layerwise.data import load_dataset
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     data = load_dataset(dataset) if isinstance(dataset, (str, Path)) else dataset
     teacher, manifest = load_model_for(str(teacher_dir), data).eval(), read_manifest(teacher_dir)

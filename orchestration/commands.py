@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from orchestration.report import print_metrics_table, write_json
+from orchestration.outputs import print_metrics_table, write_json
 
 HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
 
@@ -67,7 +67,7 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
-    from orchestration.builders import scorer_for
+    from orchestration.loading import scorer_for
 
     dataset = load_data(args)
     result = evaluate_scorer(scorer_for(args.model, dataset), dataset, args)
@@ -90,7 +90,7 @@ def evaluate_scorer(scorer, dataset, args):
 def score(args) -> int:
     from layerwise.compress import calibration_batches
     from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     dataset = load_data(args)
     model = load_model_for(args.model, dataset)
@@ -114,7 +114,7 @@ def compress(args) -> int:
     from layerwise.compact import save_compact
     from layerwise.compress import CompressConfig, compress as run_compress
     from layerwise.distill import HealConfig
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     dataset = load_data(args)
     teacher = load_model_for(args.teacher, dataset)

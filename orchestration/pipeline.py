@@ -20,7 +20,7 @@ from rich.console import Console
 
 from orchestration import interrupts
 from orchestration.config import PipelineConfig, load_config, stage_hash
-from orchestration.report import print_metrics_table, write_json
+from orchestration.outputs import print_metrics_table, write_json
 
 __all__ = ["load_config", "run_pipeline", "Stages"]
 

@@ -48,7 +48,7 @@ from layerwise.compress import n_kept
 from layerwise.models.scale import count_parameters, meta_recommender, numel
 from layerwise.select import SELECTORS
 from orchestration.deepspeed_config import deepspeed_config
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 from orchestration.shards import split_shards
 
 GIB = 2**30

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from orchestration.config import PipelineConfig
-from orchestration.report import print_metrics_table, write_json
+from orchestration.outputs import print_metrics_table, write_json
 
 HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
 
@@ -112,7 +112,7 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
     """Test-split metrics (full ranking, seen items excluded) with per-user Parquet tables."""
     from layerwise.baselines import BASELINES
     from layerwise.evaluate import evaluate
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     scorers = {"mostpop": BASELINES["mostpop"](data)} if with_mostpop else {}
     for name, model_dir in models.items():
@@ -132,7 +132,7 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     """Every estimator: local ones sharded over Ray tasks, ablation and dependency one task each."""
     from layerwise.compress import calibration_batches
     from layerwise.importance import LOCAL_METHODS
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
     from orchestration.shards import remote_ablation, remote_dependency, sharded_importance
 
     c = ctx.config
@@ -164,7 +164,7 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
 
     from layerwise.compact import save_compact
     from layerwise.compress import CompressConfig, compress as run_compress
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     c = ctx.config
     s = c.compress

@@ -25,7 +25,7 @@ from pathlib import Path
 from orchestration import interrupts
 from orchestration.config import stage_hash
 from orchestration.pipeline import Stages
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 from orchestration.study_config import StudyConfig, load_study_config
 from orchestration.study_seed import ROWS, config_dict, run_seed
 

@@ -20,7 +20,7 @@ import torch
 
 from orchestration.config import stage_hash
 from orchestration.pipeline import Stages
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 from orchestration.steps import load_importance
 from orchestration.study_config import StudyConfig, extras_seeds
 

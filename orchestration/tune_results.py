@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 from orchestration.search_space import SearchSpace
 
 SPEED_METRICS = {"speedup": "max", "latency_ms": "min"}  # the second Pareto objective and its direction

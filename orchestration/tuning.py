@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from orchestration.report import write_json
+from orchestration.outputs import write_json
 from orchestration.search_space import SearchSpace, load_space
 from orchestration.tune_results import SPEED_METRICS, conclude
 
@@ -287,7 +287,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
 
 def _load_teacher(teacher_path: str, data, space: SearchSpace):
     """Load and check the teacher against the data, the space's family and its depth range."""
-    from orchestration.builders import load_model_for
+    from orchestration.loading import load_model_for
 
     teacher = load_model_for(teacher_path, data)
     if teacher.family.name != space.teacher.family:

@@ -1,4 +1,4 @@
-"""Console tables and JSON files for command output."""
+"""Command output: console tables of metrics, and JSON files written atomically."""
 
 from __future__ import annotations
 

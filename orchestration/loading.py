@@ -1,4 +1,5 @@
-"""Turn a command-line model spec into a scorer: a saved model directory or a named baseline."""
+"""Models named on a command line, checked against the data set they are used on: a saved model
+directory (loaded with its bridges) or a named baseline such as mostpop."""
 
 from __future__ import annotations
 
