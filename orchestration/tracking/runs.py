@@ -1,4 +1,5 @@
-"""The one MLflow helper: store location, runs, metrics, artifacts, the model registry.
+"""The one MLflow helper, part one: store location, experiments, runs, metrics and artifacts (the model
+registry is `orchestration.tracking.registry`; both are re-exported by `orchestration.tracking`).
 
 Smallest CPU run (a local sqlite store under /tmp/lw_runs, a few seconds):
     PYTHONPATH=. .venv/bin/python - <<'EOF'
@@ -29,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 _SQLITE = "sqlite:///"
 _BAD_KEY = re.compile(r"[^/\w.\- ]")
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
@@ -147,58 +146,6 @@ def log_figure(figure, name: str) -> None:
 def log_artifacts(directory: str | Path, artifact_path: str | None = None) -> None:
     """Every file under `directory` (a report, a model directory) as run artifacts."""
     mlflow.log_artifacts(str(directory), artifact_path)
-
-
-def log_compact_model(model_dir: str | Path, registered_name: str, name: str = "model") -> int:
-    """Log a layerwise model directory as a pyfunc model (code + safetensors, no pickle), register it
-    under `registered_name` and return the new version number.
-
-    Call inside `tracked_run` to link the model to the run. Loading needs `layerwise` installed.
-    """
-    from layerwise.models.checkpoint import read_manifest
-
-    manifest = read_manifest(model_dir)  # fails clearly on a directory that is not a model
-    info = mlflow.pyfunc.log_model(
-        name=name, python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(Path(model_dir).resolve())},
-        signature=_signature(), registered_model_name=registered_name, pip_requirements=_requirements(),
-        input_example=pd.DataFrame({"history": [[1]]}),  # MLflow loads the model and predicts it once
-        metadata={k: manifest.get(k) for k in ("kind", "family", "n_layers", "n_items", "kept", "max_len")},
-    )
-    return int(info.registered_model_version)
-
-
-def promote(registered_name: str, version: int, alias: str = "champion") -> None:
-    """Point `alias` at `version` of the registered model (it moves from any earlier version)."""
-    MlflowClient().set_registered_model_alias(registered_name, alias, str(version))
-
-
-def load_champion(registered_name: str, alias: str = "champion", dst_dir: str | Path | None = None) -> Path:
-    """Download `models:/<registered_name>@<alias>` and return the layerwise model directory inside it
-    (load it with `layerwise.compact.load_compact`)."""
-    from mlflow.models import Model
-
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{registered_name}@{alias}", dst_path=None if dst_dir is None else str(dst_dir)))
-    artifacts = Model.load(str(local)).flavors["python_function"]["artifacts"]
-    return local / artifacts["model_dir"]["path"]
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec(Array("long"), "history")]),
-        outputs=Schema([ColSpec(Array("long"), "items"), ColSpec(Array("double"), "scores")]),
-        params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("exclude_seen", "boolean", True)]),
-    )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{package}=={version(package).split('+')[0]}"
-            for package in ("torch", "transformers", "safetensors", "mlflow", "pandas")] + ["layerwise"]
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
