@@ -21,8 +21,8 @@ while it ran: on a shared machine, that is the first thing to read next to a tim
 
 Targets (the issue's): prepare <= 60 s, evaluate <= 5 min, every stage's peak RSS <= 4 GiB. The
 training and healing loops are written here from the library's public step functions (`next_item_loss`,
-`heal_loss`, as orchestration/training.py does), because `train_recommender` and `heal` add full
-validation passes that would be counted twice.
+`heal_loss`, as orchestration/distributed/train_loops.py does), because `train_recommender` and `heal` add
+full validation passes that would be counted twice.
 """
 
 from __future__ import annotations

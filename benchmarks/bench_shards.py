@@ -32,8 +32,8 @@ from layerwise.models import SequentialRecommender, build_backbone, preset_confi
 from layerwise.models.checkpoint import load_recommender
 from layerwise.tracing import trace_layers
 from layerwise.train import cloze_mask
-from orchestration.ray_runtime import ray_session
-from orchestration.shards import shard_weights, sharded_importance, split_shards
+from orchestration.distributed.ray_runtime import ray_session
+from orchestration.distributed.shards import shard_weights, sharded_importance, split_shards
 
 
 def make_model(model_dir: str | None, family: str, preset: str, n_items: int, seed: int) -> SequentialRecommender:

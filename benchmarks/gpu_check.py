@@ -10,7 +10,7 @@ Three parts, each recorded (or its error recorded) before the next starts, so a 
 2. llama_1b: the Llama-3.2-1B shape as a recommender (token table dropped, 10,000 items), random weights in
    bf16, full (16 layers) against a 25% compact (4 layers, bridges), batch 8 x 50, interleaved, median of
    20 runs with torch.cuda.synchronize around every call (the same `benchmark`).
-3. zero3_step: DeepSpeed ZeRO-3 in bf16 (orchestration.deepspeed_config, device="cuda") on the 1B shape,
+3. zero3_step: DeepSpeed ZeRO-3 in bf16 (orchestration.distributed.deepspeed_config, device="cuda") on the 1B shape,
    one process, NCCL: two training steps (cold, warm) through the wrapper the Ray Train loop uses.
 
 Without a visible CUDA GPU it stops at once with exit status 2, a message saying why, and a JSON file with
@@ -108,8 +108,8 @@ def zero3_step(steps: int = 2) -> dict:
     import deepspeed
 
     from layerwise.train import TrainConfig, next_item_loss
-    from orchestration.deepspeed_config import deepspeed_config
-    from orchestration.training import _Objective, _register_external  # the production wrapper, reused
+    from orchestration.distributed.deepspeed_config import deepspeed_config
+    from orchestration.distributed.train_loops import _Objective, _register_external  # the production wrapper, reused
 
     _init_single_process()
     model = _one_b(torch.float32)  # DeepSpeed keeps fp32 master weights and computes in bf16

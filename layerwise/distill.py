@@ -244,8 +244,8 @@ def _merge_lora(student: SequentialRecommender) -> None:
     student._has_lora = False
 
 
-# --- public wrappers for training loops outside `heal` (orchestration.training runs them under
-# DeepSpeed on Ray Train); they add no behaviour of their own.
+# --- public wrappers for training loops outside `heal` (orchestration.distributed.train_loops runs them
+# under DeepSpeed on Ray Train); they add no behaviour of their own.
 def heal_loss(student: SequentialRecommender, teacher: SequentialRecommender, x: torch.Tensor,
               y: torch.Tensor, config: HealConfig) -> torch.Tensor:
     """One batch's healing loss: KD + cross-entropy + hidden-state MSE, weighted as in `config`.

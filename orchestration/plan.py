@@ -30,8 +30,8 @@ Formulas (P parameters, N GPUs, B micro batch, T sequence length, bf16 = 2 bytes
 - Sharded importance (fp32, as the exactness test runs it, calibration 8 batches x 64, `layerwise score`
   defaults): each shard holds its layers' weights and gradients (8 bytes per parameter), one batch's
   activations through its layers, and, for every calibration batch, its input states and output
-  gradients (2 x 4 x batches x 64 x T x h). The fewest contiguous shards (`orchestration.shards.split_shards`)
-  whose largest one fits.
+  gradients (2 x 4 x batches x 64 x T x h). The fewest contiguous shards
+  (`orchestration.distributed.shards.split_shards`) whose largest one fits.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from layerwise.compact import build_compact
 from layerwise.compress import n_kept
 from layerwise.models.scale import count_parameters, meta_recommender, numel
 from layerwise.select import SELECTORS
-from orchestration.deepspeed_config import deepspeed_config
+from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.outputs import write_json
-from orchestration.shards import split_shards
+from orchestration.distributed.shards import split_shards
 
 GIB = 2**30
 USABLE = 0.9

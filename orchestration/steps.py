@@ -47,7 +47,7 @@ class Context:
 def pipeline_context(config: PipelineConfig, root: Path):
     """Start (or join) Ray and open the MLflow parent run; a crash ends the run FAILED."""
     from orchestration import tracking
-    from orchestration.ray_runtime import ray_session
+    from orchestration.distributed.ray_runtime import ray_session
 
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     with ray_session(address=config.ray.address):
@@ -73,7 +73,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
     c, t = ctx.config, ctx.config.teacher
     train_config = replace(t.train, seed=c.seed, max_len=c.data.max_len)
     if c.ray.distributed_training:
-        from orchestration.training import DataSpec, ModelSpec, train_teacher_distributed
+        from orchestration.distributed.specs import DataSpec, ModelSpec
+        from orchestration.distributed.training import train_teacher_distributed
 
         if t.text_features or t.causal:
             raise ValueError("text features and causal BERT are not wired into distributed training yet; "
@@ -133,7 +134,7 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     from layerwise.compress import calibration_batches
     from layerwise.importance import LOCAL_METHODS
     from orchestration.loading import load_model_for
-    from orchestration.shards import remote_ablation, remote_dependency, sharded_importance
+    from orchestration.distributed.shards import remote_ablation, remote_dependency, sharded_importance
 
     c = ctx.config
     teacher = load_model_for(str(teacher_dir / "model"), data)

@@ -38,7 +38,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the results dict the report was written from."""
     from layerwise.report import write_report
     from orchestration import tracking
-    from orchestration.ray_runtime import ray_session
+    from orchestration.distributed.ray_runtime import ray_session
     from orchestration.study_results import build_results
 
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")

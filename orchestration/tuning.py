@@ -60,7 +60,7 @@ def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
     from layerwise.bench import benchmark
     from layerwise.compact import load_compact, save_compact
     from layerwise.compress import calibration_batches, select_layers
-    from orchestration.training import DataSpec
+    from orchestration.distributed.specs import DataSpec
 
     started, p = time.perf_counter(), ctx["protocol"]
     data = DataSpec(**ctx["data"]).load()
@@ -109,7 +109,8 @@ def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Pa
         student = build_compact(teacher, kept, rank)
         heal(student, teacher, data, heal_config, progress=False)
         return student.eval(), 1
-    from orchestration.training import DataSpec, heal_distributed
+    from orchestration.distributed.specs import DataSpec
+    from orchestration.distributed.training import heal_distributed
 
     out = heal_distributed(DataSpec(**ctx["data"]), ctx["teacher_dir"], kept, rank, heal_config,
                            num_workers=ctx["workers"], zero_stage=ctx["zero_stage"],
@@ -165,7 +166,7 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
         max_concurrent: trials at once (default: what the cluster's CPUs allow).
     """
     from orchestration import tracking
-    from orchestration.ray_runtime import ray_session
+    from orchestration.distributed.ray_runtime import ray_session
 
     _check_choices(objective, speed_metric, samples)
     space = load_space(space_path, list(overrides))
@@ -247,7 +248,7 @@ def _search_state(run_dir: Path, space: SearchSpace, objective: str, speed_metri
 
 def _data_spec(space: SearchSpace):
     """Absolute paths: trials run in their own working directories."""
-    from orchestration.training import DataSpec
+    from orchestration.distributed.specs import DataSpec
 
     t = space.teacher
     name = str(Path(t.dataset).resolve()) if Path(t.dataset).exists() else t.dataset
@@ -260,7 +261,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     from layerwise.models.checkpoint import read_manifest, save_recommender
     from layerwise.train import TrainConfig, train_recommender
     from orchestration.config import stage_hash
-    from orchestration.training import ModelSpec, build_model
+    from orchestration.distributed.specs import ModelSpec, build_model
 
     data = _data_spec(space).load()
     if teacher_dir:

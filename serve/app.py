@@ -318,7 +318,7 @@ def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, rep
     Returns:
         The base URL, e.g. "http://127.0.0.1:8000".
     """
-    from orchestration.ray_runtime import init_ray
+    from orchestration.distributed.ray_runtime import init_ray
 
     init_ray()
     serve.start(http_options={"host": host, "port": port})

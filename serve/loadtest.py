@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from orchestration.ray_runtime import ray_session
+    from orchestration.distributed.ray_runtime import ray_session
 
     port = args.port or free_port()
     app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from orchestration.ray_runtime import ray_session
+from orchestration.distributed.ray_runtime import ray_session
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from layerwise.compact import load_compact
 from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
-from orchestration.training import DataSpec, ModelSpec, build_model
+from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.tune_results import choose_champion, front_ids, pareto_front
 from orchestration.tuning import main, run_search
 

@@ -33,11 +33,13 @@ from ray.cluster_utils import Cluster
 
 from layerwise.compact import load_compact
 from layerwise.compress import calibration_batches
+from layerwise.distill import HealConfig
 from layerwise.importance import LOCAL_METHODS, compute_importance
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import train_recommender
-from orchestration.training import DataSpec, HealConfig, ModelSpec, TrainConfig, build_model, heal_distributed
-from orchestration.shards import sharded_importance
+from layerwise.train import TrainConfig, train_recommender
+from orchestration.distributed.shards import sharded_importance
+from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
+from orchestration.distributed.training import heal_distributed
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +54,7 @@ HEAL = HealConfig(epochs=1, batch_size=64, lr=3e-3, trainable="all", prefit_step
 KEEP, BRIDGE_RANK = [0, 3], 4
 STORE = 100 * 2**20  # per node; Ray's minimum is 75 MiB and the tensors that travel are a few MB
 TOLERANCE = 1e-6
-TASK_TITLE = "ray::_shard_task"  # orchestration.shards._shard_task while it runs
+TASK_TITLE = "ray::_shard_task"  # orchestration.distributed.shards._shard_task while it runs
 # A killed raylet is declared dead after period x threshold (default 3 s x 5); 1.5 s keeps the retry quick.
 FAST_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 

@@ -1,13 +1,13 @@
 """The one place a DeepSpeed config is built, for CPU (tests, small runs) and GPU (ZeRO-3 at 1B-13B).
 
-    from orchestration.deepspeed_config import deepspeed_config
+    from orchestration.distributed.deepspeed_config import deepspeed_config
     config = deepspeed_config(stage=2, lr=1e-3, batch_size=32)             # CPU: fp32, torch AdamW, gloo
     config = deepspeed_config(stage=3, lr=1e-4, batch_size=8, device="cuda")  # GPU: bf16 if supported
 
 On CPU the optimizer is DeepSpeed's AdamW with `torch_adam: true`, so no compiled optimizer op is needed,
 and the numbers are fp32. DeepSpeed picks its CPU accelerator and falls back from oneCCL to gloo by
 itself; the caller sets `DS_ACCELERATOR=cpu` before importing deepspeed to be sure (see
-orchestration.training). The GPU branch is only taken when asked for and a GPU is really there.
+orchestration.distributed.training). The GPU branch is only taken when asked for and a GPU is really there.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import torch
 from layerwise.bridges import set_bridges
 from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
-from orchestration.ray_runtime import cpu_fraction, init_ray, ray_session
-from orchestration.shards import (
+from orchestration.distributed.ray_runtime import cpu_fraction, init_ray, ray_session
+from orchestration.distributed.shards import (
     build_model, build_shard, model_weights, put_model, remote_ablation, shard_weights, sharded_importance,
     split_shards, submit_ablation, submit_dependency,
 )
@@ -89,7 +89,7 @@ def test_init_ray_is_idempotent_and_sessions_keep_an_outer_ray(ray_local):
 
 _JOIN = """
 import json, sys, ray
-from orchestration.ray_runtime import init_ray, ray_session
+from orchestration.distributed.ray_runtime import init_ray, ray_session
 with ray_session(address=sys.argv[1]) as first:  # the address argument
     nodes = [ray.get_runtime_context().get_node_id()]
 print(json.dumps({"after_session": ray.is_initialized(), "cpu": first["CPU"]}))

@@ -5,7 +5,7 @@ an `address` argument or the `RAY_ADDRESS` environment variable joins a running 
 started by `ray up cluster.yaml`). Small machines get a bounded object store and fractional CPU requests,
 or a 2-core box would reserve 30% of its RAM for objects and schedule only two tasks at a time.
 
-    PYTHONPATH=. .venv/bin/python -c "from orchestration.ray_runtime import init_ray; print(init_ray(num_cpus=2))"
+    .venv/bin/python -c "from orchestration.distributed.ray_runtime import init_ray; print(init_ray(num_cpus=2))"
 
     with ray_session(num_cpus=2, object_store_mb=150) as resources:
         ...  # Ray tasks; Ray is shut down on exit only if this block started it

@@ -8,7 +8,8 @@ its own (the backbone built on the meta device, so the rest of the model never t
 runs `layerwise.importance.local_scores`. The concatenated result equals `compute_importance`.
 
     PYTHONPATH=. .venv/bin/python -c "
-    from orchestration.ray_runtime import ray_session; from orchestration.shards import sharded_importance
+    from orchestration.distributed.ray_runtime import ray_session
+    from orchestration.distributed.shards import sharded_importance
     from layerwise.models import SequentialRecommender, build_backbone, preset_config; import torch
     model = SequentialRecommender(build_backbone(preset_config('llama', 'tiny', n_layers=4)), 20)
     x = torch.randint(1, 21, (8, 12)); batches = [(x[:, :-1], x[:, 1:])]
@@ -34,7 +35,7 @@ from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, local_scores, shard_inputs
 from layerwise.models import FAMILIES, SequentialRecommender, build_backbone
 from layerwise.tracing import trace_layers
-from orchestration.ray_runtime import cpu_fraction, init_ray
+from orchestration.distributed.ray_runtime import cpu_fraction, init_ray
 
 MAX_RETRIES = 3
 # Application errors worth another attempt (a full disk or a dropped connection while spilling or

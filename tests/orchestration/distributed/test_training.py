@@ -16,19 +16,13 @@ from safetensors.torch import load_file
 
 from layerwise.baselines import mostpop_scorer
 from layerwise.compact import load_compact
+from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import load_recommender, read_manifest
-from layerwise.train import train_recommender
-from orchestration.deepspeed_config import deepspeed_config
-from orchestration.training import (
-    DataSpec,
-    HealConfig,
-    ModelSpec,
-    TrainConfig,
-    build_model,
-    heal_distributed,
-    train_teacher_distributed,
-)
+from layerwise.train import TrainConfig, train_recommender
+from orchestration.distributed.deepspeed_config import deepspeed_config
+from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
+from orchestration.distributed.training import heal_distributed, train_teacher_distributed
 
 # 300 users, 120 items: MostPop scores valid NDCG@10 0.087, random 0.055, a trained tiny model ~0.27.
 DATA = "synthetic:300:120:6000:0"
