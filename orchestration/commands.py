@@ -159,7 +159,7 @@ def baselines(args) -> int:
 
 
 def plan(args) -> int:
-    from orchestration.plan import plan_main
+    from orchestration.scale.plan import plan_main
 
     return plan_main(args)
 

@@ -1,6 +1,6 @@
 """Offline validation of a Ray cluster launcher config (cluster.yaml): no cloud calls, no credentials.
 
-    .venv/bin/python -c "from orchestration.cluster_config import validate_cluster_yaml as v; v('cluster.yaml')"
+    .venv/bin/python -c "from orchestration.scale.cluster_config import validate_cluster_yaml as v; v('cluster.yaml')"
 
 Two layers. Ray's own: `prepare_config` (merges the provider's defaults.yaml, fills per-type worker
 limits) then `validate_config` (the JSON schema plus a few cross-checks). Both live in

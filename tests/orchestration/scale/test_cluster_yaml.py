@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cluster_config import validate_cluster_yaml
+from orchestration.scale.cluster_config import validate_cluster_yaml
 
-SHIPPED = Path(__file__).resolve().parents[1] / "cluster.yaml"
+SHIPPED = Path(__file__).resolve().parents[3] / "cluster.yaml"
 
 
 @pytest.fixture(scope="module")

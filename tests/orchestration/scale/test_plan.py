@@ -10,7 +10,7 @@ import torch
 
 from layerwise.compact import removed_parameters
 from layerwise.models.scale import meta_recommender, numel
-from orchestration.plan import (
+from orchestration.scale.plan import (
     GIB,
     USABLE,
     LayerDims,
