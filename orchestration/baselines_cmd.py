@@ -66,7 +66,7 @@ def run_method(name: str, data, teacher, budget: Budget, compact, progress: bool
         return [Variant(name, BASELINES[name](data), "", None, {"scorer": True})]
     context = {"compact": compact} if name == "ours+int8" else {}
     if name == "nas":
-        from orchestration.nas import tpe_search
+        from orchestration.search.nas import tpe_search
 
         context["search"] = tpe_search
     return BASELINES[name](data, teacher=teacher, budget=budget, progress=progress, **context)

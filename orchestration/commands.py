@@ -147,7 +147,7 @@ def bench(args) -> int:
 
 
 def tune(args) -> int:
-    from orchestration.tuning import tune_command
+    from orchestration.search.tuning import tune_command
 
     return tune_command(args)
 

@@ -9,7 +9,7 @@ the models it made, each measured by the same `evaluate` and `benchmark` as ours
         evaluate(v.model.score, data, stage="test")
 
 Called with data alone, a compression baseline raises a ValueError that says what it needs. `nas` also
-needs a `search=` strategy (orchestration.nas.tpe_search); `ours+int8` takes our compact model as
+needs a `search=` strategy (orchestration.search.nas.tpe_search); `ours+int8` takes our compact model as
 `compact=` (or compresses the teacher itself).
 """
 

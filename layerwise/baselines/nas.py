@@ -6,7 +6,7 @@ every single and every pair of removed layers: 1 + L + L(L-1)/2 distinct model e
 validation NDCG@10 of the teacher with the other layers gated off (`layerwise.tracing.metric_with_removed`,
 the same users our selection scores on). The winner is then built with our bridges and healed with our
 budget. The search strategy is a callable passed in (the library does not import Optuna;
-`orchestration.nas.tpe_search` is Optuna TPE over L "take layer i" scores repaired to exactly k):
+`orchestration.search.nas.tpe_search` is Optuna TPE over L "take layer i" scores repaired to exactly k):
 
     objective = SubsetObjective(teacher, data, budget=selection_evaluations(teacher.n_layers))
     keep = search(objective, teacher.n_layers, k, seed)
@@ -102,7 +102,7 @@ def nas(data, teacher=None, budget: Budget | None = None, search: Search | None 
     """
     budget = require("nas", teacher, budget)
     if search is None:
-        raise ValueError("the NAS baseline needs a search strategy: search=orchestration.nas.tpe_search")
+        raise ValueError("the NAS baseline needs a search strategy: search=orchestration.search.nas.tpe_search")
     n_evals = selection_evaluations(teacher.n_layers)
     objective = SubsetObjective(teacher, data, n_evals, budget.ablation_users, budget.heal.max_len,
                                 budget.seeds[0])

@@ -27,7 +27,7 @@ from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import load_recommender, save_recommender
 from layerwise.select import SELECTORS
 from layerwise.train import TrainConfig, train_recommender
-from orchestration.nas import tpe_search
+from orchestration.search.nas import tpe_search
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
 HEAL = HealConfig(epochs=1, batch_size=64, max_len=12, prefit_steps=5, patience=1)

@@ -8,9 +8,10 @@ import pytest
 import yaml
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
-from orchestration.search_space import PARAMETERS, load_space
+from orchestration.search.space import PARAMETERS, load_space
 
-SPACES = sorted(Path(__file__).resolve().parents[2].joinpath("tune_spaces").glob("*.yaml"))
+SPACES = sorted(Path(__file__).resolve().parents[3].joinpath("tune_spaces").glob("*.yaml"))
+assert len(SPACES) == 4, SPACES  # one file per family; an empty list would silently skip every check below
 VALID = {
     "teacher": {"family": "llama", "preset": "tiny", "dataset": "synthetic:300:60:6000:0", "lr": 3.0e-3},
     "protocol": {"bench_runs": 5},

@@ -1,19 +1,20 @@
 """Hyperparameter search over compact models: Ray Tune trials, Optuna's samplers, MLflow child runs.
 
 Smallest CPU run (tiny teacher on tiny synthetic data, 3 trials, a few minutes on 2 cores):
-    python -m orchestration.tuning tune_spaces/llama.yaml teacher.preset=tiny teacher.n_layers=4 \
+    python -m orchestration.search.tuning tune_spaces/llama.yaml teacher.preset=tiny teacher.n_layers=4 \
         teacher.epochs=4 teacher.dataset=synthetic:300:60:6000:0 space.heal_epochs=1 protocol.bench_runs=5 \
         --samples 3 --objective pareto --run-dir /tmp/lw_tune --num-cpus 2 --object-store-mb 150
 (`layerwise tune` takes the same arguments; key=value overrides follow the YAML path, before the options.)
 
 The teacher is trained once in the driver (or given with --teacher) and shared by every trial. A trial
-selects k layers with its selector and estimator, builds the compact model with rank-r bridges, heals it
-(in the trial, or on Ray Train + DeepSpeed with --distributed-heal), and reports validation NDCG@10
-retention and the speedup measured against the teacher in the same process (interleaved rounds). TPE
-maximises retention ("single"); NSGA-II finds the retention/speed front ("pareto"), read back from the
-Optuna study. The front is then checked with nothing else running (test-split retention, timed again
-alone), registered in MLflow, and its fastest model with retention >= --min-retention becomes
-`champion`. Killed searches resume: finished trials stay finished, the rest run.
+(orchestration.search.trial) selects k layers with its selector and estimator, builds the compact model
+with rank-r bridges, heals it (in the trial, or on Ray Train + DeepSpeed with --distributed-heal), and
+reports validation NDCG@10 retention and the speedup measured against the teacher in the same process
+(interleaved rounds). TPE maximises retention ("single"); NSGA-II finds the retention/speed front
+("pareto"), read back from the Optuna study. The front is then checked with nothing else running
+(test-split retention, timed again alone), registered in MLflow, and its fastest model with retention
+>= --min-retention becomes `champion`. Killed searches resume: finished trials stay finished, the rest
+run.
 """
 
 from __future__ import annotations
@@ -21,124 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from orchestration.outputs import write_json
-from orchestration.search_space import SearchSpace, load_space
-from orchestration.tune_results import SPEED_METRICS, conclude
+from orchestration.search.space import SearchSpace, load_space
+from orchestration.search.results import SPEED_METRICS, conclude
+from orchestration.search.trial import search_trial, valid_ndcg
 
 OBJECTIVES = ("single", "pareto")
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the run directory
-
-
-# --- the trial (runs in a Ray worker) ---------------------------------------------------------------------
-def search_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: select, build, heal, evaluate, benchmark, save, log; reports every searcher metric.
-
-    config: the trial's parameters (search_space.PARAMETERS); ctx: the search's fixed context.
-    """
-    import torch
-    from ray import tune
-
-    from orchestration import tracking
-
-    torch.set_num_threads(ctx["threads"])
-    trial_id = tune.get_context().get_trial_id()
-    tracking.ensure_experiment(ctx["experiment"], ctx["tracking_uri"])
-    with tracking.tracked_run(f"trial-{trial_id}", params=config, parent_run_id=ctx["parent_run_id"],
-                              tags={"trial_id": trial_id, "stage": "tune-trial", "study": ctx["study"]}):
-        metrics, bench = _measure_trial(config, ctx, trial_id)
-        tracking.log_metrics(metrics)
-        tracking.log_json(bench, "bench.json")
-    tune.report(metrics)
-
-
-def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
-    from layerwise.bench import benchmark
-    from layerwise.compact import load_compact, save_compact
-    from layerwise.compress import calibration_batches, select_layers
-    from orchestration.distributed.specs import DataSpec
-
-    started, p = time.perf_counter(), ctx["protocol"]
-    data = DataSpec(**ctx["data"]).load()
-    teacher = load_compact(ctx["teacher_dir"]).eval()
-    batches = calibration_batches(teacher, data, p["calib_batches"], p["calib_batch_size"], ctx["max_len"],
-                                  p["seed"])
-    kept, _ = select_layers(teacher, data, _depth(config, teacher.n_layers), config["selector"],
-                            config.get("method"), batches, seed=p["seed"])
-    selected = time.perf_counter()
-    model_dir = Path(ctx["run_dir"]) / "trials" / trial_id / "model"
-    student, healed = _heal(config, ctx, teacher, data, kept, model_dir, trial_id)
-    healed_at = time.perf_counter()
-    valid = _valid_ndcg(student, data, ctx["max_len"])
-    bench = benchmark({"teacher": teacher, "compact": student}, batch_sizes=(p["bench_batch_size"],),
-                      runs=p["bench_runs"], warmup=p["bench_warmup"], max_len=ctx["max_len"], seed=p["seed"],
-                      reference="teacher")
-    entry = bench["models"]["compact"]["batches"][str(p["bench_batch_size"])]
-    metrics = {
-        "retention": valid / ctx["teacher_valid_ndcg"], "speedup": entry["speedup"],
-        "latency_ms": entry["median_ms"], "speedup_ci_low": entry["speedup_ci95"][0],
-        "speedup_ci_high": entry["speedup_ci95"][1], "efficiency": entry["efficiency"], "bound": entry["bound"],
-        "teacher_latency_ms": bench["models"]["teacher"]["batches"][str(p["bench_batch_size"])]["median_ms"],
-        "valid_ndcg_at_10": valid, "n_layers": len(kept), "kept": ",".join(map(str, kept)),
-        "heal_workers": healed,
-        "param_ratio": bench["models"]["compact"]["param_bytes"] / bench["models"]["teacher"]["param_bytes"],
-        "seconds_select": selected - started, "seconds_heal": healed_at - selected,
-        "seconds_total": time.perf_counter() - started,
-    }
-    manifest = {"teacher": ctx["teacher_dir"], "dataset": ctx["data"]["name"], "max_len": ctx["max_len"],
-                "data_fingerprint": data.fingerprint, "tune": {"trial_id": trial_id, "params": config,
-                                                                "metrics": metrics}}
-    save_compact(student, model_dir, manifest)
-    return {**metrics, "model_dir": str(model_dir)}, bench
-
-
-def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Path, trial_id: str):
-    """(healed student, healing processes: 0 = not healed, 1 = in this trial, n = n Ray Train workers)."""
-    from layerwise.compact import build_compact, load_compact
-    from layerwise.distill import heal
-
-    heal_config = _heal_config(config, ctx)
-    rank = config["bridge_rank"]
-    if heal_config.trainable == "bridges" and rank == 0:
-        return build_compact(teacher, kept, 0), 0  # nothing to train: the plain removal is the result
-    if not ctx["distributed_heal"]:
-        student = build_compact(teacher, kept, rank)
-        heal(student, teacher, data, heal_config, progress=False)
-        return student.eval(), 1
-    from orchestration.distributed.specs import DataSpec
-    from orchestration.distributed.training import heal_distributed
-
-    out = heal_distributed(DataSpec(**ctx["data"]), ctx["teacher_dir"], kept, rank, heal_config,
-                           num_workers=ctx["workers"], zero_stage=ctx["zero_stage"],
-                           storage_path=str(Path(ctx["run_dir"]) / "ray_train"), cpus_per_worker=0.5,
-                           out_dir=str(model_dir.with_name("healed")), name=f"heal-{trial_id}-{time.time_ns()}")
-    return load_compact(out["model_dir"]).eval(), int(out["world_size"])
-
-
-def _heal_config(config: dict, ctx: dict):
-    from layerwise.distill import HealConfig
-
-    names = {"heal_epochs": "epochs", "heal_batch_size": "batch_size"}
-    fields = set(HealConfig.__dataclass_fields__)
-    given = {names.get(k, k): v for k, v in config.items() if names.get(k, k) in fields}
-    return replace(HealConfig(**given), max_len=ctx["max_len"], seed=ctx["protocol"]["seed"],
-                   max_minutes=ctx["protocol"]["heal_max_minutes"])
-
-
-def _depth(config: dict, n_layers: int) -> int:
-    from layerwise.compress import n_kept
-
-    return int(config["layers"]) if "layers" in config else n_kept(float(config["keep"]), n_layers)
-
-
-def _valid_ndcg(model, data, max_len: int) -> float:
-    from layerwise.evaluate import evaluate
-
-    return evaluate(model.eval().score, data, stage="valid", exclude_seen=True, max_len=max_len).means["ndcg@10"]
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -180,7 +74,7 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
     tracking.ensure_experiment(experiment, uri)
     with ray_session(**(ray_options or {})) as resources:
         data, teacher_path = _prepare_teacher(space, run_dir, teacher_dir)
-        teacher_valid = _valid_ndcg(_load_teacher(teacher_path, data, space), data, space.teacher.max_len)
+        teacher_valid = valid_ndcg(_load_teacher(teacher_path, data, space), data, space.teacher.max_len)
         with _parent_run(state, run_dir, space, teacher_path, samples, objective) as parent_id:
             ctx = _context(space, run_dir, teacher_path, teacher_valid, uri, experiment, parent_id, state,
                            distributed_heal)
@@ -376,7 +270,7 @@ def _tuner(trainable, space: SearchSpace, state: dict, run_dir: Path, concurrenc
 
 # --- command line -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `layerwise tune` arguments (also `python -m orchestration.tuning`)."""
+    """The `layerwise tune` arguments (also `python -m orchestration.search.tuning`)."""
     parser.add_argument("space", help="search space YAML, e.g. tune_spaces/llama.yaml")
     parser.add_argument("overrides", nargs="*",
                         help="section.key=value changes to the YAML, right after it (before the options), "
@@ -422,7 +316,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m orchestration.tuning",
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m orchestration.search.tuning",
                                                    description=__doc__.splitlines()[0]))
     return tune_command(parser.parse_args(argv))
 

@@ -2,9 +2,9 @@
 retention, timed alone), the champion, a plot and a table (Markdown + JSON), and the front in the MLflow
 model registry.
 
-`orchestration.tuning.run_search` calls `conclude` after `Tuner.fit()`; the plot and table also work on
-their own, on the rows of `<run_dir>/report/trials.json`:
-    PYTHONPATH=. .venv/bin/python -c "import json; from orchestration.tune_results import *; \
+`orchestration.search.tuning.run_search` calls `conclude` after `Tuner.fit()`; the plot and table also
+work on their own, on the rows of `<run_dir>/report/trials.json`:
+    PYTHONPATH=. .venv/bin/python -c "import json; from orchestration.search.results import *; \
 rows = json.load(open('/tmp/lw_tune/report/trials.json'))['trials']; \
 plot_front(rows, [r['trial_id'] for r in rows if r['front']], None, None, 'speedup', '/tmp/front.png', 'demo')"
 """
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from orchestration.outputs import write_json
-from orchestration.search_space import SearchSpace
+from orchestration.search.space import SearchSpace
 
 SPEED_METRICS = {"speedup": "max", "latency_ms": "min"}  # the second Pareto objective and its direction
 

@@ -28,10 +28,10 @@ from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
-from orchestration.tune_results import choose_champion, front_ids, pareto_front
-from orchestration.tuning import main, run_search
+from orchestration.search.results import choose_champion, front_ids, pareto_front
+from orchestration.search.tuning import main, run_search
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DATA = "synthetic:300:60:6000:0"
 TINY = [f"teacher.dataset={DATA}", "teacher.preset=tiny", "teacher.n_layers=4", "teacher.epochs=8",
         "teacher.lr=0.003", "space.heal_epochs=1", "space.prefit_steps=20", "protocol.calib_batches=2",
@@ -284,7 +284,7 @@ RESUME_SAMPLES = 4
 def _start(run_dir: Path, teacher: str, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "orchestration.tuning", str(ROOT / "tune_spaces" / "llama.yaml"),
+    args = [sys.executable, "-m", "orchestration.search.tuning", str(ROOT / "tune_spaces" / "llama.yaml"),
             *tiny(cache, "space.selector=topk"), "--samples", str(RESUME_SAMPLES), "--objective", "pareto",
             "--teacher", teacher, "--max-concurrent", "1", "--run-dir", str(run_dir),
             "--num-cpus", "2", "--object-store-mb", "150"]
