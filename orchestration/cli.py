@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from orchestration import commands, interrupts
+from orchestration import commands
+from orchestration.pipeline import interrupts
 
 DEFAULT_DATASET = "ml-100k"
 

@@ -174,7 +174,8 @@ def serve(args) -> int:
 
 
 def run(args) -> int:
-    from orchestration.pipeline import load_config, run_pipeline
+    from orchestration.pipeline.config import load_config
+    from orchestration.pipeline.run import run_pipeline
 
     path, overrides = args.config, list(args.overrides)
     if path and "=" in path and not Path(path).exists():

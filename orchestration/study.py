@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestration import interrupts
-from orchestration.config import stage_hash
-from orchestration.pipeline import Stages
+from orchestration.pipeline import interrupts
+from orchestration.pipeline.config import stage_hash
+from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
 from orchestration.study_config import StudyConfig, load_study_config
 from orchestration.study_seed import ROWS, config_dict, run_seed

@@ -2,7 +2,7 @@
 
     config = load_study_config("study.yaml", ["seeds=[0,1]", "sweep.heal_epochs=2"])
 
-The data, teacher, compression, tracking and benchmark sections are the pipeline's own (orchestration.config),
+The data, teacher, compression, tracking and benchmark sections are the pipeline's own (orchestration.pipeline.config),
 so a study and `layerwise run` describe a model the same way. What a study adds: the seeds, the baselines,
 the ablation components, the k sweep, the noise levels and the scenario slices. Unknown keys and wrong types
 are errors that name the key.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layerwise.train import TrainConfig
-from orchestration.config import (
+from orchestration.pipeline.config import (
     BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
 )
 

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from orchestration.config import stage_hash
-from orchestration.pipeline import Stages
+from orchestration.pipeline.config import stage_hash
+from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
-from orchestration.steps import load_importance
+from orchestration.pipeline.steps import load_importance
 from orchestration.study_config import StudyConfig, extras_seeds
 
 ROWS = "rows.json"
@@ -311,7 +311,7 @@ def _heal_record(result) -> dict | None:
 
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:
     """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run every stage."""
-    from orchestration.config import _build
+    from orchestration.pipeline.config import _build
     from orchestration.study_config import StudyConfig, extras_seeds
     from layerwise.data import load_dataset
 

@@ -118,7 +118,7 @@ def _check_choices(objective: str, speed_metric: str, samples: int) -> None:
 def _search_state(run_dir: Path, space: SearchSpace, objective: str, speed_metric: str, samples: int,
                   resume: bool, teacher_dir: str | None) -> dict:
     """search.json: what this run directory searches. A resume must search the same thing."""
-    from orchestration.config import stage_hash
+    from orchestration.pipeline.config import stage_hash
 
     key = stage_hash(asdict(space.teacher), asdict(space.protocol), space.entries, objective, speed_metric,
                      teacher_dir)
@@ -154,7 +154,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     """(data, teacher directory): the given one, the one trained here earlier, or a newly trained one."""
     from layerwise.models.checkpoint import read_manifest, save_recommender
     from layerwise.train import TrainConfig, train_recommender
-    from orchestration.config import stage_hash
+    from orchestration.pipeline.config import stage_hash
     from orchestration.distributed.specs import ModelSpec, build_model
 
     data = _data_spec(space).load()

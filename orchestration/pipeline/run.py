@@ -3,65 +3,26 @@
 Smallest CPU run (tiny synthetic data and a tiny model, about a minute):
     layerwise run data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny teacher.train.epochs=4
 
-Every stage writes its outputs under runs/<name>/<stage>-<hash>/, where the hash covers exactly the
-configuration that determines them. A stage whose outputs exist is skipped, so an interrupted run resumes
-where it stopped and a changed setting re-runs only what it affects.
+Every stage writes its outputs under runs/<name>/<stage>-<hash>/ (orchestration.pipeline.stages), where
+the hash covers exactly the configuration that determines them. A stage whose outputs exist is skipped, so
+an interrupted run resumes where it stopped and a changed setting re-runs only what it affects. The stages
+themselves are in orchestration.pipeline.steps.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from rich.console import Console
-
-from orchestration import interrupts
-from orchestration.config import PipelineConfig, load_config, stage_hash
-from orchestration.outputs import print_metrics_table, write_json
-
-__all__ = ["load_config", "run_pipeline", "Stages"]
-
-console = Console()
-HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
-
-
-class Stages:
-    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet."""
-
-    def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None):
-        self.root = root
-        self.on_done = on_done
-        self.skipped: list[str] = []
-        self.ran: list[str] = []
-
-    def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
-        interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
-        out = self.root / f"{name}-{key}"
-        marker = out / "_DONE"
-        if marker.exists():
-            console.print(f"[dim]- {name}: done earlier ({out}), skipped[/dim]")
-            self.skipped.append(name)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            console.print(f"[bold]> {name}[/bold] -> {out}")
-            started = time.perf_counter()
-            fn(out)
-            seconds = time.perf_counter() - started
-            (out / "_seconds.json").write_text(json.dumps({"seconds": seconds}))
-            marker.write_text("")
-            self.ran.append(name)
-            interrupts.check()  # the stage's outputs are complete and kept; what follows it is not run
-        if self.on_done:
-            self.on_done(name, out, name in self.skipped)
-        return out
+from orchestration.outputs import write_json
+from orchestration.pipeline.config import PipelineConfig, stage_hash
+from orchestration.pipeline.stages import Stages
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the headline figures."""
-    from orchestration import steps
+    from orchestration.pipeline import steps
 
     root = Path(config.run_dir).resolve() / config.name
     root.mkdir(parents=True, exist_ok=True)

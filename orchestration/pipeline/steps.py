@@ -10,11 +10,10 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from orchestration.config import PipelineConfig
+from orchestration.pipeline.config import PipelineConfig
 from orchestration.outputs import print_metrics_table, write_json
 
 HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
@@ -200,7 +199,7 @@ def headline(ctx: Context, base_dir: Path, eval_dir: Path, bench_dir: Path, comp
     """Teacher vs compact: NDCG@10, MRR, retention, speedup and efficiency against the Amdahl bound;
     logged to MLflow, the compact model registered and promoted to `champion`."""
     from orchestration import tracking
-    from orchestration.headline import build_headline, print_headline
+    from orchestration.pipeline.headline import build_headline, print_headline
 
     head = build_headline(base_dir, eval_dir, bench_dir, comp_dir)
     print_headline(head)

@@ -8,8 +8,8 @@ import sys
 SCRIPT = """
 import os, signal, sys, weakref
 from pathlib import Path
-from orchestration import interrupts
-from orchestration.pipeline import Stages
+from orchestration.pipeline import interrupts
+from orchestration.pipeline.stages import Stages
 
 interrupts.install()
 
@@ -40,7 +40,7 @@ def test_swallowed_ctrl_c_stops_before_the_next_stage(tmp_path):
 
 
 def test_without_a_signal_stages_run():
-    from orchestration import interrupts
+    from orchestration.pipeline import interrupts
 
     interrupts.check()  # no Ctrl-C in this process: nothing raised
     assert not interrupts.requested()

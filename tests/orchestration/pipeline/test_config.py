@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchestration.config import TeacherConfig, load_config, stage_hash
+from orchestration.pipeline.config import TeacherConfig, load_config, stage_hash
 
 
 def test_added_option_enters_the_stage_key_only_when_set():
@@ -19,7 +19,7 @@ def test_added_option_enters_the_stage_key_only_when_set():
 
 
 def test_causal_teacher_from_overrides():
-    from orchestration.config import PipelineConfig
+    from orchestration.pipeline.config import PipelineConfig
 
     config = load_config(None, ["teacher.causal=true", "teacher.family=bert"], cls=PipelineConfig)
     assert config.teacher.causal is True
