@@ -153,9 +153,15 @@ def tune(args) -> int:
 
 
 def baselines(args) -> int:
-    from orchestration.baselines_cmd import command
+    from layerwise.distill import HealConfig
+    from orchestration.baselines.table import format_markdown, run_baselines
 
-    return command(args)
+    heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)
+    result = run_baselines(args.teacher, load_data(args), keep=args.keep, heal_config=heal,
+                           seeds=tuple(args.seeds), out_json=args.json, out_md=args.md, which=args.only,
+                           bridge_rank=args.bridge_rank, runs=args.runs, memory=not args.no_memory)
+    print(format_markdown(result))
+    return 0
 
 
 def plan(args) -> int:

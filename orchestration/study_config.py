@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layerwise.train import TrainConfig
+from orchestration.baselines.method import ORDER
 from orchestration.pipeline.config import (
     BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
 )
 
 # Every compression baseline of layerwise.baselines, in the table order of `layerwise baselines`.
-ALL_BASELINES = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude",
-                 "width", "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
+ALL_BASELINES = ORDER
 # One component changed at a time. "estimators": selection by `combined` over all local estimators, then
 # without each one; "bridges" removes them (or adds rank-16 ones when compress.bridge_rank is 0, the
 # default); the others switch one part of our method off.

@@ -141,7 +141,7 @@ class SeedRun:
         def stage(out: Path) -> None:
             from layerwise.baselines import is_quantized
             from layerwise.models.checkpoint import save_recommender
-            from orchestration.baselines_cmd import run_method
+            from orchestration.baselines.method import run_method
 
             variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
             rows, saved = [], set()
@@ -277,7 +277,7 @@ class SeedRun:
     def _budget(self):
         from layerwise.baselines import Budget
         from layerwise.baselines.budget import n_parameters
-        from orchestration.baselines_cmd import teacher_train_config
+        from orchestration.baselines.method import teacher_train_config
         from layerwise.models.checkpoint import read_manifest
 
         heal = replace(self.config.compress.heal, max_len=self.max_len, seed=self.seed)

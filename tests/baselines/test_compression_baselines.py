@@ -1,12 +1,10 @@
 """Compression baselines under our budget: each runs on a tiny 4-layer model, is measured by the shared
-evaluate/bench code, and removes what it was asked to; the table command runs end to end."""
+evaluate/bench code, and removes what it was asked to (the table command: tests/orchestration/baselines/)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import json
 import math
 from dataclasses import asdict
 
@@ -256,41 +254,3 @@ def test_nas_baseline_heals_the_winner():
 def test_compression_baselines_need_a_teacher():
     with pytest.raises(ValueError, match="teacher"):
         BASELINES["int8"](cyclic_data())
-
-
-def test_table_command_end_to_end(tmp_path):
-    from layerwise.data import load_dataset
-    from orchestration.baselines_cmd import command
-
-    spec = "synthetic:40:30:400:0"
-    data = load_dataset(spec)
-    teacher = tiny_model("llama", n_layers=4, n_items=data.n_items)
-    train_recommender(teacher, data, TRAIN, progress=False)
-    save_recommender(teacher, tmp_path / "teacher", {"kind": "teacher", "data_fingerprint": data.fingerprint,
-                                                     "max_len": 12, "train": asdict(TRAIN)})
-    args = argparse.Namespace(
-        teacher=str(tmp_path / "teacher"), dataset=spec, data_dir=None, cache_dir=None, min_core=0, keep=0.5,
-        json=str(tmp_path / "t.json"), md=str(tmp_path / "t.md"), only=["mostpop", "first", "magnitude", "int8"],
-        heal_epochs=1, trainable="all", bridge_rank=4, seeds=[0], runs=3, no_memory=True)
-    assert command(args) == 0
-    result = json.loads((tmp_path / "t.json").read_text())
-    rows = {r["row"]: r for r in result["rows"]}
-    assert list(rows) == ["teacher", "ours", "ours +heal", "mostpop", "first", "first +heal", "magnitude",
-                          "magnitude +heal", "int8"]
-    assert rows["teacher"]["retention"]["ndcg@10"] == pytest.approx(1.0)
-    assert rows["first +heal"]["n_layers"] == 2 and rows["ours +heal"]["training"][0]["epochs_run"] == 1
-    for name in ("teacher", "first +heal", "magnitude", "int8"):
-        assert set(rows[name]["speed"]) == {"1", "64"} and rows[name]["speed"]["64"]["speedup"] > 0
-    assert rows["teacher"]["speed"]["1"]["speedup"] == pytest.approx(1.0) and rows["mostpop"]["speed"] is None
-    assert rows["magnitude"]["weight_bytes"] == rows["teacher"]["weight_bytes"] > rows["int8"]["weight_bytes"]
-    assert 0 < result["budget"]["removed"] < result["budget"]["teacher_parameters"]
-    table = (tmp_path / "t.md").read_text()
-    assert all(f"| {name} |" in table for name in rows)
-
-
-def test_quantized_models_are_reported_not_measured_for_peak_memory():
-    from orchestration.baselines_cmd import _memory
-
-    teacher, _, _ = setup()
-    memory = _memory({"int8": quantize_int8(teacher)}, "unused", batch=4, max_len=12)
-    assert memory["int8"]["status"] == "not measured" and "quantized" in memory["int8"]["reason"]

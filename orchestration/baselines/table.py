@@ -1,4 +1,4 @@
-"""`layerwise baselines`: every baseline under the same budget as our method, measured alike, in one table.
+"""Every baseline under the same budget as our method, measured alike, in one table (`layerwise baselines`).
 
 Smallest CPU run (tiny synthetic data; a couple of minutes):
     layerwise train --dataset synthetic:300:60:6000:0 --family llama --preset tiny --out /tmp/teacher
@@ -24,52 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from layerwise.baselines import BASELINES, SCORER_BASELINES, Budget, Variant, is_quantized, ours, storage_bytes
+from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.bench import benchmark
-from layerwise.memory import peak_memory
 from layerwise.compress import n_kept
 from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
+from layerwise.memory import peak_memory
 from layerwise.models.checkpoint import read_manifest, save_recommender
-from layerwise.train import TrainConfig
+from orchestration.baselines.method import methods, run_method, teacher_train_config
 from orchestration.outputs import write_json
 
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
-# Table order: our method, then the references, depth, search, width/sparsity, quantization, students.
-ORDER = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude", "width",
-         "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
 _MB = 2**20
-
-
-def methods(which: list[str] | None) -> list[str]:
-    """The baselines to run, in table order; "ours" and "teacher" are always there and need no name."""
-    names = [n for n in (which or ORDER) if n not in ("ours", "teacher")]
-    unknown = sorted(set(names) - set(BASELINES))
-    if unknown:
-        raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
-    return [n for n in ORDER if n in names]
-
-
-def teacher_train_config(manifest: dict) -> TrainConfig | None:
-    """The teacher's training recipe from its manifest (for the scratch baseline), or None if absent."""
-    recipe = manifest.get("train")
-    if not recipe:
-        return None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
-
-
-def run_method(name: str, data, teacher, budget: Budget, compact, progress: bool) -> list[Variant]:
-    """The variants of baseline `name` under `budget` (`compact`: our model, which `ours+int8` quantizes)."""
-    if name in SCORER_BASELINES:
-        return [Variant(name, BASELINES[name](data), "", None, {"scorer": True})]
-    context = {"compact": compact} if name == "ours+int8" else {}
-    if name == "nas":
-        from orchestration.search.nas import tpe_search
-
-        context["search"] = tpe_search
-    return BASELINES[name](data, teacher=teacher, budget=budget, progress=progress, **context)
 
 
 def _test_metrics(variant: Variant, data, max_len: int) -> dict[str, float]:
@@ -254,16 +221,3 @@ def format_markdown(result: dict) -> str:
               "speedup. Weights MB counts packed int8/int4 weights and their scales. Peak MB: inference peak "
               "over the bare interpreter, fresh subprocess per saved model; quantized models are not measured."]
     return "\n".join(lines)
-
-
-def command(args) -> int:
-    """Handler of `layerwise baselines` (argparse namespace from orchestration.cli)."""
-    from orchestration.commands import load_data
-
-    data = load_data(args)
-    heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)
-    result = run_baselines(args.teacher, data, keep=args.keep, heal_config=heal, seeds=tuple(args.seeds),
-                           out_json=args.json, out_md=args.md, which=args.only, bridge_rank=args.bridge_rank,
-                           runs=args.runs, memory=not args.no_memory)
-    print(format_markdown(result))
-    return 0
