@@ -192,6 +192,6 @@ def run(args) -> int:
 
 
 def study(args) -> int:
-    from orchestration.study import command
+    from orchestration.study.driver import command
 
     return command(args)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from scipy import stats as sps
 
 from layerwise import stats
-from orchestration.study_config import StudyConfig, extras_seeds
+from orchestration.study.config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
 TARGETS = {"retention": [0.90, 0.95], "speedup": [3.5, 4.0]}  # the claim we test: 25% of layers, ~4x, ~90%

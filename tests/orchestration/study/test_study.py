@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from layerwise.report.document import MISSING, SECTIONS
 from orchestration import tracking
-from orchestration.study import run_study
-from orchestration.study_config import load_study_config
+from orchestration.study.driver import run_study
+from orchestration.study.config import load_study_config
 
 SETTINGS = [
     "seeds=[0,1]", "data.dataset=synthetic:300:60:6000:0", "teacher.preset=tiny", "teacher.train.epochs=2",
@@ -133,14 +133,14 @@ def test_bad_study_configs_name_the_key():
 def test_shipped_study_configs_load():
     from pathlib import Path
 
-    paths = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+    paths = sorted((Path(__file__).resolve().parents[3] / "studies").glob("*.yaml"))
     assert paths, "studies/ holds the study configs of the README"
     names = [load_study_config(str(path)).name for path in paths]  # parsed and checked like a user's file
     assert len(set(names)) == len(names) and "study" not in names  # each writes its own run folder
 
 
 def test_progress_line_names_done_and_running_stages(tmp_path):
-    from orchestration.study import stage_progress
+    from orchestration.study.driver import stage_progress
 
     assert stage_progress(tmp_path / "seeds") == "0 stages done"
     for done in ("seed-0/teacher-1a2b", "seed-0/importance-3c4d"):

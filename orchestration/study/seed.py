@@ -4,7 +4,7 @@ and the noise curves. Each is a resumable stage under <study>/seeds/seed-<s>/<st
 The seed sets the teacher's initialisation and data order, the calibration draw, the bridges' init and
 the healing order (and the first random-layer draw). Every model a stage evaluates leaves one row in the
 stage's rows.json and its per-user test metrics (full ranking, seen items excluded) in eval/<row>.parquet;
-the driver (orchestration.study) reads nothing else. On the first seed, the baseline stages also save one
+the driver (orchestration.study.driver) reads nothing else. On the first seed, the baseline stages also save one
 model per architecture under timing/ so that the driver can time them all in one interleaved benchmark.
 """
 
@@ -22,7 +22,7 @@ from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
-from orchestration.study_config import StudyConfig, extras_seeds
+from orchestration.study.config import StudyConfig, extras_seeds
 
 ROWS = "rows.json"
 METRIC = "ndcg@10"
@@ -312,7 +312,7 @@ def _heal_record(result) -> dict | None:
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:
     """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run every stage."""
     from orchestration.pipeline.config import _build
-    from orchestration.study_config import StudyConfig, extras_seeds
+    from orchestration.study.config import StudyConfig, extras_seeds
     from layerwise.data import load_dataset
 
     torch.set_num_threads(max(1, threads))

@@ -8,10 +8,10 @@ Smallest CPU run (tiny synthetic data, tiny model, 2 seeds; a few minutes on 2 c
 How it runs:
 1. Each seed is one Ray task (`ray.cpus_per_seed` CPUs), so seeds run in parallel. Inside, every stage
    (teacher, importance, ours, each baseline, each ablation, each k of the sweep, noise) is resumable: an
-   interrupted study restarts where it stopped (orchestration.study_seed).
+   interrupted study restarts where it stopped (orchestration.study.seed).
 2. Speed: one interleaved benchmark in the driver, after every seed is done (so no training competes with
    it), times the first seed's teacher, our compact model and one model per baseline architecture.
-3. Statistics and report (orchestration.study_results, layerwise.report), logged to MLflow with every table.
+3. Statistics and report (orchestration.study.results, layerwise.report), logged to MLflow with every table.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
-from orchestration.study_config import StudyConfig, load_study_config
-from orchestration.study_seed import ROWS, config_dict, run_seed
+from orchestration.study.config import StudyConfig, load_study_config
+from orchestration.study.seed import ROWS, config_dict, run_seed
 
 __all__ = ["load_study_config", "run_study"]
 
@@ -39,7 +39,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     from layerwise.report import write_report
     from orchestration import tracking
     from orchestration.distributed.ray_runtime import ray_session
-    from orchestration.study_results import build_results
+    from orchestration.study.results import build_results
 
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root = Path(config.run_dir).resolve() / config.name

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from layerwise.stats import seed_test
-from orchestration.study_results import Rows, across_seeds, comparison
+from orchestration.study.results import Rows, across_seeds, comparison
 
 SPEED = {"settings": {"batch_sizes": [1, 64]},
          "models": {"ours": {"batches": {"64": {"speedup": 3.0, "speedup_ci95": [2.8, 3.2]}}},

@@ -1,0 +1,3 @@
+"""The study, `layerwise study`: its configuration (`config`), one seed's resumable stages run as a Ray
+task (`seed`), the statistics over seeds and users (`results`), and the driver that runs the seeds, times
+their models and writes the report (`driver`)."""
