@@ -22,14 +22,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
-from orchestration.outputs import write_json
-from orchestration.study.config import StudyConfig, load_study_config
+from orchestration.study.config import StudyConfig
 from orchestration.study.seed import ROWS, config_dict, run_seed
-
-__all__ = ["load_study_config", "run_study"]
 
 PROGRESS_SECONDS = 30  # how often the driver's progress line re-reads the seeds' stage folders
 
@@ -193,14 +191,3 @@ def _log(results: dict, paths: dict) -> None:
             tracking.log_json(results[table], f"tables/{table}.json")
     tracking.log_json(results, "results.json")
     tracking.log_artifacts(Path(paths["markdown"]).parent, artifact_path="report")
-
-
-def command(args) -> int:
-    """Handler of `layerwise study` (argparse namespace from orchestration.cli)."""
-    path, overrides = args.config, list(args.overrides)
-    if path and "=" in path and not Path(path).exists():
-        path, overrides = None, [path, *overrides]  # `layerwise study key=value ...` with no YAML file
-    results = run_study(load_study_config(path, overrides))
-    head = results["headline"]
-    print(json.dumps({"retention": head["retention"], "speedup": head.get("speedup")}, indent=1))
-    return 0

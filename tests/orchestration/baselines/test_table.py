@@ -13,7 +13,7 @@ from layerwise.data import load_dataset
 from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
 from orchestration.baselines.table import _memory
-from orchestration.cli import main
+from orchestration.cli.main import main
 from tests.helpers.tiny_models import tiny_model
 
 TRAIN = TrainConfig(epochs=6, batch_size=32, lr=1e-2, max_len=12, patience=6, eval_every=6)

@@ -1,0 +1,116 @@
+"""`layerwise run|baselines|tune|study`: the long, tracked jobs. Each parses its command line here and
+hands a config to its capability: orchestration.pipeline, .baselines, .search and .study.
+
+Smallest CPU runs (tiny synthetic data, minutes on 2 cores):
+    layerwise run data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny teacher.train.epochs=4
+    layerwise study seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny \
+        teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from orchestration.cli.data import add_data_args, load_data
+
+
+def add_parsers(sub) -> None:
+    _run_parser(sub)
+    _baselines_parser(sub)
+    _tune_parser(sub)
+    _study_parser(sub)
+
+
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="the main job: train a teacher, score its layers, build and heal the "
+                                     "compact model, evaluate and benchmark both; resumable, tracked in MLflow")
+    run.add_argument("config", nargs="?", default=None, help="YAML config (default: embedded defaults)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20")
+
+
+def _baselines_parser(sub) -> None:
+    base = sub.add_parser("baselines", help="every baseline under our budget, measured alike, in one table")
+    add_data_args(base)
+    base.add_argument("--teacher", required=True, help="trained teacher directory")
+    base.add_argument("--keep", type=float, default=0.25,
+                      help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
+    base.add_argument("--json", required=True, help="write the full table (and benchmark) here")
+    base.add_argument("--md", default=None, help="also write the Markdown table here")
+    base.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                      help="baselines to run (default: all); ours and the teacher always run")
+    base.add_argument("--heal-epochs", type=int, default=20)
+    base.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
+    base.add_argument("--bridge-rank", type=int, default=0, help="as `layerwise compress` (default: %(default)s)")
+    base.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                      help="random-layer draws; the first seeds every other method")
+    base.add_argument("--runs", type=int, default=30, help="interleaved benchmark rounds")
+    base.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+
+
+def _tune_parser(sub) -> None:
+    from orchestration.search.tuning import add_arguments  # light: yaml + rich, no torch/ray
+
+    add_arguments(sub.add_parser("tune", help="search depth, bridges, selector and healing with Ray Tune + "
+                                              "Optuna; register the Pareto front and promote a champion"))
+
+
+def _study_parser(sub) -> None:
+    study = sub.add_parser(
+        "study", help="ours vs every baseline over seeds, with ablation, k sweep, noise, slices and a report",
+        description="Seeds run in parallel as Ray tasks; every stage resumes. Writes runs/<name>/report/"
+                    "report.md and report.html and logs them to MLflow. Example at tiny size: layerwise study "
+                    "seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny "
+                    "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1")
+    study.add_argument("config", nargs="?", default=None,
+                       help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
+    study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
+
+
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(YAML path or None, key=value overrides): `layerwise run key=value ...` has no YAML file, so a first
+    argument with "=" that is not an existing file is an override."""
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]
+    return path, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestration.pipeline.config import load_config
+    from orchestration.pipeline.run import run_pipeline
+
+    run_pipeline(load_config(*_config_and_overrides(args)))
+    return 0
+
+
+def baselines(args: argparse.Namespace) -> int:
+    from layerwise.distill import HealConfig
+    from orchestration.baselines.table import format_markdown, run_baselines
+
+    heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)
+    result = run_baselines(args.teacher, load_data(args), keep=args.keep, heal_config=heal,
+                           seeds=tuple(args.seeds), out_json=args.json, out_md=args.md, which=args.only,
+                           bridge_rank=args.bridge_rank, runs=args.runs, memory=not args.no_memory)
+    print(format_markdown(result))
+    return 0
+
+
+def tune(args: argparse.Namespace) -> int:
+    from orchestration.search.tuning import tune_command
+
+    return tune_command(args)
+
+
+def study(args: argparse.Namespace) -> int:
+    from orchestration.study.config import load_study_config
+    from orchestration.study.driver import run_study
+
+    results = run_study(load_study_config(*_config_and_overrides(args)))
+    head = results["headline"]
+    print(json.dumps({"retention": head["retention"], "speedup": head.get("speedup")}, indent=1))
+    return 0
+
+
+HANDLERS = {"run": run, "baselines": baselines, "tune": tune, "study": study}

@@ -1,0 +1,216 @@
+"""`layerwise train|evaluate|score|compress|bench`: one step of the method on one model, in this process.
+
+Smallest CPU run (tiny synthetic data, seconds):
+    layerwise train --dataset synthetic:300:60:6000:0 --family llama --preset tiny --out /tmp/teacher
+    layerwise evaluate --model /tmp/teacher --dataset synthetic:300:60:6000:0 --json /tmp/metrics.json
+    layerwise compress --teacher /tmp/teacher --dataset synthetic:300:60:6000:0 --keep 0.5 --out /tmp/compact
+    layerwise bench --models /tmp/teacher /tmp/compact --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from orchestration.cli.data import add_data_args, load_data
+from orchestration.outputs import print_metrics_table, write_json
+
+HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+
+
+def add_parsers(sub) -> None:
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    _score_parser(sub)
+    _compress_parser(sub)
+    _bench_parser(sub)
+
+
+def _train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a teacher recommender (plain torch, CPU or GPU)")
+    add_data_args(train)
+    train.add_argument("--family", default="llama", choices=["llama", "qwen3", "gpt2", "bert", "t5"])
+    train.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
+    train.add_argument("--pretrained", default=None,
+                       help="local pretrained backbone directory instead of a preset (e.g. MiniLM)")
+    train.add_argument("--text-features", action="store_true",
+                       help="add frozen MiniLM embeddings of item titles and genres")
+    train.add_argument("--causal", action="store_true",
+                       help="train a BERT as a decoder (causal mask, next item at every position) instead "
+                            "of by cloze, which learns from ~20%% of positions and needs far more epochs")
+    train.add_argument("--out", required=True, help="output model directory")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--max-len", type=int, default=50)
+    train.add_argument("--dropout", type=float, default=None)
+    train.add_argument("--loss", choices=["full", "sampled"], default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-minutes", type=float, default=None, help="wall-clock training budget")
+
+
+def _evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", help="ranking metrics of a saved model (or mostpop) on a split")
+    add_data_args(ev)
+    ev.add_argument("--model", required=True, help="model directory, or 'mostpop'")
+    ev.add_argument("--json", default=None, help="write mean metrics and the protocol here")
+    ev.add_argument("--per-user", default=None, help="write per-user metrics to this Parquet file")
+    ev.add_argument("--stage", default="test", choices=["valid", "test"])
+    ev.add_argument("--keep-seen", action="store_true",
+                    help="rank already-seen items too (RecBole's sequential full sort); default excludes them")
+    ev.add_argument("--sampled", type=int, default=0,
+                    help="rank among N sampled negatives instead of the full catalogue (0 = full)")
+    ev.add_argument("--sampling", choices=["uniform", "popularity"], default="uniform")
+    ev.add_argument("--max-len", type=int, default=50)
+
+
+def _score_parser(sub) -> None:
+    score = sub.add_parser("score", help="layer importance of a trained model, every estimator")
+    add_data_args(score)
+    score.add_argument("--model", required=True, help="trained model directory")
+    score.add_argument("--methods", nargs="+", default=None,
+                       help="estimators (default: all local ones plus ablation and ablation_loss)")
+    score.add_argument("--json", required=True, help="write scores (method -> per-layer list) here")
+    score.add_argument("--calib-batches", type=int, default=8)
+    score.add_argument("--calib-batch-size", type=int, default=64)
+    score.add_argument("--seed", type=int, default=0)
+
+
+def _compress_parser(sub) -> None:
+    comp = sub.add_parser("compress", help="keep the best k layers, bridge the gaps, heal by distillation")
+    add_data_args(comp)
+    comp.add_argument("--teacher", required=True, help="trained teacher directory")
+    comp.add_argument("--keep", type=float, default=0.25,
+                      help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
+    comp.add_argument("--selector", default="beam", help="layer selector (default: %(default)s)")
+    comp.add_argument("--method", default=None, help="importance estimator the selector ranks by")
+    comp.add_argument("--bridge-rank", type=int, default=0,
+                      help="bridge adapter rank at the gaps; 0 = no bridges (default: %(default)s, measured best)")
+    comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
+    comp.add_argument("--heal-epochs", type=int, default=20)
+    comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--out", required=True, help="output compact model directory")
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="interleaved latency, throughput, memory, FLOPs and the Amdahl bound")
+    bench.add_argument("--models", nargs="+", required=True,
+                       help="model directories; the first is the reference (the teacher)")
+    bench.add_argument("--json", required=True, help="write the full result here")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+
+
+def train(args: argparse.Namespace) -> int:
+    from layerwise.models.checkpoint import save_recommender
+    from layerwise.models.factory import build_recommender
+    from layerwise.train import TrainConfig, train_recommender
+
+    dataset = load_data(args)
+    config = TrainConfig(seed=args.seed, max_len=args.max_len)
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "loss", "max_minutes")
+                 if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    model = build_recommender(dataset, args.family, args.preset, pretrained=args.pretrained,
+                              text_features=args.text_features, max_len=args.max_len,
+                              dropout=args.dropout, seed=args.seed, causal=args.causal)
+    started = time.perf_counter()
+    result = train_recommender(model, dataset, config)
+    minutes = (time.perf_counter() - started) / 60
+    save_recommender(model, args.out, {
+        "kind": "teacher", "preset": args.preset, "pretrained": args.pretrained,
+        "dataset": args.dataset, "data_fingerprint": dataset.fingerprint, "max_len": args.max_len,
+        "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,
+        "train_minutes": minutes,
+    })
+    print(f"trained {args.family}/{args.preset} in {minutes:.1f} min; best epoch {result.best_epoch}, "
+          f"valid NDCG@10 {result.best_valid['ndcg@10']:.4f}; saved to {args.out}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from orchestration.loading import scorer_for
+
+    dataset = load_data(args)
+    result = evaluate_scorer(scorer_for(args.model, dataset), dataset, args)
+    print_metrics_table({args.model: result.means}, HEADLINE)
+    if args.json:
+        write_json(args.json, result.to_dict())
+    if args.per_user:
+        result.to_parquet(args.per_user)
+    return 0
+
+
+def evaluate_scorer(scorer, dataset, args):
+    from layerwise.evaluate import SampledRanking, evaluate as run_eval
+
+    sampled = SampledRanking(args.sampled, args.sampling) if args.sampled else None
+    return run_eval(scorer, dataset, stage=args.stage, exclude_seen=not args.keep_seen,
+                    max_len=args.max_len, sampled=sampled, progress=True)
+
+
+def score(args: argparse.Namespace) -> int:
+    from layerwise.compress import calibration_batches
+    from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+    from orchestration.loading import load_model_for
+
+    dataset = load_data(args)
+    model = load_model_for(args.model, dataset)
+    methods = args.methods or [*LOCAL_METHODS, "ablation", "ablation_loss"]
+    unknown = [m for m in methods if m not in IMPORTANCE]
+    if unknown:
+        raise ValueError(f"unknown importance methods {unknown}; choose from {sorted(IMPORTANCE)}")
+    batches = calibration_batches(model, dataset, args.calib_batches, args.calib_batch_size,
+                                  seed=args.seed)
+    local = [m for m in methods if m in LOCAL_METHODS]
+    scores = {k: v.tolist() for k, v in compute_importance(model, batches, local).items()} if local else {}
+    for method in (m for m in methods if m not in LOCAL_METHODS):
+        scores[method] = IMPORTANCE[method](model, batches, data=dataset, k=None, seed=args.seed).tolist()
+    for method, values in scores.items():
+        print(f"{method:>16}: " + " ".join(f"{v:9.3g}" for v in values))
+    write_json(args.json, {"model": args.model, "n_layers": model.n_layers, "scores": scores})
+    return 0
+
+
+def compress(args: argparse.Namespace) -> int:
+    from layerwise.compact import save_compact
+    from layerwise.compress import CompressConfig, compress as run_compress
+    from layerwise.distill import HealConfig
+    from orchestration.loading import load_model_for
+
+    dataset = load_data(args)
+    teacher = load_model_for(args.teacher, dataset)
+    config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
+                            bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
+                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable))
+    result = run_compress(teacher, dataset, config)
+    manifest = {"teacher": str(Path(args.teacher).resolve()), "dataset": args.dataset,
+                "data_fingerprint": dataset.fingerprint, "max_len": config.heal.max_len,
+                **result.manifest(config)}
+    save_compact(result.model, args.out, manifest)
+    print(f"kept layers {result.kept} of {teacher.n_layers}; valid NDCG@10 unhealed "
+          f"{result.unhealed_valid['ndcg@10']:.4f}, final {manifest['valid']['ndcg@10']:.4f}; "
+          f"saved to {args.out}")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from layerwise.bench import bench_dirs, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_dirs(args.models, batch_sizes=tuple(args.batch_sizes), runs=args.runs,
+                        warmup=args.warmup)
+    print(format_table(result))
+    write_json(args.json, result)
+    return 0
+
+
+HANDLERS = {"train": train, "evaluate": evaluate, "score": score, "compress": compress, "bench": bench}
