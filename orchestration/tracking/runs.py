@@ -39,6 +39,10 @@ ARTIFACTS_NAME = "mlartifacts"
 _SQLITE = "sqlite:///"
 _BAD_KEY = re.compile(r"[^/\w.\- ]")
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value
+# MLflow 3's UI opens an experiment by its kind: untagged ones land on the GenAI overview (traces, "Detect
+# Issues"), this kind on the training runs, which is what every experiment here holds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def tracking_uri(where: str | Path) -> str:
@@ -62,7 +66,8 @@ def artifact_location(uri: str) -> str | None:
 
 def ensure_experiment(name: str, where: str | Path) -> str:
     """Point MLflow at `where` (run directory or URI), create experiment `name` if needed (and so the
-    sqlite schema, in this process), make it the active experiment; returns its id."""
+    sqlite schema, in this process), tagged as a model-training experiment (an older untagged one gets
+    the tag too), make it the active experiment; returns its id."""
     uri = tracking_uri(where)
     if uri.startswith(_SQLITE):
         Path(uri[len(_SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
@@ -74,13 +79,16 @@ def ensure_experiment(name: str, where: str | Path) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri))
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri),
+                                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
         except MlflowException:  # another process created it between our lookup and create
-            experiment_id = client.get_experiment_by_name(name).experiment_id
-    else:
+            experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

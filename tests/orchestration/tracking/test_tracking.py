@@ -32,6 +32,7 @@ from orchestration.tracking import (
     tracked_run,
     tracking_uri,
 )
+from orchestration.tracking.runs import EXPERIMENT_KIND_TAG
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -58,6 +59,18 @@ def test_default_store_is_absolute_sqlite_with_explicit_artifacts(store, monkeyp
     assert tracking_uri("http://tracker:5000") == "http://tracker:5000"
     assert artifact_location("http://tracker:5000") is None
     assert ensure_experiment("layerwise-test", run_dir) == experiment_id  # idempotent
+
+
+def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(store):
+    run_dir, experiment_id = store
+    client = MlflowClient()
+    assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # An experiment created without the tag (by an older version, or by hand) gets it on its next use.
+    older = client.create_experiment("created-untagged")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert ensure_experiment("created-untagged", run_dir) == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert ensure_experiment("layerwise-test", run_dir) == experiment_id  # leaves the active one as it was
 
 
 def test_params_and_metrics_read_back(store):
