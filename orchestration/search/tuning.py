@@ -170,7 +170,10 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     model = build_model(spec, data.n_items)
     config = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_len=t.max_len, seed=t.seed,
                          max_minutes=t.max_minutes)
-    result = train_recommender(model, data, config, progress=False)
+    # The search waits for this, often for longer than for its trials: say so, and show the epochs go by.
+    print(f"teacher: no --teacher given, training {t.family} ({model.n_layers} layers, up to {t.epochs} "
+          f"epochs) on {data.name} before the search", flush=True)
+    result = train_recommender(model, data, config, progress=True)
     save_recommender(model, target, {
         "kind": "teacher", "model_spec": asdict(spec), "dataset": data.name, "data_fingerprint": data.fingerprint,
         "max_len": t.max_len, "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,

@@ -29,7 +29,8 @@ from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.search.results import choose_champion, front_ids, pareto_front
-from orchestration.search.tuning import main, run_search
+from orchestration.search.space import load_space
+from orchestration.search.tuning import _prepare_teacher, main, run_search
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = "synthetic:300:60:6000:0"
@@ -259,6 +260,15 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match=r"space\.lr: low"):
         run_search(space, 2, run_dir=tmp_path, overrides=["space.lr.low=0.1"])
     assert not (tmp_path / "search.json").exists()
+
+
+def test_a_search_without_teacher_shows_the_teacher_training(cache, tmp_path, capfd):
+    space = load_space(ROOT / "tune_spaces" / "llama.yaml", tiny(cache, "teacher.epochs=2"))
+    data, teacher = _prepare_teacher(space, tmp_path, None)
+    out, err = capfd.readouterr()
+    assert "no --teacher given, training llama (4 layers, up to 2 epochs)" in out
+    assert "train: 100%" in err and "2/2" in err  # the epoch bar `layerwise train` shows, run to its end
+    assert f"saved to {tmp_path / 'teacher'}" in out and load_compact(teacher).n_layers == 4
 
 
 # --- Ray Train + DeepSpeed healing inside a trial ------------------------------------------------------------
