@@ -10,6 +10,11 @@ and a message that names what is wrong:
 
 Checks that need the catalogue (unknown item or user ids, k above the catalogue size, history longer
 than `max_history`) happen in the deployment, also with 422.
+
+A refused body is still read to its end (and dropped), up to DRAIN_BYTES, before the answer goes out. The
+HTTP server closes a connection after answering a request that asked for it (`Connection: close`), and
+closing a socket with unread bytes in it sends a TCP reset: a client still sending its body would see
+"connection reset by peer" and never read the 413.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pydantic import (
 )
 
 DEFAULT_MODEL = "models:/layerwise-compact@champion"
+DRAIN_BYTES = 64 * 2**20  # a larger refused body is answered at once: the client may then see a reset
 MAX_ID_CHARS = 256
 _MAX_INT_ID = 2**63  # ids beyond int64 cannot be anyone's item or user id; say so instead of looking them up
 
@@ -125,11 +131,15 @@ class AppArgs(BaseModel):
 
 async def parse_request(request, max_body_bytes: int) -> RecommendRequest:
     """Read and validate a Starlette request's JSON body; raises `BadRequest` with the right status."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise BadRequest(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
-    body = await _read_limited(request, max_body_bytes)
+    try:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise BadRequest(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
+        body = await _read_limited(request, max_body_bytes)
+    except BadRequest:
+        await _drain(request, DRAIN_BYTES)  # so that the client, still sending, can read the answer
+        raise
     return validate_body(body)
 
 
@@ -178,6 +188,24 @@ async def _read_limited(request, limit: int) -> bytes:
         if len(body) > limit:
             raise BadRequest(413, f"body exceeds the limit of {limit} bytes")
     return bytes(body)
+
+
+async def _drain(request, bound: int) -> None:
+    """Read and drop the rest of a refused request's body, unless it is declared larger than `bound`;
+    stop after `bound` bytes (a chunked body declares nothing), or when the client goes away."""
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > bound:
+        return
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > bound:
+                return
+    except (ClientDisconnect, RuntimeError):  # gone, or the body was already read to its end
+        return
 
 
 def _refuse_constant(name: str):
