@@ -62,7 +62,8 @@ def _study_parser(sub) -> None:
         description="Seeds run in parallel as Ray tasks; every stage resumes. Writes runs/<name>/report/"
                     "report.md and report.html and logs them to MLflow. Example at tiny size: layerwise study "
                     "seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny "
-                    "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1")
+                    "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1. "
+                    "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study.")
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
@@ -110,6 +111,23 @@ def study(args: argparse.Namespace) -> int:
     results = run_study(load_study_config(*_config_and_overrides(args)))
     head = results["headline"]
     print(json.dumps({"retention": head["retention"], "speedup": head.get("speedup")}, indent=1))
+    return 0
+
+
+def study_report(argv: list[str]) -> int:
+    """`layerwise study report RUN_DIR --out results/NAME` (its own parser: `study` takes a YAML path)."""
+    from orchestration.study.publish import publish_study
+
+    parser = argparse.ArgumentParser(
+        prog="layerwise study report",
+        description="Publish a finished study: its report (Markdown and HTML), figures (PNG) and summary.json "
+                    "(headline, every table, the protocol), regenerated from its run folder.")
+    parser.add_argument("run_dir", help="the study's run folder, e.g. runs/ml100k-llama")
+    parser.add_argument("--out", required=True, help="where to publish, e.g. results/ml100k-llama")
+    args = parser.parse_args(argv)
+    paths = publish_study(args.run_dir, args.out)
+    print(f"published {args.run_dir} to {args.out}: report.md, report.html, summary.json and "
+          f"{len(paths['figures'])} figures")
     return 0
 
 

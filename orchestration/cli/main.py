@@ -32,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench-serve"]:
         return deploy.bench_serve(argv[1:])
-    args = build_parser().parse_args(argv)
-    handler = {name: fn for group in GROUPS for name, fn in group.HANDLERS.items()}[args.command]
-    if args.command in ("run", "study"):  # resumable stage runs: a Ctrl-C must stop them (see interrupts)
-        interrupts.install()
+    if argv[:2] == ["study", "report"]:  # a subcommand of `study`, whose first argument is otherwise a YAML
+        command, call = "study report", lambda: experiments.study_report(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, handler = args.command, {n: f for g in GROUPS for n, f in g.HANDLERS.items()}[args.command]
+        if command in ("run", "study"):  # resumable stage runs: a Ctrl-C must stop them (see interrupts)
+            interrupts.install()
+        call = lambda: handler(args)  # noqa: E731 - one call site, two ways to build it
     try:
-        return handler(args) or 0
+        return call() or 0
     except (ValueError, FileNotFoundError) as err:
-        print(f"layerwise {args.command}: error: {err}", file=sys.stderr)
+        print(f"layerwise {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from layerwise.report.document import MISSING, SECTIONS
 from orchestration import tracking
+from orchestration.cli.main import main
 from orchestration.study.driver import run_study
 from orchestration.study.config import load_study_config
 
@@ -111,6 +112,30 @@ def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
     assert protocol["invocations"] == 2  # both timed: no "(0 interrupted)" clause
     assert protocol["stage time summed over seeds (s)"] == results["protocol"]["stage time summed over seeds (s)"] > 0
     mlflow.set_tracking_uri(tracking.tracking_uri(root))  # leave a valid URI for the next module
+
+
+@pytest.mark.slow
+def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsys):
+    config, root, _ = study
+    out = tmp_path / "results" / "tiny"
+    assert main(["study", "report", str(root / "study"), "--out", str(out)]) == 0
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    figures = {f"figures/{name}.png" for name in ("pareto", "k_sweep", "robustness", "slices", "importance",
+                                                  "dependency")}
+    assert files == {"report.md", "report.html", "summary.json", *figures}  # no weights, no per-user tables
+    assert sum((out / f).stat().st_size for f in files) < 2 * 2**20
+    # Regenerated from the run folder alone, the report reads exactly as the study's own.
+    results = json.loads((root / "study" / "results.json").read_text())
+    assert (out / "report.md").read_text() == (root / "study" / "report" / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["headline"] == results["headline"] and summary["protocol"] == results["protocol"]
+    assert set(summary["tables"]) == {"baselines", "ablation", "k_sweep", "robustness", "scenarios", "importance"}
+    for table in ("baselines", "ablation", "scenarios"):
+        assert summary["tables"][table]["rows"] == results[table]["rows"] and summary["tables"][table]["rows"]
+    assert summary["config"]["seeds"] == [0, 1] and summary["invocations"][0]["seconds"] > 0
+    assert "figures/pareto.png" in (out / "report.html").read_text()
+    assert main(["study", "report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "holds no results.json" in capsys.readouterr().err and (out / "summary.json").exists()  # kept
 
 
 def test_bad_study_configs_name_the_key():
