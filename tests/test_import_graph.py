@@ -1,4 +1,5 @@
-"""No import cycles between the project's modules (layerwise/, orchestration/, serve/).
+"""No import cycles between the project's modules (layerwise/, orchestration/, serve/), and orchestration's
+capabilities import each other in one direction only (LAYERS, as the README's layout lists them).
 
 The graph is built from the source, not by importing it: one node per module, one edge per `import` of
 another project module. Imports inside functions count as much as those at the top of a file: the lazy
@@ -18,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("layerwise", "orchestration", "serve")
+# orchestration's subpackages, each importing only those after it (and outputs.py, loading.py, the library).
+LAYERS = ("cli", "study", "baselines", "search", "pipeline", "scale", "distributed", "tracking")
 
 
 def project_modules(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
@@ -138,6 +141,23 @@ def test_the_project_has_no_import_cycle():
     assert len(modules) > 90 and {"layerwise.models.recommender", "orchestration.cli.main", "serve.app"} <= set(modules)
     graph = import_graph(modules)
     assert not find_cycles(graph), describe(graph)
+
+
+def test_capabilities_import_downwards_only():
+    packages = {p.parent.name for p in (ROOT / "orchestration").glob("*/__init__.py")}
+    assert packages == set(LAYERS), "place every orchestration subpackage in LAYERS"
+    upward = set()
+    for module, targets in import_graph(project_modules(ROOT)).items():
+        for target in targets:
+            a, b = (_layer(module), _layer(target))
+            if a is not None and b is not None and LAYERS.index(b) < LAYERS.index(a):
+                upward.add(f"{module} -> {target}")
+    assert not upward, f"imports up the layers {LAYERS}: {sorted(upward)}"
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "orchestration" and len(parts) > 1 and parts[1] in LAYERS else None
 
 
 def test_the_finder_reports_each_cycle_as_a_path():
