@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from layerwise.data import BENCHMARKS, DataError, benchmark_stats, format_stats_table, load_dataset
-from layerwise.data import resolve_benchmark
+from layerwise.data import LITERATURE_METRICS, resolve_benchmark
+from layerwise.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "amazon-yelp"
 needs_shared = pytest.mark.skipif(not (SHARED / "Beauty.txt").is_file(),
@@ -164,3 +166,27 @@ def test_split_cache_round_trip_keeps_the_fingerprint(tmp_path):
     again = load_dataset("toys", data_dir=SHARED, cache_dir=tmp_path / "split")
     assert again.fingerprint == first.fingerprint
     assert np.array_equal(again.items, first.items) and len(list((tmp_path / "split").glob("toys-*"))) == 1
+
+
+def test_literature_protocol_is_the_evaluation_default(tmp_path):
+    """Leave-one-out on line order, the last 50 items as history, full ranking, the history excluded."""
+    path = tmp_path / "s.txt"
+    path.write_text("1 " + " ".join(str(i) for i in range(1, 61)) + "\n2 61 62 63 5\n")
+    data = load_dataset(f"seqfile:{path}")
+    assert data.item_ids[1:] == [str(i) for i in range(1, 64)]  # index i is raw item i
+    seen = []
+
+    def by_id(histories):  # higher item ids score higher, whatever the history
+        seen.append(histories.clone())
+        return torch.arange(64, dtype=torch.float32).expand(len(histories), -1)
+
+    result = evaluate(by_id, data)
+    assert seen[0][0].tolist() == list(range(10, 60))  # user 1: the 50 items before the target 60
+    assert seen[0][1].tolist() == [0] * 47 + [61, 62, 63]
+    # User 1: 1..59 are excluded, 61-63 beat 60: rank 3. User 2: 61-63 are excluded, 6..60 beat 5: rank 55.
+    assert set(LITERATURE_METRICS) <= set(result.means)
+    assert result.per_user["hr@5"].tolist() == [1.0, 0.0] and result.per_user["hr@20"].tolist() == [1.0, 0.0]
+    assert result.per_user["ndcg@10"].tolist() == pytest.approx([1 / np.log2(5), 0.0])
+    assert result.per_user["mrr"].tolist() == pytest.approx([1 / 4, 1 / 56])  # 1 / 59 if 61-63 were ranked
+    assert result.protocol["ranking"] == "full" and result.protocol["exclude_seen"] is True
+    assert result.protocol["max_len"] == 50 and result.protocol["stage"] == "test"
