@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from layerwise.data.atomic import atomic_path
+from layerwise.data.benchmarks import is_sequence_spec, sequence_source
 from layerwise.data.movielens import resolve_ml100k
 from layerwise.data.readers import DataError, Interactions, read_atomic
 from layerwise.data.tabular import read_table
@@ -44,14 +45,16 @@ def load_dataset(
     """Load, filter and split a data set, reusing a cached split when its key matches.
 
     Args:
-        name_or_path: "ml-100k"; "synthetic:USERS:ITEMS:INTERACTIONS[:SEED]"; a folder of RecBole atomic
-            files; a `.inter` file; a `.csv`/`.tsv`/`.parquet` file with user_id, item_id, timestamp
-            columns; or the name of a folder or `.inter` stem inside `data_dir`.
+        name_or_path: "ml-100k"; "synthetic:USERS:ITEMS:INTERACTIONS[:SEED]"; "beauty", "sports", "toys",
+            "yelp" (the literature's benchmarks); "seqfile:PATH" (one line per user, `user item item ...`,
+            oldest first); a folder of RecBole atomic files; a `.inter` file; a `.csv`/`.tsv`/`.parquet`
+            file with user_id, item_id, timestamp columns; or the name of a folder or `.inter` stem inside
+            `data_dir`.
         data_dir: where local data sets live (default `$LAYERWISE_DATA_DIR`).
         cache_dir: where split data sets are cached (default `$LAYERWISE_CACHE_DIR`; no cache if neither).
         min_core: k-core filter (0 = off).
         min_seq: users with fewer interactions are dropped.
-        progress: show a progress bar if ml-100k has to be downloaded.
+        progress: show a progress bar if ml-100k or a benchmark has to be downloaded.
 
     Example:
         data = load_dataset("synthetic:1000:200:20000:0")
@@ -85,6 +88,8 @@ def _source(spec: str, data_dir: str | Path | None, progress: bool) -> tuple[str
     if spec == "ml-100k":
         folder = resolve_ml100k(data_dir, progress=progress)
         return spec, {"kind": "atomic", "files": _stat(folder, spec)}, lambda: read_atomic(folder, spec)
+    if is_sequence_spec(spec):
+        return sequence_source(spec, data_dir, progress)
     if spec.startswith("synthetic:"):
         m = _SYNTH.match(spec)
         if not m:
@@ -105,7 +110,8 @@ def _source(spec: str, data_dir: str | Path | None, progress: bool) -> tuple[str
         files = {str(path.resolve()): [path.stat().st_size, path.stat().st_mtime_ns]}
         return path.stem, {"kind": "table", "files": files}, lambda: read_table(path)
     raise DataError(f"{spec}: unknown data set: expected 'ml-100k', 'synthetic:USERS:ITEMS:INTERACTIONS[:SEED]', "
-                    "a folder of RecBole atomic files, or an existing .inter/.csv/.tsv/.parquet file")
+                    "'beauty', 'sports', 'toys', 'yelp', 'seqfile:PATH', a folder of RecBole atomic files, "
+                    "or an existing .inter/.csv/.tsv/.parquet file")
 
 
 def _atomic_stem(folder: Path) -> str:

@@ -100,7 +100,7 @@ def download_ml100k(cache_dir: Path | str, url: str = ML100K_URL, progress: bool
     cache_dir = Path(cache_dir)
     target = cache_dir / NAME
     try:
-        payload = _fetch(url, progress, timeout)
+        payload = fetch_url(url, progress, timeout, desc=f"download {NAME}")
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise DataError(
             f"ml-100k: not found locally and the download from {url} failed ({err}). Either install the "
@@ -121,12 +121,13 @@ def download_ml100k(cache_dir: Path | str, url: str = ML100K_URL, progress: bool
     return target
 
 
-def _fetch(url: str, progress: bool, timeout: float) -> bytes:
-    """The body at `url` (about 5 MB here), read in chunks behind a progress bar."""
+def fetch_url(url: str, progress: bool, timeout: float, desc: str) -> bytes:
+    """The body at `url` (a few MB: ml-100k, the literature's sequence files), read in chunks behind a
+    progress bar labelled `desc`."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme chosen by caller)
         total = int(resp.headers.get("Content-Length") or 0) or None
         buf = io.BytesIO()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {NAME}", disable=not progress) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             while chunk := resp.read(1 << 16):
                 buf.write(chunk)
                 bar.update(len(chunk))
