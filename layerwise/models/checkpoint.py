@@ -10,6 +10,7 @@ Layout of a model directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from layerwise.lora import has_lora, merge_lora
 from layerwise.models.presets import load_backbone
 from layerwise.models.recommender import SequentialRecommender
 
@@ -29,6 +31,10 @@ FORMAT = "layerwise/1"
 def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `model` to `out_dir` atomically (a temp dir renamed into place); returns the path."""
     out_dir = Path(out_dir)
+    if has_lora(model):
+        # Adapter keys in the backbone would make it non-stock; merge them into a copy, never the caller's.
+        model = copy.deepcopy(model)
+        merge_lora(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -38,7 +44,7 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
         save_file(own, str(tmp / "recommender.safetensors"))
         full = {
             "format": FORMAT, "family": model.family.name, "n_items": model.n_items,
-            "n_layers": model.n_layers, "dropout": model.dropout.p,
+            "n_layers": model.n_layers, "dropout": model.dropout.p, "input_norm": model.input_norm,
             "has_text": model.text_projection is not None,
             "bridges": _bridge_spec(model), **manifest,
         }
@@ -71,7 +77,7 @@ def load_recommender(model_dir: str | Path) -> SequentialRecommender:
     state = load_file(str(model_dir / "recommender.safetensors"))
     text = state.get("text_embeddings")
     model = SequentialRecommender(backbone, manifest["n_items"], text_embeddings=text,
-                                  dropout=manifest.get("dropout", 0.0))
+                                  dropout=manifest.get("dropout", 0.0), input_norm=manifest.get("input_norm"))
     spec = manifest.get("bridges") or {}
     if spec.get("slots"):
         model.set_bridges(spec["slots"], spec["rank"])
