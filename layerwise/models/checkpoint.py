@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,7 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
         # Adapter keys in the backbone would make it non-stock; merge them into a copy, never the caller's.
         model = copy.deepcopy(model)
         merge_lora(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                if not k.startswith("backbone.")}
@@ -49,13 +49,24 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
             "bridges": _bridge_spec(model), **manifest,
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=_jsonable))
+    return out_dir
+
+
+@contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """A temp directory beside `out_dir` to write into; it replaces `out_dir` only when the block
+    finishes, and is removed if it fails, so a partial directory never stands under the final name."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache or model from other users
+    try:
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

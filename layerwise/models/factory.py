@@ -49,6 +49,7 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
         from layerwise.models.llm import apply_llm_setup
 
         if not pretrained:
-            raise ValueError("an LLM setup needs a pretrained backbone (pretrained=NAME, a GGUF file or a directory)")
+            raise ValueError("an LLM setup needs a pretrained backbone "
+                             "(pretrained=NAME, a GGUF file or a directory)")
         model.llm_info = apply_llm_setup(model, llm, data.item_text, tokenizer_dir=pretrained)
     return model

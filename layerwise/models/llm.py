@@ -63,8 +63,9 @@ class LLMSetup:
     keep_token_table: bool = False
 
     def __post_init__(self):
-        for value, allowed, what in [(self.finetune, FINETUNES, "finetune"), (self.item_init, ITEM_INITS, "item_init"),
-                                     (self.input_norm, INPUT_NORMS, "input_norm")]:
+        choices = [(self.finetune, FINETUNES, "finetune"), (self.item_init, ITEM_INITS, "item_init"),
+                   (self.input_norm, INPUT_NORMS, "input_norm")]
+        for value, allowed, what in choices:
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
 
@@ -190,14 +191,16 @@ def _item_init(model, setup, item_texts, tokenizer_dir, std, progress) -> torch.
 def drop_token_table(backbone: nn.Module) -> None:
     """Cut the token table to a 2-row stub (as the small presets have): inputs come as embeddings.
 
-    The config follows (vocab_size 2, pad 0, no BOS/EOS ids) so a saved backbone reloads stock.
+    The config follows (vocab_size 2, pad 0, no BOS/EOS/UNK ids) so a saved backbone reloads stock.
     """
     table = backbone.get_input_embeddings()
     table.weight = nn.Parameter(table.weight.data[:2].clone(), requires_grad=table.weight.requires_grad)
     table.num_embeddings, table.padding_idx = 2, 0
     config = backbone.config
     config.vocab_size, config.pad_token_id = 2, 0
-    config.bos_token_id = config.eos_token_id = None
+    for key in ("bos_token_id", "eos_token_id", "unk_token_id"):  # ids past a 2-row table mean nothing
+        if getattr(config, key, None) is not None:
+            setattr(config, key, None)
 
 
 def enable_checkpointing(backbone: nn.Module) -> None:
@@ -224,9 +227,10 @@ def layer_state_norms(model: SequentialRecommender, embeds: torch.Tensor,
                       attention_mask: torch.Tensor) -> dict[str, list[float]]:
     """Size of the residual stream at the input and after each layer, over real positions.
 
-    embeds: (B, T, H) inputs_embeds; attention_mask: (B, T), 1 = real. Returns {"mean_norm": L + 1
-    mean L2 norms, "max_abs": L + 1 largest absolute entries}: the "massive activations" of LLMs show
-    as a jump in both after the first few layers. The final norm is not included.
+    embeds: (B, T, H) inputs_embeds; attention_mask: (B, T), 1 = real. Returns lists of L + 1 values:
+    "mean_norm" and "median_norm" (L2 norm per position), "max_abs" (largest entry). The "massive
+    activations" of LLMs sit at a few positions: they lift the mean and the max far above the median.
+    The final norm is not included.
     """
     states: list[torch.Tensor] = [embeds]
     hooks = [layer.register_forward_hook(lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out))
@@ -237,5 +241,6 @@ def layer_state_norms(model: SequentialRecommender, embeds: torch.Tensor,
         for hook in hooks:
             hook.remove()
     real = attention_mask.bool()
-    return {"mean_norm": [s[real].float().norm(dim=-1).mean().item() for s in states],
+    norms = [s[real].float().norm(dim=-1) for s in states]
+    return {"mean_norm": [n.mean().item() for n in norms], "median_norm": [n.median().item() for n in norms],
             "max_abs": [s[real].float().abs().max().item() for s in states]}

@@ -7,7 +7,7 @@ package, no remote code and no pickle. A GGUF file is dequantized by transformer
 config without any quantization settings, and written with `save_pretrained` (safetensors) beside its
 tokenizer, atomically: a temp directory renamed into place. Later calls find it in the cache.
 
-    .venv/bin/python -c "from layerwise.models.pretrained import get_pretrained; print(get_pretrained('smollm2-135m'))"
+    .venv/bin/python -c "from layerwise.models.pretrained import get_pretrained as g; print(g('smollm2-135m'))"
 
 The cache is `$LAYERWISE_CACHE/pretrained` (default `~/.cache/layerwise/pretrained`).
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from layerwise.models.checkpoint import atomic_directory
 from layerwise.models.known import KNOWN, Progress, assemble, known_model, sha256_file
 
 SOURCE_FILE = "layerwise-source.json"
@@ -127,19 +126,10 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path, source: dict | None = No
         fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     fresh.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
+    with atomic_directory(out_dir) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps({**(source or {}), "gguf_file": gguf.name}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out_dir}")
     return out_dir
 

@@ -139,5 +139,6 @@ def test_layer_state_norms_see_an_identity_layer_and_the_input():
     assert len(norms["mean_norm"]) == 4
     assert norms["mean_norm"][0] == pytest.approx(embeds[mask.bool()].norm(dim=-1).mean().item())
     assert norms["mean_norm"][2] == pytest.approx(norms["mean_norm"][1])
+    assert norms["median_norm"][2] == pytest.approx(norms["median_norm"][1])
     assert norms["max_abs"][2] == pytest.approx(norms["max_abs"][1])
     assert norms["mean_norm"][1] != pytest.approx(norms["mean_norm"][0])
