@@ -158,7 +158,7 @@ def apply_llm_setup(model: SequentialRecommender, setup: LLMSetup, item_texts: l
         drop_token_table(model.backbone)
     _set_trainable(model, setup)
     if setup.gradient_checkpointing:
-        enable_checkpointing(model.backbone)
+        set_checkpointing(model.backbone)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"setup": asdict(setup), "token_std": stats["std"], "token_row_norm": stats["row_norm"],
             "item_std": std, "input_norm": model.input_norm, "trainable_parameters": trainable,
@@ -203,14 +203,16 @@ def drop_token_table(backbone: nn.Module) -> None:
             setattr(config, key, None)
 
 
-def enable_checkpointing(backbone: nn.Module) -> None:
+def set_checkpointing(backbone: nn.Module, enabled: bool = True) -> None:
     """Recompute every layer's activations in the backward pass instead of storing them (in training
-    mode only): less memory for a longer backward."""
-    enable = getattr(backbone, "activation_checkpointing_enable", None)
-    if enable is not None:  # transformers >= 5.x; the older name is deprecated there
-        enable()
-    else:
+    mode only): less memory for a longer backward. `enabled=False` stores them again."""
+    # transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_*; older 5.x lack it.
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable() if enabled else backbone.activation_checkpointing_disable()
+    elif enabled:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_disable()
 
 
 def _set_trainable(model: SequentialRecommender, setup: LLMSetup) -> None:
