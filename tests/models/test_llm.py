@@ -144,3 +144,24 @@ def test_layer_state_norms_see_an_identity_layer_and_the_input():
     assert norms["median_norm"][2] == pytest.approx(norms["median_norm"][1])
     assert norms["max_abs"][2] == pytest.approx(norms["max_abs"][1])
     assert norms["mean_norm"][1] != pytest.approx(norms["mean_norm"][0])
+
+
+def test_llm_recommender_scores_compresses_and_reloads_stock(lora_model, data, tmp_path):
+    from layerwise.compact import build_compact, load_compact, save_compact
+    from layerwise.compress import calibration_batches
+    from layerwise.importance import compute_importance
+
+    teacher = copy.deepcopy(lora_model).eval()
+    batches = calibration_batches(teacher, data, n_batches=1, batch_size=8, max_len=12)
+    scores = compute_importance(teacher, batches, ["block_influence", "fisher"])
+    assert all(s.shape == (2,) and torch.all(s > 0) for s in scores.values())
+    compact = build_compact(teacher, [1])
+    save_compact(compact, tmp_path / "c", {"selector": "manual"})
+    backbone = AutoModel.from_pretrained(tmp_path / "c" / "backbone")
+    assert type(backbone).__name__ == "LlamaModel" and len(backbone.layers) == 1
+    assert backbone.layers[0].self_attn.layer_idx == 0 and backbone.config.vocab_size == 2
+    reloaded = load_compact(tmp_path / "c")
+    histories = data.padded_histories(list(range(6)), "test", 12)
+    with torch.inference_mode():
+        assert torch.allclose(reloaded.score(histories), compact.score(histories), atol=1e-4)
+    assert reloaded.kept == [1] and reloaded.teacher_layers == 2
