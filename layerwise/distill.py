@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerwise.hidden import capture_layer_inputs
+from layerwise.models.lora import add_lora, merge_lora
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.train import _validate, cloze_mask, training_windows
 
@@ -139,7 +140,7 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
         if stale >= config.patience or out_of_time:
             break
     student.load_state_dict(best_state)
-    _merge_lora(student)
+    merge_lora(student)
     student.requires_grad_(True)
     return result
 
@@ -205,43 +206,13 @@ def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def _trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:
     student.requires_grad_(config.trainable == "all")
     if config.trainable == "lora":
-        _add_lora(student, config.lora_rank)
+        add_lora(student, config.lora_rank)
     for bridge in student.bridges.values():
         bridge.requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: trainable='bridges' needs bridges (bridge rank > 0)")
     return params
-
-
-def _lora_targets(student: SequentialRecommender) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, module in student.layers.named_modules()
-             if isinstance(module, torch.nn.Linear)}
-    return sorted(names)
-
-
-def _add_lora(student: SequentialRecommender, rank: int) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=_lora_targets(student),
-                        lora_dropout=0.0)
-    inject_adapter_in_model(config, student.backbone)
-    student._has_lora = True
-
-
-def _merge_lora(student: SequentialRecommender) -> None:
-    """Fold LoRA deltas into the base weights and put plain nn.Linear modules back."""
-    if not getattr(student, "_has_lora", False):
-        return
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(student.backbone.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, attr = name.rpartition(".")
-            parent = student.backbone.get_submodule(parent_name) if parent_name else student.backbone
-            setattr(parent, attr, module.get_base_layer())
-    student._has_lora = False
 
 
 # --- public wrappers for training loops outside `heal` (orchestration.distributed.train_loops runs them
@@ -260,6 +231,3 @@ def trainable_parameters(student: SequentialRecommender, config: HealConfig) -> 
     return _trainable_parameters(student, config)
 
 
-def merge_lora(student: SequentialRecommender) -> None:
-    """Fold LoRA deltas into plain weights (a no-op without LoRA) so the saved backbone stays stock."""
-    _merge_lora(student)

@@ -67,7 +67,7 @@ def test_keeping_every_layer_reproduces_the_teacher_exactly(family):
         assert torch.equal(compact.score(histories), teacher.score(histories))
 
 
-@pytest.mark.parametrize("family", ["llama", "t5", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "t5", "qwen3", "qwen2", "gemma3"])
 def test_removal_equals_a_fresh_model_of_k_layers_with_the_same_weights(family):
     # Physical removal of layer 0 (T5: its position bias moves) must equal gating the layer off.
     from layerwise.tracing import remove_layers
@@ -83,12 +83,26 @@ def test_removal_equals_a_fresh_model_of_k_layers_with_the_same_weights(family):
     assert compact.backbone.config.to_dict()[FAMILIES[family].count_key] == 2
 
 
-def test_decoder_layer_indices_and_qwen_layer_types_are_renumbered():
-    teacher = tiny_model("qwen3", n_layers=4)
-    compact = build_compact(teacher, [1, 3])
-    assert [layer.self_attn.layer_idx for layer in compact.layers] == [0, 1]
-    assert len(compact.backbone.config.layer_types) == 2
-    assert [layer.self_attn.layer_idx for layer in teacher.layers] == [0, 1, 2, 3]
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+def test_decoder_layer_indices_and_layer_types_are_renumbered(family, tmp_path):
+    teacher = tiny_model(family, n_layers=5)
+    types = list(teacher.backbone.config.layer_types)
+    keep = [1, 2, 4]
+    compact = build_compact(teacher, keep)
+    assert [layer.self_attn.layer_idx for layer in compact.layers] == [0, 1, 2]
+    assert compact.backbone.config.layer_types == [types[i] for i in keep]
+    assert [layer.self_attn.layer_idx for layer in teacher.layers] == [0, 1, 2, 3, 4]
+    if family == "gemma3":
+        # The tiny preset alternates window and full attention; each kept layer keeps its own type.
+        assert types == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+        assert [layer.self_attn.is_sliding for layer in compact.layers] == [False, True, True]
+    if family == "qwen2":
+        assert compact.backbone.config.max_window_layers == 3  # every kept layer stays below it
+    save_compact(compact, tmp_path / "c", {})
+    reloaded = stock_load(tmp_path / "c" / "backbone")
+    assert reloaded.config.layer_types == [types[i] for i in keep]
+    if family == "gemma3":
+        assert [layer.self_attn.is_sliding for layer in reloaded.layers] == [False, True, True]
 
 
 def test_gap_slots_cover_every_gap():

@@ -13,7 +13,7 @@ from tests.helpers.tiny_models import (
     calibration_batches, cyclic_data, make_identity, shared_trained, tiny_model,
 )
 
-FAMILIES = ["llama", "qwen3", "gpt2", "bert", "t5"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "gpt2", "bert", "t5"]
 
 
 def _batches(model, seed=0, batch_size=6):
@@ -105,7 +105,7 @@ def test_gate_gradients_match_finite_differences():
         assert got["taylor"][layer].item() == pytest.approx(d.mean().abs().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "t5"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gpt2", "t5"])
 def test_identity_layer_scores_lowest_local(family):
     model = tiny_model(family, n_layers=4)
     make_identity(model, 2)
@@ -127,7 +127,8 @@ def test_identity_layer_scores_lowest_ablation(family):
         assert (s[[0, 2]] > 0).all(), (name, s)
 
 
-@pytest.mark.parametrize("family, layer", [("llama", 1), ("t5", 0), ("t5", 2), ("bert", 1), ("qwen3", 3)])
+@pytest.mark.parametrize("family, layer", [("llama", 1), ("t5", 0), ("t5", 2), ("bert", 1), ("qwen3", 3), ("qwen2", 0),
+                                          ("gemma3", 1), ("gemma3", 2)])
 def test_removal_gate_equals_physical_removal(family, layer):
     model = tiny_model(family, n_layers=4).eval()
     histories = cyclic_data(n_users=6).padded_histories(range(6), "valid", 12)

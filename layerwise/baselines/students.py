@@ -57,7 +57,8 @@ def fresh_student(teacher: SequentialRecommender, k: int, seed: int = 0) -> Sequ
     # keep_layers shortens the config's per-layer fields too (layer count, Qwen's layer_types).
     teacher.family.keep_layers(backbone, list(range(k)))
     text = teacher.text_embeddings if teacher.text_projection is not None else None
-    return SequentialRecommender(backbone, teacher.n_items, text_embeddings=text, dropout=teacher.dropout.p)
+    return SequentialRecommender(backbone, teacher.n_items, text_embeddings=text, dropout=teacher.dropout.p,
+                                 input_norm=teacher.input_norm)
 
 
 def scratch(data, teacher=None, budget: Budget | None = None, progress: bool = False,

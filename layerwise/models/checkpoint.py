@@ -10,16 +10,20 @@ Layout of a model directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from layerwise.models.lora import has_lora, merge_lora
 from layerwise.models.presets import load_backbone
 from layerwise.models.recommender import SequentialRecommender
 
@@ -29,27 +33,40 @@ FORMAT = "layerwise/1"
 def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `model` to `out_dir` atomically (a temp dir renamed into place); returns the path."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    if has_lora(model):
+        # Adapter keys in the backbone would make it non-stock; merge them into a copy, never the caller's.
+        model = copy.deepcopy(model)
+        merge_lora(model)
+    with atomic_directory(out_dir) as tmp:
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                if not k.startswith("backbone.")}
         save_file(own, str(tmp / "recommender.safetensors"))
         full = {
             "format": FORMAT, "family": model.family.name, "n_items": model.n_items,
-            "n_layers": model.n_layers, "dropout": model.dropout.p,
+            "n_layers": model.n_layers, "dropout": model.dropout.p, "input_norm": model.input_norm,
             "has_text": model.text_projection is not None,
             "bridges": _bridge_spec(model), **manifest,
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=_jsonable))
+    return out_dir
+
+
+@contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """A temp directory beside `out_dir` to write into; it replaces `out_dir` only when the block
+    finishes, and is removed if it fails, so a partial directory never stands under the final name."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache or model from other users
+    try:
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
@@ -81,7 +98,7 @@ def load_recommender(model_dir: str | Path,
     state = load_file(str(model_dir / "recommender.safetensors"))
     text = state.get("text_embeddings")
     model = SequentialRecommender(backbone, manifest["n_items"], text_embeddings=text,
-                                  dropout=manifest.get("dropout", 0.0))
+                                  dropout=manifest.get("dropout", 0.0), input_norm=manifest.get("input_norm"))
     if adapters is not None:
         adapters(model, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,4 +1,4 @@
-"""Build a fresh recommender for a data set from a preset or a local pretrained backbone."""
+"""Build a fresh recommender for a data set from a preset or a pretrained backbone (name, GGUF or dir)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from layerwise.models.recommender import SequentialRecommender
 
 def build_recommender(data, family: str, preset: str = "small", pretrained: str | None = None,
                       text_features: bool = False, max_len: int = 50, dropout: float | None = None,
-                      seed: int = 0, text_encoder: str | None = None, causal: bool = False) -> SequentialRecommender:
+                      seed: int = 0, text_encoder: str | None = None, causal: bool = False,
+                      llm=None) -> SequentialRecommender:
     """A randomly initialised (or pretrained-backbone) recommender sized for `data`'s catalogue.
 
-    With `pretrained` (a local directory, or "minilm" for the bundled all-MiniLM-L6-v2), the family comes
-    from the directory's config and `family`/`preset` are ignored. `causal` makes a BERT a decoder (causal
-    mask, next item at every position): cloze training of an encoder learns from only the masked ~20% of
-    positions and needs many times more epochs.
+    With `pretrained` (a local Hugging Face directory, a GGUF file, a known model name such as
+    "smollm2-135m", or "minilm" for the bundled all-MiniLM-L6-v2), the family comes from the
+    checkpoint's config and `family`/`preset` are ignored. `causal` makes a BERT a decoder (causal mask,
+    next item at every position): cloze training of an encoder learns from only the masked ~20% of
+    positions and needs many times more epochs. `llm` (a layerwise.models.llm.LLMSetup) makes a
+    pretrained decoder the LLM recommender (item vectors from titles, LoRA or full fine-tuning, the
+    first n layers kept); what it did is left in `model.llm_info`.
     """
     torch.manual_seed(seed)
     drop = 0.1 if dropout is None else dropout
@@ -25,6 +29,9 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
 
         pretrained = str(default_text_encoder())
     if pretrained:
+        from layerwise.models.pretrained import resolve_pretrained
+
+        pretrained = str(resolve_pretrained(pretrained))
         backbone = load_backbone(pretrained, causal=causal)
     else:
         check_causal(family, causal)
@@ -37,4 +44,12 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
         if not data.item_text:
             raise ValueError(f"data set {data.name!r} has no item titles or genres for text features")
         text = encode_texts(list(data.item_text), text_encoder)
-    return SequentialRecommender(backbone, data.n_items, text_embeddings=text, dropout=drop)
+    model = SequentialRecommender(backbone, data.n_items, text_embeddings=text, dropout=drop)
+    if llm is not None:
+        from layerwise.models.llm import apply_llm_setup
+
+        if not pretrained:
+            raise ValueError("an LLM setup needs a pretrained backbone "
+                             "(pretrained=NAME, a GGUF file or a directory)")
+        model.llm_info = apply_llm_setup(model, llm, data.item_text, tokenizer_dir=pretrained)
+    return model

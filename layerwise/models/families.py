@@ -2,7 +2,8 @@
 
 Every family is a real `transformers` class. Removing layers from one of them is not just slicing a
 `ModuleList`: the config counts the layers, decoder attention modules index the KV cache by
-`layer_idx`, Qwen configs carry one entry per layer in `layer_types`, and T5 computes its relative
+`layer_idx`, Qwen and Gemma 3 configs carry one entry per layer in `layer_types` (Gemma 3 alternates
+sliding-window and full attention, and picks each layer's mask and RoPE by it), and T5 computes its relative
 position bias only in block 0. A `Family` knows these facts for one architecture, so the rest of the
 code can say "keep layers [1, 4, 6]" and get a backbone that stock `AutoModel.from_pretrained` loads
 back with exactly three layers.
@@ -22,7 +23,7 @@ class Family:
     """How one architecture stores and counts its layers.
 
     Attributes:
-        name: registry key ("llama", "qwen3", "gpt2", "bert", "t5").
+        name: registry key ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bert", "t5").
         causal: True for decoder families (predict the next item at every position).
         layer_path: dotted attribute path from the backbone to its `nn.ModuleList` of layers.
         count_key: config attribute that holds the number of layers.
@@ -75,8 +76,8 @@ def _check_keep(keep: list[int], n_layers: int) -> None:
 
 def _slice_config(config: PretrainedConfig, count_key: str, keep: list[int]) -> None:
     setattr(config, count_key, len(keep))
-    # Qwen2/3 (and newer LLaMA-style configs) list one attention type per layer; the mask builder
-    # indexes it by the renumbered layer, so it must shrink with the layers.
+    # Qwen2/3, Gemma 3 (and newer LLaMA-style configs) list one attention type per layer; the model
+    # indexes it by the renumbered layer (mask, and Gemma 3's RoPE base), so it shrinks with the layers.
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = [layer_types[i] for i in keep]
@@ -120,7 +121,10 @@ _FIXUPS: dict[str, Callable[[nn.Module, list[nn.Module], list[int]], None]] = {
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", True, "layers", "num_hidden_layers", ("llama",)),
-    "qwen3": Family("qwen3", True, "layers", "num_hidden_layers", ("qwen3", "qwen2")),
+    "qwen2": Family("qwen2", True, "layers", "num_hidden_layers", ("qwen2",)),
+    "qwen3": Family("qwen3", True, "layers", "num_hidden_layers", ("qwen3",)),
+    # Gemma 3's text model (Gemma3TextModel, model_type gemma3_text), as in the released 270M/1B.
+    "gemma3": Family("gemma3", True, "layers", "num_hidden_layers", ("gemma3_text",)),
     "gpt2": Family("gpt2", True, "h", "n_layer", ("gpt2",)),
     "bert": Family("bert", False, "encoder.layer", "num_hidden_layers", ("bert",)),
     "t5": Family("t5", False, "encoder.block", "num_layers", ("t5",)),

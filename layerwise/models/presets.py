@@ -14,12 +14,16 @@ from transformers import (
     AutoModel,
     BertConfig,
     BertModel,
+    Gemma3TextConfig,
+    Gemma3TextModel,
     GPT2Config,
     GPT2Model,
     LlamaConfig,
     LlamaModel,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2Model,
     Qwen3Config,
     Qwen3Model,
     T5Config,
@@ -53,6 +57,35 @@ def _qwen3(s: dict[str, int], max_len: int, dropout: float) -> Qwen3Config:
     )
 
 
+def _qwen2(s: dict[str, int], max_len: int, dropout: float) -> Qwen2Config:
+    # Qwen2/2.5 attend fully in every layer by default (use_sliding_window False): layer_types says so.
+    return Qwen2Config(
+        vocab_size=2, hidden_size=s["hidden"], intermediate_size=s["ffn"], bos_token_id=None, eos_token_id=None,
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+        max_position_embeddings=max_len + 1, max_window_layers=s["layers"], attention_dropout=dropout,
+        pad_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def _gemma3(s: dict[str, int], max_len: int, dropout: float) -> Gemma3TextConfig:
+    # A sliding window shorter than the history, and sliding/full layers alternating, so the tiny
+    # model exercises both attention types (the released 270M has 5 sliding layers per full one).
+    heads = s["heads"]
+    return Gemma3TextConfig(
+        vocab_size=2, hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=s["hidden"] // heads,
+        query_pre_attn_scalar=s["hidden"] // heads, max_position_embeddings=max_len + 1,
+        sliding_window=max(2, max_len // 4), layer_types=gemma3_layer_types(s["layers"], 2),
+        attention_dropout=dropout, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+
+
+def gemma3_layer_types(n_layers: int, pattern: int = 6) -> list[str]:
+    """Gemma 3's attention pattern: every `pattern`-th layer attends fully, the others in a window."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+
+
 def _gpt2(s: dict[str, int], max_len: int, dropout: float) -> GPT2Config:
     return GPT2Config(
         vocab_size=2, n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], bos_token_id=None, eos_token_id=None,
@@ -79,8 +112,10 @@ def _t5(s: dict[str, int], max_len: int, dropout: float) -> T5Config:
     )
 
 
-_CONFIGS = {"llama": _llama, "qwen3": _qwen3, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
-_MODELS = {"llama": LlamaModel, "qwen3": Qwen3Model, "gpt2": GPT2Model, "t5": T5EncoderModel}
+_CONFIGS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3, "gpt2": _gpt2,
+            "bert": _bert, "t5": _t5}
+_MODELS = {"llama": LlamaModel, "qwen2": Qwen2Model, "qwen3": Qwen3Model, "gemma3": Gemma3TextModel,
+           "gpt2": GPT2Model, "t5": T5EncoderModel}
 
 
 def preset_config(family: str, preset: str, max_len: int = 50, dropout: float = 0.1,
@@ -105,10 +140,23 @@ def preset_config(family: str, preset: str, max_len: int = 50, dropout: float = 
         if not hasattr(config, key):
             raise ValueError(f"{type(config).__name__} has no attribute {key!r}")
         setattr(config, key, value)
+    _resize_layer_types(config, family, overrides)
     # The recommender feeds `inputs_embeds`; token ids for BOS/EOS mean nothing here.
     config.bos_token_id = config.eos_token_id = None
     config._attn_implementation = "sdpa"
     return config
+
+
+def _resize_layer_types(config: PretrainedConfig, family: str, overrides: dict[str, Any]) -> None:
+    # An override of the depth leaves the per-layer list at the preset's length; the mask builder
+    # indexes it by layer, so it follows the new depth (unless the caller gave one itself).
+    types = getattr(config, "layer_types", None)
+    if types is None or "layer_types" in overrides or len(types) == config.num_hidden_layers:
+        return
+    n = config.num_hidden_layers
+    config.layer_types = gemma3_layer_types(n, 2) if family == "gemma3" else ["full_attention"] * n
+    if family == "qwen2":
+        config.max_window_layers = n
 
 
 def build_backbone(config: PretrainedConfig) -> PreTrainedModel:

@@ -27,11 +27,16 @@ class SequentialRecommender(nn.Module):
         n_items: catalogue size; item indices are 1..n_items, 0 is padding, n_items + 1 is the mask slot.
         text_embeddings: optional frozen (n_items + 1, text_dim) features of each item (title, genres).
         dropout: dropout on the input embeddings.
+        input_norm: if set, every input item vector is rescaled to this L2 norm before the layers (a
+            pretrained LLM's layers then see inputs at the norm of its own token embeddings, however
+            the item vectors drift in training); the scores use the vectors as they are.
     """
 
     def __init__(self, backbone: PreTrainedModel, n_items: int,
-                 text_embeddings: torch.Tensor | None = None, dropout: float = 0.1):
+                 text_embeddings: torch.Tensor | None = None, dropout: float = 0.1,
+                 input_norm: float | None = None):
         super().__init__()
+        self.input_norm = input_norm
         self.backbone = backbone
         self.family: Family = family_of(backbone.config)
         self.n_items = n_items
@@ -96,8 +101,10 @@ class SequentialRecommender(nn.Module):
 
     def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs: (B, T) indices -> (inputs_embeds (B, T, H), attention_mask (B, T))."""
-        embeds = self.dropout(nn.functional.embedding(inputs, self.item_vectors(), padding_idx=0))
-        return embeds, (inputs != 0).long()
+        embeds = nn.functional.embedding(inputs, self.item_vectors(), padding_idx=0)
+        if self.input_norm is not None:
+            embeds = nn.functional.normalize(embeds, dim=-1) * self.input_norm  # padding stays zero
+        return self.dropout(embeds), (inputs != 0).long()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., H) -> scores (..., n_items + 1); column 0 (padding) is -inf."""

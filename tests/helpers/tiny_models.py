@@ -16,7 +16,10 @@ _DEPTH_KEY = {"t5": "num_layers", "gpt2": "n_layer"}
 # The weights that write into the residual stream: zero them and the layer's update is exactly 0.
 _WRITERS = {
     "llama": ("self_attn.o_proj", "mlp.down_proj"),
+    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
     "qwen3": ("self_attn.o_proj", "mlp.down_proj"),
+    # Gemma 3 normalises each sublayer's output before adding it; RMSNorm maps a zero update to zero.
+    "gemma3": ("self_attn.o_proj", "mlp.down_proj"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
     "t5": ("layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo"),
 }
