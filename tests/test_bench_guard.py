@@ -1,17 +1,12 @@
 """The bench guard on real timings: a disturbance injected into the teacher's rounds is re-measured, and
 one that persists is marked disturbed and never printed as a speedup; a clean measurement passes unmarked.
-
-Each layer of the tiny models sleeps 10 ms, so a layer's cost dominates its CPU work and the speedup of a
-1-of-4-layer model sits at its Amdahl bound even on a busy machine (a sleep is not slowed by load the way
-arithmetic is). The disturbance is an extra sleep in the teacher's first layer: exactly what a burst of
-load on the teacher's rounds looks like to the timer.
+The timings come from sleeping layers (tests/helpers/timing.py), so they hold on a busy machine.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import time
 
 import pytest
 import torch
@@ -19,9 +14,8 @@ import torch
 from layerwise.bench import benchmark, format_table
 from layerwise.bench_guard import EFFICIENCY_LIMIT, GROWTH, REMEASURES, disturbances
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
+from tests.helpers.timing import disturb, sleep_in_layers
 
-LAYER_SECONDS = 0.010
-DISTURBANCE_SECONDS = 0.060
 RUNS, WARMUP = 15, 2
 
 
@@ -34,29 +28,14 @@ def one_thread():
 
 
 def sleeping_pair() -> tuple[SequentialRecommender, SequentialRecommender]:
-    """A 4-layer teacher and a copy keeping layer 1; every layer sleeps LAYER_SECONDS per call."""
+    """A 4-layer teacher and a copy keeping layer 1; every layer sleeps per call."""
     torch.manual_seed(0)
     teacher = SequentialRecommender(build_backbone(preset_config("llama", "tiny", max_len=8, num_hidden_layers=4)),
                                     20).eval()
-    for layer in teacher.layers:
-        layer.register_forward_hook(lambda *_: time.sleep(LAYER_SECONDS))
+    sleep_in_layers(teacher)
     compact = copy.deepcopy(teacher)  # the hooks come along with the kept layer
     compact.family.keep_layers(compact.backbone, [1])
     return teacher, compact
-
-
-def disturb(teacher: SequentialRecommender, calls: int | None) -> list[int]:
-    """Slow the teacher's first `calls` calls (all of them for None) by DISTURBANCE_SECONDS; returns a
-    counter of the calls seen."""
-    seen = [0]
-
-    def hook(*_):
-        seen[0] += 1
-        if calls is None or seen[0] <= calls:
-            time.sleep(DISTURBANCE_SECONDS)
-
-    teacher.layers[0].register_forward_hook(hook)
-    return seen
 
 
 def run(teacher, compact) -> dict:
