@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from layerwise.bench_guard import REMEASURES
 from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
@@ -80,7 +81,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 64)
     runs: int = 30
     warmup: int = 5
-    threads: int | None = None
+    threads: int | None = None  # None: the pipeline's `threads`
+    remeasures: int = added_option(REMEASURES)  # a disturbed speedup is timed again, with 2x the rounds
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class PipelineConfig:
     name: str = "default"
     run_dir: str = "runs"
     seed: int = 0
+    # torch threads in the driver, pinned: with the same seed the teacher and the healing are then
+    # bit-identical on a busy machine and a quiet one (and two OpenMP threads on two cores, one of them
+    # taken by another job, spin against each other and run ~3x slower than one).
+    threads: int | None = 1
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)

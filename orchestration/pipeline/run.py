@@ -31,7 +31,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         stages = Stages(root, on_done=ctx.log_stage)
         data = steps.load_data(config)
         data_key = stage_hash(config.data, data.fingerprint)
-        teacher_key = stage_hash(data_key, config.teacher, config.seed)
+        teacher_key = stage_hash(data_key, config.teacher, config.seed, config.threads)
         teacher_dir = stages.run("teacher", teacher_key, lambda out: steps.train_teacher(ctx, data, out))
         base_key = stage_hash(teacher_key, "evaluate")
         base_dir = stages.run("evaluate-teacher", base_key,
@@ -51,6 +51,6 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         bench_key = stage_hash(comp_key, config.bench)
         bench_dir = stages.run("bench", bench_key,
                                lambda out: steps.bench(ctx, teacher_dir, comp_dir / "model", out))
-        headline = steps.headline(ctx, base_dir, eval_dir, bench_dir, comp_dir)
+        headline = steps.headline(ctx, teacher_dir, base_dir, eval_dir, bench_dir, comp_dir)
     write_json(root / "headline.json", headline)
     return headline

@@ -21,7 +21,11 @@ console = Console()
 
 
 class Stages:
-    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet."""
+    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet.
+
+    fn returns False when its outputs are not final (a benchmark that stayed disturbed): they are used by
+    this run, and the stage is not marked done, so the next run does it again.
+    """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None):
         self.root = root
@@ -40,10 +44,13 @@ class Stages:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
             started = time.perf_counter()
-            fn(out)
+            final = fn(out) is not False
             seconds = time.perf_counter() - started
             (out / "_seconds.json").write_text(json.dumps({"seconds": seconds}))
-            marker.write_text("")
+            if final:
+                marker.write_text("")
+            else:
+                console.print(f"[yellow]- {name}: outputs kept but not final; the next run does it again[/yellow]")
             self.ran.append(name)
             interrupts.check()  # the stage's outputs are complete and kept; what follows it is not run
         if self.on_done:
