@@ -85,7 +85,8 @@ def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Pa
     if heal_config.trainable == "bridges" and rank == 0:
         return build_compact(teacher, kept, 0), 0  # nothing to train: the plain removal is the result
     if not ctx["distributed_heal"]:
-        student = build_compact(teacher, kept, rank)
+        # Ray starts each worker with its own random torch state: unseeded bridges would differ per run.
+        student = build_compact(teacher, kept, rank, seed=heal_config.seed)
         heal(student, teacher, data, heal_config, progress=False)
         return student.eval(), 1
     from orchestration.distributed.specs import DataSpec
