@@ -32,8 +32,9 @@ class Context:
         """Log a finished stage's JSON outputs to MLflow (also for stages skipped on resume)."""
         from orchestration import tracking
 
-        seconds = json.loads((out / "_seconds.json").read_text())["seconds"]
-        tracking.log_metrics({"stage_seconds": {name: seconds}})
+        timing = json.loads((out / "_seconds.json").read_text())
+        tracking.log_metrics({"stage_seconds": {name: timing["seconds"]},
+                              "stage_cpu_seconds": {name: timing.get("cpu_seconds")}})
         tracking.log_metrics({"stage_skipped": {name: float(skipped)}})
         for path in sorted(out.glob("*.json")):
             if not path.name.startswith("_"):
@@ -136,18 +137,14 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
 def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     """Every estimator: local ones sharded over Ray tasks, ablation and dependency one task each."""
     from layerwise.compress import calibration_batches
-    from layerwise.importance import LOCAL_METHODS
     from orchestration.loading import load_model_for
-    from orchestration.distributed.shards import remote_ablation, remote_dependency, sharded_importance
+    from orchestration.distributed.shards import every_score
 
     c = ctx.config
     teacher = load_model_for(str(teacher_dir / "model"), data)
     batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
                                   c.data.max_len, c.seed)
-    scores = sharded_importance(teacher, batches, n_shards=c.ray.shards, methods=LOCAL_METHODS)
-    scores["ablation"] = remote_ablation(teacher, batches, data, metric="ndcg@10")
-    scores["ablation_loss"] = remote_ablation(teacher, batches, data, metric="loss")
-    dependency = remote_dependency(teacher, batches, data, metric="loss")
+    scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards)
     write_json(out / "importance.json", {
         "n_layers": teacher.n_layers, "shards": c.ray.shards,
         "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
