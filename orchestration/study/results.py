@@ -203,9 +203,12 @@ def _cis(estimates: Sequence[Mapping]) -> list | None:
 
 
 def _speed_estimate(speed: Mapping, key: str, batch) -> dict | None:
+    """{"mean", "ci95"} of one model's speedup; a disturbed one (layerwise.bench_guard) has no figure."""
     entry = speed["models"].get(key, {}).get("batches", {}).get(str(batch))
     if not entry or entry.get("speedup") is None:
         return None
+    if entry.get("status") == "disturbed":
+        return {"mean": None, "ci95": None, "status": "disturbed", "disturbed_because": entry["disturbed_because"]}
     return {"mean": entry["speedup"], "ci95": entry.get("speedup_ci95")}
 
 
@@ -261,5 +264,19 @@ def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
             f"interleaved benchmark of the first seed's models ({speed['settings']['runs']} rounds, "
             f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
             + (f", 1-minute load average {load[0]:.1f} at its start" if load else "")
-            + "), after every seed finished.",
+            + "), after every seed finished.", _guard_note(speed),
             "Retention is a fraction of the teacher's figure of the same seed."]
+
+
+def _guard_note(speed: Mapping) -> str:
+    """What the bench guard did: re-measures, and the figures that stayed disturbed (shown as such)."""
+    guard = speed.get("guard")
+    if not guard:
+        return "These timings predate the bench guard; none was checked against its Amdahl bound."
+    rounds = ", ".join(str(a["rounds"]) for a in guard["attempts"])
+    text = f"Bench guard: {guard['rule']}. Rounds per attempt: {rounds}."
+    if guard["status"] == "disturbed":
+        text += (f" Still disturbed at batch {', '.join(guard['disturbed'])} (load average "
+                 f"{guard['load_avg_start'][0]:.1f} -> {guard['load_avg_end'][0]:.1f}): those speedups read "
+                 f"'disturbed' and are not results.")
+    return text
