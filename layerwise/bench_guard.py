@@ -108,3 +108,16 @@ def speed_cell(entry: Mapping | None, fmt: Callable[[Mapping], str]) -> str:
     if entry.get("status") == "disturbed":
         return "disturbed (not a result)"
     return fmt(entry)
+
+
+def describe(guard: Mapping | None) -> str:
+    """A table's note on its timings: the rule, the rounds of every attempt, and what stayed disturbed."""
+    if not guard:
+        return "These timings predate the bench guard: none was checked against its Amdahl bound."
+    rounds = " -> ".join(str(a["rounds"]) for a in guard["attempts"])
+    text = f"Bench guard: {guard['rule']}; rounds per attempt {rounds}."
+    if guard["status"] == "disturbed":
+        text += (f" Still disturbed at batch {', '.join(guard['disturbed'])} (load average "
+                 f"{guard['load_avg_start'][0]:.1f} -> {guard['load_avg_end'][0]:.1f}): those speedups read "
+                 f"'disturbed' and are not results.")
+    return text

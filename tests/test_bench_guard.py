@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import torch
 
 from layerwise.bench import benchmark, format_table
@@ -17,14 +16,6 @@ from layerwise.models import SequentialRecommender, build_backbone, preset_confi
 from tests.helpers.timing import disturb, sleep_in_layers
 
 RUNS, WARMUP = 15, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sleeping_pair() -> tuple[SequentialRecommender, SequentialRecommender]:

@@ -27,7 +27,7 @@ import numpy as np
 from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.bench import benchmark
-from layerwise.bench_guard import speed_cell
+from layerwise.bench_guard import describe, speed_cell
 from layerwise.compress import n_kept
 from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
@@ -228,18 +228,6 @@ def format_markdown(result: dict) -> str:
               "an architecture and one timing. Magnitude pruning keeps dense kernels, so ~1x is its honest "
               "speedup. Weights MB counts packed int8/int4 weights and their scales. Peak MB: inference peak "
               "over the bare interpreter, fresh subprocess per saved model; quantized models are not measured.",
-              "", _guard_text(result["benchmark"])]
+              "", describe(result["benchmark"].get("guard"))]
     return "\n".join(lines)
 
-
-def _guard_text(timing: dict) -> str:
-    """The bench guard's rule, and what stayed disturbed (those cells read "disturbed", never a speedup)."""
-    guard = timing.get("guard")
-    if not guard:
-        return "These timings predate the bench guard: none was checked against its Amdahl bound."
-    rounds = " -> ".join(str(a["rounds"]) for a in guard["attempts"])
-    text = f"Bench guard: {guard['rule']}; rounds per attempt {rounds}."
-    if guard["status"] == "disturbed":
-        text += (f" Still disturbed at batch {', '.join(guard['disturbed'])}, load average "
-                 f"{guard['load_avg_start'][0]:.1f} -> {guard['load_avg_end'][0]:.1f}.")
-    return text

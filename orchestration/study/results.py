@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from scipy import stats as sps
 
 from layerwise import stats
+from layerwise.bench_guard import describe
 from orchestration.study.config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
@@ -264,19 +265,6 @@ def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
             f"interleaved benchmark of the first seed's models ({speed['settings']['runs']} rounds, "
             f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
             + (f", 1-minute load average {load[0]:.1f} at its start" if load else "")
-            + "), after every seed finished.", _guard_note(speed),
+            + "), after every seed finished.", describe(speed.get("guard")),
             "Retention is a fraction of the teacher's figure of the same seed."]
 
-
-def _guard_note(speed: Mapping) -> str:
-    """What the bench guard did: re-measures, and the figures that stayed disturbed (shown as such)."""
-    guard = speed.get("guard")
-    if not guard:
-        return "These timings predate the bench guard; none was checked against its Amdahl bound."
-    rounds = ", ".join(str(a["rounds"]) for a in guard["attempts"])
-    text = f"Bench guard: {guard['rule']}. Rounds per attempt: {rounds}."
-    if guard["status"] == "disturbed":
-        text += (f" Still disturbed at batch {', '.join(guard['disturbed'])} (load average "
-                 f"{guard['load_avg_start'][0]:.1f} -> {guard['load_avg_end'][0]:.1f}): those speedups read "
-                 f"'disturbed' and are not results.")
-    return text
