@@ -9,7 +9,13 @@ f is measured, not assumed: a deep copy of the reference with an empty layer lis
 (llama, qwen3, gpt2, bert and t5 all run so) is timed in the same rounds; f = median(0-layer) /
 median(reference). T5 computes its position bias inside block 0, so that cost counts as layer time.
 Keeping k of L layers, speedup <= 1 / (f + (1 - f) k / L); efficiency = speedup / bound. Bridges are
-extra work outside the teacher's layers, so they count against a compact model's efficiency.
+extra work outside the teacher's layers, so they count against a compact model's efficiency. The bound
+holds only for models whose layers are the reference's own size (`same_layers`); a quantized or
+width-pruned model has none.
+
+Every speedup passes `layerwise.bench_guard`: a batch size whose figure is impossible (above its bound,
+efficiency over 110%, a CI wider than the estimate) is timed again with more rounds, and one that stays so
+is marked `"status": "disturbed"` and printed as "disturbed", never as a speedup.
 
 Wall time is the measure; process CPU time per call is recorded beside it (`cpu`), because on a shared
 machine long calls are preempted more than short ones, which inflates wall-clock speedups past the bound
@@ -34,6 +40,7 @@ import torch
 import torch.nn as nn
 import transformers
 
+from layerwise.bench_guard import REMEASURES, judge, remeasure, speed_cell, verdict
 from layerwise.cost import FLOPS_NOTE, forward_flops, make_histories, parameter_bytes
 from layerwise.memory import peak_memory
 from layerwise.models.recommender import SequentialRecommender
@@ -145,28 +152,54 @@ def _environment(device: torch.device) -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: str, k: int, big_l: int,
+def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: str, k: int | None, big_l: int,
              seed: int) -> dict:
-    """Speedup vs the reference (ratio of medians, paired CI), f, the Amdahl bound and efficiency."""
+    """Speedup vs the reference (ratio of medians, paired CI), f, the Amdahl bound and efficiency.
+
+    k is None for a model whose layers are not the reference's (quantized, width-pruned): no layer count
+    bounds its speed, so bound, bound_high and efficiency are None. bound_high is the bound at the low end
+    of f's 95% CI, the highest the data allow (the guard's test of "above the bound").
+    """
     ref, own = samples[reference], samples[name]
     speedup = float(np.median(ref) / np.median(own))
-    f = float(np.median(samples[zero]) / np.median(ref))
-    bound = 1.0 / (f + (1.0 - f) * k / big_l)
-    return {"speedup": speedup, "speedup_ci95": list(ratio_ci(ref, own, seed)), "bound": bound,
-            "efficiency": speedup / bound}
+    out = {"speedup": speedup, "speedup_ci95": list(ratio_ci(ref, own, seed)), "bound": None,
+           "bound_high": None, "efficiency": None}
+    if k is not None:
+        f = float(np.median(samples[zero]) / np.median(ref))
+        f_low = ratio_ci(samples[zero], ref, seed + 1)[0]
+        out["bound"], out["bound_high"] = amdahl_bound(f, k, big_l), amdahl_bound(f_low, k, big_l)
+        out["efficiency"] = speedup / out["bound"]
+    return out
+
+
+def amdahl_bound(f: float, k: int, big_l: int) -> float:
+    """Highest speedup from keeping k of L layers when a fraction f of the time is outside them."""
+    return 1.0 / (f + (1.0 - f) * k / big_l)
+
+
+def same_layers(model: SequentialRecommender, reference: SequentialRecommender) -> bool:
+    """Whether every layer of `model` has the size of a reference layer: then its time per layer is the
+    reference's and the Amdahl bound holds (kept, scratch or distilled layers; not quantized or
+    width-pruned ones, whose weights are smaller)."""
+    sizes = {parameter_bytes(layer) for layer in reference.layers}
+    return (model.hidden_size == reference.hidden_size and model.n_layers <= reference.n_layers
+            and all(parameter_bytes(layer) in sizes for layer in model.layers))
 
 
 def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tensor, reference: str | None,
            zero: str | None, seed: int) -> dict:
-    """Everything measured for one model at one batch size."""
+    """Everything measured for one model at one batch size, judged by the guard when it has a speedup."""
     model, (batch, max_len) = models[name], histories.shape
     entry = {**_stats(wall[name], batch), "flops": forward_flops(model, batch, max_len),
              "memory": _memory_in_process(model, histories),
              "cpu": {"median_ms": float(np.median(cpu[name]) / 1e6)}}
     if zero:
-        layers = (model.n_layers, models[reference].n_layers)
+        ref = models[reference]
+        layers = (model.n_layers if same_layers(model, ref) else None, ref.n_layers)
         entry.update(_compare(wall, name, reference, zero, *layers, seed))
         entry["cpu"].update(_compare(cpu, name, reference, zero, *layers, seed))
+        judge(entry)
+        judge(entry["cpu"])  # shown beside the wall figure; the wall figure alone decides a re-measure
     return entry
 
 
@@ -177,8 +210,25 @@ def _nonlayer(wall: dict, cpu: dict, reference: str, zero: str, seed: int) -> di
             "cpu_f": float(np.median(cpu[zero]) / np.median(cpu[reference]))}
 
 
+def _measure_batch(models: dict, timed: dict, batch: int, runs: int, warmup: int, max_len: int, seed: int,
+                   reference: str | None, zero: str | None) -> dict:
+    """One batch size timed once: {"entries": {name: entry}, "nonlayer", "status", "disturbed_because"}.
+    seed: the histories' seed; the CIs' bootstrap seeds follow from it."""
+    n_items = next(iter(models.values())).n_items
+    device = next(iter(models.values())).item_embedding.weight.device
+    histories = make_histories(batch, max_len, n_items, seed).to(device)
+    wall, cpu = _time_rounds(timed, histories, runs, warmup)
+    boot = seed + 1000 * batch
+    entries = {name: _entry(models, name, wall, cpu, histories, reference, zero, boot + i)
+               for i, name in enumerate(models)}
+    reasons = [f"{name}: {why}" for name, e in entries.items() for why in e.get("disturbed_because", [])]
+    return {"entries": entries, "nonlayer": _nonlayer(wall, cpu, reference, zero, boot + 999) if zero else None,
+            "status": "disturbed" if reasons else "ok", "disturbed_because": reasons}
+
+
 def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), runs: int = 30, warmup: int = 5,
-              max_len: int = 50, seed: int = 0, reference: str | None = None) -> dict:
+              max_len: int = 50, seed: int = 0, reference: str | None = None,
+              remeasures: int = REMEASURES) -> dict:
     """Time `models` interleaved on identical inputs; a JSON-able result (see the module docstring).
 
     Args:
@@ -186,11 +236,14 @@ def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), run
         batch_sizes: users per `score` call; histories are (batch, max_len) seeded random items.
         runs: timed rounds (every model once per round); warmup: untimed rounds before them.
         reference: the teacher's name; with it, speedups, f (from its 0-layer copy), bounds, efficiencies.
+        remeasures: how often a batch size whose speedups are disturbed is timed again, with more rounds
+            (layerwise.bench_guard); one still disturbed is marked `"status": "disturbed"`.
 
     Returns:
-        {"env", "settings", "models": {name: {"n_layers", "param_bytes", "layer_param_bytes",
-         "batches": {str(batch): {"median_ms", "p95_ms", "mean_ms", "std_ms", "users_per_s", "runs",
-         "speedup", "speedup_ci95", "bound", "efficiency", "cpu", "flops", "memory"}}}},
+        {"env", "settings", "status", "guard", "models": {name: {"n_layers", "param_bytes",
+         "layer_param_bytes", "batches": {str(batch): {"median_ms", "p95_ms", "mean_ms", "std_ms",
+         "users_per_s", "runs", "speedup", "speedup_ci95", "bound", "bound_high", "efficiency", "status",
+         "disturbed_because", "cpu", "flops", "memory"}}}},
          "nonlayer": {str(batch): {"median_ms", "f", "f_ci95", "cpu_f"}} or None without a reference}.
     """
     n_items, device = _check_models(models, reference)
@@ -203,23 +256,28 @@ def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), run
         name: {"n_layers": m.n_layers, "param_bytes": parameter_bytes(m),
                "layer_param_bytes": parameter_bytes(m.layers), "batches": {}} for name, m in models.items()},
         "settings": {"batch_sizes": list(batch_sizes), "runs": runs, "warmup": warmup, "max_len": max_len,
-                     "seed": seed, "reference": reference, "n_items": n_items, "flops": FLOPS_NOTE,
-                     "timing": TIMING_NOTE}}
+                     "seed": seed, "reference": reference, "n_items": n_items, "remeasures": remeasures,
+                     "flops": FLOPS_NOTE, "timing": TIMING_NOTE}}
+
+    def measure(keys: list[str], rounds: int) -> dict[str, dict]:
+        return {key: _measure_batch(models, timed, int(key), rounds, warmup, max_len, seed, reference, zero)
+                for key in keys}
+
     try:
         for m in timed.values():
             m.eval()
         with torch.inference_mode():
-            for b, batch in enumerate(batch_sizes):
-                histories = make_histories(batch, max_len, n_items, seed).to(device)
-                wall, cpu = _time_rounds(timed, histories, runs, warmup)
-                for i, name in enumerate(models):
-                    result["models"][name]["batches"][str(batch)] = _entry(
-                        models, name, wall, cpu, histories, reference, zero, seed + 1000 * b + i)
-                if zero:
-                    result["nonlayer"][str(batch)] = _nonlayer(wall, cpu, reference, zero, seed + 1000 * b + 999)
+            parts, attempts = remeasure(measure, [str(b) for b in batch_sizes], runs, remeasures)
     finally:
         for name, m in models.items():
             m.train(training[name])
+    for key in map(str, batch_sizes):
+        for name, entry in parts[key]["entries"].items():
+            result["models"][name]["batches"][key] = entry
+        if zero:
+            result["nonlayer"][key] = parts[key]["nonlayer"]
+    result["guard"] = verdict(attempts)
+    result["status"] = result["guard"]["status"]
     result["env"]["load_avg_end"] = list(os.getloadavg())
     return result
 
@@ -237,14 +295,15 @@ def _unique_names(model_dirs: list[str]) -> list[str]:
 
 
 def bench_dirs(model_dirs: list[str], batch_sizes=(1, 64), runs: int = 30, warmup: int = 5,
-               reference_index: int = 0, max_len: int = 50, seed: int = 0) -> dict:
-    """Load saved models, `benchmark` them against model_dirs[reference_index], add subprocess peaks."""
+               reference_index: int = 0, max_len: int = 50, seed: int = 0, remeasures: int = REMEASURES) -> dict:
+    """Load saved models, `benchmark` them against model_dirs[reference_index] (re-measured while disturbed,
+    at most `remeasures` times), add subprocess peaks."""
     from layerwise.compact import load_compact
 
     names = _unique_names(model_dirs)
     models = {name: load_compact(d) for name, d in zip(names, model_dirs)}
     result = benchmark(models, batch_sizes, runs, warmup, max_len=max_len, seed=seed,
-                       reference=names[reference_index])
+                       reference=names[reference_index], remeasures=remeasures)
     for name, d in zip(names, model_dirs):
         result["models"][name]["dir"] = str(d)
         for batch in batch_sizes:
@@ -260,15 +319,39 @@ def _memory_cell(memory: dict) -> str:
     return f"{memory['peak_bytes'] / _MB:.1f}"
 
 
+def _speed(e: dict) -> str:
+    lo, hi = e["speedup_ci95"]
+    return f"{e['speedup']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _row(name: str, model: dict, batch: str, e: dict) -> str:
     cells = [name, model["n_layers"], f"{model['param_bytes'] / _MB:.2f}", batch, f"{e['median_ms']:.3f}",
              f"{e['p95_ms']:.3f}", f"{e['std_ms']:.3f}", f"{e['users_per_s']:.0f}", "-", "-", "-", "-",
              f"{e['flops']['total'] / 1e9:.4f}", _memory_cell(e["memory"])]
     if "speedup" in e:
-        (lo, hi), cpu = e["speedup_ci95"], e["cpu"]
-        cells[8:12] = [f"{e['speedup']:.2f} [{lo:.2f}, {hi:.2f}]", f"{e['bound']:.2f}", f"{e['efficiency']:.2f}",
-                       f"{cpu['speedup']:.2f} / {cpu['efficiency']:.2f}"]
+        cpu, ok = e["cpu"], e.get("status") != "disturbed"
+        cells[8:12] = [speed_cell(e, _speed), _ratio(e["bound"]), _ratio(e["efficiency"]) if ok else "-",
+                       speed_cell(cpu, lambda c: f"{c['speedup']:.2f} / {_ratio(c['efficiency'])}")]
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _guard_lines(result: dict) -> list[str]:
+    """What the guard did: the rounds of every attempt, and each figure that stayed disturbed, with why."""
+    guard = result.get("guard")
+    if not guard:
+        return []
+    rounds = " -> ".join(f"{a['rounds']} (batch {', '.join(a['keys'])})" for a in guard["attempts"])
+    lines = ["", f"Rounds per attempt: {rounds}. Load average {guard['load_avg_start'][0]:.1f} at the start, "
+             f"{guard['load_avg_end'][0]:.1f} at the end."]
+    for name, model in result["models"].items():
+        for batch, e in model["batches"].items():
+            if e.get("status") == "disturbed":
+                lines.append(f"DISTURBED, not a result: {name} at batch {batch}: " + "; ".join(e["disturbed_because"]))
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -286,4 +369,4 @@ def format_table(result: dict) -> str:
         parts = [f"batch {b}: f = {v['f']:.3f} [{v['f_ci95'][0]:.3f}, {v['f_ci95'][1]:.3f}] "
                  f"({v['median_ms']:.3f} ms; cpu-time f = {v['cpu_f']:.3f})" for b, v in result["nonlayer"].items()]
         lines += ["", "Non-layer fraction (0-layer copy of the reference): " + "; ".join(parts) + "."]
-    return "\n".join(lines)
+    return "\n".join(lines + _guard_lines(result))

@@ -40,15 +40,32 @@ class TrainConfig:
     n_negatives: int = 1024
     mask_prob: float = 0.2  # cloze masking rate for encoder families
     grad_clip: float = 1.0
-    max_minutes: float | None = None  # wall-clock budget; stops after the current epoch
+    max_minutes: float | None = None  # wall-clock safety cap; stops after the current epoch (load-dependent)
+
+
+STOP_REASONS = ("epochs", "early_stopping", "time_cap")
 
 
 @dataclass
 class TrainResult:
+    """best_epoch/best_valid: the kept weights' epoch and validation metrics; stop_reason: one of
+    STOP_REASONS (the epoch budget ran out, no validation gain for `patience` evaluations, or the
+    wall-clock cap was reached, which makes the result depend on the machine's load)."""
+
     best_epoch: int
     best_valid: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    stop_reason: str = "epochs"
+    epochs_run: int = 0
+
+
+def stop_reason(stale: int, patience: int, out_of_time: bool) -> str | None:
+    """Why training stops after this epoch, or None to go on. Early stopping wins a tie with the time cap:
+    it would have stopped there on any machine."""
+    if stale >= patience:
+        return "early_stopping"
+    return "time_cap" if out_of_time else None
 
 
 def training_windows(data, max_len: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +148,12 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
                 stale += 1
         result.history.append(record)
         bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
-        out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
-        if stale >= config.patience or out_of_time:
+        out_of_time = bool(config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes)
+        reason = stop_reason(stale, config.patience, out_of_time)
+        if reason:
+            result.stop_reason = reason
             break
+    result.epochs_run = len(result.history)
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

@@ -8,7 +8,9 @@ Each model gets the same seeded request bodies: real histories (the most recent 
 random users' test-stage histories). N requests go out from C client threads, each with its own
 keep-alive connection; the report gives requests/s, p50/p95/p99 latency, errors by status, and the
 batch sizes the replica saw. Client and server share the machine, so on a small box the client's own
-CPU use lowers both models' figures alike; compare the two, not the absolute numbers.
+CPU use lowers both models' figures alike; compare the two, not the absolute numbers. Their ratios pass
+the bench guard (layerwise.bench_guard) against the bound L/k: a pair that load disturbed is loaded again,
+and one that stays disturbed is reported as such, without a ratio.
 """
 
 import argparse
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from layerwise.bench_guard import REMEASURES, disturbances, remeasure, verdict
 from layerwise.data import load_dataset
 from layerwise.models.checkpoint import read_manifest
 
@@ -45,7 +48,8 @@ def request_bodies(data, n: int, max_len: int, seed: int = 0, k: int = 10) -> li
 
 
 def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float = 30.0) -> dict[str, Any]:
-    """POST every body once to `url` (loopback only) from `concurrency` threads; latency and error figures.
+    """POST every body once to `url` (loopback only) from `concurrency` threads; latency and error figures,
+    and `samples_ms`, the latency of every successful request.
 
     Args:
         url: e.g. "http://127.0.0.1:8000/loadtest/recommend".
@@ -82,7 +86,8 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float =
         t.start()
     for t in threads:
         t.join()
-    return summarize(latencies, statuses, time.perf_counter() - started, concurrency)
+    return {**summarize(latencies, statuses, time.perf_counter() - started, concurrency),
+            "samples_ms": [1000.0 * x for x in latencies]}
 
 
 def _loopback(url: str):
@@ -145,25 +150,64 @@ def measure_model(label: str, model: str, port: int, bodies: list[bytes], concur
 
 
 def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int, seed: int = 0,
-              app_args: dict[str, Any] | None = None, warmup: int = 20) -> dict[str, Any]:
+              app_args: dict[str, Any] | None = None, warmup: int = 20, remeasures: int = REMEASURES) -> dict[str, Any]:
     """Load each of `models` (label -> dir or URI) in turn with the same bodies on a running Serve.
 
     All models must come from the same data set (same fingerprint), so that the same histories are valid.
+    With a compact and a teacher, their ratios pass layerwise.bench_guard: a disturbed pair is loaded again
+    with twice the requests, at most `remeasures` times, and one still disturbed reports no ratio.
     """
     app_args = dict(app_args or {})
     data, max_len = _shared_data(list(models.values()), app_args)
-    bodies = request_bodies(data, requests, max_len, seed)
-    runs = [measure_model(label, path, port, bodies, concurrency, app_args, warmup)
-            for label, path in models.items()]
-    report = {"requests": requests, "concurrency": concurrency, "seed": seed, "dataset": data.name,
-              "settings": {k: v for k, v in app_args.items() if k != "model"}, "runs": runs}
-    if {"compact", "teacher"} <= set(models):
-        by = {r["label"]: r for r in runs}
-        report["compact_vs_teacher"] = {
-            "throughput_ratio": by["compact"]["requests_per_s"] / by["teacher"]["requests_per_s"],
-            "p50_latency_ratio": by["teacher"]["latency_ms"]["p50"] / by["compact"]["latency_ms"]["p50"],
-        }
+    paired = {"compact", "teacher"} <= set(models)
+
+    def measure(keys: list[str], n: int) -> dict[str, dict]:
+        bodies = request_bodies(data, n, max_len, seed)
+        runs = [measure_model(label, path, port, bodies, concurrency, app_args, warmup)
+                for label, path in models.items()]
+        samples = {r["label"]: r.pop("samples_ms") for r in runs}
+        ratio = compare(runs, samples, seed) if paired else {"status": "ok", "disturbed_because": []}
+        return {key: {"runs": runs, **ratio} for key in keys}
+
+    parts, attempts = remeasure(measure, ["compact_vs_teacher"], requests, remeasures if paired else 0)
+    part = parts["compact_vs_teacher"]
+    report = {"requests": part["runs"][0]["requests"], "concurrency": concurrency, "seed": seed,
+              "dataset": data.name, "settings": {k: v for k, v in app_args.items() if k != "model"},
+              "runs": part["runs"], "status": verdict(attempts)["status"], "guard": verdict(attempts)}
+    if paired:
+        report["compact_vs_teacher"] = {k: v for k, v in part.items() if k != "runs"}
     return report
+
+
+def compare(runs: list[dict], samples: dict[str, list[float]], seed: int) -> dict[str, Any]:
+    """Compact over teacher: throughput ratio and p50 latency ratio (with a bootstrap 95% CI over requests),
+    judged against the Amdahl bound at f = 0 (L/k: HTTP and batching can only lower it). A disturbed pair
+    carries its reasons and no ratio."""
+    by = {r["label"]: r for r in runs}
+    compact, teacher = by["compact"], by["teacher"]
+    ratio = {"throughput_ratio": compact["requests_per_s"] / teacher["requests_per_s"],
+             "p50_latency_ratio": teacher["latency_ms"]["p50"] / compact["latency_ms"]["p50"],
+             "p50_latency_ratio_ci95": _median_ratio_ci(samples["teacher"], samples["compact"], seed),
+             "bound": (teacher["layers"] / compact["layers"]
+                       if compact["teacher_layers"] == teacher["layers"] and compact["layers"] else None)}
+    reasons = [f"p50 latency ratio: {why}" for why in disturbances(
+        ratio["p50_latency_ratio"], ratio["p50_latency_ratio_ci95"], ratio["bound"])]
+    reasons += [f"throughput ratio: {why}" for why in disturbances(ratio["throughput_ratio"], None, ratio["bound"])]
+    if reasons:
+        ratio.update(throughput_ratio=None, p50_latency_ratio=None, p50_latency_ratio_ci95=None)
+    return {**ratio, "status": "disturbed" if reasons else "ok", "disturbed_because": reasons}
+
+
+def _median_ratio_ci(numerator: list[float], denominator: list[float], seed: int, n_boot: int = 2000) -> list[float]:
+    """Bootstrap 95% CI of median(numerator) / median(denominator); the two loads ran apart, so each is
+    resampled on its own."""
+    if not numerator or not denominator:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    num, den = np.asarray(numerator), np.asarray(denominator)
+    ratios = (np.median(num[rng.integers(0, len(num), (n_boot, len(num)))], axis=1)
+              / np.median(den[rng.integers(0, len(den), (n_boot, len(den)))], axis=1))
+    return [float(x) for x in np.percentile(ratios, [2.5, 97.5])]
 
 
 def _shared_data(models: list[str], app_args: dict[str, Any]):
@@ -212,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Serve HTTP port (0: a free one); must match Serve if it is already running")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before each model's run")
+    p.add_argument("--remeasures", type=int, default=REMEASURES,
+                   help="times a disturbed compact/teacher pair is loaded again, with twice the requests")
     p.add_argument("--dataset", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ or runs:/ models")
@@ -244,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     with ray_session():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            report = benchmark(models, port, args.requests, args.concurrency, args.seed, app_args, args.warmup)
+            report = benchmark(models, port, args.requests, args.concurrency, args.seed, app_args, args.warmup,
+                               args.remeasures)
         finally:
             if owns_ray:
                 serve.shutdown()
@@ -262,8 +309,16 @@ def _print(report: dict[str, Any]) -> None:
         print(f"{r['label']:>8} ({r['layers']} layers): {r['requests_per_s']:8.1f} req/s  p50 {lat['p50']:7.1f} ms"
               f"  p95 {lat['p95']:7.1f} ms  p99 {lat['p99']:7.1f} ms  errors {r['errors']}"
               f"  mean batch {r['batching']['mean_batch_size']:.1f}")
-    if "compact_vs_teacher" in report:
-        print(f"compact/teacher throughput: {report['compact_vs_teacher']['throughput_ratio']:.2f}x")
+    pair = report.get("compact_vs_teacher")
+    if pair and pair["status"] == "disturbed":
+        guard = report["guard"]
+        print(f"compact/teacher: DISTURBED, not a result (load average {guard['load_avg_start'][0]:.1f} -> "
+              f"{guard['load_avg_end'][0]:.1f}; requests per attempt "
+              f"{', '.join(str(a['rounds']) for a in guard['attempts'])}): " + "; ".join(pair["disturbed_because"]))
+    elif pair:
+        lo, hi = pair["p50_latency_ratio_ci95"]
+        print(f"compact/teacher throughput: {pair['throughput_ratio']:.2f}x; p50 latency ratio "
+              f"{pair['p50_latency_ratio']:.2f}x [{lo:.2f}, {hi:.2f}]")
 
 
 if __name__ == "__main__":

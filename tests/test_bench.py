@@ -62,7 +62,7 @@ def _numbers(tree):
 def test_result_is_json_and_every_timing_positive_and_finite():
     teacher = tiny()
     result = benchmark({"teacher": teacher, "compact": compact(teacher, [1])}, batch_sizes=(1, 3), runs=3,
-                       warmup=1, max_len=8, reference="teacher")
+                       warmup=1, max_len=8, reference="teacher", remeasures=0)  # re-measures: test_bench_guard
     assert json.loads(json.dumps(result)) == result
     assert result["env"]["torch_threads"] == 1
     for name in ("teacher", "compact"):
@@ -91,7 +91,7 @@ def test_result_is_json_and_every_timing_positive_and_finite():
 def test_speedup_ci_contains_point_estimate():
     teacher = tiny()
     result = benchmark({"teacher": teacher, "compact": compact(teacher, [0])}, batch_sizes=(2,), runs=3,
-                       warmup=1, max_len=8, reference="teacher")
+                       warmup=1, max_len=8, reference="teacher", remeasures=0)
     for name in ("teacher", "compact"):
         stats = result["models"][name]["batches"]["2"]
         low, high = stats["speedup_ci95"]
@@ -125,7 +125,7 @@ def test_schedule_rotates_and_calls_really_interleave():
     for tag, model in enumerate((teacher, small)):
         model.__class__, model.tag = Recording, tag
     benchmark({"teacher": teacher, "compact": small}, batch_sizes=(1,), runs=3, warmup=0, max_len=8,
-              reference="teacher")
+              reference="teacher", remeasures=0)
     rounds = [calls[i: i + 3] for i in range(0, 9, 3)]
     assert len(calls) == 9
     assert all(sorted(r) == [(0, 0), (0, 2), (1, 1)] for r in rounds)
@@ -171,7 +171,7 @@ def test_bench_dirs_names_duplicates_and_measures_peaks(tmp_path):
     save_recommender(teacher, tmp_path / "a" / "model", {})
     save_recommender(compact(teacher, [1]), tmp_path / "b" / "model", {})
     result = bench_dirs([str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")], batch_sizes=(2,),
-                        runs=3, warmup=1, max_len=8)
+                        runs=3, warmup=1, max_len=8, remeasures=0)
     assert list(result["models"]) == ["model", "b/model"]
     assert result["settings"]["reference"] == "model"
     assert result["models"]["b/model"]["n_layers"] == 1

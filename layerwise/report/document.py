@@ -87,7 +87,9 @@ def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = Fal
 
 def fmt_estimate(est: Mapping | None, kind: str = "metric") -> str:
     """"0.0712 [0.0650, 0.0771]", "93.1% [90.2%, 95.8%]" (kind "pct") or "3.41x [3.30x, 3.52x]"
-    (kind "speed"); "-" when missing."""
+    (kind "speed"); "-" when missing; "disturbed (not a result)" for a timing the bench guard rejected."""
+    if est and est.get("status") == "disturbed":
+        return "disturbed (not a result)"
     if not est or est.get("mean") is None:
         return "-"
     text = _fmt(est["mean"], kind)

@@ -27,6 +27,7 @@ import numpy as np
 from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.bench import benchmark
+from layerwise.bench_guard import describe, speed_cell
 from layerwise.compress import n_kept
 from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
@@ -101,10 +102,18 @@ def _memory(models: dict, teacher_dir: str, batch: int, max_len: int) -> dict[st
 def _attach_speed(rows: list[dict], timing: dict, memory: dict) -> None:
     for row in rows:
         entry = timing["models"].get(row["timing"])
-        row["speed"] = None if entry is None else {
-            b: {"speedup": e.get("speedup"), "ci95": e.get("speedup_ci95"), "median_ms": e["median_ms"],
-                "cpu_speedup": e["cpu"].get("speedup")} for b, e in entry["batches"].items()}
+        row["speed"] = None if entry is None else {b: _speed(e) for b, e in entry["batches"].items()}
         row["memory"] = memory.get(row["timing"])
+
+
+def _speed(e: dict) -> dict:
+    """One row's speed at one batch size; a timing the guard found disturbed keeps its reasons, no figure
+    (the raw timing stays in the result's "benchmark")."""
+    if e.get("status") == "disturbed":
+        return {"speedup": None, "ci95": None, "median_ms": None, "cpu_speedup": None, "status": "disturbed",
+                "disturbed_because": e["disturbed_because"]}
+    return {"speedup": e.get("speedup"), "ci95": e.get("speedup_ci95"), "median_ms": e["median_ms"],
+            "cpu_speedup": e["cpu"].get("speedup"), "status": e.get("status", "ok"), "disturbed_because": []}
 
 
 def _collect(teacher, data, budget: Budget, names: list[str], progress: bool
@@ -178,10 +187,9 @@ def _cell(row: dict, metric: str) -> str:
 
 def _speed_cell(row: dict, batch: str) -> str:
     entry = (row.get("speed") or {}).get(batch)
-    if not entry or entry["speedup"] is None:
+    if entry and entry["speedup"] is None and entry["status"] != "disturbed":
         return "-"
-    low, high = entry["ci95"]
-    return f"{entry['speedup']:.2f} [{low:.2f}, {high:.2f}]"
+    return speed_cell(entry, lambda e: f"{e['speedup']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]")
 
 
 def _memory_cell(row: dict) -> str:
@@ -219,5 +227,7 @@ def format_markdown(result: dict) -> str:
               "teacher in one interleaved benchmark (paired bootstrap CI); unhealed and healed variants share "
               "an architecture and one timing. Magnitude pruning keeps dense kernels, so ~1x is its honest "
               "speedup. Weights MB counts packed int8/int4 weights and their scales. Peak MB: inference peak "
-              "over the bare interpreter, fresh subprocess per saved model; quantized models are not measured."]
+              "over the bare interpreter, fresh subprocess per saved model; quantized models are not measured.",
+              "", describe(result["benchmark"].get("guard"))]
     return "\n".join(lines)
+

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from layerwise.bench_guard import REMEASURES
 from orchestration.cli.data import add_data_args, load_data
 from orchestration.outputs import print_metrics_table, write_json
 
@@ -104,6 +105,9 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--runs", type=int, default=30)
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    bench.add_argument("--remeasures", type=int, default=REMEASURES,
+                       help="times a disturbed speedup (above its Amdahl bound, efficiency over 110%%, or a CI "
+                            "wider than itself) is timed again with twice the rounds before it is marked disturbed")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -126,9 +130,10 @@ def train(args: argparse.Namespace) -> int:
         "kind": "teacher", "preset": args.preset, "pretrained": args.pretrained,
         "dataset": args.dataset, "data_fingerprint": dataset.fingerprint, "max_len": args.max_len,
         "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,
-        "train_minutes": minutes,
+        "train_minutes": minutes, "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
     })
-    print(f"trained {args.family}/{args.preset} in {minutes:.1f} min; best epoch {result.best_epoch}, "
+    print(f"trained {args.family}/{args.preset} in {minutes:.1f} min, {result.epochs_run} epochs (stopped by "
+          f"{result.stop_reason.replace('_', ' ')}); best epoch {result.best_epoch}, "
           f"valid NDCG@10 {result.best_valid['ndcg@10']:.4f}; saved to {args.out}")
     return 0
 
@@ -207,7 +212,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_dirs(args.models, batch_sizes=tuple(args.batch_sizes), runs=args.runs,
-                        warmup=args.warmup)
+                        warmup=args.warmup, remeasures=args.remeasures)
     print(format_table(result))
     write_json(args.json, result)
     return 0

@@ -27,7 +27,7 @@ from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges,
 from layerwise.evaluate import evaluate
 from layerwise.models import SequentialRecommender
 from layerwise.models.checkpoint import load_recommender, save_recommender
-from layerwise.train import TrainConfig, cloze_mask, next_item_loss, training_windows
+from layerwise.train import TrainConfig, cloze_mask, next_item_loss, stop_reason, training_windows
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 
@@ -203,6 +203,9 @@ class _Worker:
         record, improved, out_of_time = shared
         if evaluate_now:
             self.best, self.stale = (record[METRIC], 0) if improved else (self.best, self.stale + 1)
+        reason = stop_reason(self.stale, self.loop.patience, out_of_time)
+        if reason:
+            record["stop_reason"] = reason
         self.history.append(record)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -212,7 +215,7 @@ class _Worker:
                                  {**self.manifest, "best_epoch": record["epoch"], "valid": valid})
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(record, checkpoint=checkpoint)
-        return self.stale >= self.loop.patience or out_of_time
+        return reason is not None
 
     def full_weights(self) -> SequentialRecommender | None:
         """The model with all its weights on rank 0: the trained module itself below ZeRO-3 (every rank

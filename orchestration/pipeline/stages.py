@@ -9,10 +9,12 @@ sequences of such stages, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from rich.console import Console
 
 from orchestration.pipeline import interrupts
@@ -21,13 +23,18 @@ console = Console()
 
 
 class Stages:
-    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet."""
+    """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet.
+
+    fn returns False when its outputs are not final (a benchmark that stayed disturbed): they are used by
+    this run, and the stage is not marked done, so the next run does it again.
+    """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None):
         self.root = root
         self.on_done = on_done
         self.skipped: list[str] = []
         self.ran: list[str] = []
+        self.timings: dict[str, dict] = {}  # name -> _seconds.json of the stage (this run's or the earlier one)
 
     def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
@@ -39,13 +46,40 @@ class Stages:
         else:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
-            started = time.perf_counter()
-            fn(out)
-            seconds = time.perf_counter() - started
-            (out / "_seconds.json").write_text(json.dumps({"seconds": seconds}))
-            marker.write_text("")
+            final, timing = _timed(fn, out)
+            (out / "_seconds.json").write_text(json.dumps(timing))
+            console.print(f"[dim]  {name}: {timing['seconds']:.1f} s wall, {timing['cpu_seconds']:.1f} s CPU, "
+                          f"load average {timing['load_avg_start']:.1f} -> {timing['load_avg_end']:.1f}[/dim]")
+            if final:
+                marker.write_text("")
+            else:
+                console.print(f"[yellow]- {name}: outputs kept but not final; the next run does it again[/yellow]")
             self.ran.append(name)
             interrupts.check()  # the stage's outputs are complete and kept; what follows it is not run
+        self.timings[name] = json.loads((out / "_seconds.json").read_text())
         if self.on_done:
             self.on_done(name, out, name in self.skipped)
         return out
+
+
+def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:
+    """Run a stage: (whether its outputs are final, {"seconds", "cpu_seconds", "load_avg_start",
+    "load_avg_end"}). Wall time alone cannot tell work from waiting on a shared machine; CPU time and the
+    1-minute load average beside it can."""
+    load, cpu, started = os.getloadavg()[0], tree_cpu_seconds(), time.perf_counter()
+    final = fn(out) is not False
+    return final, {"seconds": time.perf_counter() - started, "cpu_seconds": tree_cpu_seconds() - cpu,
+                   "load_avg_start": load, "load_avg_end": os.getloadavg()[0]}
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, its waited-for children and its live descendants (the
+    embedded Ray's workers are among them). A descendant that exits unwaited takes its CPU time along."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:4])  # user, system, children_user, children_system
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            continue
+    return total

@@ -32,8 +32,9 @@ class Context:
         """Log a finished stage's JSON outputs to MLflow (also for stages skipped on resume)."""
         from orchestration import tracking
 
-        seconds = json.loads((out / "_seconds.json").read_text())["seconds"]
-        tracking.log_metrics({"stage_seconds": {name: seconds}})
+        timing = json.loads((out / "_seconds.json").read_text())
+        tracking.log_metrics({"stage_seconds": {name: timing["seconds"]},
+                              "stage_cpu_seconds": {name: timing.get("cpu_seconds")}})
         tracking.log_metrics({"stage_skipped": {name: float(skipped)}})
         for path in sorted(out.glob("*.json")):
             if not path.name.startswith("_"):
@@ -49,6 +50,8 @@ def pipeline_context(config: PipelineConfig, root: Path):
     from orchestration.distributed.ray_runtime import ray_session
 
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     with ray_session(address=config.ray.address):
         with tracking.tracked_run(config.name, params=asdict(config), tags={"stage": "pipeline"}) as run:
             yield Context(config, root, parent_run_id=run.info.run_id)
@@ -86,8 +89,10 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
                                            num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
                                            storage_path=str(ctx.root / "ray_train"))
         _check_model(out)
-        write_json(out / "train.json", {"best": result["best"], "history": result["history"],
-                                        "zero_stage": result["zero_stage"],
+        history = result["history"]
+        write_json(out / "train.json", {"best": result["best"], "history": history,
+                                        "stop_reason": history[-1].get("stop_reason", "epochs") if history else None,
+                                        "epochs_run": len(history), "zero_stage": result["zero_stage"],
                                         "world_size": result["world_size"]})
         return
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
@@ -100,7 +105,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
         "best_epoch": result.best_epoch, "valid": result.best_valid,
     })
     write_json(out / "train.json", {"best_epoch": result.best_epoch, "valid": result.best_valid,
-                                    "history": result.history})
+                                    "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
+                                    "torch_threads": torch.get_num_threads(), "history": result.history})
 
 
 def _check_model(out: Path) -> None:
@@ -131,18 +137,14 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
 def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     """Every estimator: local ones sharded over Ray tasks, ablation and dependency one task each."""
     from layerwise.compress import calibration_batches
-    from layerwise.importance import LOCAL_METHODS
     from orchestration.loading import load_model_for
-    from orchestration.distributed.shards import remote_ablation, remote_dependency, sharded_importance
+    from orchestration.distributed.shards import every_score
 
     c = ctx.config
     teacher = load_model_for(str(teacher_dir / "model"), data)
     batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
                                   c.data.max_len, c.seed)
-    scores = sharded_importance(teacher, batches, n_shards=c.ray.shards, methods=LOCAL_METHODS)
-    scores["ablation"] = remote_ablation(teacher, batches, data, metric="ndcg@10")
-    scores["ablation_loss"] = remote_ablation(teacher, batches, data, metric="loss")
-    dependency = remote_dependency(teacher, batches, data, metric="loss")
+    scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards)
     write_json(out / "importance.json", {
         "n_layers": teacher.n_layers, "shards": c.ray.shards,
         "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
@@ -182,26 +184,35 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
                                        "heal_history": result.heal.history if result.heal else []})
 
 
-def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> None:
+def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> bool:
+    """Teacher vs compact, interleaved, re-measured while disturbed (layerwise.bench_guard). Returns whether
+    the result is final: a disturbed one is not, so the next run measures again."""
     from layerwise.bench import bench_dirs, format_table
 
     b = ctx.config.bench
+    threads = torch.get_num_threads()
     if b.threads:
         torch.set_num_threads(b.threads)
-    result = bench_dirs([str(teacher_dir / "model"), str(compact_dir)], batch_sizes=b.batch_sizes,
-                        runs=b.runs, warmup=b.warmup, max_len=ctx.config.data.max_len)
+    try:
+        result = bench_dirs([str(teacher_dir / "model"), str(compact_dir)], batch_sizes=b.batch_sizes,
+                            runs=b.runs, warmup=b.warmup, max_len=ctx.config.data.max_len,
+                            remeasures=b.remeasures)
+    finally:
+        torch.set_num_threads(threads)
     (out / "bench.md").write_text(format_table(result))
     write_json(out / "bench.json", result)
     print(format_table(result))
+    return result["status"] != "disturbed"
 
 
-def headline(ctx: Context, base_dir: Path, eval_dir: Path, bench_dir: Path, comp_dir: Path) -> dict:
+def headline(ctx: Context, teacher_dir: Path, base_dir: Path, eval_dir: Path, bench_dir: Path,
+             comp_dir: Path) -> dict:
     """Teacher vs compact: NDCG@10, MRR, retention, speedup and efficiency against the Amdahl bound;
     logged to MLflow, the compact model registered and promoted to `champion`."""
     from orchestration import tracking
     from orchestration.pipeline.headline import build_headline, print_headline
 
-    head = build_headline(base_dir, eval_dir, bench_dir, comp_dir)
+    head = build_headline(teacher_dir, base_dir, eval_dir, bench_dir, comp_dir)
     print_headline(head)
     tracking.log_metrics({"headline": head["metrics"]})
     tracking.log_json(head, "headline.json")
@@ -229,8 +240,8 @@ def write_run_report(ctx: Context, head: dict, comp_dir: Path) -> dict:
             "teacher": {"mean": quality["teacher"], "ci95": None},
             "compact": {"mean": quality["compact"], "ci95": None},
             "retention": {"mean": quality["retention"], "ci95": quality["retention_ci95"]},
-            "speedup": {f"batch={b}": {"mean": v["speedup"], "ci95": v["speedup_ci95"]}
-                        for b, v in speed.items()},
+            "speedup": {f"batch={b}": {"mean": v.get("speedup"), "ci95": v.get("speedup_ci95"),
+                                       "status": v["status"]} for b, v in speed.items()},
         },
         "importance": {"scores": importance["scores"], "kept": head["layers"]["kept"],
                        "dependency": importance["dependency_loss"],

@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from layerwise.bench_guard import RULE, speed_cell
 from orchestration.outputs import write_json
 from orchestration.search.space import SearchSpace
 
@@ -47,7 +48,18 @@ def trial_row(result) -> dict:
     keep = ("retention", "speedup", "latency_ms", "speedup_ci_low", "speedup_ci_high", "efficiency", "bound",
             "teacher_latency_ms", "valid_ndcg_at_10", "n_layers", "kept", "heal_workers", "param_ratio",
             "seconds_total", "model_dir")
-    return {"trial_id": metrics["trial_id"], "config": dict(result.config), **{k: metrics[k] for k in keep}}
+    row = {"trial_id": metrics["trial_id"], "config": dict(result.config), **{k: metrics[k] for k in keep},
+           "speed_status": metrics.get("speed_status", "ok"),
+           "speed_disturbed_because": metrics.get("speed_disturbed_because", "")}
+    if row["speed_status"] == "disturbed":  # NaN in Tune's record; None here, as in every other table
+        row.update(dict.fromkeys(("speedup", "latency_ms", "speedup_ci_low", "speedup_ci_high", "efficiency",
+                                  "bound", "teacher_latency_ms")))
+    return row
+
+
+def timed(rows: list[dict]) -> list[dict]:
+    """The rows whose timing in the trial was not disturbed (layerwise.bench_guard): only they have a speed."""
+    return [r for r in rows if r.get("speed_status", "ok") != "disturbed"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -66,10 +78,11 @@ def front_ids(rows: list[dict], state: dict, run_dir: Path) -> list[str]:
     _close_orphans(study)
     if state["objective"] == "single":
         sign = 1.0 if SPEED_METRICS[speed] == "max" else -1.0
+        rows = timed(rows)
         return [rows[i]["trial_id"] for i in pareto_front([(r["retention"], sign * r[speed]) for r in rows])]
     ids = []
     for best in study.best_trials:
-        match = [r for r in rows if all(r["config"].get(k) == v for k, v in best.params.items())
+        match = [r for r in timed(rows) if all(r["config"].get(k) == v for k, v in best.params.items())
                  and math.isclose(r["retention"], best.values[0], rel_tol=1e-12)
                  and math.isclose(r[speed], best.values[1], rel_tol=1e-12)]
         ids += [r["trial_id"] for r in match[:1] if r["trial_id"] not in ids]
@@ -93,16 +106,23 @@ def choose_champion(rows: list[dict], front: list[str], speed: str, min_retentio
     """
     candidates = [r for r in rows if r["trial_id"] in front]
     if not candidates:
-        return None, "no trial finished: nothing was promoted to champion"
+        return None, ("no trial is on the front (none finished, or every one was timed disturbed). Nothing was "
+                      "promoted to champion.")
     if min_retention is None:
         best = max(candidates, key=lambda r: r["retention"])
+        figure = "disturbed" if best.get(speed) is None else f"{best[speed]:.2f}"
         return best, (f"no --min-retention given: champion is the highest-retention model, trial "
-                      f"{best['trial_id']} (retention {best['retention']:.3f}, {speed} {best[speed]:.2f})")
+                      f"{best['trial_id']} (retention {best['retention']:.3f}, {speed} {figure})")
     eligible = [r for r in candidates if r["retention"] >= min_retention]
     if not eligible:
         top = max(r["retention"] for r in candidates)
         return None, (f"NO model meets retention >= {min_retention}: the best retention is {top:.3f}. "
                       f"Nothing was promoted to champion.")
+    if all(r.get(speed) is None for r in eligible):  # "fastest" needs a timing that is a result
+        return None, (f"every model with retention >= {min_retention} was timed disturbed ({speed}): no "
+                      f"fastest one is known. Nothing was promoted to champion; time them again on a quieter "
+                      f"machine.")
+    eligible = [r for r in eligible if r.get(speed) is not None]
     sign = -1.0 if speed.endswith("latency_ms") else 1.0
     best = max(eligible, key=lambda r: (sign * r[speed], r["retention"]))
     return best, (f"champion: trial {best['trial_id']}, the fastest model with retention >= {min_retention} "
@@ -134,6 +154,11 @@ def check_front(rows: list[dict], front: list[str], data, teacher_path: str, spa
         model = models.get(row["trial_id"])
         entry = bench["models"][row["trial_id"]]["batches"][str(p.bench_batch_size)] if model else {}
         row["test_retention"] = ndcg(model) / teacher_ndcg if model else None
+        row["alone_status"] = entry.get("status")
+        if entry.get("status") == "disturbed":  # still disturbed after the re-measures: no figure
+            entry = {}
+            row["alone_disturbed_because"] = bench["models"][row["trial_id"]]["batches"][
+                str(p.bench_batch_size)]["disturbed_because"]
         row["alone_speedup"], row["alone_speedup_ci95"] = entry.get("speedup"), entry.get("speedup_ci95")
         row["alone_latency_ms"] = entry.get("median_ms")
 
@@ -189,13 +214,27 @@ def markdown_table(records: list[dict], title: str) -> str:
             f"| {r['trial_id']} | {'yes' if r['front'] else ''} | {'**yes**' if r['champion'] else ''} "
             f"| {r['n_layers']} ({r['kept']}) | {c.get('bridge_rank')} | {c.get('selector')} "
             f"| {c.get('method') or 'default'} | {c.get('lr', float('nan')):.2e} | {c.get('heal_epochs', '')} "
-            f"| {r['retention']:.3f} | {'' if test is None else f'{test:.3f}'} "
-            f"| {r['speedup']:.2f} [{r['speedup_ci_low']:.2f}, {r['speedup_ci_high']:.2f}] | {_alone(r)} "
-            f"| {r['latency_ms']:.2f} | {r['efficiency']:.2f} |")
+            f"| {r['retention']:.3f} | {'' if test is None else f'{test:.3f}'} | {_speed(r)} | {_alone(r)} "
+            f"| {_figure(r, 'latency_ms')} | {_figure(r, 'efficiency')} |")
+    disturbed = len(records) - len(timed(records))
+    if disturbed:
+        lines += ["", f"{disturbed} trial(s) timed disturbed (layerwise.bench_guard: {RULE}): no speed figure, "
+                      f"and the searcher recorded them as failed."]
     return "\n".join(lines) + "\n"
 
 
+def _speed(row: dict) -> str:
+    return speed_cell({"status": row.get("speed_status")} if row["speedup"] is None else row,
+                      lambda r: f"{r['speedup']:.2f} [{r['speedup_ci_low']:.2f}, {r['speedup_ci_high']:.2f}]")
+
+
+def _figure(row: dict, key: str) -> str:
+    return "-" if row.get(key) is None else f"{row[key]:.2f}"
+
+
 def _alone(row: dict) -> str:
+    if row.get("alone_status") == "disturbed":
+        return "disturbed (not a result)"
     if row.get("alone_speedup") is None:
         return ""
     low, high = row["alone_speedup_ci95"]
@@ -211,13 +250,14 @@ def plot_front(rows: list[dict], front: list[str], champion_id: str | None, min_
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.0, 5.2), dpi=120)
+    left_out, rows = len(rows) - len(timed(rows)), timed(rows)  # a disturbed timing has no place on an axis
     x, y = [r[speed] for r in rows], [r["retention"] for r in rows]
     if speed == "speedup":  # the timing noise, honestly: each trial's paired-bootstrap 95% CI
         xerr = [[max(0.0, r[speed] - r["speedup_ci_low"]) for r in rows],
                 [max(0.0, r["speedup_ci_high"] - r[speed]) for r in rows]]
         ax.errorbar(x, y, xerr=xerr, fmt="none", ecolor="0.8", elinewidth=1, zorder=1)
-    ax.scatter(x, y, s=36, color="0.55", label=f"trial ({len(rows)})" + (", 95% CI" if speed == "speedup" else ""),
-               zorder=2)
+    ax.scatter(x, y, s=36, color="0.55", label=f"trial ({len(rows)})" + (", 95% CI" if speed == "speedup" else "")
+               + (f"; {left_out} timed disturbed, not drawn" if left_out else ""), zorder=2)
     on = sorted((r for r in rows if r["trial_id"] in front), key=lambda r: r[speed])
     ax.plot([r[speed] for r in on], [r["retention"] for r in on], "-o", color="tab:red", ms=8, lw=1.5,
             label=f"Pareto front ({len(on)})", zorder=3)

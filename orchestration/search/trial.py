@@ -8,6 +8,7 @@ then measure validation NDCG@10 retention and the speedup over the teacher in th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,12 +57,8 @@ def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
     bench = benchmark({"teacher": teacher, "compact": student}, batch_sizes=(p["bench_batch_size"],),
                       runs=p["bench_runs"], warmup=p["bench_warmup"], max_len=ctx["max_len"], seed=p["seed"],
                       reference="teacher")
-    entry = bench["models"]["compact"]["batches"][str(p["bench_batch_size"])]
     metrics = {
-        "retention": valid / ctx["teacher_valid_ndcg"], "speedup": entry["speedup"],
-        "latency_ms": entry["median_ms"], "speedup_ci_low": entry["speedup_ci95"][0],
-        "speedup_ci_high": entry["speedup_ci95"][1], "efficiency": entry["efficiency"], "bound": entry["bound"],
-        "teacher_latency_ms": bench["models"]["teacher"]["batches"][str(p["bench_batch_size"])]["median_ms"],
+        "retention": valid / ctx["teacher_valid_ndcg"], **speed_metrics(bench, str(p["bench_batch_size"])),
         "valid_ndcg_at_10": valid, "n_layers": len(kept), "kept": ",".join(map(str, kept)),
         "heal_workers": healed,
         "param_ratio": bench["models"]["compact"]["param_bytes"] / bench["models"]["teacher"]["param_bytes"],
@@ -75,6 +72,19 @@ def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
     return {**metrics, "model_dir": str(model_dir)}, bench
 
 
+def speed_metrics(bench: dict, batch: str) -> dict:
+    """The trial's speed figures from its benchmark. A disturbed timing (layerwise.bench_guard) reports
+    NaN for every one of them: the searcher then records the trial as failed rather than chase a speedup
+    that load made up, and the table prints "disturbed"."""
+    entry, teacher = bench["models"]["compact"]["batches"][batch], bench["models"]["teacher"]["batches"][batch]
+    figures = {"speedup": entry["speedup"], "latency_ms": entry["median_ms"],
+               "speedup_ci_low": entry["speedup_ci95"][0], "speedup_ci_high": entry["speedup_ci95"][1],
+               "efficiency": entry["efficiency"], "bound": entry["bound"], "teacher_latency_ms": teacher["median_ms"]}
+    if entry["status"] == "disturbed":
+        figures = dict.fromkeys(figures, math.nan)
+    return {**figures, "speed_status": entry["status"], "speed_disturbed_because": "; ".join(entry["disturbed_because"])}
+
+
 def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Path, trial_id: str):
     """(healed student, healing processes: 0 = not healed, 1 = in this trial, n = n Ray Train workers)."""
     from layerwise.compact import build_compact, load_compact
@@ -85,7 +95,8 @@ def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Pa
     if heal_config.trainable == "bridges" and rank == 0:
         return build_compact(teacher, kept, 0), 0  # nothing to train: the plain removal is the result
     if not ctx["distributed_heal"]:
-        student = build_compact(teacher, kept, rank)
+        # Ray starts each worker with its own random torch state: unseeded bridges would differ per run.
+        student = build_compact(teacher, kept, rank, seed=heal_config.seed)
         heal(student, teacher, data, heal_config, progress=False)
         return student.eval(), 1
     from orchestration.distributed.specs import DataSpec

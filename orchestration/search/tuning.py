@@ -14,7 +14,9 @@ reports validation NDCG@10 retention and the speedup measured against the teache
 ("pareto"), read back from the Optuna study. The front is then checked with nothing else running
 (test-split retention, timed again alone), registered in MLflow, and its fastest model with retention
 >= --min-retention becomes `champion`. Killed searches resume: finished trials stay finished, the rest
-run.
+run. Every timing passes the bench guard (layerwise.bench_guard): a trial timed disturbed even after its
+re-measures reports no speed (NaN, so Optuna records it failed), is on no front, and reads "disturbed" in
+the table; a front model whose quiet timing stays disturbed cannot be the fastest.
 """
 
 from __future__ import annotations

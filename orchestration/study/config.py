@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
 from orchestration.baselines.method import ORDER
 from orchestration.pipeline.config import (
@@ -62,7 +63,8 @@ class StudyConfig:
     # No wall-clock cap on the teachers (early stopping ends them): a cap would give each seed a different
     # training budget depending on what else the machine runs.
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(train=TrainConfig()))
-    compress: CompressStageConfig = field(default_factory=CompressStageConfig)
+    # The library's 20 healing epochs: `make run` heals for 10 to fit its time budget; the study does not.
+    compress: CompressStageConfig = field(default_factory=lambda: CompressStageConfig(heal=HealConfig()))
     baselines: tuple[str, ...] = ALL_BASELINES
     random_draws: int = 3  # random-layer draws per seed for the `random` baseline
     ablation: tuple[str, ...] = ABLATIONS

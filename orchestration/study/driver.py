@@ -126,7 +126,8 @@ def _speed(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], r
     return json.loads((out / "speed.json").read_text())
 
 
-def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], out: Path) -> None:
+def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], out: Path) -> bool:
+    """Benchmark the models; returns whether the timing is final (a disturbed one is redone next run)."""
     import torch
 
     from layerwise.baselines import BASELINES, Budget
@@ -151,9 +152,10 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
         elif row.get("timing_model"):
             models[key], sources[key] = load_compact(row["timing_model"]).eval(), row["timing_model"]
     result = benchmark(models, b.batch_sizes, runs=b.runs, warmup=b.warmup, max_len=config.data.max_len,
-                       reference="teacher")
+                       reference="teacher", remeasures=b.remeasures)
     result["sources"] = sources
     write_json(out / "speed.json", result)
+    return result["status"] != "disturbed"
 
 
 def _record_invocation(root: Path, started_at: str, seconds: float | None) -> list[dict]:

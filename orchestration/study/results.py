@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from scipy import stats as sps
 
 from layerwise import stats
+from layerwise.bench_guard import describe
 from orchestration.study.config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
@@ -203,9 +204,12 @@ def _cis(estimates: Sequence[Mapping]) -> list | None:
 
 
 def _speed_estimate(speed: Mapping, key: str, batch) -> dict | None:
+    """{"mean", "ci95"} of one model's speedup; a disturbed one (layerwise.bench_guard) has no figure."""
     entry = speed["models"].get(key, {}).get("batches", {}).get(str(batch))
     if not entry or entry.get("speedup") is None:
         return None
+    if entry.get("status") == "disturbed":
+        return {"mean": None, "ci95": None, "status": "disturbed", "disturbed_because": entry["disturbed_because"]}
     return {"mean": entry["speedup"], "ci95": entry.get("speedup_ci95")}
 
 
@@ -261,5 +265,6 @@ def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
             f"interleaved benchmark of the first seed's models ({speed['settings']['runs']} rounds, "
             f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
             + (f", 1-minute load average {load[0]:.1f} at its start" if load else "")
-            + "), after every seed finished.",
+            + "), after every seed finished.", describe(speed.get("guard")),
             "Retention is a fraction of the teacher's figure of the same seed."]
+

@@ -335,7 +335,14 @@ def test_load_run_of_compact_and_teacher(server, models, tmp_path):
         lat = run["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert run["requests_per_s"] > 0 and run["batching"]["mean_batch_size"] >= 1
-    assert report["compact_vs_teacher"]["throughput_ratio"] > 0
+    pair = report["compact_vs_teacher"]
+    assert pair["bound"] == 2.0 and report["guard"]["attempts"][0]["rounds"] == 200
+    if pair["status"] == "ok":
+        low, high = pair["p50_latency_ratio_ci95"]
+        assert pair["throughput_ratio"] > 0 and low <= pair["p50_latency_ratio"] <= high
+    else:  # the machine's load disturbed every attempt: no ratio is reported, only why
+        assert pair["throughput_ratio"] is None and pair["p50_latency_ratio"] is None and pair["disturbed_because"]
+    assert "samples_ms" not in report["runs"][0]  # per-request latencies feed the CI, not the report
     # The benchmark removed its own app and left the main one serving.
     assert post(server["port"], GOOD)[0] == 200
 
@@ -377,3 +384,24 @@ def post_to(port, path, payload):
 def test_load_client_refuses_non_loopback_hosts():
     with pytest.raises(ValueError, match="stay on this machine"):
         loadtest.run_load("http://192.0.2.1:8000/recommend", [b"{}"], 1)
+
+
+def _run(label: str, layers: int, per_s: float, p50: float) -> dict:
+    return {"label": label, "layers": layers, "teacher_layers": 4, "requests_per_s": per_s,
+            "latency_ms": {"p50": p50}}
+
+
+def test_load_ratios_pass_the_bench_guard():
+    rng = np.random.default_rng(0)
+    teacher_ms, compact_ms = list(rng.normal(40, 1, 400)), list(rng.normal(22, 1, 400))
+    runs = [_run("compact", 2, 90.0, float(np.median(compact_ms))), _run("teacher", 4, 50.0, float(np.median(teacher_ms)))]
+    pair = loadtest.compare(runs, {"teacher": teacher_ms, "compact": compact_ms}, seed=0)
+    assert pair["status"] == "ok" and pair["bound"] == 2.0 and pair["throughput_ratio"] == pytest.approx(1.8)
+    low, high = pair["p50_latency_ratio_ci95"]
+    assert low < pair["p50_latency_ratio"] < high and 1.7 < low < high < 1.9
+    slow_teacher = [5 * x for x in teacher_ms]  # a burst of load on the teacher's load run
+    runs[1].update(requests_per_s=10.0, latency_ms={"p50": float(np.median(slow_teacher))})
+    pair = loadtest.compare(runs, {"teacher": slow_teacher, "compact": compact_ms}, seed=0)
+    assert pair["status"] == "disturbed" and pair["p50_latency_ratio"] is None and pair["throughput_ratio"] is None
+    assert any("p50 latency ratio" in why for why in pair["disturbed_because"])
+    assert any("throughput ratio" in why for why in pair["disturbed_because"])

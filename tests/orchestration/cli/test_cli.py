@@ -75,12 +75,16 @@ def test_score_compress_bench(teacher, workdir):
               "--out", str(workdir / "compact"), cwd=workdir)
     manifest = json.loads((workdir / "compact" / "manifest.json").read_text())
     assert manifest["kind"] == "compact" and len(manifest["kept"]) == 1 and manifest["n_layers"] == 1
-    layerwise("bench", "--models", str(teacher), str(workdir / "compact"), "--runs", "3", "--warmup", "1",
-              "--batch-sizes", "1", "4", "--json", str(workdir / "bench.json"), cwd=workdir)
+    out = layerwise("bench", "--models", str(teacher), str(workdir / "compact"), "--runs", "3", "--warmup", "1",
+                    "--batch-sizes", "1", "4", "--json", str(workdir / "bench.json"), cwd=workdir).stdout
     bench = json.loads((workdir / "bench.json").read_text())
     names = list(bench["models"])
     assert bench["models"][names[1]]["n_layers"] == 1 and bench["models"][names[0]]["n_layers"] == 2
     assert bench["models"][names[1]]["batches"]["4"]["speedup"] > 0
+    # The guard's verdict is in the JSON and on the screen: each disturbed figure named, or none.
+    disturbed = [b for b, e in bench["models"][names[1]]["batches"].items() if e["status"] == "disturbed"]
+    assert bench["guard"]["disturbed"] == disturbed and bench["guard"]["attempts"][0]["rounds"] == 3
+    assert "Rounds per attempt: 3" in out and out.count("DISTURBED, not a result") == len(disturbed)
 
 
 def test_bad_inputs_give_clear_errors(teacher, workdir):

@@ -15,8 +15,8 @@ from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
 from orchestration.distributed.ray_runtime import cpu_fraction, init_ray, ray_session
 from orchestration.distributed.shards import (
-    build_model, build_shard, model_weights, put_model, remote_ablation, shard_weights, sharded_importance,
-    split_shards, submit_ablation, submit_dependency,
+    build_model, build_shard, every_score, model_weights, put_model, remote_ablation, shard_weights,
+    sharded_importance, split_shards, submit_ablation, submit_dependency,
 )
 from tests.helpers.tiny_models import calibration_batches, cyclic_data, tiny_model
 
@@ -167,3 +167,16 @@ def test_remote_ablation_and_dependency_equal_local(ray_local):
         assert torch.allclose(got[name], expected[name], rtol=1e-6, atol=1e-9), name
     # The plain model (not a ref) works too: put once inside the call.
     assert torch.allclose(remote_ablation(model, batches, None, "loss"), expected["loss"], rtol=1e-6, atol=1e-9)
+
+
+def test_every_score_at_once_equals_each_computed_alone(ray_local):
+    model = tiny_model("llama", n_layers=3)
+    data = cyclic_data(n_users=30)
+    batches = calibration_batches(model, data, batch_size=8, n_batches=2)
+    scores, dependency = every_score(model, batches, data, n_shards=2)
+    expected = {**compute_importance(model, batches), "ablation_loss": ablation(model, batches, data, metric="loss"),
+                "ablation": ablation(model, batches, data, metric="ndcg@10")}
+    assert sorted(scores) == sorted(expected) == sorted([*LOCAL_METHODS, "ablation", "ablation_loss"])
+    for name, value in expected.items():
+        assert torch.allclose(scores[name], value, rtol=1e-5, atol=1e-9), name
+    assert torch.allclose(dependency, dependency_matrix(model, batches, data=data), rtol=1e-6, atol=1e-9)

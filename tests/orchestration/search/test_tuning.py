@@ -52,6 +52,10 @@ def tiny(cache: Path, *extra: str) -> list[str]:
     return [*TINY, f"teacher.cache_dir={cache}", *extra]
 
 
+def timed_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["speed_status"] == "ok"]
+
+
 def report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report" / "trials.json").read_text())
 
@@ -117,16 +121,20 @@ def test_every_trial_ran_and_optuna_got_every_metric(family_search):
     trial_dirs = [p for p in (run_dir / "tune").iterdir() if p.is_dir()]
     assert len(trial_dirs) == SAMPLES
     for row in rows:
-        assert 0 < row["retention"] < 3 and row["speedup"] > 0 and row["latency_ms"] > 0
-        assert row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+        assert 0 < row["retention"] < 3
+        if row["speed_status"] == "ok":
+            assert row["speedup"] > 0 and row["latency_ms"] > 0
+            assert row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+        else:  # timed while load disturbed it, even after re-measuring: no figure, and why
+            assert row["speed_status"] == "disturbed" and row["speedup"] is None and row["latency_ms"] is None
+            assert row["speed_disturbed_because"]
+    timed = timed_rows(rows)
     completed = study(run_dir).get_trials(states=(TrialState.COMPLETE,))
-    assert len(completed) == SAMPLES
     objective, speed, _ = FAMILY_RUNS[name]
-    reported = sorted((r["retention"], r[speed]) for r in rows)
-    if objective == "pareto":  # both objectives reached Optuna, exactly as the trials reported them
-        assert sorted(tuple(t.values) for t in completed) == reported
-    else:
-        assert sorted(t.value for t in completed) == sorted(r for r, _ in reported)
+    if objective == "pareto":  # both objectives reached Optuna as reported; a disturbed trial failed there
+        assert sorted(tuple(t.values) for t in completed) == sorted((r["retention"], r[speed]) for r in timed)
+    else:  # retention alone is searched: every trial completes
+        assert sorted(t.value for t in completed) == sorted(r["retention"] for r in rows)
     for trial in completed:  # Optuna's parameters are the ones the trials ran with
         assert any(all(row["config"][k] == v for k, v in trial.params.items()) for row in rows)
 
@@ -168,23 +176,26 @@ def test_front_registry_and_champion(family_search):
     rows, front = data["trials"], data["front"]
     speed = data["speed_metric"]
     sign = 1 if speed == "speedup" else -1
-    expected = [rows[i]["trial_id"] for i in pareto_front([(r["retention"], sign * r[speed]) for r in rows])]
-    assert sorted(front) == sorted(expected) and front  # Optuna's best_trials = the non-dominated trials
+    timed = timed_rows(rows)  # a trial timed disturbed is on no front
+    expected = [timed[i]["trial_id"] for i in pareto_front([(r["retention"], sign * r[speed]) for r in timed])]
+    assert sorted(front) == sorted(expected)  # Optuna's best_trials = the non-dominated trials
     client = mlflow_client(run_dir)
     versions = client.search_model_versions("name = 'layerwise-compact'")
     assert len(versions) == len(front) == len(result["versions"])
     for r in rows:  # the front re-checked: held-out retention, and timed again with nothing else running
-        if r["front"]:
+        if r["front"] and r["alone_status"] == "disturbed":
+            assert r["test_retention"] > 0 and r["alone_speedup"] is None and r["alone_disturbed_because"]
+        elif r["front"]:
             low, high = r["alone_speedup_ci95"]
             assert r["test_retention"] > 0 and 0 < low <= r["alone_speedup"] <= high and r["alone_latency_ms"] > 0
         else:
             assert r["test_retention"] is None and r["alone_speedup"] is None and r["alone_latency_ms"] is None
     minimum = data["min_retention"]
-    eligible = [r for r in rows if r["front"] and (minimum is None or r["retention"] >= minimum)]
+    alone = f"alone_{speed}"  # the champion is chosen by the front's timing after the search, alone
+    eligible = [r for r in rows if r["front"] and (minimum is None or r["retention"] >= minimum and r[alone])]
     if not eligible:
         assert data["champion"] is None and "Nothing was promoted" in result["message"]
         return
-    alone = f"alone_{speed}"  # the champion is chosen by the front's timing after the search, alone
     best = (max(eligible, key=lambda r: r["retention"]) if minimum is None
             else max(eligible, key=lambda r: sign * r[alone]))
     assert data["champion"] == best["trial_id"]
@@ -239,6 +250,11 @@ def test_champion_is_the_fastest_model_meeting_the_constraint():
     assert choose_champion(rows, front, "speedup", None)[0]["trial_id"] == "a"
     champion, message = choose_champion(rows, front, "speedup", 0.995)
     assert champion is None and "NO model meets retention >= 0.995" in message and "0.990" in message
+    rows[1]["alone_speedup"] = None  # b's quiet timing stayed disturbed: d is the fastest timed one
+    assert choose_champion(rows, front, "alone_speedup", 0.95)[0]["trial_id"] == "d"
+    rows[0]["alone_speedup"] = rows[3]["alone_speedup"] = None  # every model reaching 0.95: no fastest known
+    champion, message = choose_champion(rows, front, "alone_speedup", 0.95)
+    assert champion is None and "timed disturbed" in message
 
 
 def test_trials_a_killed_driver_left_running_are_closed_as_failed(tmp_path):
@@ -372,7 +388,9 @@ def test_search_survives_ctrl_c_and_kill_9_and_never_redoes_a_finished_trial(tea
     for trial_id in done_before_kill:  # ran once: one MLflow run (from before the stops), one result
         assert [r.info.run_id for r in runs if r.data.tags["trial_id"] == trial_id] == [first_runs[trial_id]]
         assert _reports(run_dir, trial_id) == 1
-    assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == RESUME_SAMPLES
+    # every trial reached Optuna once; one whose timing stayed disturbed (layerwise.bench_guard) reports NaN
+    # speed and is recorded failed there, so COMPLETE counts exactly the trials with a speed
+    assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == len(timed_rows(rows))
     assert not study(run_dir).get_trials(states=(TrialState.RUNNING,))  # killed trials' entries are closed
     parent = json.loads((run_dir / "search.json").read_text())["parent_run_id"]
     assert mlflow_client(run_dir).get_run(parent).info.status == "FINISHED"  # one search run, reopened

@@ -58,7 +58,9 @@ def test_headline_and_p_values_against_each_baseline(study):
     for name, row in rows.items():
         if name != "ours":
             assert 0 <= row["p_value"] <= 1 and row["test"]["test"] == "ttest" and row["test"]["n"] == 2
-    assert rows["first"]["speedup"]["mean"] > 0 and rows["mostpop"].get("speedup") is None
+    first = rows["first"]["speedup"]  # a speedup, or a timing the bench guard found disturbed: no figure
+    assert first["mean"] > 0 if "status" not in first else first["mean"] is None and first["disturbed_because"]
+    assert rows["mostpop"].get("speedup") is None
     # The per-seed means behind a row are the seed stages' own evaluations.
     seed_means = [json.loads(p.read_text())[0]["means"]["ndcg@10"]
                   for p in sorted((root / "study" / "seeds").glob("seed-*/ours-*/rows.json"))]
