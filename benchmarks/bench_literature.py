@@ -81,7 +81,7 @@ def stage_train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     epoch = _epoch(list(model.parameters()),
-                   lambda x, y: next_item_loss(model, model.encode(x), y, config, generator),
+                   lambda x, y, start: next_item_loss(model, model.encode(x, start=start), y, config, generator),
                    inputs, targets, config.batch_size, args.train_steps, args.seed, config.lr,
                    config.weight_decay)
     model.eval()

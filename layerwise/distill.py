@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layerwise.data.batching import length_batches, trim_left, window_lengths
 from layerwise.hidden import capture_layer_inputs
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.train import _validate, cloze_mask, training_windows
@@ -163,14 +164,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> dict:
     student.train()
-    order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
-    for start in range(0, len(order), config.batch_size):
-        idx = order[start:start + config.batch_size]
+    for idx in length_batches(window_lengths(inputs), config.batch_size, generator):
         x, y = inputs[idx], targets[idx]
         if not student.causal:
             x, y = cloze_mask(x, student.mask_index, 0.2, generator)
-        loss = _batch_loss(student, teacher, x, y, config)
+        start, x, y = trim_left(x, y)
+        loss = _batch_loss(student, teacher, x, y, config, start)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -179,11 +179,11 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
     return {"loss": total / max(batches, 1)}
 
 
-def _batch_loss(student, teacher, x, y, config) -> torch.Tensor:
+def _batch_loss(student, teacher, x, y, config, start: int = 0) -> torch.Tensor:
     where = y != 0
     with torch.no_grad():
-        t_states, _ = capture_layer_inputs(teacher, x)
-    s_states, _ = capture_layer_inputs(student, x)
+        t_states, _ = capture_layer_inputs(teacher, x, start)
+    s_states, _ = capture_layer_inputs(student, x, start)
     t_hidden, s_hidden = t_states["final"], s_states["final"]
     with torch.no_grad():
         t_logits = teacher.head(t_hidden[where])
@@ -247,12 +247,13 @@ def _merge_lora(student: SequentialRecommender) -> None:
 # --- public wrappers for training loops outside `heal` (orchestration.distributed.train_loops runs them
 # under DeepSpeed on Ray Train); they add no behaviour of their own.
 def heal_loss(student: SequentialRecommender, teacher: SequentialRecommender, x: torch.Tensor,
-              y: torch.Tensor, config: HealConfig) -> torch.Tensor:
+              y: torch.Tensor, config: HealConfig, start: int = 0) -> torch.Tensor:
     """One batch's healing loss: KD + cross-entropy + hidden-state MSE, weighted as in `config`.
 
-    x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target.
+    x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target; start: the
+    full-window index of x's first column when leading padding was cut (layerwise.data.batching.trim_left).
     """
-    return _batch_loss(student, teacher, x, y, config)
+    return _batch_loss(student, teacher, x, y, config, start)
 
 
 def trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:

@@ -5,7 +5,8 @@ Smallest run (tiny synthetic data, tiny model, CPU, a few seconds):
 
 Every transition of every user's training history is used: long histories are cut into windows of
 `max_len` rather than truncated to the last `max_len` items (on ml-100k that would throw away about half
-of the training signal). Decoder families learn to predict the next item at every position; encoder
+of the training signal). Each epoch batches windows of similar length and cuts their shared left padding
+(layerwise.data.batching). Decoder families learn to predict the next item at every position; encoder
 families learn cloze prediction (BERT4Rec): random positions and always the last one are masked.
 """
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layerwise.data.batching import length_batches, trim_left, window_lengths
 from layerwise.evaluate import evaluate
 from layerwise.models.recommender import SequentialRecommender
 
@@ -141,14 +143,13 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
 
 def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
     model.train()
-    order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
-    for start in range(0, len(order), config.batch_size):
-        idx = order[start:start + config.batch_size]
+    for idx in length_batches(window_lengths(inputs), config.batch_size, generator):
         x, y = inputs[idx], targets[idx]
         if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
-        hidden = model.encode(x)
+        start, x, y = trim_left(x, y)
+        hidden = model.encode(x, start=start)
         loss = next_item_loss(model, hidden, y, config, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
