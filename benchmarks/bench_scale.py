@@ -71,35 +71,32 @@ def stage_prepare(args) -> dict:
 
 def _epoch(params, loss_fn, inputs, targets, batch_size: int, max_steps: int | None, seed: int,
            lr: float, weight_decay: float) -> dict:
-    """One pass (or max_steps batches) with AdamW and clipping 1.0, batched and trimmed as the library's
-    loops do (layerwise.data.batching: windows of similar length together, shared left padding cut).
+    """One shuffled pass (or max_steps batches) with AdamW and clipping 1.0, as the library's loops do (the
+    library's batch losses run each batch in length groups with their padding cut).
 
-    loss_fn: (x (B, T'), y (B, T'), start) -> scalar loss; `start` is x's first column in the full window.
+    loss_fn: (x (B, T), y (B, T)) -> scalar loss.
     """
     import torch
 
-    from layerwise.data.batching import length_batches, trim_left, window_lengths
-
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    batches = length_batches(window_lengths(inputs), batch_size, torch.Generator().manual_seed(seed))
-    steps = len(batches) if max_steps is None else min(max_steps, len(batches))
-    started, total, done, cells = time.perf_counter(), 0.0, 0, 0
-    for idx in batches[:steps]:
-        start, x, y = trim_left(inputs[idx], targets[idx])
-        loss = loss_fn(x, y, start)
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    steps = len(range(0, len(order), batch_size)) if max_steps is None else max_steps
+    started, total, done = time.perf_counter(), 0.0, 0
+    for start in range(0, len(order), batch_size)[:steps]:
+        idx = order[start:start + batch_size]
+        loss = loss_fn(inputs[idx], targets[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        total, done, cells = total + loss.item(), done + 1, cells + x.numel()
+        total, done = total + loss.item(), done + 1
         if done % 100 == 0:
             print(f"  step {done}/{steps}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
-    real = int(sum(int((inputs[idx] != 0).sum()) for idx in batches[:steps]))
-    return {"epoch_s": round(seconds, 2), "steps": done, "steps_per_epoch": len(batches),
+    full = len(range(0, len(order), batch_size))
+    return {"epoch_s": round(seconds, 2), "steps": done, "steps_per_epoch": full,
             "s_per_step": round(seconds / max(done, 1), 4), "mean_loss": round(total / max(done, 1), 4),
-            "full_epoch_s_estimate": round(seconds / max(done, 1) * len(batches), 1),
-            "real_cell_fraction": round(real / max(cells, 1), 3)}
+            "full_epoch_s_estimate": round(seconds / max(done, 1) * full, 1)}
 
 
 def stage_train(args) -> dict:
@@ -107,7 +104,7 @@ def stage_train(args) -> dict:
 
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import TrainConfig, next_item_loss, training_windows
+    from layerwise.train import TrainConfig, batch_loss, training_windows
 
     t0 = time.perf_counter()
     data = _load(args)
@@ -119,7 +116,7 @@ def stage_train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     epoch = _epoch(list(model.parameters()),
-                   lambda x, y, start: next_item_loss(model, model.encode(x, start=start), y, config, generator),
+                   lambda x, y: batch_loss(model, x, y, config, generator),
                    inputs, targets, args.train_batch, args.train_steps, args.seed, config.lr,
                    config.weight_decay)
     save_recommender(model.eval(), args.workdir / "teacher", {"kind": "teacher", "dataset": data.name,
@@ -184,7 +181,7 @@ def stage_heal(args) -> dict:
     t2 = time.perf_counter()
     student.train()
     epoch = _epoch(trainable_parameters(student, config),
-                   lambda x, y, start: heal_loss(student, teacher, x, y, config, start),
+                   lambda x, y: heal_loss(student, teacher, x, y, config),
                    inputs, targets, args.train_batch, args.heal_steps, args.seed, config.lr, 0.0)
     return {"kept": keep, "windows_s": round(t1 - t0, 2), "prefit_s": round(t2 - t1, 2),
             "prefit_steps": config.prefit_steps, **epoch}

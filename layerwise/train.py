@@ -5,9 +5,10 @@ Smallest run (tiny synthetic data, tiny model, CPU, a few seconds):
 
 Every transition of every user's training history is used: long histories are cut into windows of
 `max_len` rather than truncated to the last `max_len` items (on ml-100k that would throw away about half
-of the training signal). Each epoch batches windows of similar length and cuts their shared left padding
-(layerwise.data.batching). Decoder families learn to predict the next item at every position; encoder
-families learn cloze prediction (BERT4Rec): random positions and always the last one are masked.
+of the training signal). Each batch runs as groups of similar length with their shared left padding cut
+(layerwise.data.batching), which leaves its loss unchanged. Decoder families learn to predict the next
+item at every position; encoder families learn cloze prediction (BERT4Rec): random positions and always
+the last one are masked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from layerwise.data.batching import length_batches, trim_left, window_lengths
+from layerwise.data.batching import mean_over_groups, split_by_length
 from layerwise.evaluate import evaluate
 from layerwise.models.recommender import SequentialRecommender
 
@@ -141,16 +142,25 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     return result
 
 
+def batch_loss(model: SequentialRecommender, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+               generator: torch.Generator) -> torch.Tensor:
+    """The mean next-item loss over a batch's targets, computed over groups of similar length with their
+    shared padding cut (layerwise.data.batching): the loss of the whole padded batch, with less work on
+    padding. x, y: (B, T) model inputs (cloze-masked for encoders) and targets, 0 = none."""
+    return mean_over_groups(split_by_length(x, y), lambda start, gx, gy: next_item_loss(
+        model, model.encode(gx, start=start), gy, config, generator))
+
+
 def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
     model.train()
+    order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
-    for idx in length_batches(window_lengths(inputs), config.batch_size, generator):
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
         x, y = inputs[idx], targets[idx]
         if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
-        start, x, y = trim_left(x, y)
-        hidden = model.encode(x, start=start)
-        loss = next_item_loss(model, hidden, y, config, generator)
+        loss = batch_loss(model, x, y, config, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

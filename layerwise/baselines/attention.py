@@ -24,7 +24,7 @@ import torch
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
 from layerwise.baselines.students import every_nth, student_config
 from layerwise.compact import build_compact
-from layerwise.data.batching import length_batches, trim_left, window_lengths
+from layerwise.data.batching import trim_left
 from layerwise.distill import HealConfig, HealResult, heal, heal_loss
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.train import cloze_mask
@@ -81,16 +81,19 @@ def _epoch(student, teacher, windows, optimizer, params, config, weight, generat
     """One pass over the training windows; returns the mean total loss and mean attention KL."""
     student.train()
     (inputs, targets), keep = windows, list(student.kept)
+    order = torch.randperm(len(inputs), generator=generator)
     totals = {"loss": 0.0, "attention_kl": 0.0}
     batches = 0
     with recorded_attention(teacher, keep) as t_maps, recorded_attention(student, range(len(keep))) as s_maps:
-        for idx in length_batches(window_lengths(inputs), config.batch_size, generator):  # as `heal` batches
-            x, y = inputs[idx], targets[idx]
+        for start in range(0, len(order), config.batch_size):
+            x, y = inputs[order[start:start + config.batch_size]], targets[order[start:start + config.batch_size]]
             if not student.causal:
                 x, y = cloze_mask(x, student.mask_index, 0.2, generator)
-            start, x, y = trim_left(x, y)
-            loss = heal_loss(student, teacher, x, y, config, start)  # fills both maps (teacher's without grad)
-            kl = sum(attention_kl(s_maps[j], t_maps[t], x != 0) for j, t in enumerate(keep)) / len(keep)
+            # One group: the hooks keep only the latest call's maps, so the KL needs the whole batch in one
+            # call. Only the padding shared by all its rows is cut (exact, but less than groups would cut).
+            group = trim_left(x, y)
+            loss = heal_loss(student, teacher, x, y, config, groups=[group])
+            kl = sum(attention_kl(s_maps[j], t_maps[t], group[1] != 0) for j, t in enumerate(keep)) / len(keep)
             loss = loss + weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

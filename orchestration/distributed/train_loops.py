@@ -3,10 +3,9 @@ DeepSpeed rank each. `teacher_loop` trains a teacher, `heal_loop` heals a compac
 teacher; both share the epoch loop (`_fit`), in which rank 0 evaluates, decides early stopping and reports
 each improvement with a checkpoint (a `save_recommender` directory).
 
-Every rank draws the same epoch of length-sorted global batches (`layerwise.data.batching.length_batches` with
-the global batch size) and takes every world_size-th window of each; its loss is weighted by its share of
-the global batch's targets, so step i takes the gradient of a step of single-process
-`layerwise.train.train_recommender` over the same windows (without dropout the two agree to float rounding).
+Each rank takes every world_size-th window of a permutation shared by all ranks (new each epoch); its loss
+is weighted by its share of the global batch's targets, so step i takes the gradient of step i of
+single-process `layerwise.train.train_recommender` (without dropout the two agree to float rounding).
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from layerwise.data.batching import length_batches, trim_left, window_lengths
 from layerwise.compact import build_compact, save_compact
 from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges, trainable_parameters
 from layerwise.evaluate import evaluate
 from layerwise.models import SequentialRecommender
 from layerwise.models.checkpoint import load_recommender, save_recommender
-from layerwise.train import TrainConfig, cloze_mask, next_item_loss, training_windows
+from layerwise.train import TrainConfig, batch_loss, cloze_mask, training_windows
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 
@@ -44,8 +42,8 @@ class _Objective(nn.Module):
         self.model = model
         self.loss_fn = loss_fn  # a plain callable; a frozen teacher inside it stays out of the engine
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.loss_fn(self.model, x, y, start)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, x, y)
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,8 @@ def teacher_loop(config: dict) -> dict:
     model = build_model(spec, data.n_items)
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + 1)  # negatives differ per rank
 
-    def loss_fn(module, x, y, start):
-        return next_item_loss(module, module.encode(x, start=start), y, train, generator)
+    def loss_fn(module, x, y):
+        return batch_loss(module, x, y, train, generator)  # by length groups, padding cut; the same loss
 
     loop = _Loop(train.epochs, config["ds"]["batch_size"], train.eval_every,
                  train.patience, train.max_minutes, train.seed, train.mask_prob, spec.max_len)
@@ -98,8 +96,8 @@ def heal_loop(config: dict) -> dict:
     teacher.to("cuda" if config["ds"]["device"] == "cuda" else "cpu")  # where the engine puts the student
     params = trainable_parameters(student, heal)
 
-    def loss_fn(module, x, y, start):
-        return heal_loss(module, teacher, x, y, heal, start)
+    def loss_fn(module, x, y):
+        return heal_loss(module, teacher, x, y, heal)
 
     loop = _Loop(heal.epochs, config["ds"]["batch_size"], heal.eval_every,
                  heal.patience, heal.max_minutes, heal.seed, 0.2, heal.max_len)
@@ -152,25 +150,23 @@ class _Worker:
         self.loop, self.manifest, self.save = loop, manifest, save
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.inputs, self.targets = training_windows(data, loop.max_len, model.causal)
-        self.lengths = window_lengths(self.inputs)
         self.order_rng = torch.Generator().manual_seed(loop.seed)  # the same permutation on every rank
         self.mask_rng = torch.Generator().manual_seed(loop.seed * 1000 + self.rank)
         self.best, self.stale, self.history = -1.0, 0, []
         self.started = time.monotonic()
 
     def train_epoch(self) -> float:
-        """One pass over this rank's share of each global batch; the mean loss of all ranks."""
+        """One pass over this rank's share of a fresh global permutation; the mean loss of all ranks."""
         self.engine.train()
-        batches = length_batches(self.lengths, self.loop.batch_size * self.world, self.order_rng,
-                                 min_windows=self.world)  # every rank has a share of every batch
+        order = torch.randperm(len(self.inputs), generator=self.order_rng)
+        order = torch.cat([order, order[: (-len(order)) % self.world]])  # equal shares: equal step counts
+        mine, size = order[self.rank::self.world], self.loop.batch_size
         total, steps = 0.0, 0
-        for batch in batches:
-            mine = batch[self.rank::self.world]
-            x, y = self.inputs[mine], self.targets[mine]
+        for start in range(0, len(mine), size):
+            x, y = self.inputs[mine[start:start + size]], self.targets[mine[start:start + size]]
             if not self.model.causal:
                 x, y = cloze_mask(x, self.model.mask_index, self.loop.mask_prob, self.mask_rng)
-            start, x, y = trim_left(x, y)
-            loss = self.engine(x.to(self.engine.device), y.to(self.engine.device), start)
+            loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             share = self._share(y)
             self.engine.backward(loss * share)
             self.engine.step()

@@ -1,18 +1,25 @@
-"""Length-bucketed batches and padding trimming: every window once, and the same numbers as the full window
-for every family (scores, the training loss and its gradients, the evaluation's per-user results)."""
+"""Batches run in length groups with their padding cut: every row once, the cheapest groups, and the same
+numbers as the whole padded batch for every family (scores, the training and healing losses and their
+gradients, the evaluation's per-user results)."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from layerwise.data.batching import length_batches, trim_left, window_lengths
+from layerwise.compact import build_compact
+from layerwise.data.batching import mean_over_groups, split_by_length, trim_left, window_lengths
+from layerwise.distill import HealConfig, distillation_loss, heal_loss, teacher_targets
 from layerwise.evaluate import evaluate
+from layerwise.hidden import capture_layer_inputs
 from layerwise.models.families import FAMILIES
-from layerwise.train import TrainConfig, cloze_mask, next_item_loss
+from layerwise.train import TrainConfig, batch_loss, cloze_mask, next_item_loss
 from tests.helpers.fake_data import random_data
 from tests.helpers.tiny_models import tiny_model
 
@@ -20,13 +27,13 @@ T = 12
 N_ITEMS = 20
 
 
-def _histories(lengths, seed=0) -> torch.Tensor:
-    """(B, T) left-padded random items with the given real lengths."""
+def _histories(lengths, seed=0, width=T) -> torch.Tensor:
+    """(B, width) left-padded random items with the given real lengths."""
     generator = torch.Generator().manual_seed(seed)
-    out = torch.zeros(len(lengths), T, dtype=torch.long)
+    out = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, n in enumerate(lengths):
         if n:
-            out[row, T - n:] = torch.randint(1, N_ITEMS + 1, (n,), generator=generator)
+            out[row, width - n:] = torch.randint(1, N_ITEMS + 1, (n,), generator=generator)
     return out
 
 
@@ -45,38 +52,42 @@ def test_window_lengths_and_trim_left():
     assert start == T - 1 and tx.shape == (2, 1)  # all padding: one column stays
 
 
-def test_length_batches_cover_every_window_once_with_similar_lengths():
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 51, (1000,), generator=generator)
-    batches = length_batches(lengths, 32, generator)
-    flat = torch.cat(batches)
-    assert sorted(flat.tolist()) == list(range(1000))
-    # About as many steps as batches of 32 windows, each about 32 windows' worth of cells.
-    assert abs(len(batches) - 1000 / 32) <= 2
-    budget = 32 * float(lengths.float().mean())
-    cells = [float(lengths[b].sum()) for b in batches]
-    assert max(cells) <= budget + 50 + budget / 2 and sorted(cells)[1] >= budget - 50
-    # Similar lengths inside a batch: the spread within batches is a small part of the overall spread.
-    spread = np.mean([float(lengths[b].max() - lengths[b].min()) for b in batches])
-    assert spread < 5, spread
+def test_split_by_length_keeps_every_row_once_in_trimmed_groups_of_similar_length():
+    x = _histories([1, 9, 2, 10, 1, 3, 8, 2])
+    y = x * 3
+    groups = split_by_length(x, y, overhead=8)
+    rows = torch.cat([gx[:, -1] for _, gx, _ in groups])
+    assert sorted(rows.tolist()) == sorted(x[:, -1].tolist())  # each row once (last items are all real)
+    assert all(torch.equal(gy, gx * 3) for _, gx, gy in groups)  # targets cut with their inputs
+    lengths = [window_lengths(gx).tolist() for _, gx, _ in groups]
+    assert [max(g) for g in lengths] == sorted(max(g) for g in lengths)  # shortest first
+    assert all(start == T - gx.shape[1] and gx.shape[1] == max(window_lengths(gx)) for start, gx, _ in groups)
+    assert len(groups) > 1 and len(split_by_length(x, y, overhead=math.inf)) == 1
+    assert len(split_by_length(x, y, overhead=0)) == len(set(window_lengths(x).tolist()))
 
 
-def test_length_batches_are_seeded_and_differ_per_epoch():
-    lengths = torch.randint(1, 51, (500,), generator=torch.Generator().manual_seed(1))
-    first = length_batches(lengths, 16, torch.Generator().manual_seed(3))
-    again = length_batches(lengths, 16, torch.Generator().manual_seed(3))
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == len(again)
-    generator = torch.Generator().manual_seed(3)
-    epoch1, epoch2 = length_batches(lengths, 16, generator), length_batches(lengths, 16, generator)
-    assert [b.tolist() for b in epoch1] != [b.tolist() for b in epoch2]
+def test_the_groups_cost_the_fewest_cells():
+    """Against every split of the sorted rows into contiguous groups (2^(n-1) of them), by brute force."""
+    lengths = sorted(np.random.default_rng(0).integers(1, T + 1, 9).tolist())
+    overhead = 10.0
+
+    def cost(bounds):
+        return sum((b - a) * lengths[b - 1] + overhead for a, b in zip(bounds, bounds[1:]))
+
+    best = min(cost([0, *inner, 9]) for r in range(9) for inner in itertools.combinations(range(1, 9), r))
+    x = _histories(lengths)
+    groups = split_by_length(x, x, overhead=overhead)
+    assert sum(gx.numel() for _, gx, _ in groups) + overhead * len(groups) == best
 
 
-def test_length_batches_give_every_rank_a_window():
-    lengths = torch.tensor([50] * 3 + [1] * 5)
-    batches = length_batches(lengths, 1, torch.Generator().manual_seed(0), min_windows=3)
-    assert min(len(b) for b in batches) >= 3 and sorted(torch.cat(batches).tolist()) == list(range(8))
-    with pytest.raises(ValueError, match="cannot fill"):
-        length_batches(torch.tensor([1, 2]), 4, torch.Generator(), min_windows=3)
+def test_mean_over_groups_is_the_mean_over_the_batch_targets():
+    x = _histories([1, 9, 2, 10, 1, 3])
+    y = torch.roll(x, -1, dims=1) * (x != 0)
+    whole = y[y != 0].float().mean()
+    grouped = mean_over_groups(split_by_length(x, y), lambda start, gx, gy: gy[gy != 0].float().mean())
+    assert torch.allclose(whole, grouped)
+    with pytest.raises(ValueError, match="no targets"):
+        mean_over_groups(split_by_length(x, torch.zeros_like(y)), lambda *_: torch.tensor(0.0))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -100,24 +111,62 @@ def test_absolute_position_families_need_the_original_positions(family):
     assert (right[:, 1:] - shifted[:, 1:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_one_training_step_matches_the_full_window(family):
-    model = tiny_model(family, n_layers=2, n_items=N_ITEMS, max_len=T).train()  # no dropout in tiny models
-    twin = copy.deepcopy(model)
-    x = _histories([2, 5, 3, 1], seed=1)
+def _windows(model, seed=1):
+    """A batch of 6 windows of lengths 1 to 50 (two length groups), cloze-masked for encoders: (x, y) (6, 50)."""
+    x = _histories([2, 40, 3, 1, 50, 4], seed=seed, width=50)
     y = torch.roll(x, -1, dims=1) * (x != 0)
     if not model.causal:
         x, y = cloze_mask(x, model.mask_index, 0.5, torch.Generator().manual_seed(0))
-    config = TrainConfig()
-    full_loss = next_item_loss(model, model.encode(x), y, config, torch.Generator())
-    start, tx, ty = trim_left(x, y)
-    trim_loss = next_item_loss(twin, twin.encode(tx, start=start), ty, config, torch.Generator())
-    assert start == T - 5 and torch.allclose(full_loss, trim_loss, atol=1e-5), (full_loss, trim_loss)
-    full_loss.backward()
-    trim_loss.backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+    return x, y
+
+
+def _same_gradients(a, b) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_training_step_in_groups_matches_the_whole_padded_batch(family):
+    model = tiny_model(family, n_layers=2, n_items=N_ITEMS, max_len=50).train()  # no dropout in tiny models
+    twin = copy.deepcopy(model)
+    x, y = _windows(model)
+    config = TrainConfig()
+    full = next_item_loss(model, model.encode(x), y, config, torch.Generator())  # no cut, one call
+    grouped = batch_loss(twin, x, y, config, torch.Generator())
+    assert len(split_by_length(x, y)) > 1 and torch.allclose(full, grouped, atol=1e-5), (full, grouped)
+    full.backward()
+    grouped.backward()
+    _same_gradients(model, twin)
+
+
+def _whole_batch_heal_loss(student, teacher, x, y, config) -> torch.Tensor:
+    """The reference, written out: the healing loss of the padded batch in one call, each hidden MSE
+    divided by the teacher's variance over the batch's targets."""
+    where = y != 0
+    with torch.no_grad():
+        t_states, _ = capture_layer_inputs(teacher, x)
+    s_states, _ = capture_layer_inputs(student, x)
+    loss = distillation_loss(student.head(s_states["final"][where]), teacher.head(t_states["final"][where]),
+                             y[where], config.temperature, config.kd_weight, config.ce_weight)
+    pairs = list(enumerate(teacher_targets(teacher, student)))
+    mse = sum(F.mse_loss(s_states[j][where], t_states[t][where]) / t_states[t][where].var() for j, t in pairs)
+    return loss + config.hidden_weight * mse / len(pairs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_healing_step_in_groups_matches_the_whole_padded_batch(family):
+    teacher = tiny_model(family, n_layers=4, n_items=N_ITEMS, max_len=50).eval().requires_grad_(False)
+    student = build_compact(teacher, [0, 3], bridge_rank=4)
+    twin = copy.deepcopy(student)
+    x, y = _windows(teacher)
+    config = HealConfig(max_len=50, hidden_weight=1.0, kd_weight=1.0, ce_weight=1.0)
+    full = _whole_batch_heal_loss(student, teacher, x, y, config)  # no cut, one call
+    grouped = heal_loss(twin, teacher, x, y, config)
+    assert len(split_by_length(x, y)) > 1 and torch.allclose(full, grouped, atol=1e-5), (full, grouped)
+    full.backward()
+    grouped.backward()
+    _same_gradients(student, twin)
 
 
 def test_evaluation_in_length_order_returns_each_users_own_result():
