@@ -91,8 +91,13 @@ def cloze_mask(inputs: torch.Tensor, mask_index: int, prob: float,
 
 
 def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
-                   config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of the target items. hidden: (B, T, H), targets: (B, T) with 0 = no target."""
+                   config: TrainConfig, generator: torch.Generator,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the target items. hidden: (B, T, H), targets: (B, T) with 0 = no target.
+
+    negatives: (n_negatives,) item ids for the sampled loss, shared by every target; drawn from `generator`
+    when not given (a batch run in groups passes one draw to all of them, see `batch_loss`).
+    """
     where = targets != 0
     h, t = hidden[where], targets[where]
     if config.loss == "full":
@@ -100,7 +105,9 @@ def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: 
     if config.loss != "sampled":
         raise ValueError(f"unknown loss {config.loss!r}; choose 'full' or 'sampled'")
     # Shared uniform negatives: one (N, 1 + n_neg) logit matrix instead of (N, n_items).
-    negatives = torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator).to(h.device)
+    if negatives is None:
+        negatives = _draw_negatives(model, config, generator)
+    negatives = negatives.to(h.device)
     items = model.item_vectors()
     pos = (h * items[t]).sum(-1) + model.item_bias[t]
     neg = h @ items[negatives].T + model.item_bias[negatives]
@@ -147,8 +154,16 @@ def batch_loss(model: SequentialRecommender, x: torch.Tensor, y: torch.Tensor, c
     """The mean next-item loss over a batch's targets, computed over groups of similar length with their
     shared padding cut (layerwise.data.batching): the loss of the whole padded batch, with less work on
     padding. x, y: (B, T) model inputs (cloze-masked for encoders) and targets, 0 = none."""
+    # One draw of sampled negatives for the whole batch, as one padded call would make: every group's
+    # targets compete with the same candidates (and the generator advances as it did).
+    negatives = _draw_negatives(model, config, generator) if config.loss == "sampled" else None
     return mean_over_groups(split_by_length(x, y), lambda start, gx, gy: next_item_loss(
-        model, model.encode(gx, start=start), gy, config, generator))
+        model, model.encode(gx, start=start), gy, config, generator, negatives))
+
+
+def _draw_negatives(model: SequentialRecommender, config: TrainConfig,
+                    generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator)
 
 
 def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:

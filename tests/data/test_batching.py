@@ -140,6 +140,17 @@ def test_a_training_step_in_groups_matches_the_whole_padded_batch(family):
     _same_gradients(model, twin)
 
 
+def test_sampled_negatives_are_drawn_once_for_all_groups():
+    """The sampled loss's candidates are one draw for the whole batch, so the groups' loss is the padded
+    batch's with the same generator state (a draw per group would give another loss)."""
+    model = tiny_model("llama", n_layers=2, n_items=N_ITEMS, max_len=50).train()
+    x, y = _windows(model)
+    config = TrainConfig(loss="sampled", n_negatives=8)
+    full = next_item_loss(model, model.encode(x), y, config, torch.Generator().manual_seed(3))
+    grouped = batch_loss(model, x, y, config, torch.Generator().manual_seed(3))
+    assert len(split_by_length(x, y)) > 1 and torch.allclose(full, grouped, atol=1e-5), (full, grouped)
+
+
 def _whole_batch_heal_loss(student, teacher, x, y, config) -> torch.Tensor:
     """The reference, written out: the healing loss of the padded batch in one call, each hidden MSE
     divided by the teacher's variance over the batch's targets."""
