@@ -70,7 +70,7 @@ def stage_train(args) -> dict:
     import torch
 
     from layerwise.evaluate import evaluate
-    from layerwise.train import TrainConfig, next_item_loss, training_windows
+    from layerwise.train import TrainConfig, batch_loss, training_windows
 
     data = _load(args.train_dataset, args)
     config = TrainConfig(max_len=args.max_len, seed=args.seed)  # the default recipe: full softmax
@@ -81,7 +81,7 @@ def stage_train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     epoch = _epoch(list(model.parameters()),
-                   lambda x, y: next_item_loss(model, model.encode(x), y, config, generator),
+                   lambda x, y: batch_loss(model, x, y, config, generator),
                    inputs, targets, config.batch_size, args.train_steps, args.seed, config.lr,
                    config.weight_decay)
     model.eval()

@@ -71,7 +71,8 @@ def stage_prepare(args) -> dict:
 
 def _epoch(params, loss_fn, inputs, targets, batch_size: int, max_steps: int | None, seed: int,
            lr: float, weight_decay: float) -> dict:
-    """One shuffled pass (or max_steps batches) with AdamW and clipping 1.0, as the library's loops do.
+    """One shuffled pass (or max_steps batches) with AdamW and clipping 1.0, as the library's loops do (the
+    library's batch losses run each batch in length groups with their padding cut).
 
     loss_fn: (x (B, T), y (B, T)) -> scalar loss.
     """
@@ -103,7 +104,7 @@ def stage_train(args) -> dict:
 
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import TrainConfig, next_item_loss, training_windows
+    from layerwise.train import TrainConfig, batch_loss, training_windows
 
     t0 = time.perf_counter()
     data = _load(args)
@@ -115,7 +116,7 @@ def stage_train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     epoch = _epoch(list(model.parameters()),
-                   lambda x, y: next_item_loss(model, model.encode(x), y, config, generator),
+                   lambda x, y: batch_loss(model, x, y, config, generator),
                    inputs, targets, args.train_batch, args.train_steps, args.seed, config.lr,
                    config.weight_decay)
     save_recommender(model.eval(), args.workdir / "teacher", {"kind": "teacher", "dataset": data.name,

@@ -24,10 +24,11 @@ def main(argv=None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[0, 4, 16, 32])
     parser.add_argument("--heal-epochs", type=int, default=6)
     parser.add_argument("--cache-dir", default="runs/data_cache")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default $LAYERWISE_DATA_DIR)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     manifest = read_manifest(args.teacher)
-    data = load_dataset(manifest["dataset"], cache_dir=args.cache_dir)
+    data = load_dataset(manifest["dataset"], data_dir=args.data_dir, cache_dir=args.cache_dir)
     teacher = load_recommender(args.teacher).eval()
     max_len = manifest.get("max_len", 50)
     teacher_ndcg = evaluate(teacher.score, data, stage="test", max_len=max_len).means["ndcg@10"]

@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--cache-dir", default="runs/data_cache")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default $LAYERWISE_DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the curves here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    data = load_dataset(args.dataset, cache_dir=args.cache_dir, progress=False)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
     runs = []
     for lr in args.lr:
         runs.append(pilot(data, args.mode, lr, args.epochs, args.max_len, args.seed))

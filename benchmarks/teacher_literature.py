@@ -1,20 +1,24 @@
-"""Train the default small LLaMA teacher on one of the literature's data sets and report its test metrics
-beside MostPop's, both from the same evaluation code (full ranking, history excluded, HR and NDCG@5/10/20).
+"""Train a teacher on one of the literature's data sets and report its test metrics beside MostPop's, both
+from the same evaluation code (full ranking, history excluded, HR and NDCG@5/10/20).
 
     PYTHONPATH=. .venv/bin/python benchmarks/teacher_literature.py --dataset beauty \
-        --data-dir ../shared/data/amazon-yelp --max-minutes 50 --json runs/teacher_beauty.json
-    PYTHONPATH=. .venv/bin/python benchmarks/teacher_literature.py --dataset toys --epochs 2   # a smoke run
+        --data-dir ../shared/data/amazon-yelp --recipe studies/recipes/beauty.yaml \
+        --json benchmarks/results/teacher-beauty.json
+    PYTHONPATH=. .venv/bin/python benchmarks/teacher_literature.py --dataset toys teacher.train.epochs=2  # smoke
 
-The recipe is the pipeline's default teacher (`layerwise run`): the `small` LLaMA preset (8 layers, 64
-wide, dropout 0.1) and `TrainConfig`'s defaults (full softmax, AdamW lr 1e-3, weight decay 0.01, batch
-128, histories of 50, validation NDCG@10 every 2 epochs, patience 5 validations, the best validation
-epoch's weights kept). Only the wall-clock cap differs: --max-minutes (the pipeline's is 9).
+The recipe is a pipeline config's `teacher` section (`layerwise run` reads the same file): without
+--recipe, the pipeline's default small LLaMA (8 layers, 64 wide, dropout 0.1, full softmax, AdamW lr 1e-3,
+batch 128, histories of 50). key=value overrides change it (teacher.dropout=0.3, teacher.train.lr=3e-3).
+Training has an epoch budget (teacher.train.epochs) and early stopping on validation NDCG@10 (every
+eval_every epochs, patience validations); never a wall-clock cap, so a busy machine changes the time and
+not the model. Choose between recipes by `best_valid` only; the test metrics are reported, not tuned on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -27,7 +31,8 @@ from layerwise.data import LITERATURE_METRICS, dataset_stats, load_dataset
 from layerwise.evaluate import evaluate
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.train import train_recommender
+from orchestration.pipeline.config import load_config
 
 REPORTED = (*LITERATURE_METRICS, "mrr")
 
@@ -39,45 +44,40 @@ def test_metrics(scorer, data, max_len: int) -> dict[str, float]:
 
 
 def run(args) -> dict:
-    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    config = replace(TrainConfig(), seed=args.seed, max_minutes=args.max_minutes,
-                     **({"epochs": args.epochs} if args.epochs else {}))
-    model = build_recommender(data, "llama", "small", max_len=config.max_len, dropout=0.1, seed=args.seed)
-    started = time.perf_counter()
+    data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
+    teacher = load_config(args.recipe, args.overrides).teacher
+    max_len = 50
+    config = replace(teacher.train, seed=args.seed, max_len=max_len, max_minutes=None)
+    model = build_recommender(data, teacher.family, teacher.preset, max_len=max_len, dropout=teacher.dropout,
+                              seed=args.seed)
+    load_before, started = os.getloadavg()[0], time.perf_counter()
     result = train_recommender(model, data, config, progress=not args.quiet)
     train_s = time.perf_counter() - started
     epochs = len(result.history)
     model.eval()
     report = {
         "dataset": args.dataset, "data": {k: v for k, v in dataset_stats(data).items() if k != "protocol"},
-        "recipe": {"family": "llama", "preset": "small", "dropout": 0.1, "train": asdict(config)},
-        "threads": torch.get_num_threads(),
+        "recipe": {"file": args.recipe, "overrides": args.overrides, "family": teacher.family,
+                   "preset": teacher.preset, "dropout": teacher.dropout, "train": asdict(config)},
+        "threads": torch.get_num_threads(), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "train_s": round(train_s, 1), "epochs": epochs, "s_per_epoch": round(train_s / max(epochs, 1), 1),
         "best_epoch": result.best_epoch, "best_valid": result.best_valid,
-        "stopped_by": _stop_reason(result, config, epochs),
-        "teacher_test": test_metrics(model.score, data, config.max_len),
-        "mostpop_test": test_metrics(mostpop_scorer(data), data, config.max_len),
+        "stopped_by": "epoch budget" if epochs >= config.epochs else "early stopping (patience)",
+        "teacher_test": test_metrics(model.score, data, max_len),
+        "mostpop_test": test_metrics(mostpop_scorer(data), data, max_len),
         "history": result.history,
     }
     if args.out:
-        save_recommender(model, args.out, {"kind": "teacher", "preset": "small", "dataset": args.dataset,
-                                           "data_fingerprint": data.fingerprint, "max_len": config.max_len,
+        save_recommender(model, args.out, {"kind": "teacher", "preset": teacher.preset, "dataset": args.dataset,
+                                           "data_fingerprint": data.fingerprint, "max_len": max_len,
                                            "train": result.config, "best_epoch": result.best_epoch})
     return report
 
 
-def _stop_reason(result, config: TrainConfig, epochs: int) -> str:
-    if epochs >= config.epochs:
-        return "epoch budget"
-    validations = [r for r in result.history if "valid_ndcg@10" in r]
-    since_best = sum(1 for r in validations if r["epoch"] > result.best_epoch)
-    return "early stopping (patience)" if since_best >= config.patience else "wall-clock cap"
-
-
 def print_report(report: dict) -> None:
     print(f"{report['dataset']}: {report['epochs']} epochs in {report['train_s'] / 60:.1f} min "
-          f"({report['s_per_epoch']} s/epoch incl. validation), best validation epoch {report['best_epoch']}, "
-          f"stopped by {report['stopped_by']}")
+          f"({report['s_per_epoch']} s/epoch incl. validation), best validation epoch {report['best_epoch']} "
+          f"(NDCG@10 {report['best_valid']['ndcg@10']:.4f}), stopped by {report['stopped_by']}")
     print(f"{'':<10}" + "".join(f"{k:>10}" for k in REPORTED))
     for row in ("teacher_test", "mostpop_test"):
         print(f"{row.split('_')[0]:<10}" + "".join(f"{report[row][k]:>10.4f}" for k in REPORTED))
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="beauty", help="beauty, sports, toys, yelp, or seqfile:PATH")
     p.add_argument("--data-dir", default=None, help="folder of the files (default $LAYERWISE_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="split cache (default $LAYERWISE_CACHE_DIR; none if unset)")
-    p.add_argument("--max-minutes", type=float, default=50.0, help="wall-clock cap on training")
-    p.add_argument("--epochs", type=int, default=None, help="epoch budget (default: TrainConfig's)")
+    p.add_argument("--recipe", default=None, help="a pipeline YAML whose `teacher` section is the recipe")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the recipe, e.g. teacher.dropout=0.3")
     p.add_argument("--seed", type=int, default=0)
     # One thread: on 2 cores shared with other work, two threads wait on each other (bench_scale.py).
     p.add_argument("--threads", type=int, default=1)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layerwise.data.batching import split_by_length
 from layerwise.hidden import capture_layer_inputs
 from layerwise.models.lora import add_lora, merge_lora
 from layerwise.models.recommender import SequentialRecommender
@@ -180,27 +181,40 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
     return {"loss": total / max(batches, 1)}
 
 
-def _batch_loss(student, teacher, x, y, config) -> torch.Tensor:
-    where = y != 0
-    with torch.no_grad():
-        t_states, _ = capture_layer_inputs(teacher, x)
-    s_states, _ = capture_layer_inputs(student, x)
-    t_hidden, s_hidden = t_states["final"], s_states["final"]
-    with torch.no_grad():
-        t_logits = teacher.head(t_hidden[where])
-    s_logits = student.head(s_hidden[where])
-    loss = distillation_loss(s_logits, t_logits, y[where], config.temperature,
-                             config.kd_weight, config.ce_weight)
+def _batch_loss(student, teacher, x, y, config, groups=None) -> torch.Tensor:
+    """KD + CE + hidden-state MSE of a batch, run group by group (`split_by_length`, or `groups`) and
+    weighted by each group's share of the targets: the loss of the whole padded batch, to float rounding.
+    The hidden term divides each layer pair's MSE by the teacher's variance over the whole batch's targets
+    (scale-free: hidden norms differ by orders of magnitude across layers and families)."""
+    groups = split_by_length(x, y) if groups is None else groups
+    pairs = list(enumerate(teacher_targets(teacher, student)))
+    total = sum(int((gy != 0).sum()) for _, _, gy in groups)
+    if total == 0:
+        raise ValueError("the batch has no targets")
+    loss, mse, moments = 0.0, [0.0] * len(pairs), torch.zeros(len(pairs), 3, dtype=torch.float64)
+    for start, gx, gy in groups:
+        where = gy != 0
+        if not where.any():  # nothing to predict (rows of padding only); its empty means would be NaN
+            continue
+        share = int(where.sum()) / total
+        with torch.no_grad():
+            t_states, _ = capture_layer_inputs(teacher, gx, start)
+            t_logits = teacher.head(t_states["final"][where])
+        s_states, _ = capture_layer_inputs(student, gx, start)
+        s_logits = student.head(s_states["final"][where])
+        loss = loss + share * distillation_loss(s_logits, t_logits, gy[where], config.temperature,
+                                                config.kd_weight, config.ce_weight)
+        for p, (j, t) in enumerate(pairs if config.hidden_weight else []):
+            target = t_states[t][where]
+            mse[p] = mse[p] + share * F.mse_loss(s_states[j][where], target)
+            moments[p] += torch.stack([target.double().sum(), target.double().square().sum(),
+                                       torch.tensor(target.numel(), dtype=torch.float64)])
     if config.hidden_weight:
-        pairs = list(enumerate(teacher_targets(teacher, student)))
-        mse = sum(_relative_mse(s_states[j][where], t_states[t][where]) for j, t in pairs)
-        loss = loss + config.hidden_weight * mse / len(pairs)
+        count = moments[:, 2]
+        variance = (moments[:, 1] - moments[:, 0] ** 2 / count) / (count - 1)  # as Tensor.var() over all
+        loss = loss + config.hidden_weight * sum(m / float(v.clamp(min=1e-6)) for m, v in zip(mse, variance)) \
+            / len(pairs)
     return loss
-
-
-def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    # Scale-free: hidden norms differ by orders of magnitude across layers and families.
-    return F.mse_loss(student, teacher) / teacher.var().clamp(min=1e-6)
 
 
 def _trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:
@@ -218,12 +232,13 @@ def _trainable_parameters(student: SequentialRecommender, config: HealConfig) ->
 # --- public wrappers for training loops outside `heal` (orchestration.distributed.train_loops runs them
 # under DeepSpeed on Ray Train); they add no behaviour of their own.
 def heal_loss(student: SequentialRecommender, teacher: SequentialRecommender, x: torch.Tensor,
-              y: torch.Tensor, config: HealConfig) -> torch.Tensor:
+              y: torch.Tensor, config: HealConfig, groups: list | None = None) -> torch.Tensor:
     """One batch's healing loss: KD + cross-entropy + hidden-state MSE, weighted as in `config`.
 
-    x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target.
+    x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target. groups:
+    how to run it (`layerwise.data.batching.split_by_length`'s form; default: split by length).
     """
-    return _batch_loss(student, teacher, x, y, config)
+    return _batch_loss(student, teacher, x, y, config, groups)
 
 
 def trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:

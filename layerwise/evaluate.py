@@ -109,8 +109,11 @@ def evaluate(
     """Rank every user's held-out item and return per-user metrics.
 
     Works in batches of `batch_size` users, so only a (batch_size, n_items + 1) score matrix exists at a
-    time. Ties count against the target. Full ranking ranks the target against every item (minus the
-    user's history when `exclude_seen`); sampled ranking against `sampled.n_negatives` drawn items.
+    time. Users go through in order of history length, so that a batch holds histories of similar length
+    and a scorer that cuts shared padding (`SequentialRecommender.score`) does little padded work; the
+    per-user results come back in the order of `users`. Ties count against the target. Full ranking
+    ranks the target against every item (minus the user's history when `exclude_seen`); sampled ranking
+    against `sampled.n_negatives` drawn items.
 
     Args:
         scorer: histories (B, max_len) long, left-padded -> scores (B, n_items + 1) float.
@@ -130,22 +133,25 @@ def evaluate(
     targets = np.asarray(data.targets(stage), dtype=np.int64)[users]
     _check_targets(targets, users, data.n_items)
     sampler = _sampler(data, sampled)
-    ranks = []
+    seen = [np.asarray(data.history(int(u), stage), dtype=np.int64) for u in users]
+    # Stable: users of equal length keep their given order. Negatives depend on the user alone, not the order.
+    order = np.argsort(np.minimum([len(s) for s in seen], max_len), kind="stable")
+    ranks = torch.empty(len(users), dtype=torch.long)
     with torch.inference_mode():
         for start in range(0, len(users), batch_size):
-            batch = users[start : start + batch_size]
+            rows = order[start : start + batch_size]
+            batch = users[rows]
             scores = _score_batch(scorer, data.padded_histories(batch, stage, max_len), data.n_items, batch)
-            seen = [np.asarray(data.history(int(u), stage), dtype=np.int64) for u in batch]
-            tgt = targets[start : start + batch_size]
+            batch_seen, tgt = [seen[r] for r in rows], targets[rows]
             if sampled is None:
-                matrix, cols = _full_matrix(scores, seen, tgt, exclude_seen)
+                matrix, cols = _full_matrix(scores, batch_seen, tgt, exclude_seen)
             else:
-                matrix, cols = _sampled_matrix(scores, seen, tgt, batch, sampler)
+                matrix, cols = _sampled_matrix(scores, batch_seen, tgt, batch, sampler)
             # Scores and targets were checked above (NaN named by user), so skip the second pass.
-            ranks.append(target_ranks(matrix, cols, validate=False).cpu())
+            ranks[torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
             if progress:
                 print(f"evaluate[{stage}]: {start + len(batch)}/{len(users)} users", file=sys.stderr)
-    per_user = {k: v.numpy() for k, v in metrics_from_ranks(torch.cat(ranks), ks).items()}
+    per_user = {k: v.numpy() for k, v in metrics_from_ranks(ranks, ks).items()}
     means = {k: float(v.mean()) for k, v in per_user.items()}
     return EvalResult(means, per_user, users, _protocol(data, stage, exclude_seen, ks, max_len, sampled, users))
 

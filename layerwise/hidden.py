@@ -7,9 +7,12 @@ import torch
 from layerwise.models.recommender import SequentialRecommender
 
 
-def capture_layer_inputs(model: SequentialRecommender, inputs: torch.Tensor
+def capture_layer_inputs(model: SequentialRecommender, inputs: torch.Tensor, start: int = 0
                          ) -> tuple[dict, torch.Tensor]:
     """Run the model on `inputs` (B, T) and return its states at every layer boundary.
+
+    `start`: the full-window index of the first column when leading padding was cut (see
+    `SequentialRecommender.encode`).
 
     Returns (states, mask): states[l] (B, T, H) is the input of layer l for l < n_layers (after any
     bridge in that slot), states[n_layers] the output of the last layer (after a final bridge, before the
@@ -29,7 +32,7 @@ def capture_layer_inputs(model: SequentialRecommender, inputs: torch.Tensor
     # Registered last, so it sees the output after a slot-k bridge hook has transformed it.
     handles.append(layers[-1].register_forward_hook(post))
     try:
-        states["final"] = model.encode(inputs)
+        states["final"] = model.encode(inputs, start=start)
     finally:
         for handle in handles:
             handle.remove()

@@ -5,8 +5,10 @@ Smallest run (tiny synthetic data, tiny model, CPU, a few seconds):
 
 Every transition of every user's training history is used: long histories are cut into windows of
 `max_len` rather than truncated to the last `max_len` items (on ml-100k that would throw away about half
-of the training signal). Decoder families learn to predict the next item at every position; encoder
-families learn cloze prediction (BERT4Rec): random positions and always the last one are masked.
+of the training signal). Each batch runs as groups of similar length with their shared left padding cut
+(layerwise.data.batching), which leaves its loss unchanged. Decoder families learn to predict the next
+item at every position; encoder families learn cloze prediction (BERT4Rec): random positions and always
+the last one are masked.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layerwise.data.batching import mean_over_groups, split_by_length
 from layerwise.evaluate import evaluate
 from layerwise.models.recommender import SequentialRecommender
 
@@ -105,8 +108,13 @@ def cloze_mask(inputs: torch.Tensor, mask_index: int, prob: float,
 
 
 def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
-                   config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of the target items. hidden: (B, T, H), targets: (B, T) with 0 = no target."""
+                   config: TrainConfig, generator: torch.Generator,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the target items. hidden: (B, T, H), targets: (B, T) with 0 = no target.
+
+    negatives: (n_negatives,) item ids for the sampled loss, shared by every target; drawn from `generator`
+    when not given (a batch run in groups passes one draw to all of them, see `batch_loss`).
+    """
     where = targets != 0
     h, t = hidden[where], targets[where]
     if config.loss == "full":
@@ -114,7 +122,9 @@ def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: 
     if config.loss != "sampled":
         raise ValueError(f"unknown loss {config.loss!r}; choose 'full' or 'sampled'")
     # Shared uniform negatives: one (N, 1 + n_neg) logit matrix instead of (N, n_items).
-    negatives = torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator).to(h.device)
+    if negatives is None:
+        negatives = _draw_negatives(model, config, generator)
+    negatives = negatives.to(h.device)
     items = model.item_vectors()
     pos = (h * items[t]).sum(-1) + model.item_bias[t]
     neg = h @ items[negatives].T + model.item_bias[negatives]
@@ -159,6 +169,23 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     return result
 
 
+def batch_loss(model: SequentialRecommender, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+               generator: torch.Generator) -> torch.Tensor:
+    """The mean next-item loss over a batch's targets, computed over groups of similar length with their
+    shared padding cut (layerwise.data.batching): the loss of the whole padded batch, with less work on
+    padding. x, y: (B, T) model inputs (cloze-masked for encoders) and targets, 0 = none."""
+    # One draw of sampled negatives for the whole batch, as one padded call would make: every group's
+    # targets compete with the same candidates (and the generator advances as it did).
+    negatives = _draw_negatives(model, config, generator) if config.loss == "sampled" else None
+    return mean_over_groups(split_by_length(x, y), lambda start, gx, gy: next_item_loss(
+        model, model.encode(gx, start=start), gy, config, generator, negatives))
+
+
+def _draw_negatives(model: SequentialRecommender, config: TrainConfig,
+                    generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator)
+
+
 def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
     model.train()
     order = torch.randperm(len(inputs), generator=generator)
@@ -168,8 +195,7 @@ def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
         x, y = inputs[idx], targets[idx]
         if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
-        hidden = model.encode(x)
-        loss = next_item_loss(model, hidden, y, config, generator)
+        loss = batch_loss(model, x, y, config, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -10,6 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+# The columns of every metrics table: HR and NDCG at 5, 10 and 20, the figures the sequential-recommendation
+# literature reports (layerwise.data.LITERATURE_METRICS; S3Rec, ICLRec, DuoRec), then MRR.
+METRIC_COLUMNS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
+
 
 def print_metrics_table(rows: dict[str, dict[str, float]], columns, title: str | None = None) -> None:
     """rows: name -> metric -> value; prints one row per name with the given metric columns."""

@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="times a disturbed compact/teacher pair is loaded again, with twice the requests")
     p.add_argument("--dataset", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--data-dir", default=None,
+                   help="local folder of the data set's files (default $LAYERWISE_DATA_DIR)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ or runs:/ models")
     p.add_argument("--download-dir", default=None, help="where MLflow models are downloaded")
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = args.port or free_port()
     app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,
+                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                 "download_dir": args.download_dir, "max_batch_size": args.max_batch_size,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_replicas": args.replicas,
                 "num_cpus": args.num_cpus,

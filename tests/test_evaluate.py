@@ -212,9 +212,9 @@ def test_bad_scorer_output_and_arguments():
     with pytest.raises(ValueError, match=r"shape \(3, 6\)"):
         evaluate(lambda h: torch.zeros(h.shape[0], 5), HAND)
 
-    def nan_for_user_two(histories):
+    def nan_for_user_two(histories):  # user 2's test history [5, 1] is the only one ending in item 1
         scores = fixed_scorer(histories).clone()
-        scores[2, 3] = float("nan")
+        scores[histories[:, -1] == 1, 3] = float("nan")
         return scores
 
     with pytest.raises(ValueError, match="user 2"):

@@ -24,6 +24,7 @@ import torch
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
 from layerwise.baselines.students import every_nth, student_config
 from layerwise.compact import build_compact
+from layerwise.data.batching import trim_left
 from layerwise.distill import HealConfig, HealResult, heal, heal_loss
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.train import cloze_mask
@@ -88,8 +89,11 @@ def _epoch(student, teacher, windows, optimizer, params, config, weight, generat
             x, y = inputs[order[start:start + config.batch_size]], targets[order[start:start + config.batch_size]]
             if not student.causal:
                 x, y = cloze_mask(x, student.mask_index, 0.2, generator)
-            loss = heal_loss(student, teacher, x, y, config)  # fills both maps (teacher's without grad)
-            kl = sum(attention_kl(s_maps[j], t_maps[t], x != 0) for j, t in enumerate(keep)) / len(keep)
+            # One group: the hooks keep only the latest call's maps, so the KL needs the whole batch in one
+            # call. Only the padding shared by all its rows is cut (exact, but less than groups would cut).
+            group = trim_left(x, y)
+            loss = heal_loss(student, teacher, x, y, config, groups=[group])
+            kl = sum(attention_kl(s_maps[j], t_maps[t], group[1] != 0) for j, t in enumerate(keep)) / len(keep)
             loss = loss + weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,10 +12,13 @@ slot at the end and predicts there.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
+from layerwise.data.batching import trim_left
 from layerwise.models.families import Family, family_of
 
 
@@ -114,10 +117,20 @@ class SequentialRecommender(nn.Module):
         return scores
 
     # --- forward passes --------------------------------------------------------------------------
-    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs: (B, T) model input indices -> final hidden states (B, T, H)."""
+    def encode(self, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """inputs: (B, T) model input indices -> final hidden states (B, T, H).
+
+        `start`: the index of the first column in the full window when leading padding columns were cut
+        (layerwise.data.batching.trim_left). The kept columns get the position ids they had in the full window,
+        so the result equals the full window's at those columns (up to float rounding).
+        """
         embeds, attention_mask = self.embed(inputs)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        extra = {}
+        # A backbone without position ids (T5: relative buckets of distances, which cutting keeps) needs none.
+        if start and "position_ids" in inspect.signature(self.backbone.forward).parameters:
+            positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)
+            extra["position_ids"] = positions.unsqueeze(0).expand(inputs.shape[0], -1)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **extra)
         return out.last_hidden_state
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -125,6 +138,11 @@ class SequentialRecommender(nn.Module):
         return self.head(self.encode(inputs))
 
     def score(self, histories: torch.Tensor) -> torch.Tensor:
-        """Scores of every item as the next one. histories: (B, T) left-padded -> (B, n_items + 1)."""
-        hidden = self.encode(self.prepare(histories))
+        """Scores of every item as the next one. histories: (B, T) left-padded -> (B, n_items + 1).
+
+        Columns that are padding in every row are cut first (exact, see `encode`): a batch of short
+        histories costs what its longest history costs, not T.
+        """
+        start, inputs = trim_left(self.prepare(histories))
+        hidden = self.encode(inputs, start=start)
         return self.head(hidden[:, -1])

@@ -22,7 +22,8 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                      "test": stats.TestResult.to_dict(),  # compact vs teacher, per user
                      "seeds": {"n": int, "retention": Estimate, "test": TestResult dict},
                      "targets": {"retention": [low, high], "speedup": [low, high]}},   # the user's hopes
-        "baselines": {"metric": str, "reference": str, "rows": [Row, ...]},
+        "baselines": {"metric": str, "reference": str, "rows": [Row, ...],
+                      "metrics": {"columns": [str], "rows": [{"name": str, "values": {column: Estimate}}]}},
         "ablation":  {"metric": str, "reference": str, "test": str, "seeds": [int], "rows": [Row, ...]},
         "k_sweep": {"metric": str, "n_layers": int, "heal_epochs": int, "seeds": [int],
                     "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}}},
@@ -185,7 +186,17 @@ def _comparison(table, figures, figure: str | None = None) -> list:
     blocks.append(("table", [c[1] for c in used], [[c[2](r) for c in used] for r in rows]))
     if figure and figure in figures:
         blocks.append(("img", figure, f"{metric} retention against speedup for every method"))
-    return blocks
+    return blocks + _metric_columns(table.get("metrics"))
+
+
+def _metric_columns(metrics) -> list:
+    """Every metric of every method (mean over seeds [95% CI]), as papers report them."""
+    if not metrics or not metrics.get("rows"):
+        return []
+    columns = list(metrics["columns"])
+    rows = [[str(r["name"]), *(fmt_estimate(r["values"].get(c)) for c in columns)] for r in metrics["rows"]]
+    return [("p", "Every metric, the mean over seeds [95% CI] (test split, full ranking, seen items excluded):"),
+            ("table", ["method", *(c.upper() for c in columns)], rows)]
 
 
 def _with_holm(rows: Sequence[Mapping]) -> list[dict]:

@@ -34,27 +34,26 @@ from layerwise.evaluate import evaluate
 from layerwise.memory import peak_memory
 from layerwise.models.checkpoint import read_manifest, save_recommender
 from orchestration.baselines.method import methods, run_method, teacher_train_config
-from orchestration.outputs import write_json
+from orchestration.outputs import METRIC_COLUMNS, write_json
 
-METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
 _MB = 2**20
 
 
 def _test_metrics(variant: Variant, data, max_len: int) -> dict[str, float]:
     scorer = variant.model if variant.info.get("scorer") else variant.model.score
     result = evaluate(scorer, data, stage="test", exclude_seen=True, ks=(5, 10, 20), max_len=max_len)
-    return {m: result.means[m] for m in METRICS}
+    return {m: result.means[m] for m in METRIC_COLUMNS}
 
 
 def _row(method: str, members: list[tuple[Variant, dict]], teacher_metrics: dict) -> dict:
     """One table row: mean (and sample std over draws) of each metric, retention, training, details."""
-    values = {m: np.array([metrics[m] for _, metrics in members]) for m in METRICS}
+    values = {m: np.array([metrics[m] for _, metrics in members]) for m in METRIC_COLUMNS}
     first = members[0][0]
     row = {"row": first.row, "method": method, "n": len(members), "timing": first.timing,
            "metrics": {m: float(v.mean()) for m, v in values.items()},
            "spread": {m: float(v.std(ddof=1)) for m, v in values.items()} if len(members) > 1 else None,
            "retention": {m: float(values[m].mean() / teacher_metrics[m]) if teacher_metrics[m] else None
-                         for m in METRICS},
+                         for m in METRIC_COLUMNS},
            "n_layers": None if first.info.get("scorer") else first.model.n_layers,
            "weight_bytes": None if first.info.get("scorer") else storage_bytes(first.model),
            "training": [v.training for v, _ in members],
@@ -135,7 +134,7 @@ def _collect(teacher, data, budget: Budget, names: list[str], progress: bool
     return variants, budget, seconds
 
 
-def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_config: HealConfig = HealConfig(),
+def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config: HealConfig = HealConfig(),
                   seeds: tuple[int, ...] = DRAWS, out_json: str | Path | None = None,
                   out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 0,
                   batch_sizes: tuple[int, ...] = (1, 64), runs: int = 30, memory: bool = True,
@@ -143,7 +142,7 @@ def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_con
     """Run the teacher, our method and the chosen baselines under one budget; returns the table as a dict.
 
     Args:
-        teacher_dir: saved teacher; dataset: a `load_dataset` spec or an already loaded data set.
+        teacher_dir: saved teacher; data: the loaded data set (`layerwise.data.load_dataset`).
         keep: layers kept by ours and the depth baselines (fraction or count); heal_config: our healing
             recipe (its max_len is set to the teacher's); seeds: random-layer draws (seeds[0] seeds the rest).
         which: baseline names (default: all); memory: measure peak memory at the largest batch size.
@@ -152,10 +151,8 @@ def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_con
         {"settings", "budget", "rows": [{"row", "method", "n", "metrics", "spread", "retention", "n_layers",
          "weight_bytes", "training", "speed", "memory", "members"}], "benchmark", "seconds"}.
     """
-    from layerwise.data import load_dataset
     from orchestration.loading import load_model_for
 
-    data = load_dataset(dataset) if isinstance(dataset, (str, Path)) else dataset
     teacher, manifest = load_model_for(str(teacher_dir), data).eval(), read_manifest(teacher_dir)
     max_len = manifest.get("max_len") or heal_config.max_len
     budget = Budget(k=n_kept(keep, teacher.n_layers), heal=replace(heal_config, max_len=max_len),
@@ -166,7 +163,7 @@ def run_baselines(teacher_dir: str | Path, dataset, keep: float = 0.25, heal_con
     timing = benchmark(timed, batch_sizes, runs=runs, max_len=max_len, reference="teacher")
     peaks = _memory(timed, str(teacher_dir), max(batch_sizes), max_len) if memory else {}
     _attach_speed(rows, timing, peaks)
-    result = {"settings": {"teacher": str(teacher_dir), "dataset": getattr(data, "name", str(dataset)),
+    result = {"settings": {"teacher": str(teacher_dir), "dataset": data.name,
                            "keep": keep, "k": budget.k, "teacher_layers": teacher.n_layers, "max_len": max_len,
                            "batch_sizes": list(batch_sizes), "memory_batch": max(batch_sizes) if memory else None,
                            "eval": "test split, full ranking, seen items excluded"},
@@ -210,7 +207,7 @@ def _epochs_cell(row: dict) -> str:
 def format_markdown(result: dict) -> str:
     """The table of `run_baselines` as Markdown, with the settings and what each number means."""
     settings, batches = result["settings"], [str(b) for b in result["settings"]["batch_sizes"]]
-    header = ["method", "layers", "epochs run/best", *(m.upper().replace("PRECISION", "P") for m in METRICS),
+    header = ["method", "layers", "epochs run/best", *(m.upper() for m in METRIC_COLUMNS),
               "NDCG@10 retention", *(f"speedup b={b} [95% CI]" for b in batches), "weights MB",
               f"peak MB b={settings['memory_batch']}"]
     lines = [f"Teacher {settings['teacher']} ({settings['teacher_layers']} layers), data {settings['dataset']}, "
@@ -219,7 +216,7 @@ def format_markdown(result: dict) -> str:
     for row in result["rows"]:
         retention = row["retention"]["ndcg@10"]
         cells = [row["row"] + (f" (n={row['n']})" if row["n"] > 1 else ""), row["n_layers"] or "-",
-                 _epochs_cell(row), *(_cell(row, m) for m in METRICS),
+                 _epochs_cell(row), *(_cell(row, m) for m in METRIC_COLUMNS),
                  f"{retention:.3f}" if retention is not None else "-", *(_speed_cell(row, b) for b in batches),
                  f"{row['weight_bytes'] / _MB:.3f}" if row["weight_bytes"] else "-", _memory_cell(row)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -2,11 +2,13 @@
 
     layerwise data synth --users 300 --items 60 --interactions 6000 --out /tmp/synth
     layerwise data stats --dataset /tmp/synth
+    layerwise data stats --benchmarks --data-dir ../shared/data/amazon-yelp --json /tmp/benchmarks.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from orchestration.outputs import write_json
@@ -17,10 +19,15 @@ DEFAULT_DATASET = "ml-100k"
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """--dataset, --data-dir, --cache-dir and --min-core, read back by `load_data`."""
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help="ml-100k, a directory of RecBole atomic files, a .csv/.parquet file, or "
+                        help="ml-100k; beauty, sports, toys or yelp (the sequential benchmarks of S3Rec, "
+                             "ICLRec, DuoRec); seqfile:PATH (one line per user: user item item ...); a "
+                             "directory of RecBole atomic files; a .csv/.parquet file; or "
                              "synthetic:USERS:ITEMS:INTERACTIONS:SEED (default: %(default)s)")
     parser.add_argument("--data-dir", default=None,
-                        help="where to look for ml-100k before the RecBole wheel copy and the download")
+                        help="a local folder searched first for ml-100k and for beauty|sports|toys|yelp "
+                             "(their files, or an amazon-yelp/ subfolder), and for a relative seqfile:PATH "
+                             "(default: $LAYERWISE_DATA_DIR); then a cache or the RecBole wheel, then a "
+                             "download")
     parser.add_argument("--cache-dir", default="runs/data_cache",
                         help="Parquet cache of prepared splits (default: %(default)s)")
     parser.add_argument("--min-core", type=int, default=0, help="k-core filter; 0 disables it")
@@ -39,6 +46,9 @@ def add_parsers(sub) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     stats = data_sub.add_parser("stats", help="print users, items, interactions, history lengths")
     add_data_args(stats)
+    stats.add_argument("--benchmarks", action="store_true",
+                       help="instead of --dataset: the table of beauty, sports, toys and yelp (users, items, "
+                            "interactions as read, checked against the published figures)")
     stats.add_argument("--json", default=None, help="also write the stats to this JSON file")
     prepare = data_sub.add_parser("prepare", help="read, filter, split and cache a data set")
     add_data_args(prepare)
@@ -60,6 +70,8 @@ def data(args: argparse.Namespace) -> int:
         path = write_atomic(inter, args.out, args.name)
         print(f"wrote {len(inter.user):,} interactions to {path} in {time.perf_counter() - started:.1f}s")
         return 0
+    if getattr(args, "benchmarks", False):
+        return benchmark_stats(args)
     from layerwise.data import dataset_stats
 
     dataset = load_data(args)
@@ -69,6 +81,21 @@ def data(args: argparse.Namespace) -> int:
     if getattr(args, "json", None):
         write_json(args.json, stats)
     return 0
+
+
+def benchmark_stats(args: argparse.Namespace) -> int:
+    """`data stats --benchmarks`: the four files' table; exit status 1 if one differs from the papers."""
+    from layerwise.data import benchmark_stats as read_stats, format_stats_table
+
+    rows = read_stats(data_dir=args.data_dir)
+    print(format_stats_table(rows))
+    for row in rows:
+        if not row["matches"]:
+            print(f"{row['file']}: read {row['users']:,}/{row['items']:,}/{row['interactions']:,} users/items/"
+                  f"interactions, the papers give {row['published']}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, {"benchmarks": rows})
+    return 0 if all(row["matches"] for row in rows) else 1
 
 
 HANDLERS = {"data": data}

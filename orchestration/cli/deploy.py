@@ -8,6 +8,7 @@ a run past one machine.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parsers(sub) -> None:
@@ -27,6 +28,8 @@ def _serve_parser(sub) -> None:
     srv.add_argument("--replicas", type=int, default=1)
     srv.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per replica")
     srv.add_argument("--dataset", default=None, help="catalogue data set (default: the model's own)")
+    srv.add_argument("--data-dir", default=None,
+                     help="local folder of the data set's files (default: $LAYERWISE_DATA_DIR), as for train")
     srv.add_argument("--tracking-uri", default="runs",
                      help="MLflow store for models:/ URIs: a run directory or a URI (default: %(default)s)")
 
@@ -55,7 +58,8 @@ def serve(args: argparse.Namespace) -> int:
     from serve.app import serve_main
 
     serve_main(args.model, host=args.host, port=args.port, replicas=args.replicas,
-               num_cpus=args.num_cpus, dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri))
+               num_cpus=args.num_cpus, dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri),
+               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)  # replicas' cwd differs
     return 0
 
 

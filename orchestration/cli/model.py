@@ -16,9 +16,7 @@ from pathlib import Path
 
 from layerwise.bench_guard import REMEASURES
 from orchestration.cli.data import add_data_args, load_data
-from orchestration.outputs import print_metrics_table, write_json
-
-HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
 
 
 def add_parsers(sub) -> None:
@@ -143,7 +141,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     dataset = load_data(args)
     result = evaluate_scorer(scorer_for(args.model, dataset), dataset, args)
-    print_metrics_table({args.model: result.means}, HEADLINE)
+    print_metrics_table({args.model: result.means}, METRIC_COLUMNS)
     if args.json:
         write_json(args.json, result.to_dict())
     if args.per_user:

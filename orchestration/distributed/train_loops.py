@@ -27,7 +27,7 @@ from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges,
 from layerwise.evaluate import evaluate
 from layerwise.models import SequentialRecommender
 from layerwise.models.checkpoint import load_recommender, save_recommender
-from layerwise.train import TrainConfig, cloze_mask, next_item_loss, stop_reason, training_windows
+from layerwise.train import TrainConfig, batch_loss, cloze_mask, stop_reason, training_windows
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 
@@ -77,7 +77,7 @@ def teacher_loop(config: dict) -> dict:
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + 1)  # negatives differ per rank
 
     def loss_fn(module, x, y):
-        return next_item_loss(module, module.encode(x), y, train, generator)
+        return batch_loss(module, x, y, train, generator)  # by length groups, padding cut; the same loss
 
     loop = _Loop(train.epochs, config["ds"]["batch_size"], train.eval_every,
                  train.patience, train.max_minutes, train.seed, train.mask_prob, spec.max_len)

@@ -12,8 +12,7 @@ from rich.table import Table
 
 from layerwise.bench_guard import judge
 from layerwise.stats import ratio_ci
-
-METRICS = ("ndcg@10", "mrr", "ndcg@5", "hr@10")
+from orchestration.outputs import METRIC_COLUMNS
 
 
 def retention_ci(teacher: np.ndarray, compact: np.ndarray, seed: int = 0, n_boot: int = 2000
@@ -31,11 +30,13 @@ def build_headline(teacher_dir: Path, base_dir: Path, eval_dir: Path, bench_dir:
     if teacher["user"] != compact["user"]:
         raise ValueError("teacher and compact were evaluated on different users")
     quality = {}
-    for metric in METRICS:
+    for metric in METRIC_COLUMNS:
         t, c = np.asarray(teacher[metric]), np.asarray(compact[metric])
+        scored = bool(t.mean() > 0)  # a teacher that never hits at 5 has no retention at 5
         quality[metric] = {"teacher": float(t.mean()), "compact": float(c.mean()),
-                           "mostpop": mostpop.get(metric), "retention": float(c.mean() / t.mean()),
-                           "retention_ci95": retention_ci(t, c)}
+                           "mostpop": mostpop.get(metric),
+                           "retention": float(c.mean() / t.mean()) if scored else None,
+                           "retention_ci95": retention_ci(t, c) if scored else None}
     bench = json.loads((bench_dir / "bench.json").read_text())
     (t_name, t_bench), (c_name, c_bench) = list(bench["models"].items())[:2]
     speed = {batch: _speed(bench, t_bench["batches"][batch], entry, batch)
@@ -95,11 +96,11 @@ def print_headline(head: dict) -> None:
                   caption=teacher_line(head["teacher"]))
     for column in ("figure", "teacher", "compact", "retention [95% CI]"):
         table.add_column(column, justify="right")
-    for metric in ("ndcg@10", "mrr"):
+    for metric in METRIC_COLUMNS:
         q = quality[metric]
-        lo, hi = q["retention_ci95"]
-        table.add_row(metric.upper(), f"{q['teacher']:.4f}", f"{q['compact']:.4f}",
-                      f"{q['retention']:.1%} [{lo:.1%}, {hi:.1%}]")
+        retention = "-" if q["retention"] is None else \
+            f"{q['retention']:.1%} [{q['retention_ci95'][0]:.1%}, {q['retention_ci95'][1]:.1%}]"
+        table.add_row(metric.upper(), f"{q['teacher']:.4f}", f"{q['compact']:.4f}", retention)
     for batch, s in speed.items():
         table.add_row(f"latency b={batch} (ms)", *_speed_cells(s))
     m = head["memory"]

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 
 from orchestration.pipeline.config import PipelineConfig
-from orchestration.outputs import print_metrics_table, write_json
-
-HEADLINE = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5")
+from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
 
 
 @dataclass
@@ -131,7 +129,7 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
         result.to_parquet(out / f"{name}_per_user.parquet")
         write_json(out / f"{name}.json", result.to_dict())
         rows[name] = result.means
-    print_metrics_table(rows, HEADLINE, title="test split, full ranking, seen items excluded")
+    print_metrics_table(rows, METRIC_COLUMNS, title="test split, full ranking, seen items excluded")
 
 
 def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:

@@ -21,6 +21,7 @@ from scipy import stats as sps
 
 from layerwise import stats
 from layerwise.bench_guard import describe
+from orchestration.outputs import METRIC_COLUMNS
 from orchestration.study.config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
@@ -48,9 +49,10 @@ class Rows:
     def complete(self, name: str) -> bool:
         return all(s in self.by_name.get(name, {}) for s in self.seeds)
 
-    def seed_means(self, name: str) -> np.ndarray:
-        """(n_seeds,) the metric per seed (mean over draws within a seed)."""
-        return np.array([np.mean([r["means"][self.metric] for r in self.by_name[name][s]]) for s in self.seeds])
+    def seed_means(self, name: str, metric: str | None = None) -> np.ndarray:
+        """(n_seeds,) the metric (default: the table's) per seed, the mean over draws within a seed."""
+        metric = metric or self.metric
+        return np.array([np.mean([r["means"][metric] for r in self.by_name[name][s]]) for s in self.seeds])
 
     def per_user(self, name: str) -> np.ndarray:
         """(n_users,) the per-user metric averaged over seeds and draws."""
@@ -100,7 +102,8 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
                  f"{len(config.seeds)} seeds",
         "protocol": _protocol(config, data, k, n_layers, runs, _stage_seconds(seed_dirs)),
         "headline": headline(table, speed, k, n_layers),
-        "baselines": comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
+        "baselines": {**comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
+                      "metrics": metric_columns(table, ["teacher", "ours", *table.names("baselines")])},
         "ablation": comparison(extras, ["ours", *table.names("ablation")], speed, big, with_speed=False),
         "k_sweep": k_sweep(extras, config, n_layers),
         "robustness": robustness(seed_dirs, config),
@@ -149,6 +152,14 @@ def comparison(table: Rows, names: Sequence[str], speed: Mapping, batch: str, wi
     kind = f"paired t-test on the means of seeds {table.seeds}" if len(t_seeds) >= 2 else \
         "paired Wilcoxon over users (one seed)"
     return {"metric": METRIC, "reference": "ours", "test": kind, "seeds": table.seeds, "rows": out}
+
+
+def metric_columns(table: Rows, names: Sequence[str]) -> dict:
+    """Every reported metric (HR and NDCG at 5, 10 and 20, MRR) per method: the mean over seeds with its
+    t-interval, for comparison with the figures papers print; the tests stay on the table's metric."""
+    rows = [{"name": name, "values": {m: across_seeds(table.seed_means(name, m)) for m in METRIC_COLUMNS}}
+            for name in names if table.complete(name)]
+    return {"columns": list(METRIC_COLUMNS), "seeds": table.seeds, "rows": rows}
 
 
 def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:

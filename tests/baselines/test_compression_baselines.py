@@ -4,6 +4,7 @@ evaluate/bench code, and removes what it was asked to (the table command: tests/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from dataclasses import asdict
@@ -88,6 +89,9 @@ def test_random_draws_one_pair_per_seed():
 
 def test_magnitude_zeros_match_request_stay_zero_and_give_no_speedup():
     teacher, data, budget = setup()
+    # Zeros that "stay zero" only mean something once healing kept new weights; a single epoch does not
+    # always beat the pruned model's validation score, and then the unhealed weights are kept.
+    budget = dataclasses.replace(budget, heal=dataclasses.replace(HEAL, epochs=3, patience=3))
     unhealed, healed = BASELINES["magnitude"](data, teacher=teacher, budget=budget)
     requested = budget.removed / sum(p.numel() for p in teacher.layers.parameters())
     assert 0.3 < requested < 0.7

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from layerwise.baselines.quantization import quantize_int8
-from layerwise.data import load_dataset
+from layerwise.data import LITERATURE_METRICS, load_dataset
 from layerwise.models.checkpoint import save_recommender
 from layerwise.train import TrainConfig, train_recommender
 from orchestration.baselines.table import _memory
@@ -50,6 +50,10 @@ def test_table_command_end_to_end(tmp_path):
     assert rows["magnitude"]["weight_bytes"] == rows["teacher"]["weight_bytes"] > rows["int8"]["weight_bytes"]
     assert 0 < result["budget"]["removed"] < result["budget"]["teacher_parameters"]
     assert all(f"| {name} |" in table for name in rows)
+    # The literature's HR and NDCG at 5, 10 and 20 are columns, and every row has a value for each.
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert all(f" {m.upper()} |" in header for m in LITERATURE_METRICS)
+    assert all(0 <= rows[name]["metrics"][m] <= 1 for name in rows for m in LITERATURE_METRICS)
 
 
 

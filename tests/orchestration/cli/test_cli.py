@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import layerwise
+
 DATASET = "synthetic:240:60:4000:1"
-
-
-def layerwise(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERWISE_CACHE_DIR": str(cwd / "cache")}
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"layerwise {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def test_train_evaluate_beats_mostpop(teacher, workdir):
     trained = json.loads((workdir / "teacher.json").read_text())
     mostpop = json.loads((workdir / "mostpop.json").read_text())
     assert trained["protocol"]["exclude_seen"] is True and trained["protocol"]["ranking"] == "full"
-    for key in ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "precision@5"):
+    for key in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr", "precision@5"):
         assert key in trained["means"]
     assert trained["means"]["ndcg@10"] > mostpop["means"]["ndcg@10"]
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from layerwise.data import LITERATURE_METRICS
+
 TINY = [
     "name=tiny", "data.dataset=synthetic:240:60:4000:1", "data.max_len=20",
     "teacher.preset=tiny", "teacher.family=llama", "teacher.train.epochs=4", "teacher.train.lr=0.003",
@@ -81,6 +83,9 @@ def test_headline_and_registry(interrupted_then_resumed):
     assert head["layers"]["teacher"] == 2 and head["layers"]["compact"] == 1
     assert head["metrics"]["speed"]["4"]["speedup"] > 0
     assert "NDCG@10" in second and "speedup" in second
+    # The literature's metrics are in the headline, each with its retention, and in the printed table.
+    assert set(LITERATURE_METRICS) <= set(head["metrics"]["quality"])
+    assert all(f"{m.upper()} " in second for m in LITERATURE_METRICS)
     report = (workdir / "runs" / "tiny" / "report" / "report.md").read_text()
     assert "Headline" in report and "Importance" in report
     assert list((workdir / "runs" / "tiny" / "report" / "figures").glob("*.png"))

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from layerwise.data import LITERATURE_METRICS
 from layerwise.report.document import MISSING, SECTIONS
 from orchestration import tracking
 from orchestration.cli.main import main
@@ -65,6 +66,12 @@ def test_headline_and_p_values_against_each_baseline(study):
     seed_means = [json.loads(p.read_text())[0]["means"]["ndcg@10"]
                   for p in sorted((root / "study" / "seeds").glob("seed-*/ours-*/rows.json"))]
     assert rows["ours"]["metric"]["mean"] == pytest.approx(sum(seed_means) / 2)
+    # Every method also has HR and NDCG at 5, 10 and 20 over seeds, in the report's baselines section.
+    metrics = {r["name"]: r["values"] for r in results["baselines"]["metrics"]["rows"]}
+    assert set(metrics) == set(rows) and set(LITERATURE_METRICS) <= set(metrics["ours"])
+    assert metrics["ours"]["ndcg@10"]["mean"] == pytest.approx(rows["ours"]["metric"]["mean"])
+    report = (root / "study" / "report" / "report.md").read_text()
+    assert "| method | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | MRR |" in report
 
 
 @pytest.mark.slow
