@@ -11,8 +11,10 @@ families learn cloze prediction (BERT4Rec): random positions and always the last
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,6 +24,9 @@ from tqdm.auto import tqdm
 
 from layerwise.evaluate import evaluate
 from layerwise.models.recommender import SequentialRecommender
+
+
+ADDED = {"hash_if_set": True}  # see orchestration.pipeline.config.added_option
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,12 @@ class TrainConfig:
     mask_prob: float = 0.2  # cloze masking rate for encoder families
     grad_clip: float = 1.0
     max_minutes: float | None = None  # wall-clock budget; stops after the current epoch
+    # Added later: at their defaults they are left out of a run's stage hashes, so earlier stages resume.
+    schedule: str = field(default="constant", metadata=ADDED)  # "cosine": decays to 0 over `epochs`
+    warmup: float = field(default=0.0, metadata=ADDED)  # fraction of the run, linear rise
+    # The schedule also ends when this many minutes have passed (see LRSchedule), and training with it.
+    schedule_minutes: float | None = field(default=None, metadata=ADDED)
+    autocast: str | None = field(default=None, metadata=ADDED)  # "bf16": layers in bf16, scores in fp32
 
 
 @dataclass
@@ -99,11 +110,79 @@ def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: 
     # Shared uniform negatives: one (N, 1 + n_neg) logit matrix instead of (N, n_items).
     negatives = torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator).to(h.device)
     items = model.item_vectors()
-    pos = (h * items[t]).sum(-1) + model.item_bias[t]
-    neg = h @ items[negatives].T + model.item_bias[negatives]
+    pos = model.item_scores(h, items[t], model.item_bias[t], paired=True)
+    neg = model.item_scores(h, items[negatives], model.item_bias[negatives])
     neg = neg.masked_fill(negatives.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long))
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+class LRSchedule:
+    """Linear warm-up, then a constant or cosine learning rate, over the run's progress.
+
+    Progress is steps done / `total_steps`, or, with `minutes`, the larger of that and the minutes spent
+    / `minutes`: the schedule then ends on whichever clock runs out first, so a run on a busy machine
+    still warms up and decays fully inside its time budget instead of being cut mid-schedule. `done`
+    says when progress reached 1 (training should stop there). Call `step()` after every optimizer step.
+
+    Pretrained layers are fragile in the first steps, while the new item vectors and head are still
+    random (hence the warm-up); a cosine decay fitted to the budget converges in few epochs.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str = "constant", warmup: float = 0.0,
+                 total_steps: int = 1, minutes: float | None = None):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of the run in [0, 1), got {warmup}")
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"schedule minutes must be positive, got {minutes}")
+        self.optimizer, self.schedule, self.warmup = optimizer, schedule, warmup
+        self.total_steps, self.minutes = max(1, total_steps), minutes
+        self.base = [group["lr"] for group in optimizer.param_groups]
+        self.steps, self.started = 0, time.monotonic()
+        self._apply()
+
+    @property
+    def progress(self) -> float:
+        done = self.steps / self.total_steps
+        if self.minutes is not None:
+            done = max(done, (time.monotonic() - self.started) / 60 / self.minutes)
+        return done
+
+    @property
+    def done(self) -> bool:
+        return self.progress >= 1.0
+
+    def factor(self) -> float:
+        """The learning rate now, as a fraction of the base rate."""
+        progress = self.progress
+        rise = min(1.0, (progress + 1 / self.total_steps) / self.warmup) if self.warmup else 1.0
+        if self.schedule == "constant":
+            return rise
+        return rise * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def step(self) -> None:
+        self.steps += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor()
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base * factor
+
+
+def autocast_context(autocast: str | None, device: torch.device | str = "cpu"):
+    """bf16 autocast on `device` for autocast="bf16", else nothing. (The AMX units of recent x86 CPUs
+    run bf16 matrix products faster: 5.7 s instead of 6.9 s per step of the 30-layer SmolLM2 with LoRA.)"""
+    if autocast is None:
+        return contextlib.nullcontext()
+    if autocast != "bf16":
+        raise ValueError(f"unknown autocast {autocast!r}; choose bf16 or leave it unset")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def train_recommender(model: SequentialRecommender, data, config: TrainConfig = TrainConfig(),
@@ -113,17 +192,20 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     generator = torch.Generator().manual_seed(config.seed)
     inputs, targets = training_windows(data, config.max_len, model.causal)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps = math.ceil(len(inputs) / config.batch_size) * config.epochs
+    schedule = LRSchedule(optimizer, config.schedule, config.warmup, steps, config.schedule_minutes)
     result = TrainResult(best_epoch=-1, best_valid={"ndcg@10": -1.0}, config=asdict(config))
     best_state, stale = None, 0
     bar = tqdm(range(1, config.epochs + 1), desc="train", disable=not progress, unit="epoch")
-    import time
     started = time.monotonic()
     for epoch in bar:
-        loss = _train_epoch(model, inputs, targets, optimizer, config, generator)
-        record = {"epoch": epoch, "loss": loss}
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid = _validate(model, data, config.max_len)
-            record.update({f"valid_{k}": v for k, v in valid.items()})
+        tick = time.monotonic()
+        loss = _train_epoch(model, inputs, targets, optimizer, config, generator, schedule)
+        record = {"epoch": epoch, "loss": loss, "steps": schedule.steps, "train_seconds": time.monotonic() - tick}
+        if epoch % config.eval_every == 0 or epoch == config.epochs or schedule.done:
+            tick = time.monotonic()
+            valid = _validate(model, data, config.max_len, config.autocast)
+            record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
             if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
                 result.best_epoch, result.best_valid = epoch, valid
                 best_state, stale = copy.deepcopy(model.state_dict()), 0
@@ -132,14 +214,14 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         result.history.append(record)
         bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
         out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
-        if stale >= config.patience or out_of_time:
+        if stale >= config.patience or out_of_time or schedule.done:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
 
 
-def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
+def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=None) -> float:
     model.train()
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
@@ -148,19 +230,25 @@ def _train_epoch(model, inputs, targets, optimizer, config, generator) -> float:
         x, y = inputs[idx], targets[idx]
         if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
-        hidden = model.encode(x)
+        with autocast_context(config.autocast, x.device):
+            hidden = model.encode(x)
         loss = next_item_loss(model, hidden, y, config, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         total, batches = total + loss.item(), batches + 1
+        if schedule is not None:
+            schedule.step()
+            if schedule.done:  # the learning rate reached 0: further steps change nothing
+                break
     if not math.isfinite(total):
         raise FloatingPointError("training loss is not finite; lower the learning rate")
     return total / max(batches, 1)
 
 
-def _validate(model: SequentialRecommender, data, max_len: int) -> dict[str, float]:
+def _validate(model: SequentialRecommender, data, max_len: int, autocast: str | None = None) -> dict[str, float]:
     model.eval()
-    result = evaluate(model.score, data, stage="valid", exclude_seen=True, max_len=max_len)
+    with autocast_context(autocast, model.item_embedding.weight.device):
+        result = evaluate(model.score, data, stage="valid", exclude_seen=True, max_len=max_len)
     return {k: result.means[k] for k in ("ndcg@10", "hr@10", "mrr")}

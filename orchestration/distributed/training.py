@@ -57,6 +57,9 @@ def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, 
         {"model_dir", "checkpoint_dir", "best" (metrics of the best report), "metrics" (last report),
          "history" (per-epoch records), "zero_stage" (what the engine used), "world_size"}.
     """
+    if train_config.schedule != "constant" or train_config.warmup or train_config.autocast:
+        raise ValueError("a learning-rate schedule, warm-up and autocast are not wired into distributed "
+                         "training yet (DeepSpeed runs its own optimizer step); set ray.distributed_training=false")
     data_spec = _data_spec(data_spec)
     data = data_spec.load()  # driver-side: warms the cache once and fails early on a bad spec
     ds = _ds_args(zero_stage, train_config.lr, train_config.batch_size, num_workers, train_config.grad_clip,
