@@ -123,6 +123,27 @@ def test_full_and_frozen_finetuning_and_token_input_norm(data, smollm2, tmp_path
     assert frozen.item_embedding.weight[1:].std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_title_tokens_at_the_token_row_norm_and_random_layers(data, smollm2):
+    rows = build(data, smollm2, item_init="title_tokens", item_scale="row_norm")
+    items = rows.item_embedding.weight[1: data.n_items + 1].detach()
+    norm = rows.llm_info["token_row_norm"]
+    assert torch.allclose(items.norm(dim=-1), torch.full((data.n_items,), norm), rtol=1e-5)
+    # Not centred: what every title shares stays (mean cosine between items far above 0), unlike "std".
+    unit = torch.nn.functional.normalize(items, dim=-1)
+    assert (unit @ unit.T).mean() > 0.3
+    centred = build(data, smollm2, item_init="title_tokens").item_embedding.weight[1: data.n_items + 1]
+    assert torch.nn.functional.normalize(centred.detach(), dim=-1).sum(0).norm() < unit.sum(0).norm() / 5
+    fresh = build(data, smollm2, item_init="title_tokens", item_scale="row_norm", layer_init="random",
+                  finetune="full")
+    real = slice(0, data.n_items + 1)  # the mask slot after them is drawn at random
+    assert torch.equal(fresh.item_embedding.weight[real], rows.item_embedding.weight[real])  # from the LLM
+    weight = fresh.layers[0].mlp.up_proj.weight
+    pretrained = rows.layers[0].mlp.up_proj.base_layer.weight
+    assert not torch.allclose(weight, pretrained)
+    assert weight.std().item() == pytest.approx(fresh.backbone.config.initializer_range, rel=0.05)
+    assert torch.all(fresh.layers[0].input_layernorm.weight == 1.0)  # a fresh RMSNorm
+
+
 def test_clear_errors_for_bad_setups(data, smollm2):
     with pytest.raises(ValueError, match="unknown item_init 'titles'"):
         LLMSetup(item_init="titles")
