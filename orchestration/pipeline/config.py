@@ -19,6 +19,7 @@ import yaml
 
 from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig
+from layerwise.models.llm import LLMSetup
 from layerwise.train import TrainConfig
 
 
@@ -40,10 +41,14 @@ class DataConfig:
 class TeacherConfig:
     family: str = "llama"
     preset: str = "small"
-    pretrained: str | None = None
+    pretrained: str | None = None  # a known LLM name (`layerwise models list`), a GGUF file or an HF directory
     text_features: bool = False
     dropout: float = 0.1
     causal: bool = added_option(False)  # BERT as a decoder: next item at every position, not cloze
+    head: str = added_option("dot")  # or "cos": cosine scores times a learned temperature
+    # How a pretrained decoder LLM becomes the recommender (layerwise.models.llm.LLMSetup's fields); None
+    # gives a pretrained decoder LLMSetup's defaults.
+    llm: LLMSetup | None = added_option(None)
     # A wall-clock cap keeps `make run` inside its budget on 2 cores; early stopping usually ends sooner.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_minutes=9.0))
 
@@ -152,14 +157,14 @@ def _build(cls, raw: dict, prefix: str):
 
 
 def _coerce(hint, value, key: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None and type(None) in args:
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):  # a section, or an optional one (teacher.llm)
+        return _build(hint, value, key + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key} must be a list, got {value!r}")
