@@ -17,6 +17,7 @@ plain weights at the end so the saved backbone stays stock), or "all".
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from layerwise.hidden import capture_layer_inputs
 from layerwise.models.lora import add_lora, merge_lora
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import _validate, cloze_mask, training_windows
+from layerwise.train import ADDED, _validate, autocast_context, cloze_mask, training_windows
 
 TRAINABLE = ("bridges", "lora", "all")
 
@@ -52,6 +53,11 @@ class HealConfig:
     max_len: int = 50
     seed: int = 0
     max_minutes: float | None = None
+    # Added later: at their defaults they are left out of a run's stage hashes.
+    autocast: str | None = field(default=None, metadata=ADDED)  # "bf16": layers in bf16, scores in fp32
+    # Run the frozen teacher once over the training windows and keep what the losses read, instead of
+    # once per batch and epoch (decoders only: an encoder's cloze masks change every epoch).
+    cache_teacher: bool = field(default=False, metadata=ADDED)
 
 
 @dataclass
@@ -61,6 +67,7 @@ class HealResult:
     history: list[dict[str, float]] = field(default_factory=list)
     prefit_mse: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    cache_seconds: float | None = None  # building the teacher cache (None: no cache)
 
 
 def teacher_targets(teacher: SequentialRecommender, student: SequentialRecommender
@@ -115,21 +122,30 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     generator = torch.Generator().manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     inputs, targets = training_windows(data, config.max_len, student.causal)
-    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len),
+    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len, config.autocast),
                         config=asdict(config))
     result.prefit_mse = prefit_bridges(student, teacher, inputs, config.prefit_steps, seed=config.seed)
-    if config.prefit_steps:
-        result.best_valid = _validate(student, data, config.max_len)
+    if config.prefit_steps and len(student.bridges):
+        result.best_valid = _validate(student, data, config.max_len, config.autocast)
+    cache = None
+    if config.cache_teacher and epoch_fn is None:
+        started = time.monotonic()
+        cache = TeacherCache.build(teacher, inputs, targets, teacher_targets(teacher, student),
+                                   config.batch_size, config.autocast)
+        result.cache_seconds = time.monotonic() - started
     params = _trainable_parameters(student, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     best_state, stale = copy.deepcopy(student.state_dict()), 0
     started = time.monotonic()
     for epoch in tqdm(range(1, config.epochs + 1), desc="heal", disable=not progress, unit="epoch"):
-        run_epoch = epoch_fn or _heal_epoch
+        run_epoch = epoch_fn or functools.partial(_heal_epoch, cache=cache)
+        tick = time.monotonic()
         record = {"epoch": epoch, **run_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)}
+        record["train_seconds"] = time.monotonic() - tick
         if epoch % config.eval_every == 0:
-            valid = _validate(student, data, config.max_len)
-            record.update({f"valid_{k}": v for k, v in valid.items()})
+            tick = time.monotonic()
+            valid = _validate(student, data, config.max_len, config.autocast)
+            record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
             if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
                 result.best_epoch, result.best_valid = epoch, valid
                 best_state, stale = copy.deepcopy(student.state_dict()), 0
@@ -162,7 +178,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
-def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> dict:
+def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator, cache=None) -> dict:
     student.train()
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
@@ -171,7 +187,8 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
         x, y = inputs[idx], targets[idx]
         if not student.causal:
             x, y = cloze_mask(x, student.mask_index, 0.2, generator)
-        loss = _batch_loss(student, teacher, x, y, config)
+        with autocast_context(config.autocast, x.device):
+            loss = _batch_loss(student, teacher, x, y, config, cache.rows(idx) if cache else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,22 +197,67 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
     return {"loss": total / max(batches, 1)}
 
 
-def _batch_loss(student, teacher, x, y, config) -> torch.Tensor:
+def _batch_loss(student, teacher, x, y, config, cached: dict | None = None) -> torch.Tensor:
+    """cached: the teacher's states at this batch's target positions (TeacherCache.rows); None runs it."""
     where = y != 0
-    with torch.no_grad():
-        t_states, _ = capture_layer_inputs(teacher, x)
+    if cached is None:
+        with torch.no_grad():
+            states, _ = capture_layer_inputs(teacher, x)
+        cached = {key: states[key][where] for key in [*teacher_targets(teacher, student), "final"]}
     s_states, _ = capture_layer_inputs(student, x)
-    t_hidden, s_hidden = t_states["final"], s_states["final"]
     with torch.no_grad():
-        t_logits = teacher.head(t_hidden[where])
-    s_logits = student.head(s_hidden[where])
+        t_logits = teacher.head(cached["final"])
+    s_logits = student.head(s_states["final"][where])
     loss = distillation_loss(s_logits, t_logits, y[where], config.temperature,
                              config.kd_weight, config.ce_weight)
     if config.hidden_weight:
         pairs = list(enumerate(teacher_targets(teacher, student)))
-        mse = sum(_relative_mse(s_states[j][where], t_states[t][where]) for j, t in pairs)
+        mse = sum(_relative_mse(s_states[j][where], cached[t]) for j, t in pairs)
         loss = loss + config.hidden_weight * mse / len(pairs)
     return loss
+
+
+class TeacherCache:
+    """The frozen teacher's states on every training window, computed once, at target positions only.
+
+    Healing reads the teacher's final hidden state (for its scores) and its states at the kept layers'
+    inputs (for the hidden-state term) at every position that has a target. The teacher is frozen and
+    in eval mode, so these are the same every epoch; keeping them turns E teacher passes into one.
+    Memory: (kept layers + 2) x targets x H float32 (ml-100k, 8 of SmolLM2's 30 layers: about 2.2 GB).
+    """
+
+    def __init__(self, states: dict, counts: torch.Tensor):
+        self.states = states  # key -> (n_targets, H); keys: teacher layer indices and "final"
+        self.counts = counts  # (N,) targets per window
+        self.starts = torch.cumsum(counts, 0) - counts
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: SequentialRecommender, inputs: torch.Tensor, targets: torch.Tensor,
+              layers: list[int], batch_size: int, autocast: str | None = None) -> "TeacherCache":
+        """inputs, targets: (N, T) training windows; layers: the teacher state indices to keep."""
+        if not teacher.causal:
+            raise ValueError("the teacher cache needs a decoder: an encoder's cloze masks change every epoch")
+        teacher.eval()
+        keys = [*dict.fromkeys(layers), "final"]
+        chunks: dict = {key: [] for key in keys}
+        for start in range(0, len(inputs), batch_size):
+            x, where = inputs[start:start + batch_size], targets[start:start + batch_size] != 0
+            with autocast_context(autocast, x.device):
+                states, _ = capture_layer_inputs(teacher, x)
+            for key in keys:
+                chunks[key].append(states[key][where].float())
+        counts = (targets != 0).sum(1)
+        return cls({key: torch.cat(parts) for key, parts in chunks.items()}, counts)
+
+    def rows(self, windows: torch.Tensor) -> dict:
+        """The states of these windows' targets, in the order `targets[windows] != 0` selects them."""
+        lengths = self.counts[windows]
+        starts = torch.repeat_interleave(self.starts[windows], lengths)
+        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                             lengths)
+        index = starts + offsets
+        return {key: state[index] for key, state in self.states.items()}
 
 
 def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
