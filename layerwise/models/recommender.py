@@ -56,7 +56,9 @@ class SequentialRecommender(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         self.item_bias = nn.Parameter(torch.zeros(n_items + 1))
         if head == "cos":
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(COS_TEMPERATURE)))
+            # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which a
+            # 0-dim tensor cannot give, so a cosine model could not train or heal on Ray Train.
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(COS_TEMPERATURE)))
         self.dropout = nn.Dropout(dropout)
         self.text_projection: nn.Linear | None = None
         # Modules hooked onto the layers from outside (a compact model's bridge adapters) sit here, so that
@@ -157,3 +159,9 @@ class SequentialRecommender(nn.Module):
         """Scores of every item as the next one. histories: (B, T) left-padded -> (B, n_items + 1)."""
         hidden = self.encode(self.prepare(histories))
         return self.head(hidden[:, -1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved while it was a 0-dim scalar
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -89,3 +89,11 @@ def test_a_model_saved_before_heads_existed_loads_with_the_dot_head(tmp_path):
     del manifest["head"]
     path.write_text(json.dumps(manifest))
     assert load_recommender(tmp_path / "old").head_kind == "dot"
+
+
+def test_temperature_is_one_element_and_older_scalar_checkpoints_load():
+    model = tiny_model("llama", n_layers=2, head="cos")
+    assert model.log_temperature.shape == (1,)  # DeepSpeed cannot broadcast a 0-dim parameter
+    state = {**model.state_dict(), "log_temperature": torch.tensor(1.7)}  # as saved before
+    model.load_state_dict(state)
+    assert model.log_temperature.shape == (1,) and model.log_temperature.item() == pytest.approx(1.7)
