@@ -9,10 +9,10 @@
 
 Variants (one per run; run them one at a time, each writes its entry into the JSON as it finishes):
 - pretrained: the recipe of studies/recipes/smollm2.yaml (SmolLM2-135M, 30 layers, LoRA r16, title-token
-  items, cosine head, warm-up + cosine schedule on a 52-minute clock, bf16 autocast);
+  items, cosine head, 10% warm-up then cosine decay over 5 epochs, bf16 autocast);
 - random_layers: the same 30-layer architecture with freshly initialised layers, fully trained at lr 3e-4
   (the best random-init rate of the recipe sweep; LoRA on random layers would train almost nothing), the
-  items still from the LLM's title tokens, the same head, schedule, clock and autocast;
+  items still from the LLM's title tokens, the same head, schedule and autocast;
 - random_items: the recipe with random item vectors (at the token-embedding row norm) instead of titles;
 - small_llama: the project's default teacher (`layerwise run`'s: 8 layers, 64 wide, its own recipe).
 Each trained model is saved under --out/<variant>/model (the pretrained one is what gets compressed).

@@ -45,11 +45,12 @@ class TrainConfig:
     n_negatives: int = 1024
     mask_prob: float = 0.2  # cloze masking rate for encoder families
     grad_clip: float = 1.0
-    max_minutes: float | None = None  # wall-clock budget; stops after the current epoch
+    max_minutes: float | None = None  # safety cap on the wall clock; stops after the current epoch, validated
     # Added later: at their defaults they are left out of a run's stage hashes, so earlier stages resume.
     schedule: str = field(default="constant", metadata=ADDED)  # "cosine": decays to 0 over `epochs`
     warmup: float = field(default=0.0, metadata=ADDED)  # fraction of the run, linear rise
-    # The schedule also ends when this many minutes have passed (see LRSchedule), and training with it.
+    # The schedule also ends when this many minutes have passed (see LRSchedule), and training with it. The
+    # result then depends on the machine's load (fewer steps when busy): budget default teachers by epochs.
     schedule_minutes: float | None = field(default=None, metadata=ADDED)
     autocast: str | None = field(default=None, metadata=ADDED)  # "bf16": layers in bf16, scores in fp32
 
@@ -125,7 +126,9 @@ class LRSchedule:
 
     Progress is steps done / `total_steps`, or, with `minutes`, the larger of that and the minutes spent
     / `minutes`: the schedule then ends on whichever clock runs out first, so a run on a busy machine
-    still warms up and decays fully inside its time budget instead of being cut mid-schedule. `done`
+    still warms up and decays fully inside its time budget instead of being cut mid-schedule. That makes
+    the number of steps, and so the model, depend on the machine's load; without `minutes` the schedule is
+    the same on any machine (what default teachers use, with a wall-clock cap only for safety). `done`
     says when progress reached 1 (training should stop there). Call `step()` after every optimizer step.
 
     Pretrained layers are fragile in the first steps, while the new item vectors and head are still
@@ -202,7 +205,9 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         tick = time.monotonic()
         loss = _train_epoch(model, inputs, targets, optimizer, config, generator, schedule)
         record = {"epoch": epoch, "loss": loss, "steps": schedule.steps, "train_seconds": time.monotonic() - tick}
-        if epoch % config.eval_every == 0 or epoch == config.epochs or schedule.done:
+        # The safety cap stops after this epoch: validate it, or a run that reached it has no best model.
+        out_of_time = bool(config.max_minutes) and (time.monotonic() - started) / 60 > config.max_minutes
+        if epoch % config.eval_every == 0 or epoch == config.epochs or schedule.done or out_of_time:
             tick = time.monotonic()
             valid = _validate(model, data, config.max_len, config.autocast)
             record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
@@ -213,7 +218,6 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
                 stale += 1
         result.history.append(record)
         bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
-        out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
         if stale >= config.patience or out_of_time or schedule.done:
             break
     if best_state is not None:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from layerwise.train import LRSchedule, TrainConfig, train_recommender
+from layerwise.train import LRSchedule, TrainConfig, train_recommender, training_windows
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
 
@@ -63,6 +63,17 @@ def test_training_stops_when_the_schedule_minutes_are_spent():
     assert len(result.history) < 50 and result.history[-1]["steps"] < 50 * steps_per_epoch
     assert "valid_ndcg@10" in result.history[-1]  # the last (partial) epoch is evaluated and kept
     assert result.best_epoch == len(result.history)
+
+
+def test_the_safety_cap_stops_after_a_validated_epoch():
+    data = cyclic_data(n_users=40)
+    model = tiny_model("llama", n_layers=2)
+    config = TrainConfig(epochs=5, batch_size=8, lr=3e-3, eval_every=5, schedule="cosine", warmup=0.1,
+                         max_minutes=1e-9, max_len=12)
+    result = train_recommender(model, data, config, progress=False)
+    steps_per_epoch = math.ceil(len(training_windows(data, 12, causal=True)[0]) / 8)
+    assert len(result.history) == 1 and result.history[0]["steps"] == steps_per_epoch
+    assert "valid_ndcg@10" in result.history[0] and result.best_epoch == 1  # validated, not left at -1
 
 
 def test_bf16_autocast_trains_and_scores_in_float32():

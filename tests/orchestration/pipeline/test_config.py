@@ -51,3 +51,14 @@ def test_llm_teacher_keys_from_yaml_and_overrides(tmp_path):
         load_config(None, ["teacher.llm.rank=8"], cls=PipelineConfig)
     with pytest.raises(ValueError, match="unknown item_init 'titles'"):
         load_config(None, ["teacher.llm.item_init=titles"], cls=PipelineConfig)
+
+
+def test_the_smollm2_recipe_is_budgeted_by_epochs_not_by_the_clock():
+    from pathlib import Path
+
+    from orchestration.pipeline.config import PipelineConfig
+
+    recipe = Path(__file__).resolve().parents[3] / "studies" / "recipes" / "smollm2.yaml"
+    train = load_config(str(recipe), [], cls=PipelineConfig).teacher.train
+    assert (train.epochs, train.schedule, train.warmup, train.schedule_minutes) == (5, "cosine", 0.1, None)
+    assert train.max_minutes and train.max_minutes > 5 * 8  # a safety cap above ~7 min per quiet epoch
