@@ -117,6 +117,10 @@ def _compress_parser(sub) -> None:
                       help="bridge adapter rank at the gaps; 0 = no bridges (default: %(default)s, measured best)")
     comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
     comp.add_argument("--heal-epochs", type=int, default=20)
+    comp.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: 1e-3)")
+    comp.add_argument("--cache-teacher", action="store_true",
+                      help="run the frozen teacher once over the training windows instead of every epoch")
+    comp.add_argument("--autocast", choices=["bf16"], default=None, help="heal with the layers in bf16")
     comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--out", required=True, help="output compact model directory")
@@ -221,7 +225,9 @@ def compress(args: argparse.Namespace) -> int:
     teacher = load_model_for(args.teacher, dataset)
     config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
                             bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
-                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable))
+                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable,
+                                            cache_teacher=args.cache_teacher, autocast=args.autocast,
+                                            **({"lr": args.heal_lr} if args.heal_lr else {})))
     result = run_compress(teacher, dataset, config)
     manifest = {"teacher": str(Path(args.teacher).resolve()), "dataset": args.dataset,
                 "data_fingerprint": dataset.fingerprint, "max_len": config.heal.max_len,
