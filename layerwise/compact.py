@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from layerwise.bridges import detach_bridges, gap_slots, restore_bridges, set_bridges
 from layerwise.models.checkpoint import load_recommender, read_manifest, save_recommender
+from layerwise.models.lora import merge_lora
 from layerwise.models.recommender import SequentialRecommender
 
 
@@ -29,10 +30,13 @@ def build_compact(teacher: SequentialRecommender, keep: list[int], bridge_rank: 
 
     bridge_rank: rank of the bridge adapters at the gaps; 0 means no bridges (plain removal).
     seed: seeds the bridges' random initialisation (without touching the global RNG); None draws from it.
-    The returned model carries `kept` (teacher indices) and `teacher_layers` (L) for its manifest.
+    The returned model carries `kept` (teacher indices) and `teacher_layers` (L) for its manifest. A
+    teacher's unmerged LoRA (an LLM recommender still in memory) is merged into the student's plain layers,
+    as saving would, so that healing can add its own adapters.
     """
     n_teacher = teacher.n_layers
     student = copy.deepcopy(teacher)
+    merge_lora(student)
     detach_bridges(student.layers)
     student.family.keep_layers(student.backbone, list(keep))
     if bridge_rank < 0:

@@ -17,6 +17,7 @@ plain weights at the end so the saved backbone stays stock), or "all".
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from layerwise.data.batching import split_by_length
+from layerwise.data.batching import length_groups, trim_left
 from layerwise.hidden import capture_layer_inputs
 from layerwise.models.lora import add_lora, merge_lora
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import _validate, cloze_mask, training_windows
+from layerwise.train import ADDED, _validate, autocast_context, cloze_mask, training_windows
 
 TRAINABLE = ("bridges", "lora", "all")
 
@@ -53,6 +54,11 @@ class HealConfig:
     max_len: int = 50
     seed: int = 0
     max_minutes: float | None = None
+    # Added later: at their defaults they are left out of a run's stage hashes.
+    autocast: str | None = field(default=None, metadata=ADDED)  # "bf16": layers in bf16, scores in fp32
+    # Run the frozen teacher once over the training windows and keep what the losses read, instead of
+    # once per batch and epoch (decoders only: an encoder's cloze masks change every epoch).
+    cache_teacher: bool = field(default=False, metadata=ADDED)
 
 
 @dataclass
@@ -62,6 +68,7 @@ class HealResult:
     history: list[dict[str, float]] = field(default_factory=list)
     prefit_mse: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    cache_seconds: float | None = None  # building the teacher cache (None: no cache)
 
 
 def teacher_targets(teacher: SequentialRecommender, student: SequentialRecommender
@@ -116,21 +123,30 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     generator = torch.Generator().manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     inputs, targets = training_windows(data, config.max_len, student.causal)
-    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len),
+    result = HealResult(best_epoch=0, best_valid=_validate(student, data, config.max_len, config.autocast),
                         config=asdict(config))
     result.prefit_mse = prefit_bridges(student, teacher, inputs, config.prefit_steps, seed=config.seed)
-    if config.prefit_steps:
-        result.best_valid = _validate(student, data, config.max_len)
+    if config.prefit_steps and len(student.bridges):
+        result.best_valid = _validate(student, data, config.max_len, config.autocast)
+    cache = None
+    if config.cache_teacher and epoch_fn is None:
+        started = time.monotonic()
+        cache = TeacherCache.build(teacher, inputs, targets, teacher_targets(teacher, student),
+                                   config.batch_size, config.autocast)
+        result.cache_seconds = time.monotonic() - started
     params = _trainable_parameters(student, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     best_state, stale = copy.deepcopy(student.state_dict()), 0
     started = time.monotonic()
     for epoch in tqdm(range(1, config.epochs + 1), desc="heal", disable=not progress, unit="epoch"):
-        run_epoch = epoch_fn or _heal_epoch
+        run_epoch = epoch_fn or functools.partial(_heal_epoch, cache=cache)
+        tick = time.monotonic()
         record = {"epoch": epoch, **run_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)}
+        record["train_seconds"] = time.monotonic() - tick
         if epoch % config.eval_every == 0:
-            valid = _validate(student, data, config.max_len)
-            record.update({f"valid_{k}": v for k, v in valid.items()})
+            tick = time.monotonic()
+            valid = _validate(student, data, config.max_len, config.autocast)
+            record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
             if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
                 result.best_epoch, result.best_valid = epoch, valid
                 best_state, stale = copy.deepcopy(student.state_dict()), 0
@@ -163,7 +179,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
-def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator) -> dict:
+def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator, cache=None) -> dict:
     student.train()
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
@@ -172,7 +188,8 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
         x, y = inputs[idx], targets[idx]
         if not student.causal:
             x, y = cloze_mask(x, student.mask_index, 0.2, generator)
-        loss = _batch_loss(student, teacher, x, y, config)
+        with autocast_context(config.autocast, x.device):
+            loss = _batch_loss(student, teacher, x, y, config, cache.rows(idx) if cache else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,31 +198,48 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
     return {"loss": total / max(batches, 1)}
 
 
-def _batch_loss(student, teacher, x, y, config, groups=None) -> torch.Tensor:
+def _batch_loss(student, teacher, x, y, config, cached: dict | None = None, groups=None) -> torch.Tensor:
     """KD + CE + hidden-state MSE of a batch, run group by group (`split_by_length`, or `groups`) and
     weighted by each group's share of the targets: the loss of the whole padded batch, to float rounding.
     The hidden term divides each layer pair's MSE by the teacher's variance over the whole batch's targets
-    (scale-free: hidden norms differ by orders of magnitude across layers and families)."""
-    groups = split_by_length(x, y) if groups is None else groups
+    (scale-free: hidden norms differ by orders of magnitude across layers and families).
+
+    cached: the teacher's states at this batch's target positions, in `y != 0` order (TeacherCache.rows);
+    None runs the teacher on each group. groups: `split_by_length`'s form, for a caller that groups the
+    batch itself (not with `cached`).
+    """
+    if groups is None:
+        rows = length_groups(x)
+        groups = [trim_left(x[r], y[r]) for r in rows]
+    elif cached is not None:
+        raise ValueError("cached teacher states are matched to the batch's own length groups: pass no groups")
     pairs = list(enumerate(teacher_targets(teacher, student)))
     total = sum(int((gy != 0).sum()) for _, _, gy in groups)
     if total == 0:
         raise ValueError("the batch has no targets")
+    offsets = torch.cumsum((y != 0).sum(1), 0) - (y != 0).sum(1) if cached is not None else None
     loss, mse, moments = 0.0, [0.0] * len(pairs), torch.zeros(len(pairs), 3, dtype=torch.float64)
-    for start, gx, gy in groups:
+    for g, (start, gx, gy) in enumerate(groups):
         where = gy != 0
         if not where.any():  # nothing to predict (rows of padding only); its empty means would be NaN
             continue
         share = int(where.sum()) / total
+        if cached is None:
+            with torch.no_grad():
+                states, _ = capture_layer_inputs(teacher, gx, start)
+            t_states = {key: states[key][where] for key in [*dict.fromkeys(t for _, t in pairs), "final"]}
+        else:  # the group's rows' targets, in the order `where` selects them (trimming kept each row's order)
+            counts = where.sum(1)
+            index = torch.repeat_interleave(offsets[rows[g]], counts) + _ranges(counts)
+            t_states = {key: state[index] for key, state in cached.items()}
         with torch.no_grad():
-            t_states, _ = capture_layer_inputs(teacher, gx, start)
-            t_logits = teacher.head(t_states["final"][where])
+            t_logits = teacher.head(t_states["final"])
         s_states, _ = capture_layer_inputs(student, gx, start)
         s_logits = student.head(s_states["final"][where])
         loss = loss + share * distillation_loss(s_logits, t_logits, gy[where], config.temperature,
                                                 config.kd_weight, config.ce_weight)
         for p, (j, t) in enumerate(pairs if config.hidden_weight else []):
-            target = t_states[t][where]
+            target = t_states[t]
             mse[p] = mse[p] + share * F.mse_loss(s_states[j][where], target)
             moments[p] += torch.stack([target.double().sum(), target.double().square().sum(),
                                        torch.tensor(target.numel(), dtype=torch.float64)])
@@ -215,6 +249,54 @@ def _batch_loss(student, teacher, x, y, config, groups=None) -> torch.Tensor:
         loss = loss + config.hidden_weight * sum(m / float(v.clamp(min=1e-6)) for m, v in zip(mse, variance)) \
             / len(pairs)
     return loss
+
+
+def _ranges(counts: torch.Tensor) -> torch.Tensor:
+    """[0..c0-1, 0..c1-1, ...] for counts [c0, c1, ...]."""
+    return torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+
+
+class TeacherCache:
+    """The frozen teacher's states on every training window, computed once, at target positions only.
+
+    Healing reads the teacher's final hidden state (for its scores) and its states at the kept layers'
+    inputs (for the hidden-state term) at every position that has a target. The teacher is frozen and
+    in eval mode, so these are the same every epoch; keeping them turns E teacher passes into one.
+    Memory: (kept layers + 2) x targets x H float32 (ml-100k, 8 of SmolLM2's 30 layers: about 2.2 GB).
+    """
+
+    def __init__(self, states: dict, counts: torch.Tensor):
+        self.states = states  # key -> (n_targets, H); keys: teacher layer indices and "final"
+        self.counts = counts  # (N,) targets per window
+        self.starts = torch.cumsum(counts, 0) - counts
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: SequentialRecommender, inputs: torch.Tensor, targets: torch.Tensor,
+              layers: list[int], batch_size: int, autocast: str | None = None) -> "TeacherCache":
+        """inputs, targets: (N, T) training windows; layers: the teacher state indices to keep."""
+        if not teacher.causal:
+            raise ValueError("the teacher cache needs a decoder: an encoder's cloze masks change every epoch")
+        teacher.eval()
+        keys = [*dict.fromkeys(layers), "final"]
+        chunks: dict = {key: [] for key in keys}
+        for start in range(0, len(inputs), batch_size):
+            x, where = inputs[start:start + batch_size], targets[start:start + batch_size] != 0
+            with autocast_context(autocast, x.device):
+                states, _ = capture_layer_inputs(teacher, x)
+            for key in keys:
+                chunks[key].append(states[key][where].float())
+        counts = (targets != 0).sum(1)
+        return cls({key: torch.cat(parts) for key, parts in chunks.items()}, counts)
+
+    def rows(self, windows: torch.Tensor) -> dict:
+        """The states of these windows' targets, in the order `targets[windows] != 0` selects them."""
+        lengths = self.counts[windows]
+        starts = torch.repeat_interleave(self.starts[windows], lengths)
+        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                             lengths)
+        index = starts + offsets
+        return {key: state[index] for key, state in self.states.items()}
 
 
 def _trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:
@@ -238,7 +320,7 @@ def heal_loss(student: SequentialRecommender, teacher: SequentialRecommender, x:
     x: (B, T) model inputs (cloze-masked for encoders); y: (B, T) target items, 0 = no target. groups:
     how to run it (`layerwise.data.batching.split_by_length`'s form; default: split by length).
     """
-    return _batch_loss(student, teacher, x, y, config, groups)
+    return _batch_loss(student, teacher, x, y, config, groups=groups)
 
 
 def trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:

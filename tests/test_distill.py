@@ -91,3 +91,43 @@ def test_unknown_trainable_is_rejected():
     teacher, data = trained_teacher()
     with pytest.raises(ValueError, match="trainable"):
         heal(build_compact(teacher, [0, 3]), teacher, data, quick(trainable="everything"), progress=False)
+
+
+def test_teacher_cache_holds_the_teachers_states_at_each_batchs_targets():
+    from layerwise.distill import TeacherCache, heal_loss, teacher_targets
+    from layerwise.hidden import capture_layer_inputs
+
+    teacher, data = trained_teacher()
+    student = build_compact(teacher, [0, 2])
+    inputs, targets = training_windows(data, 12, causal=True)
+    layers = teacher_targets(teacher, student)
+    cache = TeacherCache.build(teacher, inputs, targets, layers, batch_size=7)
+    assert set(cache.states) == {0, 2, 4, "final"} and len(cache.states["final"]) == int((targets != 0).sum())
+    windows = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))[:16]
+    rows = cache.rows(windows)
+    with torch.no_grad():
+        states, _ = capture_layer_inputs(teacher, inputs[windows])
+    where = targets[windows] != 0
+    for key in (0, 2, 4, "final"):
+        assert torch.allclose(rows[key], states[key][where], atol=1e-5), key
+    from layerwise.distill import _batch_loss
+
+    config = quick()
+    cached = _batch_loss(student, teacher, inputs[windows], targets[windows], config, rows)
+    assert torch.allclose(cached, heal_loss(student, teacher, inputs[windows], targets[windows], config), atol=1e-5)
+
+
+def test_healing_with_the_teacher_cache_matches_healing_without():
+    teacher, data = trained_teacher()
+    results = {}
+    for cache in (False, True):
+        student = build_compact(teacher, [0, 3])
+        result = heal(student, teacher, data, quick(epochs=2, prefit_steps=0, cache_teacher=cache), progress=False)
+        results[cache] = (result, student.item_embedding.weight.detach().clone())
+    (plain, items), (cached, cached_items) = results[False], results[True]
+    assert plain.cache_seconds is None and cached.cache_seconds > 0
+    assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
+    assert torch.allclose(cached_items, items, atol=1e-4)
+    encoder = tiny_model("bert", n_layers=2, n_items=data.n_items)
+    with pytest.raises(ValueError, match="needs a decoder"):
+        heal(build_compact(encoder, [0]), encoder, data, quick(epochs=1, cache_teacher=True), progress=False)

@@ -35,3 +35,9 @@ def test_the_time_cap():
 ])
 def test_stop_reason(stale, patience, out_of_time, expected):
     assert stop_reason(stale, patience, out_of_time) == expected
+
+
+def test_the_schedule_clock():
+    result = train(epochs=50, patience=50, schedule="cosine", schedule_minutes=1e-9)  # done after a step
+    assert result.stop_reason == "schedule_clock" and result.epochs_run == 1 and result.best_epoch == 1
+    assert stop_reason(3, 3, False, True) == "early_stopping" and stop_reason(0, 3, True, True) == "time_cap"

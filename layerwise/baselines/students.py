@@ -58,7 +58,7 @@ def fresh_student(teacher: SequentialRecommender, k: int, seed: int = 0) -> Sequ
     teacher.family.keep_layers(backbone, list(range(k)))
     text = teacher.text_embeddings if teacher.text_projection is not None else None
     return SequentialRecommender(backbone, teacher.n_items, text_embeddings=text, dropout=teacher.dropout.p,
-                                 input_norm=teacher.input_norm)
+                                 input_norm=teacher.input_norm, head=teacher.head_kind)
 
 
 def scratch(data, teacher=None, budget: Budget | None = None, progress: bool = False,

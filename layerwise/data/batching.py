@@ -75,10 +75,16 @@ def split_by_length(inputs: torch.Tensor, targets: torch.Tensor,
         [(start, inputs_g (B_g, T - start), targets_g (B_g, T - start))], shortest windows first; together
         the rows of the batch (in length order), each once.
     """
+    return [trim_left(inputs[rows], targets[rows]) for rows in length_groups(inputs, overhead)]
+
+
+def length_groups(inputs: torch.Tensor, overhead: float = GROUP_OVERHEAD) -> list[torch.Tensor]:
+    """The row indices of `split_by_length`'s groups, in the same order: what a caller needs to match
+    per-row data (cached teacher states, say) to the groups."""
     lengths = window_lengths(inputs)
     order = torch.argsort(lengths, stable=True)
     bounds = _cuts(lengths[order].numpy(), overhead)
-    return [trim_left(inputs[idx], targets[idx]) for idx in torch.tensor_split(order, bounds[1:-1])]
+    return list(torch.tensor_split(order, bounds[1:-1]))
 
 
 def mean_over_groups(groups: list[tuple[int, torch.Tensor, torch.Tensor]],

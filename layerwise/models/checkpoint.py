@@ -45,7 +45,7 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
         full = {
             "format": FORMAT, "family": model.family.name, "n_items": model.n_items,
             "n_layers": model.n_layers, "dropout": model.dropout.p, "input_norm": model.input_norm,
-            "has_text": model.text_projection is not None,
+            "head": model.head_kind, "has_text": model.text_projection is not None,
             "bridges": _bridge_spec(model), **manifest,
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=_jsonable))
@@ -98,7 +98,8 @@ def load_recommender(model_dir: str | Path,
     state = load_file(str(model_dir / "recommender.safetensors"))
     text = state.get("text_embeddings")
     model = SequentialRecommender(backbone, manifest["n_items"], text_embeddings=text,
-                                  dropout=manifest.get("dropout", 0.0), input_norm=manifest.get("input_norm"))
+                                  dropout=manifest.get("dropout", 0.0), input_norm=manifest.get("input_norm"),
+                                  head=manifest.get("head", "dot"))
     if adapters is not None:
         adapters(model, manifest)
     missing, unexpected = model.load_state_dict(state, strict=False)

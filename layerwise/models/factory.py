@@ -11,7 +11,7 @@ from layerwise.models.recommender import SequentialRecommender
 def build_recommender(data, family: str, preset: str = "small", pretrained: str | None = None,
                       text_features: bool = False, max_len: int = 50, dropout: float | None = None,
                       seed: int = 0, text_encoder: str | None = None, causal: bool = False,
-                      llm=None) -> SequentialRecommender:
+                      llm=None, head: str = "dot") -> SequentialRecommender:
     """A randomly initialised (or pretrained-backbone) recommender sized for `data`'s catalogue.
 
     With `pretrained` (a local Hugging Face directory, a GGUF file, a known model name such as
@@ -20,7 +20,10 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
     next item at every position): cloze training of an encoder learns from only the masked ~20% of
     positions and needs many times more epochs. `llm` (a layerwise.models.llm.LLMSetup) makes a
     pretrained decoder the LLM recommender (item vectors from titles, LoRA or full fine-tuning, the
-    first n layers kept); what it did is left in `model.llm_info`.
+    first n layers kept); what it did is left in `model.llm_info`. A pretrained decoder LLM always
+    becomes one (with the default LLMSetup when `llm` is None): left as it is, its 0.02-scale random
+    items and unused token table would make a poor recommender. `head` is "dot" or "cos" (see
+    SequentialRecommender).
     """
     torch.manual_seed(seed)
     drop = 0.1 if dropout is None else dropout
@@ -44,7 +47,11 @@ def build_recommender(data, family: str, preset: str = "small", pretrained: str 
         if not data.item_text:
             raise ValueError(f"data set {data.name!r} has no item titles or genres for text features")
         text = encode_texts(list(data.item_text), text_encoder)
-    model = SequentialRecommender(backbone, data.n_items, text_embeddings=text, dropout=drop)
+    model = SequentialRecommender(backbone, data.n_items, text_embeddings=text, dropout=drop, head=head)
+    if llm is None and pretrained and model.family.causal:
+        from layerwise.models.llm import LLMSetup
+
+        llm = LLMSetup()
     if llm is not None:
         from layerwise.models.llm import apply_llm_setup
 

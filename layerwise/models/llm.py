@@ -7,11 +7,14 @@ pretrained backbone into that recommender:
 
 - item vectors start at random or from the LLM itself, for data with titles: the mean of its last
   hidden states over an item's title tokens ("title_hidden"), or the mean of the title's token
-  embeddings ("title_tokens"); either way centred and scaled to a chosen std, by default the std of the
+  embeddings ("title_tokens"); then either centred and scaled to a chosen std, by default the std of the
   LLM's own token embeddings (as its embedding module outputs them: Gemma's sqrt(H) factor included),
-  because the pretrained layers were trained on inputs of that size;
+  or each one rescaled to the token embeddings' mean row norm (`item_scale="row_norm"`), because the
+  pretrained layers were trained on inputs of that size;
 - optionally every input vector is rescaled to the token embeddings' mean norm (`input_norm`);
 - the first `n_layers` pretrained layers can be kept, the rest dropped before training;
+- `layer_init="random"` re-initialises the layers (the same architecture without its pretraining,
+  the item vectors still from the LLM's titles): the control that says what the pretraining is worth;
 - LoRA (peft) on every projection of the layers, full fine-tuning, or frozen layers;
 - the token table is cut to a 2-row stub afterwards (a recommender never reads it; Gemma 3 270M's is
   168M of its 268M parameters), and gradient checkpointing is a switch.
@@ -33,6 +36,8 @@ from layerwise.models.lora import add_lora
 from layerwise.models.recommender import SequentialRecommender
 
 ITEM_INITS = ("random", "title_hidden", "title_tokens")
+ITEM_SCALES = ("std", "row_norm")
+LAYER_INITS = ("pretrained", "random")
 FINETUNES = ("lora", "full", "frozen")
 INPUT_NORMS = ("none", "token")
 
@@ -47,10 +52,14 @@ class LLMSetup:
         n_layers: keep only the first n pretrained layers; None keeps all.
         item_init: "random", "title_hidden" or "title_tokens" (see the module docstring).
         item_std: std of the initial item vectors; None matches the LLM's token embeddings.
+        item_scale: "std" (centre over the items, then scale to `item_std`) or "row_norm" (rescale each
+            vector to the token embeddings' mean L2 norm, not centred; `item_std` then unused).
         input_norm: "none", or "token": rescale every input item vector to the token embeddings'
             mean L2 norm.
         gradient_checkpointing: recompute each layer's activations in the backward pass.
         keep_token_table: keep the LLM's token table (normally cut to 2 rows after initialisation).
+        layer_init: "pretrained", or "random": the layers start from the architecture's own random
+            initialisation (after the item vectors were taken from the pretrained LLM).
     """
 
     finetune: str = "lora"
@@ -61,10 +70,13 @@ class LLMSetup:
     input_norm: str = "none"
     gradient_checkpointing: bool = False
     keep_token_table: bool = False
+    item_scale: str = "std"
+    layer_init: str = "pretrained"
 
     def __post_init__(self):
         choices = [(self.finetune, FINETUNES, "finetune"), (self.item_init, ITEM_INITS, "item_init"),
-                   (self.input_norm, INPUT_NORMS, "input_norm")]
+                   (self.input_norm, INPUT_NORMS, "input_norm"), (self.item_scale, ITEM_SCALES, "item_scale"),
+                   (self.layer_init, LAYER_INITS, "layer_init")]
         for value, allowed, what in choices:
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
@@ -117,6 +129,20 @@ def encode_item_texts(backbone: nn.Module, tokenizer, texts: list[str], mode: st
     return out
 
 
+def row_scaled_item_vectors(vectors: torch.Tensor, norm: float) -> torch.Tensor:
+    """Rescale every item's vector to L2 norm `norm` (not centred). vectors: (n_items + 1, H).
+
+    Row 0 (padding) stays zero; an item without text gets a random direction at that norm.
+    """
+    out = vectors.clone()
+    rows = out[1:]
+    empty = rows.abs().sum(-1) == 0
+    rows[empty] = torch.randn(int(empty.sum()), rows.shape[1])
+    out[1:] = nn.functional.normalize(rows, dim=-1) * norm
+    out[0] = 0.0
+    return out
+
+
 def scaled_item_vectors(vectors: torch.Tensor, std: float) -> torch.Tensor:
     """Centre text vectors over the real items and scale them to `std`. vectors: (n_items + 1, H).
 
@@ -148,6 +174,12 @@ def apply_llm_setup(model: SequentialRecommender, setup: LLMSetup, item_texts: l
     stats = token_embedding_stats(model.backbone)
     std = setup.item_std if setup.item_std is not None else stats["std"]
     vectors = _item_init(model, setup, item_texts, tokenizer_dir, std, progress)
+    if setup.item_scale == "row_norm":
+        vectors = row_scaled_item_vectors(vectors, stats["row_norm"])
+    elif setup.item_init != "random":
+        vectors = scaled_item_vectors(vectors, std)
+    if setup.layer_init == "random":
+        _reinitialise_layers(model.backbone)
     if setup.n_layers is not None:
         model.family.keep_layers(model.backbone, list(range(setup.n_layers)))
     with torch.no_grad():
@@ -165,7 +197,21 @@ def apply_llm_setup(model: SequentialRecommender, setup: LLMSetup, item_texts: l
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def _reinitialise_layers(backbone: nn.Module) -> None:
+    # transformers skips modules that from_pretrained marked initialised, so `_init_weights` on the loaded
+    # model would leave the pretrained weights; a fresh model from the same config draws new ones.
+    from layerwise.models.presets import build_backbone
+
+    fresh = build_backbone(backbone.config).state_dict()
+    table = backbone.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, tensor in backbone.state_dict().items():
+            if tensor is not table:  # the token table is no layer (and titles were read through it)
+                tensor.copy_(fresh[name])
+
+
 def _item_init(model, setup, item_texts, tokenizer_dir, std, progress) -> torch.Tensor:
+    """Unscaled item vectors (n_items + 1, H): random at `std`, or each title's mean encoding."""
     n = model.n_items + 1
     if setup.item_init == "random":
         vectors = torch.randn(n, model.hidden_size) * std
@@ -185,7 +231,7 @@ def _item_init(model, setup, item_texts, tokenizer_dir, std, progress) -> torch.
     model.backbone.eval()
     text = encode_item_texts(model.backbone, tokenizer, list(item_texts), setup.item_init, progress=progress)
     model.backbone.train(was_training)
-    return scaled_item_vectors(text, std)
+    return text
 
 
 def drop_token_table(backbone: nn.Module) -> None:

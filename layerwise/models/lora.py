@@ -60,4 +60,6 @@ def merge_lora(model: nn.Module) -> None:
             parent_name, _, attr = name.rpartition(".")
             parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
             setattr(parent, attr, module.get_base_layer())
+    if hasattr(model.backbone, "peft_config"):  # no adapters left: a later add_lora starts afresh
+        del model.backbone.peft_config
     model._has_lora = False

@@ -3,7 +3,9 @@
 A history of item indices (left-padded, 0 = padding) becomes item embeddings, optionally plus a frozen
 text embedding of each item projected to the hidden size. The sequence runs through the backbone's own
 layer stack via `inputs_embeds`; the hidden state at the prediction position is scored against every
-item embedding (tied weights) plus a per-item bias.
+item embedding (tied weights) plus a per-item bias: by dot product ("dot"), or by cosine similarity times
+a learned temperature ("cos"), which keeps the scores bounded whatever the size of the final hidden
+states (a pretrained LLM's are large: norms of 40 and more at initialisation).
 
 Decoder families are causal and predict the next item at every position. Encoder families (BERT, T5)
 are bidirectional: training masks random positions (cloze, as BERT4Rec) and inference appends a mask
@@ -13,6 +15,7 @@ slot at the end and predicts there.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn as nn
@@ -20,6 +23,10 @@ from transformers import PreTrainedModel
 
 from layerwise.data.batching import trim_left
 from layerwise.models.families import Family, family_of
+
+
+HEADS = ("dot", "cos")
+COS_TEMPERATURE = 16.0  # the cosine head's initial scale: a softmax over items that is neither flat nor peaked
 
 
 class SequentialRecommender(nn.Module):
@@ -37,9 +44,12 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, backbone: PreTrainedModel, n_items: int,
                  text_embeddings: torch.Tensor | None = None, dropout: float = 0.1,
-                 input_norm: float | None = None):
+                 input_norm: float | None = None, head: str = "dot"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
         self.input_norm = input_norm
+        self.head_kind = head
         self.backbone = backbone
         self.family: Family = family_of(backbone.config)
         self.n_items = n_items
@@ -47,6 +57,10 @@ class SequentialRecommender(nn.Module):
         self.item_embedding = nn.Embedding(n_items + 2, hidden, padding_idx=0)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         self.item_bias = nn.Parameter(torch.zeros(n_items + 1))
+        if head == "cos":
+            # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which a
+            # 0-dim tensor cannot give, so a cosine model could not train or heal on Ray Train.
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(COS_TEMPERATURE)))
         self.dropout = nn.Dropout(dropout)
         self.text_projection: nn.Linear | None = None
         # Modules hooked onto the layers from outside (a compact model's bridge adapters) sit here, so that
@@ -110,11 +124,27 @@ class SequentialRecommender(nn.Module):
         return self.dropout(embeds), (inputs != 0).long()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (..., H) -> scores (..., n_items + 1); column 0 (padding) is -inf."""
-        items = self.item_vectors()[: self.n_items + 1]
-        scores = hidden @ items.T + self.item_bias
+        """hidden: (..., H) -> scores (..., n_items + 1) in float32; column 0 (padding) is -inf."""
+        scores = self.item_scores(hidden, self.item_vectors()[: self.n_items + 1], self.item_bias)
         scores[..., 0] = float("-inf")
         return scores
+
+    def item_scores(self, hidden: torch.Tensor, items: torch.Tensor, bias: torch.Tensor,
+                    paired: bool = False) -> torch.Tensor:
+        """Scores of items, in float32 even under autocast: in bf16 (8 bits of mantissa) nearby scores
+        tie, and ties count against the target in the ranking metrics.
+
+        hidden: (..., H), items: (n, H), bias: (n,) -> (..., n). paired: hidden (N, H) with items (N, H)
+        and bias (N,), row i scored against item i only -> (N,).
+        """
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden, items = hidden.float(), items.float()
+            if self.head_kind == "cos":
+                hidden, items = nn.functional.normalize(hidden, dim=-1), nn.functional.normalize(items, dim=-1)
+            scores = (hidden * items).sum(-1) if paired else hidden @ items.T
+            if self.head_kind == "cos":
+                scores = self.log_temperature.exp() * scores
+            return scores + bias
 
     # --- forward passes --------------------------------------------------------------------------
     def encode(self, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -146,3 +176,9 @@ class SequentialRecommender(nn.Module):
         start, inputs = trim_left(self.prepare(histories))
         hidden = self.encode(inputs, start=start)
         return self.head(hidden[:, -1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved while it was a 0-dim scalar
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

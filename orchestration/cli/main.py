@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestration.cli import data, deploy, experiments, model
+from orchestration.cli import data, deploy, experiments, model, models
 from orchestration.pipeline import interrupts
 
-GROUPS = (data, model, experiments, deploy)  # the order of the commands in --help
+GROUPS = (data, models, model, experiments, deploy)  # the order of the commands in --help
 
 
 def build_parser() -> argparse.ArgumentParser:

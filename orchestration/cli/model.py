@@ -33,7 +33,8 @@ def _train_parser(sub) -> None:
     train.add_argument("--family", default="llama", choices=["llama", "qwen3", "gpt2", "bert", "t5"])
     train.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
     train.add_argument("--pretrained", default=None,
-                       help="local pretrained backbone directory instead of a preset (e.g. MiniLM)")
+                       help="a pretrained backbone instead of a preset: a known LLM name (`layerwise models "
+                            "list`), a GGUF file, a local Hugging Face directory, or minilm")
     train.add_argument("--text-features", action="store_true",
                        help="add frozen MiniLM embeddings of item titles and genres")
     train.add_argument("--causal", action="store_true",
@@ -48,6 +49,32 @@ def _train_parser(sub) -> None:
     train.add_argument("--loss", choices=["full", "sampled"], default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-minutes", type=float, default=None, help="wall-clock training budget")
+    train.add_argument("--head", choices=["dot", "cos"], default="dot",
+                       help="score items by dot product, or by cosine times a learned temperature")
+    train.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                       help="learning-rate schedule over the planned epochs")
+    train.add_argument("--warmup", type=float, default=None, help="linear warm-up, a fraction of the steps")
+    train.add_argument("--autocast", choices=["bf16"], default=None, help="bf16 autocast of the layers")
+    _llm_args(train)
+
+
+def _llm_args(parser) -> None:
+    """The LLMSetup fields, for a pretrained decoder LLM (layerwise.models.llm)."""
+    llm = parser.add_argument_group("pretrained LLM recommender (with --pretrained on a decoder LLM)")
+    llm.add_argument("--finetune", choices=["lora", "full", "frozen"], default=None)
+    llm.add_argument("--lora-rank", type=int, default=None)
+    llm.add_argument("--llm-layers", type=int, default=None, dest="n_layers",
+                     help="keep only the first N pretrained layers")
+    llm.add_argument("--item-init", choices=["random", "title_hidden", "title_tokens"], default=None)
+    llm.add_argument("--item-std", type=float, default=None)
+    llm.add_argument("--item-scale", choices=["std", "row_norm"], default=None)
+    llm.add_argument("--input-norm", choices=["none", "token"], default=None)
+    llm.add_argument("--layer-init", choices=["pretrained", "random"], default=None)
+    llm.add_argument("--gradient-checkpointing", action="store_true", default=None)
+
+
+LLM_FIELDS = ("finetune", "lora_rank", "n_layers", "item_init", "item_std", "item_scale", "input_norm",
+              "layer_init", "gradient_checkpointing")
 
 
 def _evaluate_parser(sub) -> None:
@@ -89,6 +116,10 @@ def _compress_parser(sub) -> None:
                       help="bridge adapter rank at the gaps; 0 = no bridges (default: %(default)s, measured best)")
     comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
     comp.add_argument("--heal-epochs", type=int, default=20)
+    comp.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: 1e-3)")
+    comp.add_argument("--cache-teacher", action="store_true",
+                      help="run the frozen teacher once over the training windows instead of every epoch")
+    comp.add_argument("--autocast", choices=["bf16"], default=None, help="heal with the layers in bf16")
     comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--out", required=True, help="output compact model directory")
@@ -113,14 +144,21 @@ def train(args: argparse.Namespace) -> int:
     from layerwise.models.factory import build_recommender
     from layerwise.train import TrainConfig, train_recommender
 
+    from layerwise.models.llm import LLMSetup
+
     dataset = load_data(args)
     config = TrainConfig(seed=args.seed, max_len=args.max_len)
-    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "loss", "max_minutes")
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "loss", "max_minutes",
+                                               "schedule", "warmup", "autocast")
                  if getattr(args, k) is not None}
     config = replace(config, **overrides)
+    llm_options = {k: getattr(args, k) for k in LLM_FIELDS if getattr(args, k) is not None}
+    if llm_options and not args.pretrained:
+        raise ValueError(f"--{next(iter(llm_options)).replace('_', '-')} needs --pretrained (a decoder LLM)")
     model = build_recommender(dataset, args.family, args.preset, pretrained=args.pretrained,
                               text_features=args.text_features, max_len=args.max_len,
-                              dropout=args.dropout, seed=args.seed, causal=args.causal)
+                              dropout=args.dropout, seed=args.seed, causal=args.causal, head=args.head,
+                              llm=LLMSetup(**llm_options) if llm_options else None)
     started = time.perf_counter()
     result = train_recommender(model, dataset, config)
     minutes = (time.perf_counter() - started) / 60
@@ -129,6 +167,7 @@ def train(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "data_fingerprint": dataset.fingerprint, "max_len": args.max_len,
         "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,
         "train_minutes": minutes, "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
+        "llm": getattr(model, "llm_info", None),
     })
     print(f"trained {args.family}/{args.preset} in {minutes:.1f} min, {result.epochs_run} epochs (stopped by "
           f"{result.stop_reason.replace('_', ' ')}); best epoch {result.best_epoch}, "
@@ -190,7 +229,9 @@ def compress(args: argparse.Namespace) -> int:
     teacher = load_model_for(args.teacher, dataset)
     config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
                             bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
-                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable))
+                            heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable,
+                                            cache_teacher=args.cache_teacher, autocast=args.autocast,
+                                            **({"lr": args.heal_lr} if args.heal_lr else {})))
     result = run_compress(teacher, dataset, config)
     manifest = {"teacher": str(Path(args.teacher).resolve()), "dataset": args.dataset,
                 "data_fingerprint": dataset.fingerprint, "max_len": config.heal.max_len,

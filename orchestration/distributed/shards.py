@@ -114,7 +114,8 @@ def model_weights(model: SequentialRecommender) -> dict[str, Any]:
     if getattr(model, "bridges", None):
         raise ValueError("ablation and dependency are measured on a model without bridges (a teacher)")
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    return {**_backbone_recipe(model), "n_items": model.n_items, "dropout": model.dropout.p, "state": state}
+    return {**_backbone_recipe(model), "n_items": model.n_items, "dropout": model.dropout.p,
+            "input_norm": model.input_norm, "head": model.head_kind, "state": state}
 
 
 def build_model(weights: dict[str, Any]) -> SequentialRecommender:
@@ -125,7 +126,8 @@ def build_model(weights: dict[str, Any]) -> SequentialRecommender:
     """
     model = SequentialRecommender(build_backbone(_rebuild_config(weights)), weights["n_items"],
                                   text_embeddings=weights["state"].get("text_embeddings"),
-                                  dropout=weights["dropout"])
+                                  dropout=weights["dropout"], input_norm=weights["input_norm"],
+                                  head=weights["head"])
     model.load_state_dict(weights["state"], strict=True)
     return model.eval()
 

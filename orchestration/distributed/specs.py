@@ -2,17 +2,18 @@
 spec. Every Ray worker rebuilds the same data and the same initial weights from them.
 
     data = DataSpec("synthetic:300:120:6000:0", cache_dir="/tmp/cache").load()
-    model = build_model(ModelSpec("llama", "tiny", n_layers=4, seed=0), data.n_items)
+    model = build_model(ModelSpec("llama", "tiny", n_layers=4, seed=0), data)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from layerwise.data import load_dataset
-from layerwise.models import SequentialRecommender, build_backbone, load_backbone, preset_config
+from layerwise.models import SequentialRecommender, build_backbone, preset_config
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,12 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A preset backbone (optionally re-sized) or a local pretrained directory, and the init seed."""
+    """A preset backbone (optionally re-sized) or a pretrained one, the head, and the init seed.
+
+    pretrained: a known LLM name, a GGUF file or a local Hugging Face directory (every worker resolves
+    it; a known name converts once into the worker's cache). llm: the LLMSetup fields for a pretrained
+    decoder (None: LLMSetup's defaults). The same spec gives the same weights in every process.
+    """
 
     family: str = "llama"
     preset: str = "small"
@@ -41,15 +47,20 @@ class ModelSpec:
     dropout: float = 0.1
     pretrained: str | None = None
     seed: int = 0
+    head: str = "dot"
+    llm: dict[str, Any] | None = field(default=None)
 
 
-def build_model(spec: ModelSpec, n_items: int) -> SequentialRecommender:
-    """A fresh recommender for `n_items` items; the same spec gives the same weights in every process."""
-    torch.manual_seed(spec.seed)
+def build_model(spec: ModelSpec, data) -> SequentialRecommender:
+    """A fresh recommender for `data`'s catalogue (its titles initialise an LLM's item vectors)."""
     if spec.pretrained:
-        backbone = load_backbone(spec.pretrained)
-    else:
-        backbone = build_backbone(preset_config(spec.family, spec.preset, max_len=spec.max_len,
-                                                dropout=spec.dropout, n_layers=spec.n_layers,
-                                                hidden=spec.hidden))
-    return SequentialRecommender(backbone, n_items, dropout=spec.dropout)
+        from layerwise.models.factory import build_recommender
+        from layerwise.models.llm import LLMSetup
+
+        return build_recommender(data, spec.family, pretrained=spec.pretrained, max_len=spec.max_len,
+                                 dropout=spec.dropout, seed=spec.seed, head=spec.head,
+                                 llm=LLMSetup(**spec.llm) if spec.llm is not None else None)
+    torch.manual_seed(spec.seed)
+    backbone = build_backbone(preset_config(spec.family, spec.preset, max_len=spec.max_len,
+                                            dropout=spec.dropout, n_layers=spec.n_layers, hidden=spec.hidden))
+    return SequentialRecommender(backbone, data.n_items, dropout=spec.dropout, head=spec.head)

@@ -73,7 +73,7 @@ def _worker_start(config: dict) -> tuple[int, Any]:
 def teacher_loop(config: dict) -> dict:
     rank, data = _worker_start(config)
     spec, train = ModelSpec(**config["model"]), TrainConfig(**config["train"])
-    model = build_model(spec, data.n_items)
+    model = build_model(spec, data)
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + 1)  # negatives differ per rank
 
     def loss_fn(module, x, y):
@@ -83,7 +83,8 @@ def teacher_loop(config: dict) -> dict:
                  train.patience, train.max_minutes, train.seed, train.mask_prob, spec.max_len)
     manifest = {"kind": "teacher", "preset": spec.preset, "model_spec": asdict(spec), "dataset": data.name,
                 "data_fingerprint": data.fingerprint, "max_len": spec.max_len, "train": asdict(train)}
-    return _fit(model, list(model.parameters()), loss_fn, config["ds"], data, loop, manifest, save_recommender)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # an LLM with LoRA: adapters and items
+    return _fit(model, trainable, loss_fn, config["ds"], data, loop, manifest, save_recommender)
 
 
 def heal_loop(config: dict) -> dict:

@@ -57,6 +57,9 @@ def train_teacher_distributed(data_spec: DataSpec | str, model_spec: ModelSpec, 
         {"model_dir", "checkpoint_dir", "best" (metrics of the best report), "metrics" (last report),
          "history" (per-epoch records), "zero_stage" (what the engine used), "world_size"}.
     """
+    if train_config.schedule != "constant" or train_config.warmup or train_config.autocast:
+        raise ValueError("a learning-rate schedule, warm-up and autocast are not wired into distributed "
+                         "training yet (DeepSpeed runs its own optimizer step); set ray.distributed_training=false")
     data_spec = _data_spec(data_spec)
     data = data_spec.load()  # driver-side: warms the cache once and fails early on a bad spec
     ds = _ds_args(zero_stage, train_config.lr, train_config.batch_size, num_workers, train_config.grad_clip,
@@ -77,8 +80,12 @@ def heal_distributed(data_spec: DataSpec | str, teacher_dir: str, keep: list[int
     student, pre-fits its bridges on the teacher's states and distils with `layerwise.distill.heal_loss`.
     The pre-healing student is evaluated and checkpointed first, so healing never returns something
     worse on validation than plain removal. Arguments and return value as `train_teacher_distributed`,
-    plus `keep` (sorted teacher layer indices) and `bridge_rank` (0 = no bridges).
+    plus `keep` (sorted teacher layer indices) and `bridge_rank` (0 = no bridges). Each rank runs the
+    teacher on its own batches, so `heal_config.cache_teacher` (a single-process saving) does not apply.
     """
+    if heal_config.autocast:
+        raise ValueError("autocast is not wired into distributed healing yet (DeepSpeed's own bf16 is a GPU "
+                         "option); set heal.autocast to null or heal in one process")
     data_spec = _data_spec(data_spec)
     data = data_spec.load()
     ds = _ds_args(zero_stage, heal_config.lr, heal_config.batch_size, num_workers, 1.0, 0.0, use_gpu)

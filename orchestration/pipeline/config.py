@@ -20,6 +20,7 @@ import yaml
 from layerwise.bench_guard import REMEASURES
 from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig
+from layerwise.models.llm import LLMSetup
 from layerwise.train import TrainConfig
 
 
@@ -41,13 +42,17 @@ class DataConfig:
 class TeacherConfig:
     family: str = "llama"
     preset: str = "small"
-    pretrained: str | None = None
+    pretrained: str | None = None  # a known LLM name (`layerwise models list`), a GGUF file or an HF directory
     text_features: bool = False
     dropout: float = 0.1
     causal: bool = added_option(False)  # BERT as a decoder: next item at every position, not cloze
+    head: str = added_option("dot")  # or "cos": cosine scores times a learned temperature
+    # How a pretrained decoder LLM becomes the recommender (layerwise.models.llm.LLMSetup's fields); None
+    # gives a pretrained decoder LLMSetup's defaults.
+    llm: LLMSetup | None = added_option(None)
     # Budgeted by epochs, never by wall-clock minutes, so that the same seed gives the same teacher on a busy
     # machine and a quiet one. On ml-100k validation NDCG@10 climbs to ~0.125 by epoch 20 and peaks at
-    # ~0.134 near epoch 30; 20 epochs (~7 minutes on one quiet core) keep `make run` within 15 minutes.
+    # ~0.134 near epoch 30; 20 epochs (~4.5 minutes on one quiet core) keep `make run` within 15 minutes.
     # A cap set by hand (teacher.train.max_minutes) is reported in the headline when it stops training.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20))
 
@@ -163,14 +168,14 @@ def _build(cls, raw: dict, prefix: str):
 
 
 def _coerce(hint, value, key: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None and type(None) in args:
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):  # a section, or an optional one (teacher.llm)
+        return _build(hint, value, key + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key} must be a list, got {value!r}")

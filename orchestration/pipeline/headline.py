@@ -83,7 +83,10 @@ def teacher_line(training: dict) -> str:
     says so, because its quality then depends on the machine's load."""
     reason = {"early_stopping": "stopped early (no validation gain)", "epochs": "ran its whole epoch budget",
               "time_cap": f"STOPPED BY THE TIME CAP at epoch {training['epochs_run']}: its quality depends "
-                          f"on the machine's load"}.get(training["stop_reason"], "stop reason not recorded")
+                          f"on the machine's load",
+              "schedule_clock": f"STOPPED BY ITS SCHEDULE'S CLOCK (schedule_minutes) at epoch "
+                                f"{training['epochs_run']}: its quality depends on the machine's load",
+              }.get(training["stop_reason"], "stop reason not recorded")
     return f"teacher: {training['epochs_run']} epochs, best at epoch {training['best_epoch']}; {reason}"
 
 

@@ -82,7 +82,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
         data_spec = DataSpec(c.data.dataset, cache_dir=c.data.cache_dir, data_dir=c.data.data_dir,
                              min_core=c.data.min_core)
         model_spec = ModelSpec(family=t.family, preset=t.preset, max_len=c.data.max_len,
-                               dropout=t.dropout, pretrained=t.pretrained, seed=c.seed)
+                               dropout=t.dropout, pretrained=t.pretrained, seed=c.seed, head=t.head,
+                               llm=asdict(t.llm) if t.llm else None)
         result = train_teacher_distributed(data_spec, model_spec, train_config, out_dir=str(out / "model"),
                                            num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
                                            storage_path=str(ctx.root / "ray_train"))
@@ -95,10 +96,11 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
         return
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
                               text_features=t.text_features, max_len=c.data.max_len,
-                              dropout=t.dropout, seed=c.seed, causal=t.causal)
+                              dropout=t.dropout, seed=c.seed, causal=t.causal, head=t.head, llm=t.llm)
     result = train_recommender(model, data, train_config)
     save_recommender(model, out / "model", {
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": c.data.dataset,
+        "llm": getattr(model, "llm_info", None),
         "data_fingerprint": data.fingerprint, "max_len": c.data.max_len, "train": result.config,
         "best_epoch": result.best_epoch, "valid": result.best_valid,
     })

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import yaml
 
+from orchestration.pipeline.config import added_option
+
 # Fields each distribution takes (besides `distribution`), and which parameter types it can sample.
 # Semantics are ray.tune's: randint and lograndint exclude `high`; quniform rounds to multiples of q.
 DISTRIBUTIONS: dict[str, tuple[tuple[str, ...], tuple[type, ...]]] = {
@@ -83,7 +85,8 @@ REQUIRED = ("bridge_rank", "selector")
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """The teacher every trial compresses: a preset (optionally re-sized) or a local pretrained backbone."""
+    """The teacher every trial compresses: a preset (optionally re-sized) or a pretrained backbone (a
+    known LLM name, a GGUF file or a local Hugging Face directory)."""
 
     family: str = "llama"
     preset: str = "small"
@@ -100,6 +103,8 @@ class TeacherSpec:
     dropout: float = 0.1
     seed: int = 0
     max_minutes: float | None = None  # wall-clock cap on teacher training (early stopping usually ends sooner)
+    head: str = added_option("dot")  # "cos": cosine scores times a learned temperature
+    llm: dict | None = added_option(None)  # LLMSetup fields for a pretrained decoder LLM
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; known: teacher, protocol, space")
     teacher = _typed(TeacherSpec, raw.get("teacher") or {}, f"{path}: teacher")
+    _check_llm(teacher.llm, f"{path}: teacher.llm")
     protocol = _typed(Protocol, raw.get("protocol") or {}, f"{path}: protocol")
     entries = check_entries(raw.get("space"), f"{path}: space")
     return SearchSpace(str(path), teacher, protocol, entries)
@@ -263,6 +269,18 @@ def _to_domain(entry: dict):
         return tune.choice(entry["values"])
     args = [entry[k] for k in DISTRIBUTIONS[kind][0]]
     return getattr(tune, kind)(*args)
+
+
+def _check_llm(llm: dict | None, where: str) -> None:
+    from layerwise.models.llm import LLMSetup
+
+    try:
+        LLMSetup(**(llm or {}))
+    except TypeError as err:
+        names = [f.name for f in dataclasses.fields(LLMSetup)]
+        raise ValueError(f"{where}: {err}; known keys: {names}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _typed(cls, raw: Any, where: str):

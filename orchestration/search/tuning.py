@@ -122,7 +122,7 @@ def _search_state(run_dir: Path, space: SearchSpace, objective: str, speed_metri
     """search.json: what this run directory searches. A resume must search the same thing."""
     from orchestration.pipeline.config import stage_hash
 
-    key = stage_hash(asdict(space.teacher), asdict(space.protocol), space.entries, objective, speed_metric,
+    key = stage_hash(space.teacher, asdict(space.protocol), space.entries, objective, speed_metric,
                      teacher_dir)
     path = run_dir / "search.json"
     if path.exists():
@@ -140,6 +140,13 @@ def _search_state(run_dir: Path, space: SearchSpace, objective: str, speed_metri
              "study": f"layerwise-{family}-{objective}-{key[:6]}", "space": space.path, "parent_run_id": None}
     write_json(path, state)
     return state
+
+
+def _absolute(pretrained: str | None) -> str | None:
+    """A path made absolute (trials run in their own working directories); a known name as it is."""
+    if pretrained and Path(pretrained).expanduser().exists():
+        return str(Path(pretrained).expanduser().resolve())
+    return pretrained
 
 
 def _data_spec(space: SearchSpace):
@@ -163,13 +170,13 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     if teacher_dir:
         return data, teacher_dir
     t, target = space.teacher, run_dir / "teacher"
-    key = stage_hash(asdict(t))
+    key = stage_hash(t)  # the options added later count only once set, so earlier teachers stay reused
     if (target / "manifest.json").exists() and read_manifest(target).get("tune_teacher_key") == key:
         print(f"teacher: trained earlier, reusing {target}")
         return data, str(target)
     spec = ModelSpec(t.family, t.preset, n_layers=t.n_layers, max_len=t.max_len, dropout=t.dropout,
-                     pretrained=str(Path(t.pretrained).resolve()) if t.pretrained else None, seed=t.seed)
-    model = build_model(spec, data.n_items)
+                     pretrained=_absolute(t.pretrained), seed=t.seed, head=t.head, llm=t.llm)
+    model = build_model(spec, data)
     config = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_len=t.max_len, seed=t.seed,
                          max_minutes=t.max_minutes)
     # The search waits for this, often for longer than for its trials: say so, and show the epochs go by.

@@ -97,10 +97,11 @@ class SeedRun:
         recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
         model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
                                   text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
-                                  seed=self.seed, causal=t.causal)
+                                  seed=self.seed, causal=t.causal, head=t.head, llm=t.llm)
         result = train_recommender(model, self.data, recipe, progress=self.progress)
         save_recommender(model, out / "model", {
             "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
+            "llm": getattr(model, "llm_info", None),
             "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
             "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed})
         model.eval()

@@ -26,14 +26,14 @@ _WRITERS = {
 
 
 def tiny_model(family: str = "llama", n_layers: int = 4, n_items: int = 20, max_len: int = 12,
-               seed: int = 0) -> SequentialRecommender:
+               seed: int = 0, head: str = "dot") -> SequentialRecommender:
     """A randomly initialised 32-wide recommender with `n_layers` layers and no dropout."""
     torch.manual_seed(seed)
     overrides = {_DEPTH_KEY.get(family, "num_hidden_layers"): n_layers}
     if family == "qwen3":
         overrides["layer_types"] = ["full_attention"] * n_layers  # the preset sizes it for 2 layers
     backbone = build_backbone(preset_config(family, "tiny", max_len=max_len, dropout=0.0, **overrides))
-    return SequentialRecommender(backbone, n_items, dropout=0.0)
+    return SequentialRecommender(backbone, n_items, dropout=0.0, head=head)
 
 
 def make_identity(model: SequentialRecommender, layer: int) -> None:

@@ -17,8 +17,11 @@ from layerwise.models.known import (
 from layerwise.models.pretrained import get_pretrained
 
 
-def test_converted_smollm2_reloads_stock_and_predicts_paris(smollm2):
-    assert smollm2.kind == "known" and smollm2.converted and smollm2.sha256 == KNOWN["smollm2-135m"].sha256
+def test_models_get_converts_smollm2_to_a_stock_directory_that_predicts_paris(smollm2_get, smollm2):
+    # The session's conversion was the command itself; it prints the directory alone on stdout.
+    assert smollm2_get["stdout"].strip() == str(smollm2.path)
+    assert "converted: known smollm2-135m sha256 " + KNOWN["smollm2-135m"].sha256 in smollm2_get["stderr"]
+    assert smollm2.kind == "known" and smollm2.sha256 == KNOWN["smollm2-135m"].sha256
     files = {p.name for p in smollm2.path.iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert not any(name.endswith((".gguf", ".bin", ".pt")) for name in files)  # no GGUF, no pickle

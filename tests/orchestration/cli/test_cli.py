@@ -61,10 +61,11 @@ def test_score_compress_bench(teacher, workdir):
     assert scores["n_layers"] == 2 and len(scores["scores"]["fisher"]) == 2
     assert {"fisher", "taylor", "block_influence", "ablation"} <= set(scores["scores"])
     layerwise("compress", "--teacher", str(teacher), "--dataset", DATASET, "--keep", "0.5",
-              "--selector", "topk", "--bridge-rank", "4", "--heal-epochs", "1",
+              "--selector", "topk", "--bridge-rank", "4", "--heal-epochs", "1", "--cache-teacher",
               "--out", str(workdir / "compact"), cwd=workdir)
     manifest = json.loads((workdir / "compact" / "manifest.json").read_text())
     assert manifest["kind"] == "compact" and len(manifest["kept"]) == 1 and manifest["n_layers"] == 1
+    assert manifest["heal"]["config"]["cache_teacher"] is True
     out = layerwise("bench", "--models", str(teacher), str(workdir / "compact"), "--runs", "3", "--warmup", "1",
                     "--batch-sizes", "1", "4", "--json", str(workdir / "bench.json"), cwd=workdir).stdout
     bench = json.loads((workdir / "bench.json").read_text())

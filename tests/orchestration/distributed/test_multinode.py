@@ -98,7 +98,7 @@ def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
     spec = DataSpec(DATA, cache_dir=str(root / "cache"))
     data = spec.load()
-    teacher = build_model(MODEL, data.n_items)
+    teacher = build_model(MODEL, data)
     train_recommender(teacher, data, TrainConfig(epochs=2, batch_size=128, lr=3e-3, eval_every=2, seed=0),
                       progress=False)
     teacher.eval()

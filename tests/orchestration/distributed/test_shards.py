@@ -71,6 +71,15 @@ def test_model_weights_rebuild_the_same_model():
     histories = cyclic_data(n_users=6).padded_histories(range(6), "valid", 12)
     with torch.no_grad():
         assert torch.equal(rebuilt.score(histories), model.eval().score(histories))
+    # An LLM teacher's input norm and cosine head travel too (a rebuild without them scored differently).
+    llm_like = tiny_model("llama", n_layers=2, head="cos").eval()
+    llm_like.input_norm = 1.5
+    with torch.no_grad():
+        llm_like.log_temperature.fill_(0.7)
+    again = build_model(model_weights(llm_like))
+    assert again.head_kind == "cos" and again.input_norm == 1.5
+    with torch.no_grad():
+        assert torch.equal(again.score(histories), llm_like.score(histories))
     bridged = tiny_model("llama", n_layers=2)
     set_bridges(bridged, [1], 2)
     with pytest.raises(ValueError, match="bridges"):

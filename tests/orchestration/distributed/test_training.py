@@ -65,7 +65,7 @@ def _valid_ndcg(model, data) -> float:
 @pytest.mark.slow
 def test_distributed_teacher_matches_single_process_and_beats_baselines(teacher_run, data_spec):
     data = data_spec.load()
-    single = build_model(MODEL, data.n_items)
+    single = build_model(MODEL, data)
     reference = train_recommender(single, data, TRAIN, progress=False)
     distributed = teacher_run["best"]["valid_ndcg@10"]
     assert abs(distributed - reference.best_valid["ndcg@10"]) <= TOLERANCE

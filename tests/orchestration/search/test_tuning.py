@@ -104,7 +104,7 @@ def teacher_dir(cache, tmp_path_factory) -> str:
     """One tiny trained LLaMA teacher shared by the distributed-healing and resume tests."""
     data = DataSpec(DATA, cache_dir=str(cache)).load()
     spec = ModelSpec("llama", "tiny", n_layers=4, max_len=50, dropout=0.1, seed=0)
-    model = build_model(spec, data.n_items)
+    model = build_model(spec, data)
     result = train_recommender(model, data, TrainConfig(epochs=8, lr=3e-3, seed=0), progress=False)
     out = tmp_path_factory.mktemp("teacher") / "model"
     save_recommender(model, out, {"kind": "teacher", "data_fingerprint": data.fingerprint, "max_len": 50,
