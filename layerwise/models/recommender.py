@@ -131,14 +131,15 @@ class SequentialRecommender(nn.Module):
 
     def item_scores(self, hidden: torch.Tensor, items: torch.Tensor, bias: torch.Tensor,
                     paired: bool = False) -> torch.Tensor:
-        """Scores of items, in float32 even under autocast: in bf16 (8 bits of mantissa) nearby scores
-        tie, and ties count against the target in the ranking metrics.
+        """Scores of items, in float32 (or wider) even under autocast: in bf16 (8 bits of mantissa) nearby
+        scores tie, and ties count against the target in the ranking metrics.
 
         hidden: (..., H), items: (n, H), bias: (n,) -> (..., n). paired: hidden (N, H) with items (N, H)
         and bias (N,), row i scored against item i only -> (N,).
         """
         with torch.autocast(hidden.device.type, enabled=False):
-            hidden, items = hidden.float(), items.float()
+            dtype = torch.promote_types(torch.promote_types(hidden.dtype, items.dtype), torch.float32)
+            hidden, items = hidden.to(dtype), items.to(dtype)  # float32 at least (a float64 model stays so)
             if self.head_kind == "cos":
                 hidden, items = nn.functional.normalize(hidden, dim=-1), nn.functional.normalize(items, dim=-1)
             scores = (hidden * items).sum(-1) if paired else hidden @ items.T

@@ -24,10 +24,27 @@ def add_parsers(sub) -> None:
 
 
 def _run_parser(sub) -> None:
-    run = sub.add_parser("run", help="the main job: train a teacher, score its layers, build and heal the "
-                                     "compact model, evaluate and benchmark both; resumable, tracked in MLflow")
-    run.add_argument("config", nargs="?", default=None, help="YAML config (default: embedded defaults)")
-    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20")
+    run = sub.add_parser(
+        "run", help="the main job: train a teacher, score its layers, build and heal the compact model, "
+                    "evaluate and benchmark both; resumable, tracked in MLflow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The main job, in resumable stages: data -> teacher -> evaluate the teacher (and MostPop) "
+                    "-> importance\n(every estimator, sharded over Ray tasks) -> compact model (selection, "
+                    "healing) -> evaluate it -> benchmark\nboth. It ends with the headline table (retention "
+                    "and speedup with 95% CIs, the Amdahl bound) and\nwhere the time went.\n\n"
+                    "Each stage writes runs/<name>/<stage>-<hash>/ (run_dir, name); a rerun with the same "
+                    "settings skips\nfinished stages, so Ctrl-C and rerun resumes. MLflow logs to "
+                    "runs/mlflow.db (in run_dir)\nunless tracking.uri is set.",
+        epilog="examples:\n"
+               "  layerwise run                                        # the defaults: ml-100k, small LLaMA, "
+               "keep 25%\n"
+               "  layerwise run compress.keep=0.5 teacher.train.epochs=30\n"
+               "  layerwise run studies/recipes/smollm2.yaml           # the SmolLM2-135M recommender\n"
+               "  layerwise run data.dataset=beauty data.data_dir=../shared/data/amazon-yelp\n"
+               "The keys are the sections of orchestration/pipeline/config.py (data, teacher, compress, ray,\n"
+               "tracking, bench); an unknown key or a wrong type is an error that names it.")
+    run.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded defaults)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.train.epochs=30")
 
 
 def _baselines_parser(sub) -> None:

@@ -28,7 +28,7 @@ def ctx(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("trial")
     spec = DataSpec(DATA, cache_dir=str(root / "cache"))
     data = spec.load()
-    teacher = build_model(ModelSpec("llama", "tiny", n_layers=4, max_len=50, dropout=0.1, seed=0), data.n_items)
+    teacher = build_model(ModelSpec("llama", "tiny", n_layers=4, max_len=50, dropout=0.1, seed=0), data)
     train_recommender(teacher, data, TrainConfig(epochs=3, lr=3e-3, seed=0), progress=False)
     save_recommender(teacher, root / "teacher", {"kind": "teacher", "data_fingerprint": data.fingerprint,
                                                  "max_len": 50})
