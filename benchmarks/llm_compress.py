@@ -30,7 +30,7 @@ from layerwise.bench import bench_dirs, format_table
 from layerwise.compact import build_compact, load_compact, save_compact
 from layerwise.compress import calibration_batches
 from layerwise.data import load_dataset
-from layerwise.distill import HealConfig, TeacherCache, _batch_loss, heal, teacher_targets
+from layerwise.distill import HealConfig, TeacherCache, _batch_loss, heal, teacher_targets, trainable_parameters
 from layerwise.evaluate import evaluate
 from layerwise.importance import LOCAL_METHODS, combined, compute_importance
 from layerwise.stats import ratio_ci
@@ -39,7 +39,7 @@ from orchestration.outputs import write_json
 
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10")
 HEAL = HealConfig(epochs=6, batch_size=64, lr=2e-4, trainable="all", prefit_steps=0, patience=2, eval_every=1,
-                  max_len=50, seed=0, max_minutes=45.0, autocast="bf16", cache_teacher=True)
+                  max_len=50, seed=0, autocast="bf16", cache_teacher=True)  # by epochs: no clock
 
 
 def once(path: Path, compute):
@@ -78,6 +78,7 @@ def cache_gain(teacher, student, data, config: HealConfig, n_batches: int = 3) -
     build = time.monotonic() - tick
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(1))
     timings = {"per_batch_teacher": [], "cached": []}
+    trainable_parameters(student, config)  # as healing sets them (a copy of a frozen teacher has none)
     student.train()
     for b in range(n_batches):
         idx = order[b * config.batch_size:(b + 1) * config.batch_size]
