@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -152,11 +153,28 @@ def _maybe_crash(marker: str | None) -> None:
     os._exit(1)  # a worker failure, not an exception: Ray sees the process die
 
 
+def process_memory() -> dict[str, int]:
+    """This process's memory from /proc/self/status, in bytes (Linux; {} elsewhere).
+
+    peak_rss (VmHWM, the high-water mark over the process's life), rss (VmRSS now) and its parts
+    rss_anon (private memory) and rss_shmem (shared memory mapped in: objects read zero-copy from Ray's
+    object store land here, counted once per machine however many workers map them).
+    """
+    keys = {"VmHWM": "peak_rss", "VmRSS": "rss", "RssAnon": "rss_anon", "RssShmem": "rss_shmem"}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {keys[k]: 1024 * int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if k in keys}
+    return {"pid": os.getpid(), **out}
+
+
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=list(TRANSIENT))
 def _shard_task(weights: dict[str, Any], inputs: dict[str, list], methods: tuple[str, ...],
-                crash_marker: str | None = None) -> dict[str, Tensor]:
+                crash_marker: str | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
     _maybe_crash(crash_marker)
-    return local_scores(build_shard(weights), 0, methods=methods, **inputs)
+    scores = local_scores(build_shard(weights), 0, methods=methods, **inputs)
+    return scores, process_memory()
 
 
 _EVALUATIONS = {"ablation": ablation, "dependency": dependency_matrix}
@@ -170,7 +188,7 @@ def _evaluation_task(kind: str, weights: dict[str, Any], batches, data, kwargs: 
 # --- the driver side ---------------------------------------------------------------------------------
 def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards: int,
                        methods: Sequence[str] = LOCAL_METHODS, num_cpus: float | None = None,
-                       _crash_marker: str | None = None) -> dict[str, Tensor]:
+                       worker_memory: list | None = None, _crash_marker: str | None = None) -> dict[str, Tensor]:
     """Local importance estimators with one Ray task per contiguous shard of layers.
 
     Uses the connected Ray, or starts one with `init_ray()` (never Ray's own unbounded auto-start). Equals
@@ -182,6 +200,8 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
         n_shards: number of shards S, 1 <= S <= L (`split_shards`).
         methods: a subset of `layerwise.importance.LOCAL_METHODS`.
         num_cpus: CPU request per shard task (default `cpu_fraction()`).
+        worker_memory: if a list, each shard task's `process_memory()`, taken in the worker after its
+            scores, is appended in shard order (a reused Ray worker's peak covers its earlier tasks too).
         _crash_marker: test hook, a file path: the first shard attempt that finds no file there creates
             it and kills its own worker, so the task must be retried.
 
@@ -204,7 +224,9 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
         refs.append(task.remote(weights, inputs, methods, _crash_marker))
     del traces  # the object store holds what the tasks need
     parts = ray.get(refs)
-    return {m: torch.cat([part[m] for part in parts]) for m in methods}
+    if worker_memory is not None:
+        worker_memory.extend(memory for _, memory in parts)
+    return {m: torch.cat([scores[m] for scores, _ in parts]) for m in methods}
 
 
 def submit_ablation(model, batches, data=None, metric: str = "ndcg@10", max_users: int | None = None,

@@ -142,16 +142,36 @@ def training_activations(dims: LayerDims, n_layers: int, tokens: int, n_items: i
     return stack + BF16 * tokens * 3 * dims.hidden + _logits_bytes(tokens, n_items)
 
 
-def inference_memory(params: int, dims: LayerDims, batch: int, seq: int, n_items: int) -> dict[str, int]:
-    """bf16 inference of `score` on (batch, seq) histories: weights and peak activations, bytes."""
-    activations = BF16 * batch * seq * (dims.hidden + dims.values_per_token()) + FP32 * batch * (n_items + 1)
-    return {"weights": BF16 * params, "activations": activations, "total": BF16 * params + activations}
+def inference_memory(params: int, dims: LayerDims, batch: int, seq: int, n_items: int,
+                     value_bytes: int = BF16) -> dict[str, int]:
+    """Inference of `score` on (batch, seq) histories: weights and peak activations, bytes.
+
+    value_bytes: bytes per weight and activation value (bf16 by default; 4 for an fp32 CPU run).
+    The scores are fp32, one row of n_items + 1 per history (an LM scoring its last position alike).
+    """
+    activations = value_bytes * batch * seq * (dims.hidden + dims.values_per_token()) + FP32 * batch * (n_items + 1)
+    return {"weights": value_bytes * params, "activations": activations, "total": value_bytes * params + activations}
 
 
 def _teacher_for_healing(params: int, dims: LayerDims, k: int, tokens: int, n_items: int) -> int:
     transient = BF16 * tokens * dims.values_per_token()
     kept_states = BF16 * tokens * dims.hidden * (k + 1)
     return BF16 * params + transient + kept_states + FP32 * tokens * (n_items + 1)
+
+
+def shard_memory(layer_params: int, n_layers: int, dims: LayerDims, tokens: int, batches: int,
+                 gradients: bool = True) -> int:
+    """Bytes one sharded-importance task of `n_layers` layers holds (fp32; see the module docstring).
+
+    tokens: positions in one calibration batch (B x T); batches: calibration batches. With gradients
+    (fisher, taylor, param_fisher): weights and their gradients, one batch's activations through every
+    layer, and the input states and output gradients of every batch. Forward only (block influence,
+    angular, activation): weights, one layer's transients, and the input states.
+    """
+    per_value = 2 if gradients else 1
+    boundary = per_value * FP32 * batches * tokens * dims.hidden
+    activations = FP32 * tokens * dims.values_per_token() * (n_layers if gradients else min(n_layers, 1))
+    return boundary + per_value * FP32 * layer_params * n_layers + activations
 
 
 def shard_split(layer_params: int, n_layers: int, dims: LayerDims, seq: int, gpu_bytes: float) -> dict:
@@ -161,11 +181,10 @@ def shard_split(layer_params: int, n_layers: int, dims: LayerDims, seq: int, gpu
     "boundary_gib" (its input states + output gradients), "fits"}.
     """
     tokens = CALIB_BATCH_SIZE * seq
-    boundary = 2 * FP32 * CALIB_BATCHES * tokens * dims.hidden
-    per_layer = 2 * FP32 * layer_params + FP32 * tokens * dims.values_per_token()
+    boundary = shard_memory(layer_params, 0, dims, tokens, CALIB_BATCHES)
     for n_shards in range(1, n_layers + 1):
         ranges = split_shards(n_layers, n_shards)
-        need = boundary + max(end - start for start, end in ranges) * per_layer
+        need = shard_memory(layer_params, max(end - start for start, end in ranges), dims, tokens, CALIB_BATCHES)
         if need <= USABLE * gpu_bytes or n_shards == n_layers:
             return {"n_shards": n_shards, "ranges": [list(r) for r in ranges], "per_shard_gib": need / GIB,
                     "boundary_gib": boundary / GIB, "fits": need <= USABLE * gpu_bytes}

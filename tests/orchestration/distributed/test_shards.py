@@ -189,3 +189,21 @@ def test_every_score_at_once_equals_each_computed_alone(ray_local):
     for name, value in expected.items():
         assert torch.allclose(scores[name], value, rtol=1e-5, atol=1e-9), name
     assert torch.allclose(dependency, dependency_matrix(model, batches, data=data), rtol=1e-6, atol=1e-9)
+
+
+def test_sharded_forward_estimators_on_a_text_stack_report_worker_memory(ray_local):
+    from layerwise.models import build_backbone, preset_config
+    from layerwise.models.token_stack import TEXT_METHODS, TokenStack
+
+    torch.manual_seed(0)
+    config = preset_config("qwen2", "tiny", n_layers=4, dropout=0.0, vocab_size=40, pad_token_id=None)
+    stack = TokenStack(build_backbone(config).eval())
+    inputs = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]])  # token ids + 1, right-padded with 0
+    batches = [(inputs, inputs)]
+    memory = []
+    sharded = sharded_importance(stack, batches, 2, methods=TEXT_METHODS, worker_memory=memory)
+    single = compute_importance(stack, batches, TEXT_METHODS)
+    for method in TEXT_METHODS:
+        assert _rel_err(sharded[method], single[method]) < 1e-6, method
+    assert len(memory) == 2
+    assert all(m["peak_rss"] >= m["rss"] > 0 for m in memory)

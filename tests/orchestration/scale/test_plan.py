@@ -126,3 +126,17 @@ def test_bad_arguments_are_rejected():
         plan("bert", "base", gpus=0)
     with pytest.raises(ValueError, match="cannot keep"):
         plan("bert", "base", keep=13)
+
+
+def test_forward_only_shard_memory_and_fp32_inference():
+    from orchestration.scale.plan import LayerDims, inference_memory, shard_memory
+
+    dims = LayerDims(hidden=8, q=8, kv=4, ffn=16, gated=True)
+    per_token = dims.values_per_token()
+    # weights + grads, every layer's activations, input states + output gradients of both batches
+    assert shard_memory(100, 3, dims, tokens=10, batches=2) == 2 * 4 * 100 * 3 + 4 * 10 * per_token * 3 + 2 * 4 * 2 * 10 * 8
+    # forward only: weights, one layer's transients, input states
+    assert shard_memory(100, 3, dims, tokens=10, batches=2, gradients=False) == 4 * 100 * 3 + 4 * 10 * per_token + 4 * 2 * 10 * 8
+    fp32 = inference_memory(100, dims, batch=2, seq=5, n_items=9, value_bytes=4)
+    assert fp32["weights"] == 400 and fp32["total"] == 400 + 4 * 2 * 5 * (8 + per_token) + 4 * 2 * 10
+    assert inference_memory(100, dims, 2, 5, 9)["weights"] == 200  # bf16 by default
