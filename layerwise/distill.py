@@ -292,10 +292,7 @@ class TeacherCache:
     def rows(self, windows: torch.Tensor) -> dict:
         """The states of these windows' targets, in the order `targets[windows] != 0` selects them."""
         lengths = self.counts[windows]
-        starts = torch.repeat_interleave(self.starts[windows], lengths)
-        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
-                                                                             lengths)
-        index = starts + offsets
+        index = torch.repeat_interleave(self.starts[windows], lengths) + _ranges(lengths)
         return {key: state[index] for key, state in self.states.items()}
 
 
