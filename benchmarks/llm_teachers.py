@@ -49,10 +49,14 @@ VARIANTS = {
 REPORTED = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "hr@20")
 
 
-def teacher_config(variant: str, smoke: bool):
-    """The teacher section of the run config for `variant` (a smoke run: 2 layers, 40 steps)."""
+def teacher_config(variant: str, smoke: bool, extra: list[str] | None = None):
+    """The teacher section of the run config for `variant` plus `extra` key=value overrides (a smoke run: 2
+    layers, 40 steps)."""
     overrides = VARIANTS[variant]
-    config = load_config(None, [], PipelineConfig) if overrides is None else load_config(str(RECIPE), overrides)
+    if overrides is None:
+        config = load_config(None, list(extra or []), PipelineConfig)
+    else:
+        config = load_config(str(RECIPE), [*overrides, *(extra or [])])
     if smoke:
         t = config.teacher
         llm = replace(t.llm, n_layers=2) if t.llm else None
@@ -61,9 +65,9 @@ def teacher_config(variant: str, smoke: bool):
     return config
 
 
-def run(variant: str, out: Path, smoke: bool, threads: int) -> dict:
+def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
-    config = teacher_config(variant, smoke)
+    config = teacher_config(variant, smoke, extra)
     t, seed = config.teacher, 0
     data = load_dataset(config.data.dataset, cache_dir=config.data.cache_dir)
     load_avg = [os.getloadavg()[0]]
@@ -77,7 +81,7 @@ def run(variant: str, out: Path, smoke: bool, threads: int) -> dict:
     train_seconds = time.monotonic() - tick
     load_avg.append(os.getloadavg()[0])
     tick = time.monotonic()
-    save_recommender(model, out / variant / "model", {
+    save_recommender(model, model_dir, {
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": data.name,
         "data_fingerprint": data.fingerprint, "max_len": config.data.max_len, "train": result.config,
         "best_epoch": result.best_epoch, "valid": result.best_valid, "llm": getattr(model, "llm_info", None)})
@@ -87,7 +91,7 @@ def run(variant: str, out: Path, smoke: bool, threads: int) -> dict:
     test_seconds = time.monotonic() - tick  # float32, no autocast: the figures are the model's own
     history = result.history
     return {
-        "variant": variant, "smoke": smoke, "test": {k: round(test.means[k], 5) for k in REPORTED},
+        "variant": variant, "overrides": list(extra or []), "smoke": smoke, "test": {k: round(test.means[k], 5) for k in REPORTED},
         "valid": result.best_valid, "best_epoch": result.best_epoch,
         "epochs_run": len(history), "steps": history[-1]["steps"] if history else 0,
         "windows": len(training_windows(data, config.data.max_len, causal=True)[0]),
@@ -106,16 +110,20 @@ def run(variant: str, out: Path, smoke: bool, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True, choices=list(VARIANTS))
-    parser.add_argument("--out", default="runs/llm_teachers", help="models go to OUT/<variant>/model")
+    parser.add_argument("--out", default="runs/llm_teachers", help="models go to OUT/<name or variant>/model")
     parser.add_argument("--json", default="benchmarks/results/llm_teachers.json")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on 2 shared cores OpenMP's second thread waits on others' jobs)")
     parser.add_argument("--smoke", action="store_true", help="2 layers, one short epoch: checks the script")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more config override after the variant's (repeatable): teacher.train.epochs=8")
+    parser.add_argument("--name", help="the entry's key in the JSON (default: the variant's name)")
     args = parser.parse_args()
-    entry = run(args.variant, Path(args.out), args.smoke, args.threads)
+    entry = run(args.variant, Path(args.out) / (args.name or args.variant) / "model", args.smoke, args.threads,
+                args.extra)
     path = Path(args.json if not args.smoke else args.json.replace(".json", "_smoke.json"))
     results = json.loads(path.read_text()) if path.exists() else {"variants": {}}
-    results["variants"][args.variant] = entry
+    results["variants"][args.name or args.variant] = entry
     results["protocol"] = "ml-100k, seed 0, chronological leave-one-out, full ranking, seen items excluded"
     write_json(path, results)
     print(json.dumps({k: entry[k] for k in ("variant", "test", "minutes", "epochs_run", "steps")}, indent=1))
