@@ -18,12 +18,17 @@ Three views of one model, because "how big is it" depends on what is counted:
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     BertModel,
     LlamaConfig,
@@ -36,7 +41,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from layerwise.models.families import FAMILIES
+from layerwise.models.families import FAMILIES, family_of
 from layerwise.models.presets import build_backbone
 from layerwise.models.recommender import SequentialRecommender
 
@@ -182,6 +187,59 @@ def meta_recommender(family: str, size: str, n_items: int) -> SequentialRecommen
     return _on_meta(lambda: SequentialRecommender(build_backbone(config), n_items))
 
 
+# --- any local shape: a Hugging Face directory or its config.json ------------------------------------------
+def load_shape(path: str | Path) -> PretrainedConfig:
+    """The config of a local model, read from a Hugging Face directory or a config.json (no weights are
+    read, no remote code runs). A multimodal config (Gemma 3's) gives its text model's config.
+
+    Raises:
+        FileNotFoundError: nothing at `path`, or a directory without config.json.
+        ValueError: a config.json that is not JSON, or a model_type no family supports.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no model config at {path}: give a Hugging Face model directory or its config.json")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model directory or its config.json")
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not a JSON config: {error}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"{file} has no model_type: it is not a transformers config.json")
+    config = AutoConfig.for_model(**raw).get_text_config()
+    family_of(config)  # names the supported model types if this one is not
+    return config
+
+
+def _recommender_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of `config` with the token vocabulary dropped, as `scale_config(..., recommender=True)`."""
+    config = copy.deepcopy(config)
+    config.vocab_size = 2
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
+    if config.model_type == "t5":
+        config.is_encoder_decoder, config.use_cache = False, False
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _released_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    if config.model_type == "bert":
+        return BertModel(config, add_pooling_layer=True)
+    if config.model_type == "t5":
+        return T5ForConditionalGeneration(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def meta_shape(config: PretrainedConfig, n_items: int) -> dict[str, nn.Module]:
+    """{"backbone", "released", "recommender"} of a local shape's config, on the meta device."""
+    rec = _recommender_config(config)
+    return {"backbone": _on_meta(lambda: build_backbone(config)),
+            "released": _on_meta(lambda: _released_from_config(config)),
+            "recommender": _on_meta(lambda: SequentialRecommender(build_backbone(rec), n_items))}
+
+
 def numel(module: nn.Module) -> int:
     """Parameters of a module; shared (tied) parameters count once."""
     return sum(p.numel() for p in module.parameters())
@@ -214,19 +272,32 @@ def count_parameters(family: str, size: str, n_items: int = 10_000) -> dict[str,
             with the token table dropped plus the item table and bias (embedding = item table + bias +
             the 2-row stub)}.
     """
-    spec, fam = scale_spec(family, size), FAMILIES[family]
-    backbone = meta_backbone(family, size)
-    released = meta_released(family, size)
-    recommender = meta_recommender(family, size, n_items)
+    spec = scale_spec(family, size)
+    models = {"backbone": meta_backbone(family, size), "released": meta_released(family, size),
+              "recommender": meta_recommender(family, size, n_items)}
+    return _counts(spec.name, family, size, models, n_items, dict(spec.references), spec.source)
+
+
+def count_shape(config: PretrainedConfig, n_items: int = 10_000, name: str = "") -> dict[str, Any]:
+    """`count_parameters` for any supported shape given by its config (`load_shape`); size is "custom"
+    and there are no published references."""
+    family = family_of(config).name
+    return _counts(name or getattr(config, "_name_or_path", "") or f"custom {family}", family, "custom",
+                   meta_shape(config, n_items), n_items, {}, "the config's own shape")
+
+
+def _counts(name: str, family: str, size: str, models: dict[str, nn.Module], n_items: int,
+            references: dict[str, float], source: str) -> dict[str, Any]:
+    backbone, released, recommender = models["backbone"], models["released"], models["recommender"]
     released_total, released_tables = numel(released), _tables(released)
     item_tables = numel(recommender.item_embedding) + recommender.item_bias.numel()
     return {
-        "name": spec.name, "family": family, "size": size, "n_layers": len(fam.layers(backbone)),
+        "name": name, "family": family, "size": size, "n_layers": len(FAMILIES[family].layers(backbone)),
         "hidden": recommender.hidden_size,
-        **_breakdown(numel(backbone), _tables(backbone), fam.layers(backbone)),
+        **_breakdown(numel(backbone), _tables(backbone), FAMILIES[family].layers(backbone)),
         "released": {"class": type(released).__name__, "total": released_total, "embedding": released_tables,
                      "non_embedding": released_total - released_tables,
-                     "references": dict(spec.references), "source": spec.source},
+                     "references": references, "source": source},
         "recommender": {"n_items": n_items, **_breakdown(
             numel(recommender), item_tables + _tables(recommender.backbone), recommender.layers)},
     }

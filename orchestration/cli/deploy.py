@@ -36,10 +36,17 @@ def _serve_parser(sub) -> None:
 
 def _plan_parser(sub) -> None:
     plan = sub.add_parser("plan", help="parameters, memory per GPU under ZeRO 0-3, importance shards and the "
-                                       "DeepSpeed config of a published model shape, full and compact")
-    plan.add_argument("--family", required=True, choices=["llama", "qwen3", "bert", "t5"])
-    plan.add_argument("--size", required=True,
-                      help="llama: 1b 3b 8b 13b; qwen3: 1.7b 4b 8b 14b; bert: base large; t5: 3b 11b")
+                                       "DeepSpeed config of a model shape, full and compact",
+                          description="Plan a run past one machine for a published shape (--family and --size) "
+                                      "or any local one (--config), built on the meta device: no weights are "
+                                      "read or allocated.")
+    plan.add_argument("--family", choices=["llama", "qwen3", "bert", "t5"],
+                      help="a published shape's family (with --size)")
+    plan.add_argument("--size", help="llama: 1b 3b 8b 13b; qwen3: 1.7b 4b 8b 14b; bert: base large; t5: 3b 11b")
+    plan.add_argument("--config", metavar="PATH",
+                      help="instead of --family/--size: a local Hugging Face model directory or its config.json "
+                           "(llama, qwen2, qwen3, gemma3, bert or t5), e.g. the directory `layerwise models get` "
+                           "prints")
     plan.add_argument("--keep", type=float, default=0.25,
                       help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
     plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs, ZeRO's N (default: %(default)s)")
@@ -66,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     from orchestration.scale.plan import plan_main
 
+    if bool(args.config) == bool(args.family or args.size) or (not args.config and not (args.family and args.size)):
+        raise ValueError("layerwise plan needs either --family and --size (a published shape) or --config PATH "
+                         "(a local model's config), not both")
     return plan_main(args)
 
 

@@ -2,8 +2,10 @@
 
     layerwise plan --family bert --size base --gpus 1
     layerwise plan --family llama --size 13b --keep 0.25 --gpus 8 --json runs/plan.json
+    layerwise plan --config ~/models/Qwen3-14B --gpus 4      # any local shape, from its config.json alone
 
-Models are the published shapes of `layerwise.models.scale`, built on the meta device (no memory). The
+Models are the published shapes of `layerwise.models.scale`, or any local model's config.json (`--config`),
+built on the meta device (no memory). The
 compact model keeps k = round(keep * L) layers chosen by the `uniform` selector (a representative
 selection; a real run selects by importance, with the same count) plus bridges of rank r at the gaps.
 All memory is in GiB per GPU; a configuration "fits" when it needs at most USABLE of the GPU's memory
@@ -45,7 +47,7 @@ import torch.nn as nn
 
 from layerwise.compact import build_compact
 from layerwise.compress import n_kept
-from layerwise.models.scale import count_parameters, meta_recommender, numel
+from layerwise.models.scale import count_parameters, count_shape, load_shape, meta_recommender, meta_shape, numel
 from layerwise.select import SELECTORS
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.outputs import write_json
@@ -143,14 +145,21 @@ def training_activations(dims: LayerDims, n_layers: int, tokens: int, n_items: i
 
 
 def inference_memory(params: int, dims: LayerDims, batch: int, seq: int, n_items: int,
-                     value_bytes: int = BF16) -> dict[str, int]:
+                     value_bytes: int = BF16, mapped_table_rows: int = 0) -> dict[str, int]:
     """Inference of `score` on (batch, seq) histories: weights and peak activations, bytes.
 
     value_bytes: bytes per weight and activation value (bf16 by default; 4 for an fp32 CPU run).
+    mapped_table_rows: rows of an input token table (hidden wide, part of `params`) that stays memory-mapped
+        from its safetensors file, as `from_pretrained` leaves it on CPU: a lookup pages in only the rows it
+        reads, at most batch x seq of them. 0 (the default) counts every weight as resident, as on a GPU.
+        A recommender has no such table: its item table is also its output head, so every row is read.
     The scores are fp32, one row of n_items + 1 per history (an LM scoring its last position alike).
     """
     activations = value_bytes * batch * seq * (dims.hidden + dims.values_per_token()) + FP32 * batch * (n_items + 1)
-    return {"weights": value_bytes * params, "activations": activations, "total": value_bytes * params + activations}
+    unread = max(mapped_table_rows - batch * seq, 0) * dims.hidden
+    weights = value_bytes * (params - unread)
+    return {"weights": weights, "activations": activations, "total": weights + activations,
+            "mapped_unread": value_bytes * unread}
 
 
 def _teacher_for_healing(params: int, dims: LayerDims, k: int, tokens: int, n_items: int) -> int:
@@ -225,21 +234,33 @@ def _check(gpus: int, n_items: int, seq_len: int, micro_batch: int, gpu_gb: floa
         raise ValueError(f"gpu_gb must be > 0 and bridge_rank >= 0, got {gpu_gb} and {bridge_rank}")
 
 
-def _compact(family: str, size: str, n_items: int, keep: float, bridge_rank: int):
-    """(teacher, student, kept) on the meta device; kept = the uniform selection of k layers."""
-    teacher = meta_recommender(family, size, n_items)
+def _compact(teacher, keep: float, bridge_rank: int):
+    """(student, kept) of a meta-device teacher; kept = the uniform selection of k layers."""
     k = n_kept(keep, teacher.n_layers)
     kept = SELECTORS["uniform"](torch.zeros(teacher.n_layers), k)
-    return teacher, build_compact(teacher, kept, bridge_rank), kept
+    return build_compact(teacher, kept, bridge_rank), kept
 
 
-def plan(family: str, size: str, keep: float = 0.25, gpus: int = 8, n_items: int = 10_000,
-         seq_len: int = 50, micro_batch: int = 8, *, gpu_gb: float = 80.0, bridge_rank: int = 16,
-         stage: int = 3) -> dict[str, Any]:
+def _teacher(family: str | None, size: str | None, shape: str | None, n_items: int):
+    """(meta-device recommender, `count_parameters`-style counts) of a published or a local shape."""
+    if (shape is None) == (family is None or size is None):
+        raise ValueError("give either a family and a size (a published shape) or a model config (a local "
+                         "shape), not both and not neither")
+    if shape is None:
+        return meta_recommender(family, size, n_items), count_parameters(family, size, n_items)
+    config = load_shape(shape)
+    return meta_shape(config, n_items)["recommender"], count_shape(config, n_items, name=str(shape))
+
+
+def plan(family: str | None = None, size: str | None = None, keep: float = 0.25, gpus: int = 8,
+         n_items: int = 10_000, seq_len: int = 50, micro_batch: int = 8, *, gpu_gb: float = 80.0,
+         bridge_rank: int = 16, stage: int = 3, shape: str | None = None) -> dict[str, Any]:
     """Parameters, memory per GPU and the shard split of a full and a compact recommender.
 
     Args:
-        family, size: a published shape of `layerwise.models.scale.SCALES` (e.g. "llama", "13b").
+        family, size: a published shape of `layerwise.models.scale.SCALES` (e.g. "llama", "13b"), or
+        shape: instead, a local Hugging Face model directory or config.json (e.g. the directory that
+            `layerwise models get` prints, or a user's own Llama or Qwen), read without its weights.
         keep: fraction of layers kept (<= 1) or a layer count; gpus: data-parallel GPUs (ZeRO's N).
         n_items, seq_len, micro_batch: catalogue, history length and micro batch per GPU.
         gpu_gb: memory of one GPU in GiB; bridge_rank: rank of the gap bridges (0 = none);
@@ -250,8 +271,9 @@ def plan(family: str, size: str, keep: float = 0.25, gpus: int = 8, n_items: int
         "importance_shards", "deepspeed", "lowest_fitting_stage" (see the module docstring for formulas).
     """
     _check(gpus, n_items, seq_len, micro_batch, gpu_gb, bridge_rank)
-    teacher, student, kept = _compact(family, size, n_items, keep, bridge_rank)
-    dims, counts = layer_dims(teacher.backbone.config), count_parameters(family, size, n_items)
+    teacher, counts = _teacher(family, size, shape, n_items)
+    student, kept = _compact(teacher, keep, bridge_rank)
+    dims = layer_dims(teacher.backbone.config)
     full, compact = numel(teacher), numel(student)
     big_l, k, tokens, gpu_bytes = teacher.n_layers, len(kept), micro_batch * seq_len, gpu_gb * GIB
     train_act = training_activations(dims, big_l, tokens, n_items)
@@ -260,7 +282,7 @@ def plan(family: str, size: str, keep: float = 0.25, gpus: int = 8, n_items: int
     training = _rows(full, largest_module(teacher), train_act, gpus, gpu_bytes)
     healing = _rows(compact, largest_module(student), heal_act, gpus, gpu_bytes, extra=teacher_bytes)
     return {
-        "model": {"family": family, "size": size, "name": counts["name"], "layers": big_l,
+        "model": {"family": counts["family"], "size": counts["size"], "name": counts["name"], "layers": big_l,
                   "hidden": dims.hidden, "kept": kept, "k": k, "bridge_rank": bridge_rank,
                   "bridge_slots": sorted(int(s) for s in student.bridges)},
         "settings": {"gpus": gpus, "gpu_gib": gpu_gb, "usable_fraction": USABLE, "n_items": n_items,
@@ -305,7 +327,7 @@ def format_plan(result: dict[str, Any]) -> str:
     """The plan as a plain-text table (GiB per GPU)."""
     m, s, p = result["model"], result["settings"], result["parameters"]
     rel, inf, sh = p["released"], result["inference"], result["importance_shards"]
-    refs = ", ".join(f"{k} {_b(v)}" for k, v in rel["references"].items())
+    refs = ", ".join(f"{k} {_b(v)}" for k, v in rel["references"].items()) or "no published figure: a local shape"
     lines = [
         f"{m['name']} ({m['family']} {m['size']}): {m['layers']} layers, hidden {m['hidden']}; keep {s['keep']} "
         f"-> {m['k']} layers {m['kept']}, bridges of rank {m['bridge_rank']} at slots {m['bridge_slots']}",
@@ -338,7 +360,7 @@ def plan_main(args) -> int:
     """
     result = plan(args.family, args.size, keep=args.keep, gpus=args.gpus, n_items=args.n_items,
                   seq_len=args.seq_len, micro_batch=args.micro_batch, gpu_gb=args.gpu_gb,
-                  bridge_rank=args.bridge_rank, stage=args.stage)
+                  bridge_rank=args.bridge_rank, stage=args.stage, shape=getattr(args, "config", None))
     print(format_plan(result))
     if args.json:
         write_json(args.json, result)

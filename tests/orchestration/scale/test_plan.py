@@ -140,3 +140,55 @@ def test_forward_only_shard_memory_and_fp32_inference():
     fp32 = inference_memory(100, dims, batch=2, seq=5, n_items=9, value_bytes=4)
     assert fp32["weights"] == 400 and fp32["total"] == 400 + 4 * 2 * 5 * (8 + per_token) + 4 * 2 * 10
     assert inference_memory(100, dims, 2, 5, 9)["weights"] == 200  # bf16 by default
+    # a memory-mapped input table: only the rows a batch looks up are paged in (2 x 5 of 50 here)
+    mapped = inference_memory(100 + 50 * 8, dims, 2, 5, 9, value_bytes=4, mapped_table_rows=50)
+    assert mapped["weights"] == 4 * (100 + 10 * 8) and mapped["mapped_unread"] == 4 * 40 * 8
+
+
+def test_a_local_config_plans_like_the_published_shape_it_describes(tmp_path):
+    from layerwise.models.scale import scale_config
+
+    scale_config("llama", "1b").to_json_file(tmp_path / "config.json")
+    published = plan("llama", "1b", keep=0.25, gpus=2)
+    for path in (tmp_path, tmp_path / "config.json"):  # the directory or the file
+        local = plan(keep=0.25, gpus=2, shape=str(path))
+        assert local["parameters"]["full"] == published["parameters"]["full"]
+        assert local["parameters"]["compact"] == published["parameters"]["compact"]
+        assert local["parameters"]["released"]["total"] == published["parameters"]["released"]["total"]
+        assert local["training"] == published["training"] and local["inference"] == published["inference"]
+        assert (local["model"]["family"], local["model"]["size"]) == ("llama", "custom")
+
+
+def test_a_qwen2_config_plans_without_weights(tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000).to_json_file(tmp_path / "config.json")
+    result = plan(keep=0.25, gpus=1, n_items=300, shape=str(tmp_path))
+    assert result["model"]["family"] == "qwen2" and result["model"]["k"] == 2
+    assert result["parameters"]["released"]["class"] == "Qwen2ForCausalLM"
+    assert result["parameters"]["compact"] < result["parameters"]["full"]
+
+
+def test_bad_local_configs_name_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model config"):
+        plan(shape=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        plan(shape=str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a JSON config"):
+        plan(shape=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'"):
+        plan(shape=str(tmp_path))
+    with pytest.raises(ValueError, match="either a family and a size"):
+        plan("llama", "1b", shape=str(tmp_path))
+    with pytest.raises(ValueError, match="either a family and a size"):
+        plan()
+
+
+def test_plan_command_needs_a_shape_one_way(tmp_path):
+    from orchestration.cli.main import main
+
+    assert main(["plan", "--family", "llama"]) == 2
+    assert main(["plan", "--family", "llama", "--size", "1b", "--config", str(tmp_path)]) == 2
