@@ -22,6 +22,7 @@ shard task is a pure function of its inputs, so a retried shard gives the identi
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,17 @@ def process_memory() -> dict[str, int]:
     return {"pid": os.getpid(), **out}
 
 
-@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=list(TRANSIENT))
 def _shard_task(weights: dict[str, Any], inputs: dict[str, list], methods: tuple[str, ...],
                 crash_marker: str | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
     _maybe_crash(crash_marker)
     scores = local_scores(build_shard(weights), 0, methods=methods, **inputs)
     return scores, process_memory()
+
+
+# One function, two remotes (both titled ray::_shard_task). Ray takes max_calls only here, not in
+# .options(): with it the worker process exits after its one task.
+_fresh_shard_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=list(TRANSIENT), max_calls=1)(_shard_task)
+_shard_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=list(TRANSIENT))(_shard_task)
 
 
 _EVALUATIONS = {"ablation": ablation, "dependency": dependency_matrix}
@@ -188,7 +194,8 @@ def _evaluation_task(kind: str, weights: dict[str, Any], batches, data, kwargs: 
 # --- the driver side ---------------------------------------------------------------------------------
 def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards: int,
                        methods: Sequence[str] = LOCAL_METHODS, num_cpus: float | None = None,
-                       worker_memory: list | None = None, _crash_marker: str | None = None) -> dict[str, Tensor]:
+                       worker_memory: list | None = None, fresh_workers: bool = False,
+                       _crash_marker: str | None = None) -> dict[str, Tensor]:
     """Local importance estimators with one Ray task per contiguous shard of layers.
 
     Uses the connected Ray, or starts one with `init_ray()` (never Ray's own unbounded auto-start). Equals
@@ -201,7 +208,12 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
         methods: a subset of `layerwise.importance.LOCAL_METHODS`.
         num_cpus: CPU request per shard task (default `cpu_fraction()`).
         worker_memory: if a list, each shard task's `process_memory()`, taken in the worker after its
-            scores, is appended in shard order (a reused Ray worker's peak covers its earlier tasks too).
+            scores, is appended in shard order (a reused Ray worker's peak covers its earlier tasks too:
+            measure with fresh_workers).
+        fresh_workers: run each shard task in a newly started worker process that exits after it, so a
+            worker's peak memory is its shard's alone and its memory is freed at once; costs a worker start
+            (seconds) per shard. Ray hands a task only to a worker of the same runtime env, so a unique
+            env var per task rules out an idle worker left by earlier work; max_calls=1 ends the worker.
         _crash_marker: test hook, a file path: the first shard attempt that finds no file there creates
             it and kills its own worker, so the task must be retried.
 
@@ -216,11 +228,15 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
     init_ray()
     traces = trace_layers(model, batches, backward=bool(_GRADIENT_METHODS & set(methods)))
     cpus = num_cpus if num_cpus is not None else cpu_fraction()
-    task = _shard_task.options(num_cpus=cpus)
-    refs = []
+    refs, run = [], uuid.uuid4().hex
     for start, end in shards:
         inputs = ray.put(shard_inputs(traces, start, end))
         weights = ray.put(shard_weights(model, start, end))
+        if fresh_workers:
+            fresh = {"env_vars": {"LAYERWISE_SHARD_WORKER": f"{run}-{start}"}}
+            task = _fresh_shard_task.options(num_cpus=cpus, runtime_env=fresh)
+        else:
+            task = _shard_task.options(num_cpus=cpus)
         refs.append(task.remote(weights, inputs, methods, _crash_marker))
     del traces  # the object store holds what the tasks need
     parts = ray.get(refs)

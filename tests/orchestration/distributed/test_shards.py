@@ -207,3 +207,10 @@ def test_sharded_forward_estimators_on_a_text_stack_report_worker_memory(ray_loc
         assert _rel_err(sharded[method], single[method]) < 1e-6, method
     assert len(memory) == 2
     assert all(m["peak_rss"] >= m["rss"] > 0 for m in memory)
+    # fresh workers: each shard in a newly started process, never one of the idle workers the call above
+    # left, so a worker's peak memory is its shard's alone
+    fresh = []
+    again = sharded_importance(stack, batches, 2, methods=TEXT_METHODS, worker_memory=fresh, fresh_workers=True)
+    assert all(torch.equal(again[m], sharded[m]) for m in TEXT_METHODS)
+    pids = {m["pid"] for m in fresh}
+    assert len(pids) == 2 and not pids & {m["pid"] for m in memory}
