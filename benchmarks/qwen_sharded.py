@@ -7,14 +7,16 @@ against the plan's formulas, on qwen2.5-coder-1.5b (28 layers x 1536, fp32). Opt
 Steps, each saved to the JSON as it finishes and skipped when the JSON has it (`--redo STEP` repeats one):
 - importance: block influence, angular distance and activation change over ml-100k item titles, once in
   this process (`compute_importance`) and once as 2 Ray tasks that each receive only their shard's
-  layers (`sharded_importance`); equality and each worker's memory. Torch tensors travel zero-copy
+  layers (`sharded_importance`, fresh_workers: one worker process per shard, so each peak is its own
+  shard's); equality and each worker's memory. Torch tensors travel zero-copy
   (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), so a worker maps its shard from the object store instead of
   unpickling a second private copy.
 - compact: keep the top-k layers by `--method`, shorten with the qwen2 family's renumbering, save with
   `save_pretrained`, reload with stock `AutoModelForCausalLM.from_pretrained` and check it.
 - latency: full against compact, interleaved rounds at batch 1 and 8, `--tokens` of title text per row,
   the next-token logits only (`logits_to_keep=1`); median, p95, speedup with a paired bootstrap CI.
-- memory: peak RSS of each model's forward at batch 8, each in a fresh subprocess.
+- memory: peak RSS of each model's forward at batch 8, each in a fresh subprocess, and how much of it is
+  pages mapped from the safetensors file (from_pretrained maps it; an input table pages in by the row).
 - plan: `orchestration.scale.plan` formulas for this shape and these settings, against the measurements.
 """
 
@@ -96,13 +98,14 @@ def step_importance(directory: Path, args) -> dict:
     single_s = time.perf_counter() - start
     layer_bytes = sum(p.numel() * p.element_size() for p in stack.layers.parameters())
     init_ray(num_cpus=2, object_store_mb=int(1.2 * layer_bytes / 2**20) + 512)
-    probe = ray.remote(num_cpus=1)(_worker_baseline)  # a Ray worker with the task's imports, no shard yet
+    probe = ray.remote(num_cpus=1, max_calls=1)(_worker_baseline)  # a fresh worker with the task's imports
     worker_baseline = ray.get([probe.remote() for _ in range(2)])
     memory: list = []
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one zero-copy warning per tensor
-        sharded = sharded_importance(stack, batches, 2, TEXT_METHODS, num_cpus=1, worker_memory=memory)
+        sharded = sharded_importance(stack, batches, 2, TEXT_METHODS, num_cpus=1, worker_memory=memory,
+                                     fresh_workers=True)  # one process per shard: its peak is its own
     sharded_s = time.perf_counter() - start
     driver = process_memory()
     ray.shutdown()
@@ -211,7 +214,10 @@ def measure_peak(model_dir: str, batch: int, tokens: int) -> dict:
     with torch.inference_mode():
         for _ in range(2):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return {"baseline": baseline, "loaded": loaded, "peak_rss": _hwm_bytes()[0], "hwm_reset_after_load": reset,
+    after = process_memory()  # rss - rss_anon - rss_shmem: pages mapped from the safetensors file
+    return {"baseline": baseline, "loaded": loaded, "after_forward": after,
+            "rss_file_after_forward": after["rss"] - after["rss_anon"] - after["rss_shmem"],
+            "peak_rss": _hwm_bytes()[0], "hwm_reset_after_load": reset,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "batch": batch}
 
 
@@ -250,9 +256,12 @@ def step_plan(directory: Path, result: dict) -> dict:
     for name in ("full", "compact"):
         measured = result["memory"][name]
         params = measured["param_bytes"] // 4
-        planned = inference_memory(params, dims, 8, result["latency"]["tokens"], vocab - 1, value_bytes=4)
+        # from_pretrained maps the safetensors file: of the untied input table only the looked-up rows page in
+        planned = inference_memory(params, dims, 8, result["latency"]["tokens"], vocab - 1, value_bytes=4,
+                                   mapped_table_rows=vocab)
         over = measured["peak_rss"] - measured["baseline"]["rss"]
         inference[name] = {"plan_bytes": planned["total"], "plan_weights": planned["weights"],
+                           "plan_mapped_unread": planned["mapped_unread"],
                            "plan_activations": planned["activations"], "measured_peak_rss": measured["peak_rss"],
                            "measured_over_baseline": over, "ratio_over_baseline": over / planned["total"]}
     out["inference_b8"] = inference
