@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="a short heal and benchmark: checks the script")
+    parser.add_argument("--skip-bench", action="store_true",
+                        help="stop after the test metrics (every step so far is deterministic and may share the "
+                             "machine); rerun without it in a quiet window for the timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, k = Path(args.out), args.keep
@@ -144,6 +147,11 @@ def main() -> None:
     healing = once(out / f"k{k}" / "heal.json", healed)
     compact_test = once(out / f"k{k}" / "test.json",
                         lambda: test_per_user(load_compact(out / f"k{k}" / "model"), data))
+    if args.skip_bench:
+        q = retention(teacher_test, compact_test)["ndcg@10"]
+        print(f"k={k}: kept {chosen['kept']}; NDCG@10 {q['teacher']:.4f} -> {q['compact']:.4f}, retention "
+              f"{q['retention']:.1%} [{q['retention_ci95'][0]:.1%}, {q['retention_ci95'][1]:.1%}]; no benchmark yet")
+        return
     bench = once(out / f"k{k}" / "bench.json", lambda: bench_dirs(
         [args.teacher, str(out / f"k{k}" / "model")], batch_sizes=(1, 64),
         runs=3 if args.smoke else args.bench_runs, warmup=1 if args.smoke else 5))
