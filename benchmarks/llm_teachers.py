@@ -6,6 +6,7 @@
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/llm_teachers.py --variant random_items
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/llm_teachers.py --variant small_llama
     PYTHONPATH=. .venv/bin/python benchmarks/llm_teachers.py --variant pretrained --smoke   # minutes
+    PYTHONPATH=. .venv/bin/python benchmarks/llm_teachers.py --compare pretrained small_llama random_layers
 
 Variants (one per run; run them one at a time, each writes its entry into the JSON as it finishes):
 - pretrained: the recipe of studies/recipes/smollm2.yaml (SmolLM2-135M, 30 layers, LoRA r16, title-token
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from layerwise.data import load_dataset
@@ -47,6 +49,32 @@ VARIANTS = {
     "small_llama": None,  # the pipeline's default teacher, not the recipe
 }
 REPORTED = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "hr@20")
+PER_USER = "test_per_user.json"  # beside each model: its test metrics per user, for the paired tests
+
+
+def per_user(out: Path, name: str) -> dict[str, list[float]]:
+    """OUT/<name>/test_per_user.json, computed from the saved model first if a run predates the file."""
+    path = out / name / PER_USER
+    if not path.exists():
+        from layerwise.compact import load_compact
+
+        model = load_compact(out / name / "model").eval()
+        data = load_dataset("ml-100k")
+        test = evaluate(model.score, data, stage="test", exclude_seen=True, max_len=50)
+        write_json(path, {m: [float(v) for v in test.per_user[m]] for m in REPORTED})
+    return json.loads(path.read_text())
+
+
+def compare(out: Path, names: list[str]) -> dict:
+    """Paired Wilcoxon tests (per test user, Holm-adjusted) of the first variant against each other one."""
+    from layerwise.stats import compare_to
+
+    runs = {name: per_user(out, name) for name in names}
+    first, others = names[0], names[1:]
+    return {metric: {"reference": first, "mean": {n: float(np.mean(runs[n][metric])) for n in names},
+                     "tests": compare_to(np.asarray(runs[first][metric]),
+                                         {n: np.asarray(runs[n][metric]) for n in others})}
+            for metric in ("ndcg@10", "mrr", "hr@10")}
 
 
 def teacher_config(variant: str, smoke: bool, extra: list[str] | None = None):
@@ -89,6 +117,7 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
     tick = time.monotonic()
     test = evaluate(model.eval().score, data, stage="test", exclude_seen=True, max_len=config.data.max_len)
     test_seconds = time.monotonic() - tick  # float32, no autocast: the figures are the model's own
+    write_json(model_dir.parent / PER_USER, {m: [float(v) for v in test.per_user[m]] for m in REPORTED})
     history = result.history
     return {
         "variant": variant, "overrides": list(extra or []), "smoke": smoke, "test": {k: round(test.means[k], 5) for k in REPORTED},
@@ -109,7 +138,10 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", required=True, choices=list(VARIANTS))
+    parser.add_argument("--variant", choices=list(VARIANTS), help="the variant to train (or use --compare)")
+    parser.add_argument("--compare", nargs="+", metavar="NAME",
+                        help="instead of training: paired tests of the first entry's test users against each "
+                             "other entry's (models under --out), written to the JSON's comparisons")
     parser.add_argument("--out", default="runs/llm_teachers", help="models go to OUT/<name or variant>/model")
     parser.add_argument("--json", default="benchmarks/results/llm_teachers.json")
     parser.add_argument("--threads", type=int, default=1,
@@ -119,6 +151,17 @@ def main() -> None:
                         help="one more config override after the variant's (repeatable): teacher.train.epochs=8")
     parser.add_argument("--name", help="the entry's key in the JSON (default: the variant's name)")
     args = parser.parse_args()
+    if args.compare:
+        if len(args.compare) < 2:
+            parser.error("--compare needs at least two entries: the reference, then the others")
+        path = Path(args.json)
+        results = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+        results["comparisons"] = compare(Path(args.out), args.compare)
+        write_json(path, results)
+        print(json.dumps(results["comparisons"]["ndcg@10"], indent=1))
+        return
+    if not args.variant:
+        parser.error("give --variant to train one, or --compare NAME NAME ...")
     entry = run(args.variant, Path(args.out) / (args.name or args.variant) / "model", args.smoke, args.threads,
                 args.extra)
     path = Path(args.json if not args.smoke else args.json.replace(".json", "_smoke.json"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, replace
@@ -43,6 +44,15 @@ def test_metrics(scorer, data, max_len: int) -> dict[str, float]:
     return {k: round(result.means[k], 5) for k in REPORTED}
 
 
+def timed_test(model, data, max_len: int) -> dict:
+    """The teacher's test metrics, with the wall time of that full-ranking pass over all users and the
+    process's peak RSS so far (training included: an upper bound on the evaluation's own)."""
+    started = time.perf_counter()
+    metrics = test_metrics(model.score, data, max_len)
+    return {"teacher_test": metrics, "test_eval_s": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def run(args) -> dict:
     data = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
     teacher = load_config(args.recipe, args.overrides).teacher
@@ -63,7 +73,7 @@ def run(args) -> dict:
         "train_s": round(train_s, 1), "epochs": epochs, "s_per_epoch": round(train_s / max(epochs, 1), 1),
         "best_epoch": result.best_epoch, "best_valid": result.best_valid,
         "stopped_by": "epoch budget" if epochs >= config.epochs else "early stopping (patience)",
-        "teacher_test": test_metrics(model.score, data, max_len),
+        **timed_test(model, data, max_len),
         "mostpop_test": test_metrics(mostpop_scorer(data), data, max_len),
         "history": result.history,
     }
