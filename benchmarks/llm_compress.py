@@ -147,17 +147,19 @@ def main() -> None:
     healing = once(out / f"k{k}" / "heal.json", healed)
     compact_test = once(out / f"k{k}" / "test.json",
                         lambda: test_per_user(load_compact(out / f"k{k}" / "model"), data))
+    quality = retention(teacher_test, compact_test)
+    q = quality["ndcg@10"]
+    summary = (f"k={k}: kept {chosen['kept']}; NDCG@10 {q['teacher']:.4f} -> {q['compact']:.4f}, retention "
+               f"{q['retention']:.1%} [{q['retention_ci95'][0]:.1%}, {q['retention_ci95'][1]:.1%}]")
     if args.skip_bench:
-        q = retention(teacher_test, compact_test)["ndcg@10"]
-        print(f"k={k}: kept {chosen['kept']}; NDCG@10 {q['teacher']:.4f} -> {q['compact']:.4f}, retention "
-              f"{q['retention']:.1%} [{q['retention_ci95'][0]:.1%}, {q['retention_ci95'][1]:.1%}]; no benchmark yet")
+        print(summary + "; no benchmark yet")
         return
     bench = once(out / f"k{k}" / "bench.json", lambda: bench_dirs(
         [args.teacher, str(out / f"k{k}" / "model")], batch_sizes=(1, 64),
         runs=3 if args.smoke else args.bench_runs, warmup=1 if args.smoke else 5))
     print(format_table(bench))
     entry = {"k": k, "teacher_layers": teacher.n_layers, "kept": chosen["kept"], "selection": chosen,
-             "importance_seconds": scores["seconds"], "quality": retention(teacher_test, compact_test),
+             "importance_seconds": scores["seconds"], "quality": quality,
              "heal": {key: healing[key] for key in ("unhealed_valid", "best_valid", "best_epoch", "cache_seconds",
                                                    "heal_seconds", "config", "history")},
              "teacher_cache": gain, "bench": bench, "threads": args.threads, "smoke": args.smoke}
@@ -165,9 +167,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results[f"k{k}"] = entry
     write_json(path, results)
-    q = entry["quality"]["ndcg@10"]
-    print(f"k={k}: kept {chosen['kept']}; NDCG@10 {q['teacher']:.4f} -> {q['compact']:.4f}, retention "
-          f"{q['retention']:.1%} [{q['retention_ci95'][0]:.1%}, {q['retention_ci95'][1]:.1%}]")
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ REPORTED = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10", "hr@20")
 PER_USER = "test_per_user.json"  # beside each model: its test metrics per user, for the paired tests
 
 
+def write_per_user(path: Path, test) -> None:
+    write_json(path, {m: [float(v) for v in test.per_user[m]] for m in REPORTED})
+
+
 def per_user(out: Path, name: str) -> dict[str, list[float]]:
     """OUT/<name>/test_per_user.json, computed from the saved model first if a run predates the file."""
     path = out / name / PER_USER
@@ -60,8 +64,7 @@ def per_user(out: Path, name: str) -> dict[str, list[float]]:
 
         model = load_compact(out / name / "model").eval()
         data = load_dataset("ml-100k")
-        test = evaluate(model.score, data, stage="test", exclude_seen=True, max_len=50)
-        write_json(path, {m: [float(v) for v in test.per_user[m]] for m in REPORTED})
+        write_per_user(path, evaluate(model.score, data, stage="test", exclude_seen=True, max_len=50))
     return json.loads(path.read_text())
 
 
@@ -117,7 +120,7 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
     tick = time.monotonic()
     test = evaluate(model.eval().score, data, stage="test", exclude_seen=True, max_len=config.data.max_len)
     test_seconds = time.monotonic() - tick  # float32, no autocast: the figures are the model's own
-    write_json(model_dir.parent / PER_USER, {m: [float(v) for v in test.per_user[m]] for m in REPORTED})
+    write_per_user(model_dir.parent / PER_USER, test)
     history = result.history
     return {
         "variant": variant, "overrides": list(extra or []), "smoke": smoke, "test": {k: round(test.means[k], 5) for k in REPORTED},

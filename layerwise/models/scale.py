@@ -32,11 +32,9 @@ from transformers import (
     BertConfig,
     BertModel,
     LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen3Config,
-    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -133,7 +131,6 @@ SCALES: dict[str, dict[str, Scale]] = {
 }
 
 _CONFIG_CLASSES = {"llama": LlamaConfig, "qwen3": Qwen3Config, "bert": BertConfig, "t5": T5Config}
-_RELEASED = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM, "t5": T5ForConditionalGeneration}
 
 
 def scale_spec(family: str, size: str) -> Scale:
@@ -153,12 +150,21 @@ def scale_config(family: str, size: str, recommender: bool = False) -> Pretraine
     """
     hparams = scale_spec(family, size).hparams  # checks the names before the config class is looked up
     config = _CONFIG_CLASSES[family](**hparams)
-    if recommender:
-        config.vocab_size = 2
-        config.bos_token_id = config.eos_token_id = None
-        if family == "t5":
-            config.is_encoder_decoder, config.use_cache = False, False
     config._attn_implementation = "sdpa"  # as the presets: fused attention, no stored score matrix
+    return _recommender_config(config) if recommender else config
+
+
+def _recommender_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of `config` with the token vocabulary dropped: 2 stub rows, no BOS/EOS ids, a pad id only if
+    it falls in the stub, T5 as an encoder; sdpa attention."""
+    config = copy.deepcopy(config)
+    config.vocab_size = 2
+    config.bos_token_id = config.eos_token_id = None
+    if (getattr(config, "pad_token_id", None) or 0) >= config.vocab_size:
+        config.pad_token_id = None
+    if config.model_type == "t5":
+        config.is_encoder_decoder, config.use_cache = False, False
+    config._attn_implementation = "sdpa"
     return config
 
 
@@ -176,15 +182,28 @@ def meta_backbone(family: str, size: str, recommender: bool = False) -> PreTrain
 def meta_released(family: str, size: str) -> PreTrainedModel:
     """The whole released model (LM head, pooler or decoder included), on the meta device."""
     config = scale_config(family, size)
-    if family == "bert":
-        return _on_meta(lambda: BertModel(config, add_pooling_layer=True))
-    return _on_meta(lambda: _RELEASED[family](config))
+    return _on_meta(lambda: _released(config))
 
 
 def meta_recommender(family: str, size: str, n_items: int) -> SequentialRecommender:
     """A `SequentialRecommender` on the published backbone (vocabulary dropped), on the meta device."""
-    config = scale_config(family, size, recommender=True)
-    return _on_meta(lambda: SequentialRecommender(build_backbone(config), n_items))
+    return meta_recommender_from(scale_config(family, size), n_items)
+
+
+def meta_recommender_from(config: PretrainedConfig, n_items: int) -> SequentialRecommender:
+    """`meta_recommender` of any config (published or `load_shape`)."""
+    rec = _recommender_config(config)
+    return _on_meta(lambda: SequentialRecommender(build_backbone(rec), n_items))
+
+
+def _released(config: PretrainedConfig) -> PreTrainedModel:
+    """The whole released model of a config: BertModel with its pooler, T5 with its decoder, a decoder LM
+    with its head."""
+    if config.model_type == "bert":
+        return BertModel(config, add_pooling_layer=True)
+    if config.model_type == "t5":
+        return T5ForConditionalGeneration(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 # --- any local shape: a Hugging Face directory or its config.json ------------------------------------------
@@ -213,31 +232,10 @@ def load_shape(path: str | Path) -> PretrainedConfig:
     return config
 
 
-def _recommender_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A copy of `config` with the token vocabulary dropped, as `scale_config(..., recommender=True)`."""
-    config = copy.deepcopy(config)
-    config.vocab_size = 2
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
-    if config.model_type == "t5":
-        config.is_encoder_decoder, config.use_cache = False, False
-    config._attn_implementation = "sdpa"
-    return config
-
-
-def _released_from_config(config: PretrainedConfig) -> PreTrainedModel:
-    if config.model_type == "bert":
-        return BertModel(config, add_pooling_layer=True)
-    if config.model_type == "t5":
-        return T5ForConditionalGeneration(config)
-    return AutoModelForCausalLM.from_config(config)
-
-
 def meta_shape(config: PretrainedConfig, n_items: int) -> dict[str, nn.Module]:
-    """{"backbone", "released", "recommender"} of a local shape's config, on the meta device."""
-    rec = _recommender_config(config)
-    return {"backbone": _on_meta(lambda: build_backbone(config)),
-            "released": _on_meta(lambda: _released_from_config(config)),
-            "recommender": _on_meta(lambda: SequentialRecommender(build_backbone(rec), n_items))}
+    """{"backbone", "released", "recommender"} of a config (published or `load_shape`), on the meta device."""
+    return {"backbone": _on_meta(lambda: build_backbone(config)), "released": _on_meta(lambda: _released(config)),
+            "recommender": meta_recommender_from(config, n_items)}
 
 
 def numel(module: nn.Module) -> int:
@@ -273,8 +271,7 @@ def count_parameters(family: str, size: str, n_items: int = 10_000) -> dict[str,
             the 2-row stub)}.
     """
     spec = scale_spec(family, size)
-    models = {"backbone": meta_backbone(family, size), "released": meta_released(family, size),
-              "recommender": meta_recommender(family, size, n_items)}
+    models = meta_shape(scale_config(family, size), n_items)
     return _counts(spec.name, family, size, models, n_items, dict(spec.references), spec.source)
 
 

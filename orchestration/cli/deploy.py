@@ -73,9 +73,6 @@ def serve(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     from orchestration.scale.plan import plan_main
 
-    if bool(args.config) == bool(args.family or args.size) or (not args.config and not (args.family and args.size)):
-        raise ValueError("layerwise plan needs either --family and --size (a published shape) or --config PATH "
-                         "(a local model's config), not both")
     return plan_main(args)
 
 

@@ -47,7 +47,14 @@ import torch.nn as nn
 
 from layerwise.compact import build_compact
 from layerwise.compress import n_kept
-from layerwise.models.scale import count_parameters, count_shape, load_shape, meta_recommender, meta_shape, numel
+from layerwise.models.scale import (
+    count_parameters,
+    count_shape,
+    load_shape,
+    meta_recommender,
+    meta_recommender_from,
+    numel,
+)
 from layerwise.select import SELECTORS
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.outputs import write_json
@@ -244,12 +251,12 @@ def _compact(teacher, keep: float, bridge_rank: int):
 def _teacher(family: str | None, size: str | None, shape: str | None, n_items: int):
     """(meta-device recommender, `count_parameters`-style counts) of a published or a local shape."""
     if (shape is None) == (family is None or size is None):
-        raise ValueError("give either a family and a size (a published shape) or a model config (a local "
-                         "shape), not both and not neither")
+        raise ValueError("give either a family and a size (--family and --size: a published shape) or a model "
+                         "config (--config: a local shape), not both and not neither")
     if shape is None:
         return meta_recommender(family, size, n_items), count_parameters(family, size, n_items)
     config = load_shape(shape)
-    return meta_shape(config, n_items)["recommender"], count_shape(config, n_items, name=str(shape))
+    return meta_recommender_from(config, n_items), count_shape(config, n_items, name=str(shape))
 
 
 def plan(family: str | None = None, size: str | None = None, keep: float = 0.25, gpus: int = 8,
