@@ -24,7 +24,7 @@ from layerwise.baselines.nas import nas, selection_evaluations
 from layerwise.baselines.popularity import mostpop_scorer
 from layerwise.baselines.quantization import depth_int8, int4, int8, is_quantized, storage_bytes
 from layerwise.baselines.sparsity import magnitude
-from layerwise.baselines.students import distilbert, scratch
+from layerwise.baselines.students import distilbert, scratch, truncated
 from layerwise.baselines.width import width
 
 BASELINES: dict[str, Callable] = {
@@ -33,7 +33,7 @@ BASELINES: dict[str, Callable] = {
     "shortgpt": shortgpt, "gromov": gromov,
     "magnitude": magnitude, "width": width,
     "int8": int8, "int4": int4, "ours+int8": depth_int8,
-    "distilbert": distilbert, "tinybert": tinybert, "scratch": scratch,
+    "distilbert": distilbert, "tinybert": tinybert, "scratch": scratch, "truncated": truncated,
     "nas": nas,
 }
 SCORER_BASELINES = ("mostpop",)  # take only the data and return a scorer

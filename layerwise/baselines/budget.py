@@ -39,6 +39,9 @@ class Budget:
         seeds: seeds[0] seeds every method; the random-layers baseline draws once per seed.
         train: the teacher's training recipe, for the k-layer model trained from scratch.
         ablation_users: validation users our selection evaluates on; the NAS search uses the same ones.
+        build: how the teacher was built, from its manifest (`pretrained`, `llm`, `head`, `dropout`), for
+            the baselines that start again from the pretrained weights (`truncated`, and `scratch` on an
+            LLM teacher); None for a teacher trained from scratch or a manifest that does not say.
     """
 
     k: int
@@ -48,6 +51,7 @@ class Budget:
     seeds: tuple[int, ...] = DRAWS
     train: TrainConfig | None = None
     ablation_users: int | None = None
+    build: dict[str, Any] | None = None
 
 
 @dataclass

@@ -15,12 +15,17 @@ from layerwise.train import TrainConfig
 
 # Table order: our method, then the references, depth, search, width/sparsity, quantization, students.
 ORDER = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude", "width",
-         "int8", "int4", "ours+int8", "distilbert", "tinybert", "scratch")
+         "int8", "int4", "ours+int8", "distilbert", "tinybert", "truncated", "scratch")
+# Only for a teacher built on a pretrained LLM (its manifest's `pretrained` and `llm`): left out of the
+# default list otherwise.
+PRETRAINED_ONLY = ("truncated",)
 
 
-def methods(which: list[str] | None) -> list[str]:
-    """The baselines to run, in table order; "ours" and "teacher" are always there and need no name."""
-    names = [n for n in (which or ORDER) if n not in ("ours", "teacher")]
+def methods(which: list[str] | None, pretrained_llm: bool = False) -> list[str]:
+    """The baselines to run, in table order; "ours" and "teacher" are always there and need no name. The
+    default (`which` None) is every baseline that applies: PRETRAINED_ONLY ones need `pretrained_llm`."""
+    default = [n for n in ORDER if pretrained_llm or n not in PRETRAINED_ONLY]
+    names = [n for n in (which or default) if n not in ("ours", "teacher")]
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {sorted(BASELINES)}")
@@ -34,6 +39,14 @@ def teacher_train_config(manifest: dict) -> TrainConfig | None:
         return None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+
+
+def teacher_build(manifest: dict) -> dict | None:
+    """How the teacher was built (for the baselines that rebuild it from its pretrained weights), or None
+    for a teacher without pretrained weights."""
+    if not manifest.get("pretrained"):
+        return None
+    return {key: manifest.get(key) for key in ("pretrained", "llm", "head", "dropout")}
 
 
 def run_method(name: str, data, teacher, budget: Budget, compact, progress: bool) -> list[Variant]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
+from layerwise.baselines.students import is_llm_build
 from layerwise.bench import benchmark
 from layerwise.bench_guard import describe, speed_cell
 from layerwise.compress import n_kept
@@ -33,7 +34,7 @@ from layerwise.distill import HealConfig
 from layerwise.evaluate import evaluate
 from layerwise.memory import peak_memory
 from layerwise.models.checkpoint import read_manifest, save_recommender
-from orchestration.baselines.method import methods, run_method, teacher_train_config
+from orchestration.baselines.method import methods, run_method, teacher_build, teacher_train_config
 from orchestration.outputs import METRIC_COLUMNS, write_json
 
 _MB = 2**20
@@ -156,8 +157,10 @@ def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config
     teacher, manifest = load_model_for(str(teacher_dir), data).eval(), read_manifest(teacher_dir)
     max_len = manifest.get("max_len") or heal_config.max_len
     budget = Budget(k=n_kept(keep, teacher.n_layers), heal=replace(heal_config, max_len=max_len),
-                    bridge_rank=bridge_rank, seeds=tuple(seeds), train=teacher_train_config(manifest))
-    variants, budget, seconds = _collect(teacher, data, budget, methods(which), progress)
+                    bridge_rank=bridge_rank, seeds=tuple(seeds), train=teacher_train_config(manifest),
+                    build=teacher_build(manifest))
+    variants, budget, seconds = _collect(teacher, data, budget, methods(which, is_llm_build(budget.build)),
+                                         progress)
     rows = _rows(variants, data, max_len)
     timed = _timed_models(variants)
     timing = benchmark(timed, batch_sizes, runs=runs, max_len=max_len, reference="teacher")

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
-from orchestration.baselines.method import ORDER
+from orchestration.baselines.method import ORDER, PRETRAINED_ONLY
 from orchestration.pipeline.config import (
     BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
 )
 
-# Every compression baseline of layerwise.baselines, in the table order of `layerwise baselines`.
-ALL_BASELINES = ORDER
+# Every compression baseline of layerwise.baselines, in the table order of `layerwise baselines`; a study of
+# a pretrained LLM teacher lists `truncated` (its first k pretrained layers, no teacher) as well.
+ALL_BASELINES = tuple(n for n in ORDER if n not in PRETRAINED_ONLY)
 # One component changed at a time. "estimators": selection by `combined` over all local estimators, then
 # without each one; "bridges" removes them (or adds rank-16 ones when compress.bridge_rank is 0, the
 # default); the others switch one part of our method off.
@@ -102,6 +103,10 @@ def check(config: StudyConfig) -> None:
     unknown = sorted(set(config.baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
+    needs = sorted(set(config.baselines) & set(PRETRAINED_ONLY))
+    if needs and not config.teacher.pretrained:
+        raise ValueError(f"baselines: {needs} start again from the teacher's pretrained LLM, and "
+                         "teacher.pretrained is not set")
     unknown = sorted(set(config.ablation) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"ablation: unknown components {unknown}; choose from {list(ABLATIONS)}")

@@ -278,14 +278,15 @@ class SeedRun:
     def _budget(self):
         from layerwise.baselines import Budget
         from layerwise.baselines.budget import n_parameters
-        from orchestration.baselines.method import teacher_train_config
         from layerwise.models.checkpoint import read_manifest
+        from orchestration.baselines.method import teacher_build, teacher_train_config
 
         heal = replace(self.config.compress.heal, max_len=self.max_len, seed=self.seed)
         draws = tuple(self.seed + 1000 * i for i in range(self.config.random_draws))
+        manifest = read_manifest(self.dirs["teacher"] / "model")
         return Budget(k=self.k, heal=heal, bridge_rank=self.config.compress.bridge_rank,
                       removed=n_parameters(self.teacher) - n_parameters(self.compact), seeds=draws,
-                      train=teacher_train_config(read_manifest(self.dirs["teacher"] / "model")))
+                      train=teacher_train_config(manifest), build=teacher_build(manifest))
 
     def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, file: str | None = None,
                   **extra) -> dict:

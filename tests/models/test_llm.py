@@ -301,3 +301,33 @@ def test_bench_times_the_teacher_and_its_compact_model(teacher_dir, teacher, tmp
     assert entry["speedup"] > 0 and 1 < entry["bound"] < 3  # Amdahl: 1 of 3 layers, f > 0
     assert entry["memory"]["status"] == "measured" and 0 < result["nonlayer"]["2"]["f"]
     assert "compact" in format_table(result)
+
+
+def test_llm_baselines_start_again_from_the_pretrained_weights(teacher, data, smollm2):
+    """`truncated` keeps the LLM's first k pretrained layers, `scratch` gives the same shape fresh layers; both
+    start their items from the titles exactly as the teacher did, and train without a teacher."""
+    from layerwise.baselines import BASELINES, Budget
+    from layerwise.baselines.students import LLM_FULL_LR, llm_student
+    from layerwise.evaluate import evaluate
+
+    setup = dataclasses.asdict(LLMSetup(n_layers=3, item_init="title_hidden", lora_rank=4))
+    build_info = {"pretrained": str(smollm2.path), "llm": {"setup": setup}, "head": "cos", "dropout": 0.0}
+    prefix = llm_student(data, build_info, 2, max_len=SHORT)
+    fresh = llm_student(data, build_info, 2, max_len=SHORT, layer_init="random", finetune="full")
+    assert prefix.n_layers == fresh.n_layers == 2 and prefix.head_kind == "cos"
+    items = slice(1, data.n_items + 1)
+    assert torch.equal(prefix.item_embedding.weight[items], fresh.item_embedding.weight[items])  # one start
+    pretrained_q = teacher.layers[1].self_attn.q_proj.weight  # the fixture's teacher is untrained
+    assert torch.allclose(prefix.layers[1].self_attn.q_proj.base_layer.weight, pretrained_q)
+    assert not torch.allclose(fresh.layers[1].self_attn.q_proj.weight, pretrained_q, atol=1e-2)
+    train = TrainConfig(epochs=1, batch_size=16, max_len=SHORT, lr=1e-3)
+    budget = Budget(k=2, train=train, build=build_info, seeds=(0,))
+    (cut,) = BASELINES["truncated"](data, teacher=teacher, budget=budget)
+    (scratch,) = BASELINES["scratch"](data, teacher=teacher, budget=budget)
+    assert cut.info["kept"] == [0, 1] and cut.training["config"]["lr"] == 1e-3
+    assert scratch.training["config"]["lr"] == LLM_FULL_LR and scratch.info["item_init"] == "title_hidden"
+    for variant in (cut, scratch):
+        assert variant.model.n_layers == 2 and variant.training["kind"] == "train"
+        assert 0 < evaluate(variant.model.score, data, stage="test", max_len=SHORT).means["ndcg@10"] <= 1
+    with pytest.raises(ValueError, match="teacher.pretrained"):
+        BASELINES["truncated"](data, teacher=teacher, budget=Budget(k=2))

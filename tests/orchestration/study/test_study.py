@@ -162,6 +162,8 @@ def test_bad_study_configs_name_the_key():
         load_study_config(None, ["sweep.selectors=[ours,best]"])
     with pytest.raises(ValueError, match="extras_seeds must be between 1 and the 5 seeds"):
         load_study_config(None, ["extras_seeds=6"])
+    with pytest.raises(ValueError, match=r"\['truncated'\] start again .* teacher.pretrained is not set"):
+        load_study_config(None, ["baselines=[first,truncated]"])
 
 
 def test_shipped_study_configs_load():
