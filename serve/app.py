@@ -219,17 +219,25 @@ class RecommenderCore:
 
 
 class BatchStats:
-    """Counts of the batch sizes this replica's model calls had (evidence that batching happens)."""
+    """Counts of the batch sizes this replica's model calls had (evidence that batching happens), and the
+    time spent in them: `model_seconds` per call, and `request_model_seconds`, each call's time counted
+    once for every request in its batch (each of them waited for the whole call), so that divided by the
+    requests' summed latency it is the model's share of a request's time."""
 
     def __init__(self):
         self.sizes: Counter[int] = Counter()
+        self.seconds = 0.0
+        self.request_seconds = 0.0
 
-    def record(self, size: int) -> None:
+    def record(self, size: int, seconds: float = 0.0) -> None:
         self.sizes[size] += 1
+        self.seconds += seconds
+        self.request_seconds += seconds * size
 
     def summary(self) -> dict[str, Any]:
         return {"calls": sum(self.sizes.values()), "requests": sum(s * n for s, n in self.sizes.items()),
-                "largest": max(self.sizes, default=0), "sizes": {str(s): n for s, n in sorted(self.sizes.items())}}
+                "largest": max(self.sizes, default=0), "sizes": {str(s): n for s, n in sorted(self.sizes.items())},
+                "model_seconds": self.seconds, "request_model_seconds": self.request_seconds}
 
 
 # --- the deployment ------------------------------------------------------------------------------------
@@ -279,8 +287,9 @@ class Recommender:
     async def _score(self, histories: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         batch = torch.stack(histories)
         # A worker thread keeps the event loop answering /healthz and queueing the next batch meanwhile.
+        start = time.perf_counter()
         scores = await asyncio.to_thread(self.core.score, batch)
-        self.batches.record(len(histories))
+        self.batches.record(len(histories), time.perf_counter() - start)
         return [(scores[i : i + 1], len(histories)) for i in range(len(histories))]
 
 

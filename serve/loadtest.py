@@ -141,12 +141,20 @@ def measure_model(label: str, model: str, port: int, bodies: list[bytes], concur
         info = _get_json(f"{base}/model")
     finally:
         serve.delete(APP_NAME)
-    calls = info["batching"]["calls"] - before["calls"]
-    requests = info["batching"]["requests"] - before["requests"]
+    after = info["batching"]
+    calls, requests = after["calls"] - before["calls"], after["requests"] - before["requests"]
+    model_s = after["model_seconds"] - before["model_seconds"]
+    waited_s = after["request_model_seconds"] - before["request_model_seconds"]
+    latency_s = sum(result["samples_ms"]) / 1000.0
     return {"label": label, "model": model, "layers": info["layers"], "kept_layers": info["kept_layers"],
             "teacher_layers": info["teacher_layers"], **result,
             "batching": {"model_calls": calls, "mean_batch_size": requests / calls if calls else 0.0,
-                         "largest_batch": info["batching"]["largest"]}}
+                         "largest_batch": after["largest"]},
+            # The model call's share of a request's time; the rest is HTTP, the Serve proxy and the batch
+            # queue. busy: the fraction of the run's wall time the replica spent in model calls.
+            "model_time": {"ms_per_call": 1000.0 * model_s / calls if calls else float("nan"),
+                           "share_of_latency": waited_s / latency_s if latency_s > 0 else float("nan"),
+                           "busy": model_s / result["seconds"] if result["seconds"] > 0 else float("nan")}}
 
 
 def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int, seed: int = 0,
@@ -311,7 +319,8 @@ def _print(report: dict[str, Any]) -> None:
         lat = r["latency_ms"]
         print(f"{r['label']:>8} ({r['layers']} layers): {r['requests_per_s']:8.1f} req/s  p50 {lat['p50']:7.1f} ms"
               f"  p95 {lat['p95']:7.1f} ms  p99 {lat['p99']:7.1f} ms  errors {r['errors']}"
-              f"  mean batch {r['batching']['mean_batch_size']:.1f}")
+              f"  mean batch {r['batching']['mean_batch_size']:.1f}"
+              f"  model {100 * r['model_time']['share_of_latency']:.0f}% of a request's time")
     pair = report.get("compact_vs_teacher")
     if pair and pair["status"] == "disturbed":
         guard = report["guard"]

@@ -335,6 +335,9 @@ def test_load_run_of_compact_and_teacher(server, models, tmp_path):
         lat = run["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert run["requests_per_s"] > 0 and run["batching"]["mean_batch_size"] >= 1
+        # Every request waited for its batch's whole model call, and for HTTP and the queue besides.
+        assert 0 < run["model_time"]["share_of_latency"] < 1 and 0 < run["model_time"]["busy"] <= 1
+        assert run["model_time"]["ms_per_call"] > 0
     pair = report["compact_vs_teacher"]
     assert pair["bound"] == 2.0 and report["guard"]["attempts"][0]["rounds"] == 200
     if pair["status"] == "ok":
