@@ -267,15 +267,18 @@ def submit_dependency(model, batches, data=None, metric: str = "loss", max_users
     return _submit("dependency", model, batches, data, kwargs, num_cpus)
 
 
-def every_score(model, batches, data, n_shards: int) -> tuple[dict[str, Tensor], Tensor]:
+def every_score(model, batches, data, n_shards: int, max_users: int | None = None,
+                ) -> tuple[dict[str, Tensor], Tensor]:
     """Every estimator at once: the local ones sharded, `ablation` (NDCG@10), `ablation_loss` and the loss
     dependency matrix one task each, all submitted before any is awaited, so that they share the CPUs
-    (in turn they took about twice as long on 2 cores). Returns ({method: (L,)}, dependency (L, L))."""
+    (in turn they took about twice as long on 2 cores). The last three evaluate on `max_users` sampled
+    validation users (None: all). Returns ({method: (L,)}, dependency (L, L))."""
     init_ray()
     weights = put_model(model)
-    pending = {"dependency": submit_dependency(weights, batches, data, metric="loss"),  # the longest: first
-               "ablation_loss": submit_ablation(weights, batches, data, metric="loss"),
-               "ablation": submit_ablation(weights, batches, data, metric="ndcg@10")}
+    users = {"max_users": max_users}
+    pending = {"dependency": submit_dependency(weights, batches, data, metric="loss", **users),  # longest first
+               "ablation_loss": submit_ablation(weights, batches, data, metric="loss", **users),
+               "ablation": submit_ablation(weights, batches, data, metric="ndcg@10", **users)}
     scores = sharded_importance(model, batches, n_shards=n_shards, methods=LOCAL_METHODS)
     scores.update(zip(pending, ray.get(list(pending.values()))))
     return scores, scores.pop("dependency")

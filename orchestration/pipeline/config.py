@@ -21,7 +21,7 @@ from layerwise.bench_guard import REMEASURES
 from layerwise.compress import DEFAULT_BRIDGE_RANK
 from layerwise.distill import HealConfig
 from layerwise.models.llm import LLMSetup
-from layerwise.train import TrainConfig
+from layerwise.train import ADDED, TrainConfig
 
 
 def added_option(default: Any) -> Any:
@@ -68,6 +68,10 @@ class CompressStageConfig:
     # 10 healing epochs, not the library's 20: an epoch costs about 15 CPU seconds here (the teacher's
     # forward for the KD targets included), and early stopping still ends it sooner when it stalls.
     heal: HealConfig = field(default_factory=lambda: HealConfig(epochs=10))
+    # Validation users that ablation, the dependency matrix and selection evaluate on (None: all). On a
+    # 30-layer LLM each evaluation is a forward of the whole model over them, and the dependency matrix
+    # takes 1 + L + L(L-1)/2 of them: a sample keeps that to a fraction.
+    ablation_users: int | None = field(default=None, metadata=ADDED)
 
 
 @dataclass(frozen=True)

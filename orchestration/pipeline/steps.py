@@ -144,7 +144,8 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     teacher = load_model_for(str(teacher_dir / "model"), data)
     batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
                                   c.data.max_len, c.seed)
-    scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards)
+    scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards,
+                                     max_users=c.compress.ablation_users)
     write_json(out / "importance.json", {
         "n_layers": teacher.n_layers, "shards": c.ray.shards,
         "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
@@ -156,7 +157,8 @@ def load_importance(imp_dir: Path) -> dict[str, torch.Tensor]:
     `compress(precomputed=...)` takes)."""
     raw = json.loads((imp_dir / "importance.json").read_text())
     scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in raw["scores"].items()}
-    scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
+    if "dependency_loss" in raw:  # a study computes it on its first seed only, unless the selector needs it
+        scores["dependency"] = torch.tensor(raw["dependency_loss"], dtype=torch.float64)
     return scores
 
 
@@ -173,7 +175,7 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
     teacher = load_model_for(str(teacher_dir / "model"), data)
     config = CompressConfig(keep=s.keep, selector=s.selector, method=s.method,
                             bridge_rank=s.bridge_rank, calib_batches=s.calib_batches,
-                            calib_batch_size=s.calib_batch_size, seed=c.seed,
+                            calib_batch_size=s.calib_batch_size, seed=c.seed, ablation_users=s.ablation_users,
                             heal=replace(s.heal, max_len=c.data.max_len, seed=c.seed))
     result = run_compress(teacher, data, config, precomputed=load_importance(imp_dir))
     manifest = {"teacher": str(teacher_dir / "model"), "dataset": c.data.dataset,

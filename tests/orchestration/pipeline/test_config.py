@@ -62,3 +62,16 @@ def test_the_smollm2_recipe_is_budgeted_by_epochs_not_by_the_clock():
     train = load_config(str(recipe), [], cls=PipelineConfig).teacher.train
     assert (train.epochs, train.schedule, train.warmup, train.schedule_minutes) == (12, "cosine", 0.1, None)
     assert train.max_minutes and train.max_minutes > train.epochs * 6  # a cap above 4.4 min per quiet epoch
+
+
+def test_every_shipped_recipe_loads_as_a_pipeline_config():
+    from pathlib import Path
+
+    from orchestration.pipeline.config import PipelineConfig
+
+    recipes = sorted((Path(__file__).resolve().parents[3] / "studies" / "recipes").glob("*.yaml"))
+    configs = {path.stem: load_config(str(path), [], cls=PipelineConfig) for path in recipes}
+    assert {"smollm2", "beauty"} <= set(configs)
+    assert configs["beauty"].data.dataset == "beauty" and configs["beauty"].compress.heal.cache_teacher
+    llm = configs["smollm2"].compress
+    assert (llm.keep, llm.selector, llm.method, llm.ablation_users) == (8, "topk", "combined", 512)
