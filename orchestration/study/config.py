@@ -24,8 +24,10 @@ from orchestration.pipeline.config import (
 ALL_BASELINES = tuple(n for n in ORDER if n not in PRETRAINED_ONLY)
 # One component changed at a time. "estimators": selection by `combined` over all local estimators, then
 # without each one; "bridges" removes them (or adds rank-16 ones when compress.bridge_rank is 0, the
-# default); the others switch one part of our method off.
-ABLATIONS = ("estimators", "bridges", "kd", "hidden", "prefit", "heal")
+# default); "items" (LLM teachers whose items start from their titles): a teacher whose items start at
+# random, trained and compressed the same way; the others switch one part of our method off.
+ABLATIONS = ("estimators", "bridges", "kd", "hidden", "prefit", "heal", "items")
+DEFAULT_ABLATIONS = tuple(a for a in ABLATIONS if a != "items")  # an LLM study lists "items" itself
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class StudyConfig:
     compress: CompressStageConfig = field(default_factory=lambda: CompressStageConfig(heal=HealConfig()))
     baselines: tuple[str, ...] = ALL_BASELINES
     random_draws: int = 3  # random-layer draws per seed for the `random` baseline
-    ablation: tuple[str, ...] = ABLATIONS
+    ablation: tuple[str, ...] = DEFAULT_ABLATIONS
     # The ablation and the k sweep run on the first `extras_seeds` seeds (None: on all). They are most of a
     # seed's cost (about 25 heals), so on a small machine they can get fewer seeds than the headline.
     extras_seeds: int | None = None
@@ -110,6 +112,11 @@ def check(config: StudyConfig) -> None:
     unknown = sorted(set(config.ablation) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"ablation: unknown components {unknown}; choose from {list(ABLATIONS)}")
+    llm = config.teacher.llm
+    if "items" in config.ablation and not (config.teacher.pretrained and llm and llm.item_init != "random"):
+        raise ValueError("ablation: 'items' compares a teacher whose items start from their titles with one "
+                         "whose items start at random; it needs teacher.pretrained and teacher.llm.item_init "
+                         "other than 'random'")
     unknown = sorted(set(config.sweep.selectors) - set(SELECTORS) - {"ours"})
     if unknown:
         raise ValueError(f"sweep.selectors: unknown {unknown}; choose from ['ours', *{sorted(SELECTORS)}]")

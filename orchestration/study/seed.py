@@ -55,7 +55,8 @@ class SeedRun:
         self._stage("teacher", teacher_key, self._teacher)
         self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
         self.k = n_kept(c.compress.keep, self.teacher.n_layers)
-        imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size)
+        users = [c.compress.ablation_users] if c.compress.ablation_users else []  # hashed only when set
+        imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size, *users)
         self._stage("importance", imp_key, self._importance)
         self.scores = load_importance(self.dirs["importance"])
         ours_key = stage_hash(imp_key, c.compress)
@@ -89,38 +90,47 @@ class SeedRun:
 
     # --- stages ---------------------------------------------------------------------------------------
     def _teacher(self, out: Path) -> None:
-        from layerwise.models.checkpoint import save_recommender
-        from layerwise.models.factory import build_recommender
-        from layerwise.train import train_recommender
-
-        t = self.config.teacher
-        recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
-        model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
-                                  text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
-                                  seed=self.seed, causal=t.causal, head=t.head, llm=t.llm)
-        result = train_recommender(model, self.data, recipe, progress=self.progress)
-        save_recommender(model, out / "model", {
-            "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
-            "llm": getattr(model, "llm_info", None),
-            "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
-            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed})
-        model.eval()
+        model, result = self._train_teacher(self.config.teacher, out / "model")
         rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
                                n_layers=model.n_layers, training={"best_epoch": result.best_epoch,
                                                                   "epochs_run": len(result.history)})]
         write_json(out / ROWS, rows)
 
+    def _train_teacher(self, t, path: Path):
+        """Train a teacher from TeacherConfig `t` with this seed, save it at `path`; (model in eval, result)."""
+        from layerwise.models.checkpoint import save_recommender
+        from layerwise.models.factory import build_recommender
+        from layerwise.train import train_recommender
+
+        recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
+        model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
+                                  text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
+                                  seed=self.seed, causal=t.causal, head=t.head, llm=t.llm)
+        result = train_recommender(model, self.data, recipe, progress=self.progress)
+        save_recommender(model, path, {
+            "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
+            "llm": getattr(model, "llm_info", None),
+            "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
+            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed})
+        return model.eval(), result
+
     def _importance(self, out: Path) -> None:
         from layerwise.dependency import dependency_matrix
         from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
 
+        c = self.config.compress
+        users = {"data": self.data, "max_users": c.ablation_users, "seed": self.seed}
         scores = compute_importance(self.teacher, self._batches(), methods=LOCAL_METHODS)
-        scores["ablation"] = IMPORTANCE["ablation"](self.teacher, self._batches(), data=self.data)
-        scores["ablation_loss"] = IMPORTANCE["ablation_loss"](self.teacher, self._batches(), data=self.data)
-        dependency = dependency_matrix(self.teacher, self._batches(), data=self.data, metric="loss", seed=self.seed)
-        write_json(out / "importance.json", {"n_layers": self.teacher.n_layers,
-                                             "scores": {m: v.tolist() for m, v in scores.items()},
-                                             "dependency_loss": dependency.tolist()})
+        scores["ablation"] = IMPORTANCE["ablation"](self.teacher, self._batches(), **users)
+        scores["ablation_loss"] = IMPORTANCE["ablation_loss"](self.teacher, self._batches(), **users)
+        record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users,
+                  "scores": {m: v.tolist() for m, v in scores.items()}}
+        # The dependency matrix is the costliest estimate (1 + L + L(L-1)/2 evaluations; hours for a 30-layer
+        # LLM): the report's heatmap reads the first seed's, and only the beam selector needs every seed's.
+        if self.seed == self.config.seeds[0] or c.selector == "beam":
+            record["dependency_loss"] = dependency_matrix(self.teacher, self._batches(), metric="loss",
+                                                          **users).tolist()
+        write_json(out / "importance.json", record)
 
     def _ours(self, out: Path) -> None:
         from layerwise.compact import build_compact, save_compact
@@ -173,6 +183,9 @@ class SeedRun:
             if component == "estimators":
                 write_json(out / ROWS, self._estimator_ablation(out))
                 return
+            if component == "items":
+                write_json(out / ROWS, self._items_ablation(out))
+                return
             heal, rank = self.config.compress.heal, self.config.compress.bridge_rank
             # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then,
             # and the pre-fitting ablation is made on rank-16 bridges (with none there is nothing to pre-fit).
@@ -218,6 +231,25 @@ class SeedRun:
             rows.append(row)
         return rows
 
+    def _items_ablation(self, out: Path) -> list[dict]:
+        """Ours on a teacher whose item vectors started at random (at the token-embedding scale) instead of
+        from the titles: the same seed, recipe, selection and healing. Its own teacher is trained here."""
+        from layerwise.compact import load_compact
+        from layerwise.compress import compress
+
+        t = self.config.teacher
+        _, result = self._train_teacher(replace(t, llm=replace(t.llm, item_init="random")), out / "teacher")
+        teacher = load_compact(out / "teacher").eval().requires_grad_(False)  # as saved: LoRA merged
+        compressed = compress(teacher, self.data, self._compress_config(), progress=self.progress)
+        own = self._evaluate(teacher.score, out, "teacher, items started at random", "ablation", "ablation",
+                             component="items", n_layers=teacher.n_layers,
+                             training={"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
+        ours = self._evaluate(compressed.model.score, out, "ours, items started at random", "ablation",
+                              "ablation", component="items", kept=compressed.kept,
+                              n_layers=compressed.model.n_layers, training=_heal_record(compressed.heal),
+                              teacher_means=own["means"])
+        return [ours]
+
     def _sweep(self, selector: str, k: int) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
             real = self.config.compress.selector if selector == "ours" else selector
@@ -261,7 +293,8 @@ class SeedRun:
         s = self.config.compress
         heal = changes.pop("heal", s.heal)
         base = dict(keep=s.keep, selector=s.selector, method=s.method, bridge_rank=s.bridge_rank,
-                    calib_batches=s.calib_batches, calib_batch_size=s.calib_batch_size, seed=self.seed)
+                    calib_batches=s.calib_batches, calib_batch_size=s.calib_batch_size, seed=self.seed,
+                    ablation_users=s.ablation_users)
         return CompressConfig(**{**base, **changes}, heal=replace(heal, max_len=self.max_len, seed=self.seed))
 
     def _compress_row(self, config, out: Path, row: str, table: str, **extra) -> dict:
@@ -286,7 +319,8 @@ class SeedRun:
         manifest = read_manifest(self.dirs["teacher"] / "model")
         return Budget(k=self.k, heal=heal, bridge_rank=self.config.compress.bridge_rank,
                       removed=n_parameters(self.teacher) - n_parameters(self.compact), seeds=draws,
-                      train=teacher_train_config(manifest), build=teacher_build(manifest))
+                      train=teacher_train_config(manifest), build=teacher_build(manifest),
+                      ablation_users=self.config.compress.ablation_users)
 
     def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, file: str | None = None,
                   **extra) -> dict:

@@ -18,6 +18,7 @@ from orchestration.study.config import load_study_config
 SETTINGS = [
     "seeds=[0,1]", "data.dataset=synthetic:300:60:6000:0", "teacher.preset=tiny", "teacher.train.epochs=2",
     "compress.keep=0.5", "compress.calib_batches=2", "compress.heal.epochs=1", "compress.heal.prefit_steps=5",
+    "compress.ablation_users=40",
     "baselines=[mostpop,first,int8]", "ablation=[heal,estimators,kd,prefit]", "extras_seeds=1", "sweep.selectors=[ours,random]",
     "sweep.heal_epochs=1", "noise.kinds=[drop,reorder]", "noise.levels=[0.0,0.2]", "scenarios.min_users=10",
     "ray.cpus_per_seed=0.5", "bench.runs=3", "bench.warmup=1", "bench.batch_sizes=[1,8]",
@@ -93,6 +94,10 @@ def test_ablation_sweep_noise_and_slices(study):
     assert results["ablation"]["seeds"] == results["k_sweep"]["seeds"] == [0]
     assert "one seed" in results["ablation"]["test"] and results["k_sweep"]["curves"]["ours"]["ci95"] is None
     assert not list((root / "study" / "seeds" / "seed-1").glob("ablation-*"))
+    # Ablation and dependency evaluated 40 sampled validation users; beam needs the dependency on each seed.
+    for path in (root / "study" / "seeds").glob("seed-*/importance-*/importance.json"):
+        record = json.loads(path.read_text())
+        assert record["ablation_users"] == 40 and len(record["dependency_loss"]) == 2
     assert not list((root / "study" / "seeds" / "seed-1").glob("sweep-*"))
     assert list((root / "study" / "seeds" / "seed-0").glob("sweep-*"))
     kinds = results["robustness"]["kinds"]
@@ -164,6 +169,8 @@ def test_bad_study_configs_name_the_key():
         load_study_config(None, ["extras_seeds=6"])
     with pytest.raises(ValueError, match=r"\['truncated'\] start again .* teacher.pretrained is not set"):
         load_study_config(None, ["baselines=[first,truncated]"])
+    with pytest.raises(ValueError, match="'items' compares .* needs teacher.pretrained"):
+        load_study_config(None, ["ablation=[heal,items]"])
 
 
 def test_shipped_study_configs_load():
