@@ -61,8 +61,14 @@ def run(args) -> dict:
     model = build_recommender(data, teacher.family, teacher.preset, max_len=max_len, dropout=teacher.dropout,
                               seed=args.seed)
     load_before, started = os.getloadavg()[0], time.perf_counter()
-    result = train_recommender(model, data, config, progress=not args.quiet)
+    # With --out, an interrupted run resumes from its last epoch (OUT-checkpoint/; layerwise.resume), and the
+    # training time is then the epochs' own (train_s counts only this call).
+    checkpoint = args.out.parent / f"{args.out.name}-checkpoint" if args.out else None
+    resumed = checkpoint is not None and checkpoint.is_dir()
+    result = train_recommender(model, data, config, progress=not args.quiet, checkpoint=checkpoint)
     train_s = time.perf_counter() - started
+    if resumed:
+        train_s = sum(h["train_seconds"] + h.get("valid_seconds", 0.0) for h in result.history)
     epochs = len(result.history)
     model.eval()
     report = {

@@ -17,7 +17,9 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -220,8 +222,18 @@ def autocast_context(autocast: str | None, device: torch.device | str = "cpu"):
 
 
 def train_recommender(model: SequentialRecommender, data, config: TrainConfig = TrainConfig(),
-                      progress: bool = True) -> TrainResult:
-    """Train `model` on `data`'s training histories; keeps the weights of the best validation epoch."""
+                      progress: bool = True, checkpoint: str | Path | None = None,
+                      stop: Callable[[int], bool] | None = None) -> TrainResult:
+    """Train `model` on `data`'s training histories; keeps the weights of the best validation epoch.
+
+    checkpoint: a directory for the run's state after every epoch (layerwise.resume). A call with the same
+        directory, config and identically built model resumes after the last saved epoch and ends exactly
+        as an uninterrupted run; the directory is removed when training ends.
+    stop: called with the epoch after its checkpoint is written; True stops the run there with
+        KeyboardInterrupt (a requested Ctrl-C, for example), to be resumed later.
+    """
+    from layerwise.resume import TrainingState, remove, saved_names
+
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     inputs, targets = training_windows(data, config.max_len, model.causal)
@@ -229,9 +241,19 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     steps = math.ceil(len(inputs) / config.batch_size) * config.epochs
     schedule = LRSchedule(optimizer, config.schedule, config.warmup, steps, config.schedule_minutes)
     result = TrainResult(best_epoch=-1, best_valid={"ndcg@10": -1.0}, config=asdict(config))
-    best_state, stale = None, 0
-    bar = tqdm(range(1, config.epochs + 1), desc="train", disable=not progress, unit="epoch")
-    started = time.monotonic()
+    best_state, stale, first, elapsed = None, 0, 1, 0.0
+    state = TrainingState.load(checkpoint, model, optimizer, generator, asdict(config)) if checkpoint else None
+    if state is not None:  # resume after the saved epoch
+        first, stale, elapsed = state.epoch + 1, state.stale, state.elapsed
+        result.best_epoch, result.best_valid = state.result["best_epoch"], state.result["best_valid"]
+        result.history = state.result["history"]
+        schedule.steps, schedule.started = state.steps, time.monotonic() - elapsed
+        schedule._apply()
+        if state.best is not None:
+            best_state = {**copy.deepcopy(model.state_dict()), **state.best}
+    bar = tqdm(range(first, config.epochs + 1), desc="train", disable=not progress, unit="epoch",
+               initial=first - 1, total=config.epochs)
+    started, reason = time.monotonic() - elapsed, None
     for epoch in bar:
         tick = time.monotonic()
         loss = _train_epoch(model, inputs, targets, optimizer, config, generator, schedule)
@@ -247,16 +269,26 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
                 best_state, stale = copy.deepcopy(model.state_dict()), 0
             else:
                 stale += 1
-        result.history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
         clock_ended = schedule.done and epoch < config.epochs  # only the schedule's clock ends it early
         reason = stop_reason(stale, config.patience, out_of_time, clock_ended)
+        result.history.append(record)
+        bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
+        if checkpoint and not reason and epoch < config.epochs:
+            best = {n: best_state[n] for n in saved_names(model)} if best_state is not None else None
+            TrainingState(epoch, schedule.steps, stale, time.monotonic() - started,
+                          {"best_epoch": result.best_epoch, "best_valid": result.best_valid,
+                           "history": result.history}, best).save(checkpoint, model, optimizer, generator,
+                                                                  asdict(config))
         if reason:
-            result.stop_reason = reason
             break
+        if stop is not None and stop(epoch):
+            raise KeyboardInterrupt(f"training stopped after epoch {epoch}; its checkpoint resumes it")
+    result.stop_reason = reason or "epochs"
     result.epochs_run = len(result.history)
     if best_state is not None:
         model.load_state_dict(best_state)
+    if checkpoint:
+        remove(checkpoint)
     return result
 
 

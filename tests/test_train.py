@@ -94,3 +94,45 @@ def test_bf16_autocast_trains_and_scores_in_float32():
     with pytest.raises(ValueError, match="unknown autocast 'fp16'"):
         train_recommender(tiny_model("llama", n_layers=2), data, TrainConfig(epochs=1, autocast="fp16"),
                           progress=False)
+
+
+def _resumable_model() -> torch.nn.Module:
+    model = tiny_model("llama", n_layers=2, seed=3)
+    model.dropout.p = 0.2  # dropout draws from torch's global RNG, which the checkpoint must carry
+    model.layers[0].requires_grad_(False)  # frozen weights are rebuilt by the caller, not saved
+    return model
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    from layerwise.resume import saved_names
+
+    data = cyclic_data(n_users=40)
+    config = TrainConfig(epochs=5, batch_size=8, lr=3e-3, eval_every=2, patience=5, schedule="cosine",
+                         warmup=0.2, max_len=12, seed=4)
+    straight = _resumable_model()
+    expected = train_recommender(straight, data, config, progress=False)
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt, match="after epoch 3"):
+        train_recommender(_resumable_model(), data, config, progress=False, checkpoint=checkpoint,
+                          stop=lambda epoch: epoch == 3)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["epoch-3"]  # older epochs were replaced
+    names = saved_names(_resumable_model())
+    assert names and not any(n.startswith("backbone.layers.0.") for n in names)
+    resumed_model = _resumable_model()  # a new process would build it again the same way
+    resumed = train_recommender(resumed_model, data, config, progress=False, checkpoint=checkpoint)
+    assert not checkpoint.exists()  # the model is the output once training ends
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5] and resumed.best_epoch == expected.best_epoch
+    for got, want in zip(resumed.history, expected.history):
+        assert {k: v for k, v in got.items() if "seconds" not in k} == {
+            k: v for k, v in want.items() if "seconds" not in k}
+    for (name, a), (_, b) in zip(resumed_model.state_dict().items(), straight.state_dict().items()):
+        assert torch.equal(a, b), name
+    # A checkpoint is refused by a run of another recipe (the safety cap alone may change).
+    with pytest.raises(KeyboardInterrupt):
+        train_recommender(_resumable_model(), data, config, progress=False, checkpoint=checkpoint,
+                          stop=lambda epoch: epoch == 1)
+    other = TrainConfig(**{**config.__dict__, "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"another config \(differs in \['lr'\]\)"):
+        train_recommender(_resumable_model(), data, other, progress=False, checkpoint=checkpoint)
+    capped = TrainConfig(**{**config.__dict__, "max_minutes": 60.0})
+    assert train_recommender(_resumable_model(), data, capped, progress=False, checkpoint=checkpoint).epochs_run == 5

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import PipelineConfig
 from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
 
@@ -97,7 +98,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
                               text_features=t.text_features, max_len=c.data.max_len,
                               dropout=t.dropout, seed=c.seed, causal=t.causal, head=t.head, llm=t.llm)
-    result = train_recommender(model, data, train_config)
+    result = train_recommender(model, data, train_config, checkpoint=out / "checkpoint",
+                               stop=lambda _: interrupts.requested())  # resumes mid-training
     save_recommender(model, out / "model", {
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": c.data.dataset,
         "llm": getattr(model, "llm_info", None),

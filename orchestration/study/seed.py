@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
@@ -106,7 +107,10 @@ class SeedRun:
         model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
                                   text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
                                   seed=self.seed, causal=t.causal, head=t.head, llm=t.llm)
-        result = train_recommender(model, self.data, recipe, progress=self.progress)
+        # Resumes mid-training after an interruption (an LLM teacher takes an hour or more on 2 cores).
+        result = train_recommender(model, self.data, recipe, progress=self.progress,
+                                   checkpoint=path.parent / f"{path.name}-checkpoint",
+                                   stop=lambda _: interrupts.requested())
         save_recommender(model, path, {
             "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
             "llm": getattr(model, "llm_info", None),
