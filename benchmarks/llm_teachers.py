@@ -80,12 +80,6 @@ def compare(out: Path, names: list[str]) -> dict:
             for metric in ("ndcg@10", "mrr", "hr@10")}
 
 
-def _checkpoint_epoch(directory: Path) -> int | None:
-    """The epoch a checkpoint left in `directory` resumes after, or None."""
-    epochs = [int(p.name.split("-")[1]) for p in directory.glob("epoch-*") if p.name.split("-")[1].isdigit()]
-    return max(epochs) if epochs else None
-
-
 def teacher_config(variant: str, smoke: bool, extra: list[str] | None = None):
     """The teacher section of the run config for `variant` plus `extra` key=value overrides (a smoke run: 2
     layers, 40 steps)."""
@@ -115,9 +109,7 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
     train = replace(t.train, seed=seed, max_len=config.data.max_len)
     tick = time.monotonic()
     # An interrupted run (a session's end) resumes from its last epoch; see layerwise.resume.
-    checkpoint = model_dir.parent / "checkpoint"
-    resumed_from = _checkpoint_epoch(checkpoint)
-    result = train_recommender(model, data, train, progress=True, checkpoint=checkpoint)
+    result = train_recommender(model, data, train, progress=True, checkpoint=model_dir.parent / "checkpoint")
     train_seconds = time.monotonic() - tick
     load_avg.append(os.getloadavg()[0])
     tick = time.monotonic()
@@ -136,13 +128,13 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
         "valid": result.best_valid, "best_epoch": result.best_epoch,
         "epochs_run": len(history), "steps": history[-1]["steps"] if history else 0,
         "windows": len(training_windows(data, config.data.max_len, causal=True)[0]),
-        "resumed_after_epoch": resumed_from,  # then "train loop" counts this call only; the epochs count all
+        "resumed_after_epoch": result.resumed_after,  # then "train loop" counts this call only; the epochs count all
         "minutes": {"build (load, title encoding, LoRA)": build_seconds / 60, "train loop": train_seconds / 60,
                     "of which epochs": sum(r["train_seconds"] for r in history) / 60,
                     "of which validation": sum(r.get("valid_seconds", 0.0) for r in history) / 60,
                     "save": save_seconds / 60, "test evaluation (fp32)": test_seconds / 60,
-                    "training time (build + train loop)": (build_seconds + (train_seconds if resumed_from is None else sum(
-                        r["train_seconds"] + r.get("valid_seconds", 0.0) for r in history))) / 60},
+                    "training time (build + train loop)": (build_seconds + (train_seconds if result.resumed_after is None
+                                                                     else result.seconds)) / 60},
         "history": history, "teacher": asdict(t), "n_layers": model.n_layers,
         "llm": getattr(model, "llm_info", None), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "machine": {"threads": threads, "cpus": os.cpu_count(), "load_avg_1m_start_end": load_avg,

@@ -64,11 +64,10 @@ def run(args) -> dict:
     # With --out, an interrupted run resumes from its last epoch (OUT-checkpoint/; layerwise.resume), and the
     # training time is then the epochs' own (train_s counts only this call).
     checkpoint = args.out.parent / f"{args.out.name}-checkpoint" if args.out else None
-    resumed = checkpoint is not None and checkpoint.is_dir()
     result = train_recommender(model, data, config, progress=not args.quiet, checkpoint=checkpoint)
     train_s = time.perf_counter() - started
-    if resumed:
-        train_s = sum(h["train_seconds"] + h.get("valid_seconds", 0.0) for h in result.history)
+    if result.resumed_after is not None:
+        train_s = result.seconds
     epochs = len(result.history)
     model.eval()
     report = {

@@ -1,9 +1,9 @@
 """Resumable training: the whole state of a training run after an epoch, saved so that a killed run goes on
 from there and ends exactly as an uninterrupted one would.
 
-    state = TrainingState.load(directory, model, optimizer, config_dict)   # None: start from the beginning
+    state = TrainingState.load(directory, model, optimizer, generator, config)   # None: start afresh
     ...
-    TrainingState(epoch, steps, stale, elapsed, result, best).save(directory, model, optimizer, generator)
+    TrainingState(epoch, steps, stale, elapsed, result, best).save(directory, model, optimizer, generator, config)
 
 A run of an LLM teacher takes an hour or more on a small machine, longer than a working session may last;
 a study's teacher stage then resumes mid-training instead of starting again. What is saved:

@@ -77,6 +77,12 @@ class TrainResult:
     config: dict = field(default_factory=dict)
     stop_reason: str = "epochs"
     epochs_run: int = 0
+    resumed_after: int | None = None  # the checkpointed epoch this call went on from (None: from the start)
+
+    @property
+    def seconds(self) -> float:
+        """Training and validation time of every epoch, resumed ones included (a call's own wall time is not)."""
+        return sum(r["train_seconds"] + r.get("valid_seconds", 0.0) for r in self.history)
 
 
 def stop_reason(stale: int, patience: int, out_of_time: bool, clock_ended: bool = False) -> str | None:
@@ -246,7 +252,7 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     if state is not None:  # resume after the saved epoch
         first, stale, elapsed = state.epoch + 1, state.stale, state.elapsed
         result.best_epoch, result.best_valid = state.result["best_epoch"], state.result["best_valid"]
-        result.history = state.result["history"]
+        result.history, result.resumed_after = state.result["history"], state.epoch
         schedule.steps, schedule.started = state.steps, time.monotonic() - elapsed
         schedule._apply()
         if state.best is not None:

@@ -121,6 +121,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     resumed_model = _resumable_model()  # a new process would build it again the same way
     resumed = train_recommender(resumed_model, data, config, progress=False, checkpoint=checkpoint)
     assert not checkpoint.exists()  # the model is the output once training ends
+    assert resumed.resumed_after == 3 and expected.resumed_after is None
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5] and resumed.best_epoch == expected.best_epoch
     for got, want in zip(resumed.history, expected.history):
         assert {k: v for k, v in got.items() if "seconds" not in k} == {
