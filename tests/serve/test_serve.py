@@ -54,7 +54,8 @@ def server(models):
     """Serve on a free loopback port, started through `serve_main` as `layerwise serve` will."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
+        # address="local": never join a cluster another test process started (pytest-xdist runs two).
+        ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
     port = loadtest.free_port()
     url = serve_main(str(models["compact"]), port=port, num_cpus=0.5, blocking=False,
                      cache_dir=str(models["root"] / "cache"), max_batch_size=8, batch_wait_timeout_s=0.1,
