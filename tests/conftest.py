@@ -15,6 +15,17 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """Files with a `slow` test first, each file's tests kept together and in order.
+
+    `make test` runs two pytest-xdist workers with `--dist loadfile`, which hand out whole files in this
+    order: the long files start at once and the short ones fill in at the end, instead of one long file
+    starting last and running alone (about 2.5 of 14.6 minutes were that tail).
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order and test order kept
+
+
 @pytest.fixture(scope="session")
 def smollm2_get(tmp_path_factory):
     """The real `layerwise models get smollm2-135m`, run once into a temp cache (about 20 s on 2 cores):

@@ -67,7 +67,7 @@ def _baselines_parser(sub) -> None:
 
 
 def _tune_parser(sub) -> None:
-    from orchestration.search.tuning import add_arguments  # light: yaml + rich, no torch/ray
+    from orchestration.search.arguments import add_arguments  # light: no torch, Ray or MLflow
 
     add_arguments(sub.add_parser("tune", help="search depth, bridges, selector and healing with Ray Tune + "
                                               "Optuna; register the Pareto front and promote a champion"))

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from layerwise.bench_guard import RULE, speed_cell
 from orchestration.outputs import write_json
+from orchestration.search.arguments import SPEED_METRICS
 from orchestration.search.space import SearchSpace
-
-SPEED_METRICS = {"speedup": "max", "latency_ms": "min"}  # the second Pareto objective and its direction
 
 
 def conclude(grid, state: dict, run_dir: Path, data, teacher_path: str, space: SearchSpace,

@@ -30,10 +30,10 @@ from typing import Any
 
 from orchestration.outputs import write_json
 from orchestration.search.space import SearchSpace, load_space
-from orchestration.search.results import SPEED_METRICS, conclude
+from orchestration.search.arguments import OBJECTIVES, SPEED_METRICS, add_arguments
+from orchestration.search.results import conclude
 from orchestration.search.trial import search_trial, valid_ndcg
 
-OBJECTIVES = ("single", "pareto")
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the run directory
 
 
@@ -281,34 +281,6 @@ def _tuner(trainable, space: SearchSpace, state: dict, run_dir: Path, concurrenc
 
 
 # --- command line -----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `layerwise tune` arguments (also `python -m orchestration.search.tuning`)."""
-    parser.add_argument("space", help="search space YAML, e.g. tune_spaces/llama.yaml")
-    parser.add_argument("overrides", nargs="*",
-                        help="section.key=value changes to the YAML, right after it (before the options), "
-                             "e.g. teacher.preset=tiny space.heal_epochs=1")
-    parser.add_argument("--samples", type=int, default=16, help="trials in all (default: %(default)s)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="single",
-                        help="single: TPE on retention; pareto: NSGA-II on retention and speed")
-    parser.add_argument("--speed-metric", choices=sorted(SPEED_METRICS), default="speedup",
-                        help="the second Pareto objective (default: %(default)s)")
-    parser.add_argument("--teacher", default=None, help="trained teacher directory (default: train the "
-                                                        "YAML's teacher once before the search)")
-    parser.add_argument("--min-retention", type=float, default=None,
-                        help="champion = fastest front model with at least this NDCG@10 retention")
-    parser.add_argument("--run-dir", default=None, help="default: runs/tune-<space name>-<objective>")
-    parser.add_argument("--fresh", action="store_true", help="refuse to resume a search found in --run-dir")
-    parser.add_argument("--distributed-heal", action="store_true",
-                        help="heal every trial on Ray Train + DeepSpeed (2 CPU workers) instead of in the trial")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: by CPUs)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite in --run-dir)")
-    parser.add_argument("--registered-model", default="layerwise-compact")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: embedded Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
-    parser.add_argument("--object-store-mb", type=int, default=None, help="object store of the embedded Ray")
-    return parser
-
-
 def tune_command(args: argparse.Namespace) -> int:
     """Handler of `layerwise tune`: run the search, print the front and the champion decision."""
     run_dir = args.run_dir or f"runs/tune-{Path(args.space).stem}-{args.objective}"

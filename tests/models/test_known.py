@@ -16,6 +16,8 @@ from layerwise.models.known import (
     KNOWN, ChecksumError, MissingPackageError, assemble, known_model, list_models, locate_parts)
 from layerwise.models.pretrained import get_pretrained
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 
 def test_models_get_converts_smollm2_to_a_stock_directory_that_predicts_paris(smollm2_get, smollm2):
     # The session's conversion was the command itself; it prints the directory alone on stdout.

@@ -17,6 +17,8 @@ from layerwise.models.llm import LLMSetup, layer_state_norms, set_checkpointing
 from layerwise.train import TrainConfig, next_item_loss, training_windows
 from tests.helpers.tiny_models import make_identity, tiny_model
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def data():

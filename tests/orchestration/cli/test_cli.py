@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import layerwise
+from tests.helpers.cli import REPO, layerwise
+
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
 
 DATASET = "synthetic:240:60:4000:1"
 
@@ -29,6 +33,14 @@ def test_help_lists_every_command(workdir):
     out = layerwise("--help", cwd=workdir).stdout
     for command in ("data", "train", "evaluate", "score", "compress", "bench", "run"):
         assert command in out
+
+
+def test_the_parser_imports_no_torch_ray_or_mlflow():
+    """`layerwise --help` (and every command's startup) builds the whole parser: it must stay light."""
+    code = ("import sys; from orchestration.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_data_synth_then_stats(workdir):

@@ -13,6 +13,8 @@ import pytest
 from layerwise.data import LITERATURE_METRICS
 from tests.helpers.cli import layerwise
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "amazon-yelp"
 needs_shared = pytest.mark.skipif(not (SHARED / "Beauty.txt").is_file(),
                                   reason="the benchmark files are not beside the repository")

@@ -14,6 +14,8 @@ import torch
 
 from layerwise.models.known import KNOWN, list_models
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 DATASET = "synthetic:60:40:600:0"  # 40 items with titles and genres
 REPO = Path(__file__).resolve().parents[3]
 

@@ -16,6 +16,8 @@ from layerwise.models.llm import LLMSetup
 from orchestration.distributed.specs import DataSpec
 from orchestration.distributed.training import heal_distributed
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 DATA = "synthetic:60:40:600:0"  # 40 items with titles and genres
 SHORT = 8  # window length: the real layers at a tiny cost
 

@@ -20,6 +20,8 @@ from orchestration.distributed.shards import (
 )
 from tests.helpers.tiny_models import calibration_batches, cyclic_data, tiny_model
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 
 def _rel_err(a, b):
     return ((a - b).abs() / b.abs().clamp(min=1e-30)).max().item()

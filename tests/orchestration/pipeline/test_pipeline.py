@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from layerwise.data import LITERATURE_METRICS
 
+pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
+
 TINY = [
     "name=tiny", "data.dataset=synthetic:240:60:4000:1", "data.max_len=20",
     "teacher.preset=tiny", "teacher.family=llama", "teacher.train.epochs=4", "teacher.train.lr=0.003",
