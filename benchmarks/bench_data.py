@@ -4,7 +4,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_data.py --users 2000 --items 500 --interactions 20000
 
 Targets (for generate + build_sequences together): <= 60 s wall time and <= 4 GiB peak RSS on 2 cores.
-Peak RSS is the whole process's high-water mark (ru_maxrss), imports (torch included) counted. Saving and
+Peak RSS is the program's high-water mark (layerwise.memory.peak_rss_bytes), imports (torch included) counted. Saving and
 loading the Parquet cache are timed too, for information.
 """
 
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -24,22 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from layerwise.data import build_sequences, dataset_stats, generate_synthetic, load_sequences, save_sequences
+from layerwise.memory import peak_rss_bytes
 
 TARGET_SECONDS = 60.0
 TARGET_RSS_GIB = 4.0
-
-
-def peak_rss_bytes() -> int:
-    """This program's peak resident set size so far. On Linux, VmHWM of /proc/self/status: ru_maxrss keeps
-    the peak of the process image before exec (a benchmark started by a 4 GB pytest worker reads 4 GB).
-    Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def run(users: int, items: int, interactions: int, seed: int) -> dict:

@@ -4,7 +4,7 @@
         --json runs/bench_literature.json
     PYTHONPATH=. .venv/bin/python benchmarks/bench_literature.py --stages evaluate --eval-dataset toys
 
-Each stage runs in its own fresh Python process, so each peak RSS (`ru_maxrss`, imports included) is that
+Each stage runs in its own fresh Python process, so each peak RSS (VmHWM, imports included) is that
 stage's own; `baseline_rss_gib` is the process after its imports, before any data or model.
 
   evaluate  the `small` LLaMA recommender (8 layers, 64 wide; untrained: the time does not depend on the

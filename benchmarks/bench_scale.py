@@ -3,8 +3,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_scale.py --json runs/bench_scale.json
     PYTHONPATH=. .venv/bin/python benchmarks/bench_scale.py --users 2000 --items 500 --interactions 20000
 
-Each stage runs in its own fresh Python process, so each peak is that stage's own: `ru_maxrss` of the
-stage process (imports included), and the parent also samples the RSS of the process and any children
+Each stage runs in its own fresh Python process, so each peak is that stage's own: the high-water mark of the
+stage process (VmHWM, imports included), and the parent also samples the RSS of the process and any children
 every 0.1 s as a cross-check. Later stages read what earlier ones wrote (the Parquet cache, the teacher).
 
   prepare     generate + leave-one-out split + atomic Parquet cache write, from an empty cache dir
@@ -32,7 +32,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -212,8 +211,10 @@ def _run_stage_here(args) -> None:
 
 
 def _own_peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
+    """The stage process's own peak (VmHWM; the JSON key keeps its old name, ru_maxrss_gib)."""
+    from layerwise.memory import peak_rss_bytes  # the stage child has torch loaded already; the parent never
+
+    return peak_rss_bytes()
 
 
 # --- the parent: one subprocess per stage, RSS sampled from outside -------------------------------

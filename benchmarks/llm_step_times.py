@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from layerwise.data import load_dataset
 from layerwise.evaluate import evaluate
+from layerwise.memory import peak_rss_bytes
 from layerwise.models.factory import build_recommender
 from layerwise.models.llm import LLMSetup, layer_state_norms, set_checkpointing
 from layerwise.models.pretrained import get_pretrained
@@ -111,7 +111,7 @@ def part_steps(data, name: str, rounds: int) -> list[dict]:
             row = {"setup": name, "layers": model.n_layers, "finetune": setup.finetune, "max_len": max_len,
                    "batch": len(x), "checkpointing": checkpointing, "bf16": bf16, "rounds": rounds,
                    "trainable": model.llm_info["trainable_parameters"], **machine, **timing,
-                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                   "peak_rss_gb": peak_rss_bytes() / 2**30}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del model

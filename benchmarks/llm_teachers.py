@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from layerwise.data import load_dataset
 from layerwise.evaluate import evaluate
+from layerwise.memory import peak_rss_bytes
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
 from layerwise.train import train_recommender, training_windows
@@ -136,7 +136,7 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
                     "training time (build + train loop)": (build_seconds + (train_seconds if result.resumed_after is None
                                                                      else result.seconds)) / 60},
         "history": history, "teacher": asdict(t), "n_layers": model.n_layers,
-        "llm": getattr(model, "llm_info", None), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "llm": getattr(model, "llm_info", None), "peak_rss_gb": peak_rss_bytes() / 2**30,
         "machine": {"threads": threads, "cpus": os.cpu_count(), "load_avg_1m_start_end": load_avg,
                     "torch": torch.__version__, "python": platform.python_version()},
     }

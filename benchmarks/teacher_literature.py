@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, replace
@@ -30,6 +29,7 @@ import torch
 from layerwise.baselines.popularity import mostpop_scorer
 from layerwise.data import LITERATURE_METRICS, dataset_stats, load_dataset
 from layerwise.evaluate import evaluate
+from layerwise.memory import peak_rss_bytes
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
 from layerwise.train import train_recommender
@@ -50,7 +50,7 @@ def timed_test(model, data, max_len: int) -> dict:
     started = time.perf_counter()
     metrics = test_metrics(model.score, data, max_len)
     return {"teacher_test": metrics, "test_eval_s": round(time.perf_counter() - started, 1),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2)}
 
 
 def run(args) -> dict:

@@ -37,6 +37,12 @@ def peak_memory(model_dir: str | Path, batch_size: int, max_len: int, device: st
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_bytes() -> int:
+    """This program's peak RSS so far: VmHWM on Linux (ru_maxrss there keeps the peak of the image before
+    exec, so a script started by a big process would read that process's peak), ru_maxrss elsewhere."""
+    return _hwm_bytes()[0]
+
+
 def _hwm_bytes() -> tuple[int, str]:
     try:
         status = Path("/proc/self/status").read_text()
