@@ -4,8 +4,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_data.py --users 2000 --items 500 --interactions 20000
 
 Targets (for generate + build_sequences together): <= 60 s wall time and <= 4 GiB peak RSS on 2 cores.
-Peak RSS is the program's high-water mark (layerwise.memory.peak_rss_bytes), imports (torch included) counted. Saving and
-loading the Parquet cache are timed too, for information.
+Peak RSS is the program's high-water mark (layerwise.memory.peak_rss_bytes), imports (torch included)
+counted. Saving and loading the Parquet cache are timed too, for information.
 """
 
 from __future__ import annotations
