@@ -166,7 +166,7 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
     with twice the requests, at most `remeasures` times, and one still disturbed reports no ratio.
     """
     app_args = dict(app_args or {})
-    data, max_len = _shared_data(list(models.values()), app_args)
+    data, max_len = _shared_data(list(models.values()), app_args)  # sets app_args["dataset"] for every app
     paired = {"compact", "teacher"} <= set(models)
 
     def measure(keys: list[str], n: int) -> dict[str, dict]:
@@ -219,6 +219,7 @@ def _median_ratio_ci(numerator: list[float], denominator: list[float], seed: int
 
 
 def _shared_data(models: list[str], app_args: dict[str, Any]):
+    """(data, max_len) of the data set every model was trained on; records its name in `app_args`."""
     from serve.app import resolve_model
 
     manifests = [read_manifest(resolve_model(m, app_args.get("tracking_uri"), app_args.get("download_dir")))
@@ -226,9 +227,13 @@ def _shared_data(models: list[str], app_args: dict[str, Any]):
     prints = {m.get("data_fingerprint") for m in manifests}
     if len(prints) > 1:
         raise ValueError(f"models {models} were trained on different data sets; their loads would not compare")
-    name = app_args.get("dataset") or manifests[0].get("dataset")
+    # The fingerprints match, so any manifest that names the data set names the one they share.
+    name = app_args.get("dataset") or next((m["dataset"] for m in manifests if m.get("dataset")), None)
+    if not name:
+        raise ValueError(f"no manifest of {models} names its data set; pass --dataset (and --data-dir if needed)")
     data = load_dataset(name, data_dir=app_args.get("data_dir"), cache_dir=app_args.get("cache_dir"),
                         progress=False)
+    app_args["dataset"] = name  # the app of a model whose manifest lacks it loads the same catalogue
     return data, int(manifests[0].get("max_len") or 50)
 
 

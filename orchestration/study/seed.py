@@ -142,7 +142,8 @@ class SeedRun:
 
         config = self._compress_config()
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
-        save_compact(result.model, out / "model", {"data_fingerprint": self.data.fingerprint,
+        save_compact(result.model, out / "model", {"dataset": self.config.data.dataset,
+                                                   "data_fingerprint": self.data.fingerprint,
                                                    "max_len": self.max_len, **result.manifest(config)})
         unhealed = build_compact(self.teacher, result.kept, config.bridge_rank, seed=config.seed).eval()
         write_json(out / ROWS, [

@@ -385,6 +385,31 @@ def post_to(port, path, payload):
     return status, {k: v for k, v in body.items() if k != "batch_size"}
 
 
+def _copy_without_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.pop("dataset")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return str(dst)
+
+
+def test_load_run_finds_the_data_set_in_either_manifest(models, tmp_path):
+    # A compact model saved without "dataset" (as the LLM benchmark's once were) takes its teacher's.
+    cache = {"cache_dir": str(models["root"] / "cache")}
+    compact = _copy_without_dataset(models["compact"], tmp_path / "compact")
+    args = dict(cache)
+    data, max_len = loadtest._shared_data([compact, str(models["teacher"])], args)
+    assert data.fingerprint == models["data"].fingerprint and max_len == MAX_LEN
+    assert args["dataset"] == DATASET  # every app of the run, the compact's included, loads it
+    teacher = _copy_without_dataset(models["teacher"], tmp_path / "teacher")
+    with pytest.raises(ValueError, match="names its data set; pass --dataset"):
+        loadtest._shared_data([compact, teacher], cache)
+    data, _ = loadtest._shared_data([compact, teacher], {**cache, "dataset": DATASET})
+    assert data.fingerprint == models["data"].fingerprint
+
+
 def test_load_client_refuses_non_loopback_hosts():
     with pytest.raises(ValueError, match="stay on this machine"):
         loadtest.run_load("http://192.0.2.1:8000/recommend", [b"{}"], 1)
