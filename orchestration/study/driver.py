@@ -6,7 +6,8 @@ Smallest CPU run (tiny synthetic data, tiny model, 2 seeds; a few minutes on 2 c
         teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1 baselines=[mostpop,first,int8]
 
 How it runs:
-1. Each seed is one Ray task (`ray.cpus_per_seed` CPUs), so seeds run in parallel. Inside, every stage
+1. Each seed is one Ray task (`ray.cpus_per_seed` CPUs), so seeds run in parallel; a seed with the ablation
+   and the k sweep splits them into a task of their own once its compact model exists. Inside, every stage
    (teacher, importance, ours, each baseline, each ablation, each k of the sweep, noise) is resumable: an
    interrupted study restarts where it stopped (orchestration.study.seed).
 2. Speed: one interleaved benchmark in the driver, after every seed is done (so no training competes with
@@ -26,7 +27,7 @@ from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
-from orchestration.study.config import StudyConfig
+from orchestration.study.config import StudyConfig, extras_seeds
 from orchestration.study.seed import ROWS, config_dict, run_seed
 
 PROGRESS_SECONDS = 30  # how often the driver's progress line re-reads the seeds' stage folders
@@ -61,7 +62,10 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
 
 
 def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[int, dict[str, Path]]:
-    """One Ray task per seed, all submitted at once; Ray runs as many as the CPUs allow. A failed seed is
+    """The seeds as Ray tasks, all submitted at once; Ray runs as many as the CPUs allow. A seed that also
+    runs the ablation and the k sweep (`extras_seeds`) is three tasks: its teacher, importance and compact
+    model first, then its baselines and its extras side by side, so that they share the CPUs the other
+    seeds leave when they finish instead of running one after the other at the end. A failed seed is
     reported after the others finish, so their finished stages are kept for the resume."""
     import ray
     from tqdm.auto import tqdm
@@ -69,9 +73,16 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
     threads = max(1, int(config.ray.cpus_per_seed))
     task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0)
     raw = config_dict(config)
-    refs = {task.remote(raw, seed, str(root / "seeds" / f"seed-{seed}"), threads): seed for seed in config.seeds}
-    done_dirs, failed, pending = {}, {}, list(refs)
-    with tqdm(total=len(refs), desc="seeds", unit="seed", disable=not progress) as bar:
+    refs, bases = {}, {}
+    for seed, part in seed_tasks(config):
+        args = (raw, seed, str(root / "seeds" / f"seed-{seed}"), threads, part)
+        if part == "base":
+            bases[seed] = task.remote(*args)
+        else:
+            refs[task.remote(*args, bases.get(seed))] = seed
+    done_dirs: dict[int, dict[str, Path]] = {}
+    failed, pending = {}, list(refs)
+    with tqdm(total=len(refs), desc="seed tasks", unit="task", disable=not progress) as bar:
         while pending:
             interrupts.check()
             ready, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_SECONDS)
@@ -79,16 +90,24 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
             if not ready:
                 continue
             seed = refs[ready[0]]
-            try:
-                done_dirs[seed] = {k: Path(v) for k, v in ray.get(ready[0]).items()}
-            except Exception as error:  # noqa: BLE001 - reported with its seed below
-                failed[seed] = error
+            try:  # a split seed's two tasks each return the base stages and their own
+                done_dirs.setdefault(seed, {}).update({k: Path(v) for k, v in ray.get(ready[0]).items()})
+            except Exception as error:  # noqa: BLE001 - reported with its seed below (a failed base fails both)
+                failed.setdefault(seed, error)
             bar.update()
     if failed:
         first = min(failed)
         raise RuntimeError(f"seeds {sorted(failed)} failed (finished stages are kept; rerun to resume). "
                            f"Seed {first}: {failed[first]}") from failed[first]
     return done_dirs
+
+
+def seed_tasks(config: StudyConfig) -> list[tuple[int, str]]:
+    """(seed, part) of each seed task in submission order (parts: orchestration.study.seed.SeedRun.run).
+    A seed with extras is "base", then "core" and "extras", which start once its "base" is done."""
+    split = set(extras_seeds(config)) if (config.ablation or config.sweep.selectors) else set()
+    return [(seed, part) for seed in config.seeds
+            for part in (("base", "core", "extras") if seed in split else ("all",))]
 
 
 def stage_progress(seeds_dir: Path) -> str:

@@ -26,6 +26,7 @@ from orchestration.pipeline.steps import load_importance
 from orchestration.study.config import StudyConfig, extras_seeds
 
 ROWS = "rows.json"
+PARTS = ("all", "base", "core", "extras")  # how a seed's stages split into tasks (SeedRun.run)
 METRIC = "ndcg@10"
 
 # The rank of the bridges the ablation adds when the default compresses without any.
@@ -47,7 +48,15 @@ class SeedRun:
         self.dirs: dict[str, Path] = {}
 
     # --- the sequence ---------------------------------------------------------------------------------
-    def run(self) -> dict[str, str]:
+    def run(self, part: str = "all") -> dict[str, str]:
+        """Run (or resume) the seed's stages and return the directories of those it went through.
+
+        `part` splits a seed that also runs the ablation and the k sweep into two tasks that can run at
+        once: "base" is the teacher, its importance and our compact model; "core" and "extras" go through
+        "base" (done by then) and run the baselines and noise, or the ablation and the sweep. "all" is all.
+        """
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
         from layerwise.compact import load_compact
         from layerwise.compress import n_kept
 
@@ -63,19 +72,22 @@ class SeedRun:
         ours_key = stage_hash(imp_key, c.compress)
         self._stage("ours", ours_key, self._ours)
         self.compact = load_compact(self.dirs["ours"] / "model").eval()
-        for name in c.baselines:
-            self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
-        extras = self.seed in extras_seeds(c)
-        for component in c.ablation if extras else ():
-            # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
-            rank = [c.compress.bridge_rank or ABLATION_BRIDGE_RANK] if component == "prefit" else []
-            key = stage_hash(ours_key, component, *rank)
-            self._stage(f"ablation-{component}", key, self._ablation(component))
-        for selector in c.sweep.selectors if extras else ():
-            for k in self._sweep_ks():
-                key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
-                self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
-        self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
+        if part in ("all", "core"):
+            for name in c.baselines:
+                self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws),
+                            self._baseline(name))
+        if part in ("all", "extras") and self.seed in extras_seeds(c):
+            for component in c.ablation:
+                # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
+                rank = [c.compress.bridge_rank or ABLATION_BRIDGE_RANK] if component == "prefit" else []
+                key = stage_hash(ours_key, component, *rank)
+                self._stage(f"ablation-{component}", key, self._ablation(component))
+            for selector in c.sweep.selectors:
+                for k in self._sweep_ks():
+                    key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
+                    self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
+        if part in ("all", "core"):
+            self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
         return {name: str(path) for name, path in self.dirs.items()}
 
     def _stage(self, name: str, key: str, fn: Callable[[Path], Any]) -> None:
@@ -350,8 +362,10 @@ def _heal_record(result) -> dict | None:
     return {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
 
 
-def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[str, str]:
-    """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run every stage."""
+def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: str = "all",
+             after: Any = None) -> dict[str, str]:
+    """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run the stages of
+    `part` (SeedRun.run). `after` is unused: passing a task's result there makes Ray start this one after it."""
     from orchestration.pipeline.config import _build
     from orchestration.study.config import StudyConfig, extras_seeds
     from layerwise.data import load_dataset
@@ -360,7 +374,7 @@ def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1) -> dict[
     config = _build(StudyConfig, config_dict, "")
     d = config.data
     data = load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
-    return SeedRun(config, seed, Path(root), data).run()
+    return SeedRun(config, seed, Path(root), data).run(part)
 
 
 def config_dict(config: StudyConfig) -> dict:

@@ -192,3 +192,18 @@ def test_progress_line_names_done_and_running_stages(tmp_path):
     (tmp_path / "seeds" / "seed-0" / "sweep-ours-k3-5e6f").mkdir()
     (tmp_path / "seeds" / "seed-1" / "teacher-7a8b").mkdir(parents=True)
     assert stage_progress(tmp_path / "seeds") == "2 stages done; running seed-0/sweep-ours-k3, seed-1/teacher"
+
+
+def test_a_seed_with_extras_runs_them_beside_its_baselines():
+    from orchestration.study.driver import seed_tasks
+    from orchestration.study.seed import SeedRun
+
+    config = load_study_config(None, ["seeds=[0,1,2]", "extras_seeds=1"])
+    assert seed_tasks(config) == [(0, "base"), (0, "core"), (0, "extras"), (1, "all"), (2, "all")]
+    assert seed_tasks(load_study_config(None, ["seeds=[0,1]", "extras_seeds=2"])) == [
+        (0, "base"), (0, "core"), (0, "extras"), (1, "base"), (1, "core"), (1, "extras")]
+    # Nothing to run beside the baselines: every seed is one task.
+    bare = load_study_config(None, ["seeds=[0,1]", "ablation=[]", "sweep.selectors=[]"])
+    assert seed_tasks(bare) == [(0, "all"), (1, "all")]
+    with pytest.raises(ValueError, match="unknown part 'sweep'"):
+        SeedRun(config, 0, None, None).run("sweep")
