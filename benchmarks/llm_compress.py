@@ -138,7 +138,8 @@ def main() -> None:
         seconds = time.monotonic() - tick
         save_compact(student, out / f"k{k}" / "model", {"selector": "topk", "method": "combined",
                                                        "teacher": str(Path(args.teacher).resolve()),
-                                                       "dataset": "ml-100k", "data_fingerprint": data.fingerprint, "max_len": 50,
+                                                       "dataset": data.name, "data_fingerprint": data.fingerprint,
+                                                       "max_len": 50,
                                                        "heal": asdict(config), "valid": result.best_valid})
         return {"unhealed_valid": unhealed, "best_valid": result.best_valid, "best_epoch": result.best_epoch,
                 "history": result.history, "cache_seconds": result.cache_seconds, "heal_seconds": seconds,

@@ -166,7 +166,8 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
     with twice the requests, at most `remeasures` times, and one still disturbed reports no ratio.
     """
     app_args = dict(app_args or {})
-    data, max_len = _shared_data(list(models.values()), app_args)  # sets app_args["dataset"] for every app
+    # Every app loads this catalogue, a model whose manifest does not name it included.
+    app_args["dataset"], data, max_len = _shared_data(list(models.values()), app_args)
     paired = {"compact", "teacher"} <= set(models)
 
     def measure(keys: list[str], n: int) -> dict[str, dict]:
@@ -219,7 +220,7 @@ def _median_ratio_ci(numerator: list[float], denominator: list[float], seed: int
 
 
 def _shared_data(models: list[str], app_args: dict[str, Any]):
-    """(data, max_len) of the data set every model was trained on; records its name in `app_args`."""
+    """(name, data, max_len) of the data set every model was trained on."""
     from serve.app import resolve_model
 
     manifests = [read_manifest(resolve_model(m, app_args.get("tracking_uri"), app_args.get("download_dir")))
@@ -233,8 +234,7 @@ def _shared_data(models: list[str], app_args: dict[str, Any]):
         raise ValueError(f"no manifest of {models} names its data set; pass --dataset (and --data-dir if needed)")
     data = load_dataset(name, data_dir=app_args.get("data_dir"), cache_dir=app_args.get("cache_dir"),
                         progress=False)
-    app_args["dataset"] = name  # the app of a model whose manifest lacks it loads the same catalogue
-    return data, int(manifests[0].get("max_len") or 50)
+    return name, data, int(manifests[0].get("max_len") or 50)
 
 
 def _get_json(url: str) -> dict[str, Any]:

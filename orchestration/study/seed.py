@@ -76,6 +76,7 @@ class SeedRun:
             for name in c.baselines:
                 self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws),
                             self._baseline(name))
+            self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
         if part in ("all", "extras") and self.seed in extras_seeds(c):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
@@ -86,8 +87,6 @@ class SeedRun:
                 for k in self._sweep_ks():
                     key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
                     self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
-        if part in ("all", "core"):
-            self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
         return {name: str(path) for name, path in self.dirs.items()}
 
     def _stage(self, name: str, key: str, fn: Callable[[Path], Any]) -> None:

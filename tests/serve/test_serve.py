@@ -399,14 +399,13 @@ def test_load_run_finds_the_data_set_in_either_manifest(models, tmp_path):
     # A compact model saved without "dataset" (as the LLM benchmark's once were) takes its teacher's.
     cache = {"cache_dir": str(models["root"] / "cache")}
     compact = _copy_without_dataset(models["compact"], tmp_path / "compact")
-    args = dict(cache)
-    data, max_len = loadtest._shared_data([compact, str(models["teacher"])], args)
+    name, data, max_len = loadtest._shared_data([compact, str(models["teacher"])], cache)
     assert data.fingerprint == models["data"].fingerprint and max_len == MAX_LEN
-    assert args["dataset"] == DATASET  # every app of the run, the compact's included, loads it
+    assert name == DATASET  # what every app of the run, the compact's included, is given
     teacher = _copy_without_dataset(models["teacher"], tmp_path / "teacher")
     with pytest.raises(ValueError, match="names its data set; pass --dataset"):
         loadtest._shared_data([compact, teacher], cache)
-    data, _ = loadtest._shared_data([compact, teacher], {**cache, "dataset": DATASET})
+    _, data, _ = loadtest._shared_data([compact, teacher], {**cache, "dataset": DATASET})
     assert data.fingerprint == models["data"].fingerprint
 
 
