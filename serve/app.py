@@ -15,6 +15,9 @@ Endpoints:
 Requests wait up to `batch_wait_timeout_s` to share one model call of up to `max_batch_size` histories
 (`@serve.batch`); k and exclude_seen are applied per request afterwards by `layerwise.evaluate.recommend`,
 the same ranking code the offline evaluation uses. Bad input gets 4xx with a message (serve/schemas.py).
+The model call blocks the replica's user event loop (`model_call: loop`) while Serve's own loop queues the
+requests that arrive meanwhile, so batches fill; `model_call: thread` keeps /healthz answering during a
+call instead.
 """
 
 # No `from __future__ import annotations`: Serve re-creates the ingress methods, and FastAPI would then
@@ -286,9 +289,15 @@ class Recommender:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from args in __init__
     async def _score(self, histories: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         batch = torch.stack(histories)
-        # A worker thread keeps the event loop answering /healthz and queueing the next batch meanwhile.
         start = time.perf_counter()
-        scores = await asyncio.to_thread(self.core.score, batch)
+        if self.args.model_call == "thread":  # /healthz answers during the call; batches stay small on CPU
+            scores = await asyncio.to_thread(self.core.score, batch)
+        else:
+            # Serve runs this code on its own event loop thread, so while the call blocks it, Serve's loop
+            # keeps accepting requests; they all join the next batch. In a worker thread the model's Python
+            # and the loop's request handling took turns on the GIL instead: on the SmolLM2 models, batches
+            # of 1.3-2.4 against 7 here (docs in results/README.md, benchmarks/results/serve_smollm2_*.json).
+            scores = self.core.score(batch)
         self.batches.record(len(histories), time.perf_counter() - start)
         return [(scores[i : i + 1], len(histories)) for i in range(len(histories))]
 

@@ -281,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=0.5)
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per replica")
+    p.add_argument("--model-call", choices=["loop", "thread"], default="loop",
+                   help="run each batch's model call on the replica's event loop (default) or in a worker thread")
     return p
 
 
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                 "download_dir": args.download_dir, "max_batch_size": args.max_batch_size,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_replicas": args.replicas,
-                "num_cpus": args.num_cpus,
+                "num_cpus": args.num_cpus, "torch_threads": args.torch_threads, "model_call": args.model_call,
                 "max_ongoing_requests": max(64, args.max_batch_size, args.concurrency)}
     models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
     owns_ray = not ray.is_initialized()

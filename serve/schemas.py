@@ -20,7 +20,7 @@ closing a socket with unread bytes in it sends a TCP reset: a client still sendi
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -126,6 +126,11 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0.0, description="CPUs per replica")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    model_call: Literal["loop", "thread"] = Field(
+        "loop", description="where a batch's model call runs: 'loop' blocks the replica's user event loop while "
+                            "Serve's own loop keeps queueing requests, so the next batch is full; 'thread' runs it "
+                            "in a worker thread, which keeps /healthz answering during a call but, on CPU, "
+                            "contends with the loop for the GIL and leaves batches small")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size to batch fully")
 
 

@@ -326,9 +326,10 @@ def test_load_run_of_compact_and_teacher(server, models, tmp_path):
     rc = loadtest.main(["--model", str(models["compact"]), "--teacher", str(models["teacher"]),
                         "--requests", "200", "--concurrency", "8", "--json", str(out),
                         "--port", str(server["port"]), "--cache-dir", str(models["root"] / "cache"),
-                        "--warmup", "10"])
+                        "--warmup", "10", "--model-call", "thread"])
     report = json.loads(out.read_text())
     assert rc == 0
+    assert report["settings"]["model_call"] == "thread"  # the server fixture covers the default, "loop"
     assert [r["label"] for r in report["runs"]] == ["compact", "teacher"]
     assert [r["layers"] for r in report["runs"]] == [2, 4]
     for run in report["runs"]:

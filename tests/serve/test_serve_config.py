@@ -58,6 +58,8 @@ def test_builder_rejects_unknown_and_bad_args(model_dir):
         build_app({"model": str(model_dir), "max_batch_sise": 8})
     with pytest.raises(ValidationError, match="num_cpus"):
         build_app({"model": str(model_dir), "num_cpus": 0})
+    with pytest.raises(ValidationError, match="model_call"):
+        build_app({"model": str(model_dir), "model_call": "process"})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_app({"model": str(model_dir), "max_batch_size": 32, "max_ongoing_requests": 8})
     with pytest.raises(FileNotFoundError, match="neither a directory nor an MLflow URI"):
