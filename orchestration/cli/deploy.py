@@ -27,6 +27,13 @@ def _serve_parser(sub) -> None:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--replicas", type=int, default=1)
     srv.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per replica")
+    srv.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per replica")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="histories scored in one model call")
+    srv.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+                     help="how long a batch's first request waits for company (default: %(default)s)")
+    srv.add_argument("--model-call", choices=["loop", "thread"], default="loop",
+                     help="'loop' (default): the model call blocks the replica's event loop while Serve queues "
+                          "the next batch; 'thread': a worker thread, so /healthz answers during a call")
     srv.add_argument("--dataset", default=None, help="catalogue data set (default: the model's own)")
     srv.add_argument("--data-dir", default=None,
                      help="local folder of the data set's files (default: $LAYERWISE_DATA_DIR), as for train")
@@ -64,10 +71,16 @@ def serve(args: argparse.Namespace) -> int:
     from orchestration.tracking import tracking_uri
     from serve.app import serve_main
 
-    serve_main(args.model, host=args.host, port=args.port, replicas=args.replicas,
-               num_cpus=args.num_cpus, dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri),
-               data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None)  # replicas' cwd differs
+    serve_main(args.model, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+               dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri), **serve_options(args))
     return 0
+
+
+def serve_options(args: argparse.Namespace) -> dict:
+    """The `serve.schemas.AppArgs` fields that `layerwise serve` sets besides model, replicas and CPUs."""
+    return {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,  # replicas' cwd differs
+            "torch_threads": args.torch_threads, "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_timeout_s, "model_call": args.model_call}
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -75,6 +75,20 @@ def test_builder_applies_replicas_and_cpus(model_dir):
     assert deployment.max_ongoing_requests == 40
 
 
+def test_serve_command_options_reach_the_app(model_dir):
+    from orchestration.cli.deploy import serve_options
+    from orchestration.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--model-call", "thread",
+                                      "--max-batch-size", "4", "--torch-threads", "2"])
+    application = build_app({"model": args.model, **serve_options(args)})
+    app_args = AppArgs.model_validate(application._bound_deployment.init_args[0])
+    assert (app_args.model_call, app_args.max_batch_size, app_args.torch_threads) == ("thread", 4, 2)
+    defaults = AppArgs.model_validate(build_app({"model": args.model, **serve_options(
+        build_parser().parse_args(["serve"]))})._bound_deployment.init_args[0])
+    assert (defaults.model_call, defaults.max_batch_size, defaults.batch_wait_timeout_s) == ("loop", 16, 0.01)
+
+
 def test_resolve_model_finds_the_model_inside_a_folder(model_dir):
     assert resolve_model(str(model_dir)) == model_dir
     assert resolve_model(str(model_dir.parent)) == model_dir  # one layerwise model below: found
