@@ -26,7 +26,8 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                       "metrics": {"columns": [str], "rows": [{"name": str, "values": {column: Estimate}}]}},
         "ablation":  {"metric": str, "reference": str, "test": str, "seeds": [int], "rows": [Row, ...]},
         "k_sweep": {"metric": str, "n_layers": int, "heal_epochs": int, "seeds": [int],
-                    "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}}},
+                    "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}},
+                    "speedup": {"k": [int], "batch=1": [Estimate or None per k], ...}},   # optional
         "robustness": {"metric": str, "kinds": {kind: {"levels": [fraction],
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
         "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
@@ -213,6 +214,8 @@ def _k_sweep(sweep, figures) -> list:
         return [("p", MISSING)]
     curves = sweep["curves"]
     ks = sorted({int(k) for c in curves.values() for k in c["k"]})
+    speed = sweep.get("speedup") or {}
+    batches = [b for b in speed if b != "k"]
     rows = []
     for k in ks:
         row = [str(k)]
@@ -221,12 +224,17 @@ def _k_sweep(sweep, figures) -> list:
             ci = curve.get("ci95")
             row.append(fmt_estimate({"mean": curve["mean"][at[0]], "ci95": ci[at[0]] if ci is not None else None},
                                     "pct") if at else "-")
+        timed = [i for i, v in enumerate(speed.get("k", [])) if int(v) == k]
+        row += [fmt_estimate(speed[b][timed[0]], "speed") if timed else "-" for b in batches]
         rows.append(row)
     metric = str(sweep.get("metric", "ndcg@10")).upper()
     over = f" over seeds {sweep['seeds']}" if sweep.get("seeds") else ""
+    timing = (" The speedup is our model's at that k against the teacher, from the same interleaved benchmark "
+              "(first seed)." if batches else "")
     return [("p", f"Retention of each selector's model healed for {sweep.get('heal_epochs', '?')} epochs, mean "
-                  f"[95% CI]{over}."),
-            ("table", ["k"] + [f"{name}: {metric} retention" for name in curves], rows),
+                  f"[95% CI]{over}.{timing}"),
+            ("table", ["k"] + [f"{name}: {metric} retention" for name in curves]
+             + [f"speedup ({b})" for b in batches], rows),
             ("img", "k_sweep", f"{metric} retention against k")]
 
 

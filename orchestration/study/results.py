@@ -105,7 +105,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "baselines": {**comparison(table, ["teacher", "ours", *table.names("baselines")], speed, big),
                       "metrics": metric_columns(table, ["teacher", "ours", *table.names("baselines")])},
         "ablation": comparison(extras, ["ours", *table.names("ablation")], speed, big, with_speed=False),
-        "k_sweep": k_sweep(extras, config, n_layers),
+        "k_sweep": k_sweep(extras, config, n_layers, speed, k),
         "robustness": robustness(seed_dirs, config),
         "scenarios": scenarios(table, data, config),
         "importance": _importance(first_dirs, ours),
@@ -162,7 +162,7 @@ def metric_columns(table: Rows, names: Sequence[str]) -> dict:
     return {"columns": list(METRIC_COLUMNS), "seeds": table.seeds, "rows": rows}
 
 
-def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:
+def k_sweep(table: Rows, config: StudyConfig, n_layers: int, speed: Mapping, k: int) -> dict:
     t_seeds = table.seed_means("teacher")
     curves = {}
     for selector in config.sweep.selectors:
@@ -172,7 +172,18 @@ def k_sweep(table: Rows, config: StudyConfig, n_layers: int) -> dict:
         if ks:
             curves[selector] = {"k": ks, "mean": [e["mean"] for e in estimates], "ci95": _cis(estimates)}
     return {"metric": METRIC, "n_layers": n_layers, "heal_epochs": config.sweep.heal_epochs, "seeds": table.seeds,
-            "curves": curves}
+            "curves": curves, "speedup": sweep_speedups(table, speed, k)}
+
+
+def sweep_speedups(table: Rows, speed: Mapping, k: int) -> dict:
+    """Our model's speedup at each swept k (timed on the first seed; at the study's own k, ours itself):
+    {"k": [int], "batch=B": [Estimate or None per k]}."""
+    timed = {k} | {table.first(n)["k"] for n in table.names("sweep") if table.first(n).get("timing")}
+    ks = sorted(timed)
+    out: dict = {"k": ks}
+    for b in speed["settings"]["batch_sizes"]:
+        out[f"batch={b}"] = [_speed_estimate(speed, "ours" if kk == k else f"ours k={kk}", b) for kk in ks]
+    return out
 
 
 def robustness(seed_dirs: Mapping[int, Mapping[str, Path]], config: StudyConfig) -> dict | None:

@@ -272,7 +272,9 @@ class SeedRun:
             heal = replace(self.config.compress.heal, epochs=self.config.sweep.heal_epochs)
             config = self._compress_config(keep=k / self.teacher.n_layers, selector=real, heal=heal,
                                            method=self.config.compress.method if selector == "ours" else None)
-            write_json(out / ROWS, [self._compress_row(config, out, f"{selector} k={k}", "sweep",
+            # Our model at each other k is timed too (the same architecture as any selector's at that k).
+            timing = f"ours k={k}" if selector == "ours" and k != self.k else None
+            write_json(out / ROWS, [self._compress_row(config, out, f"{selector} k={k}", "sweep", timing=timing,
                                                         selector=selector, k=k)])
 
         return stage
@@ -313,16 +315,23 @@ class SeedRun:
                     ablation_users=s.ablation_users)
         return CompressConfig(**{**base, **changes}, heal=replace(heal, max_len=self.max_len, seed=self.seed))
 
-    def _compress_row(self, config, out: Path, row: str, table: str, **extra) -> dict:
+    def _compress_row(self, config, out: Path, row: str, table: str, timing: str | None = None, **extra) -> dict:
+        """Compress and heal with `config`, evaluate; with `timing` (first seed only), also save the model
+        under out/timing/ for the driver's speed benchmark."""
         from layerwise.compress import compress
+        from layerwise.models.checkpoint import save_recommender
 
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
         h = config.heal
         recipe = {"bridge_rank": config.bridge_rank, "bridges": len(result.model.bridges),
                   "prefit_steps": h.prefit_steps, "kd_weight": h.kd_weight, "hidden_weight": h.hidden_weight,
                   "heal_epochs": h.epochs}
-        return self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
-                              n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
+        evaluated = self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
+                                   n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
+        if timing and self.seed == self.config.seeds[0]:
+            save_recommender(result.model, out / "timing" / slug(timing), {"kind": "compact", "row": row})
+            evaluated.update(timing=timing, timing_model=f"timing/{slug(timing)}")
+        return evaluated
 
     def _budget(self):
         from layerwise.baselines import Budget

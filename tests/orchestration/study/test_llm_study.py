@@ -1,6 +1,6 @@
 """`layerwise study` on a real pretrained LLM teacher (SmolLM2-135M cut to 3 layers, 40 titled items): the
 baselines that start again from the pretrained weights, the item-start ablation with its own teacher, and
-the importance stage on a sample of validation users."""
+the importance stage on a sample of validation users; the sweep's model at another k is timed too."""
 
 import json
 
@@ -16,7 +16,8 @@ SETTINGS = [
     "compress.keep=2", "compress.selector=topk", "compress.method=block_influence", "compress.ablation_users=20",
     "compress.calib_batches=1", "compress.calib_batch_size=8", "compress.heal.epochs=1",
     "compress.heal.batch_size=16", "compress.heal.prefit_steps=0", "compress.heal.cache_teacher=true",
-    "baselines=[truncated,scratch]", "ablation=[heal,items]", "sweep.selectors=[]", "noise.kinds=[drop]",
+    "baselines=[truncated,scratch]", "ablation=[heal,items]", "sweep.selectors=[ours]", "sweep.ks=[1]",
+    "sweep.heal_epochs=1", "noise.kinds=[drop]",
     "noise.levels=[0.0]", "scenarios.min_users=5", "ray.cpus_per_seed=1", "bench.runs=2", "bench.warmup=1",
     "bench.batch_sizes=[2]", "bench.remeasures=0",
 ]
@@ -42,3 +43,13 @@ def test_llm_study_rebuilds_baselines_from_the_pretrained_weights(ray_local, smo
     # A non-beam selector: the dependency matrix only on the first seed (the heatmap's), on 20 users.
     record = json.loads(next(seed.glob("importance-*/importance.json")).read_text())
     assert record["ablation_users"] == 20 and len(record["dependency_loss"]) == 3
+    # Our model at the swept k=1 was saved for the speed benchmark and timed beside ours (k=2).
+    sweep = json.loads(next(seed.glob("sweep-ours-k1-*/rows.json")).read_text())[0]
+    assert sweep["timing"] == "ours k=1" and (next(seed.glob("sweep-ours-k1-*")) / sweep["timing_model"]).is_dir()
+    speed = json.loads(next((tmp_path / config.name).glob("speed-*/speed.json")).read_text())
+    assert {"teacher", "ours", "ours k=1"} <= set(speed["models"])
+    timed = results["k_sweep"]["speedup"]
+    assert timed["k"] == [1, 2] and len(timed["batch=2"]) == 2
+    assert timed["batch=2"][1] == results["headline"]["speedup"]["batch=2"]  # at the study's k: ours itself
+    report = (tmp_path / config.name / "report" / "report.md").read_text()
+    assert "speedup (batch=2)" in report.split("## k sweep", 1)[1].split("\n## ", 1)[0]

@@ -90,6 +90,7 @@ def test_ablation_sweep_noise_and_slices(study):
     assert any(name.startswith("combined without ") for name in ablation)
     assert set(results["k_sweep"]["curves"]) == {"ours", "random"}
     assert results["k_sweep"]["curves"]["ours"]["k"] == [1]
+    assert results["k_sweep"]["speedup"]["k"] == [1]  # the study's own k: ours, timed once
     # extras_seeds=1: only the first seed ran the ablation and the sweep, and their tables say so.
     assert results["ablation"]["seeds"] == results["k_sweep"]["seeds"] == [0]
     assert "one seed" in results["ablation"]["test"] and results["k_sweep"]["curves"]["ours"]["ci95"] is None
