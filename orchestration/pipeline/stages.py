@@ -27,11 +27,17 @@ class Stages:
 
     fn returns False when its outputs are not final (a benchmark that stayed disturbed): they are used by
     this run, and the stage is not marked done, so the next run does it again.
+
+    reuse: other runs' stage roots, searched in order for a finished stage of the same name and key when
+    this root has none. Such a stage is used where it is (read only, nothing is copied), so a variant of a
+    study (another healing recipe, say) trains no teacher that the study already has.
     """
 
-    def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None):
+    def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None,
+                 reuse: tuple[Path, ...] = ()):
         self.root = root
         self.on_done = on_done
+        self.reuse = tuple(reuse)
         self.skipped: list[str] = []
         self.ran: list[str] = []
         self.timings: dict[str, dict] = {}  # name -> _seconds.json of the stage (this run's or the earlier one)
@@ -39,6 +45,8 @@ class Stages:
     def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
+        if not (out / "_DONE").exists():
+            out = next((other / out.name for other in self.reuse if (other / out.name / "_DONE").exists()), out)
         marker = out / "_DONE"
         if marker.exists():
             console.print(f"[dim]- {name}: done earlier ({out}), skipped[/dim]")

@@ -11,6 +11,7 @@ are errors that name the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from layerwise.distill import HealConfig
 from layerwise.train import TrainConfig
@@ -78,6 +79,10 @@ class StudyConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
     ray: StudyRayConfig = field(default_factory=StudyRayConfig)
+    # Run folders of other studies (runs/<name>) whose finished stages this one uses where it needs the
+    # same stage with the same key: a variant with another healing recipe reuses their teachers and
+    # importance, and runs only what its change touches.
+    reuse: tuple[str, ...] = ()
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="layerwise-study"))
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -135,5 +140,10 @@ def check(config: StudyConfig) -> None:
     if config.extras_seeds is not None and not 1 <= config.extras_seeds <= len(config.seeds):
         raise ValueError(f"extras_seeds must be between 1 and the {len(config.seeds)} seeds, "
                          f"got {config.extras_seeds}")
+    for other in config.reuse:
+        if not (Path(other) / "seeds").is_dir():
+            raise ValueError(f"reuse: {other!r} is not a study's run folder (no seeds/ in it)")
+        if Path(other).resolve() == (Path(config.run_dir) / config.name).resolve():
+            raise ValueError(f"reuse: {other!r} is this study's own run folder")
     if config.scenarios.min_users < 2:
         raise ValueError(f"scenarios.min_users must be >= 2, got {config.scenarios.min_users}")

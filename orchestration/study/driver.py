@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from orchestration.outputs import write_json
@@ -42,6 +42,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
 
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root = Path(config.run_dir).resolve() / config.name
+    config = replace(config, reuse=tuple(str(Path(r).resolve()) for r in config.reuse))  # seed tasks' cwd differs
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "config.json", asdict(config))
     _record_invocation(root, started_at, None)

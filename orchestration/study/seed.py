@@ -44,7 +44,7 @@ class SeedRun:
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
         self.config, self.seed, self.root, self.data, self.progress = config, seed, root, data, progress
         self.max_len = config.data.max_len
-        self.stages = Stages(root)
+        self.stages = Stages(root, reuse=tuple(Path(r) / "seeds" / root.name for r in config.reuse))
         self.dirs: dict[str, Path] = {}
 
     # --- the sequence ---------------------------------------------------------------------------------

@@ -130,6 +130,27 @@ def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
 
 
 @pytest.mark.slow
+def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(study):
+    config, root, results = study
+    variant = load_study_config(None, [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}",
+                                       "name=variant", f"reuse=[{root / 'study'}]", "compress.heal.lr=0.0005",
+                                       "baselines=[mostpop]", "ablation=[]", "sweep.selectors=[]"])
+    before = {p: p.stat().st_mtime for p in (root / "study" / "seeds").glob("seed-*/*/_DONE")}
+    again = run_study(variant, progress=False)
+    assert {p: p.stat().st_mtime for p in before} == before  # the study's own stages are untouched
+    for seed in (0, 1):
+        mine = {p.name.rsplit("-", 1)[0] for p in (root / "variant" / "seeds" / f"seed-{seed}").iterdir()}
+        assert mine == {"ours", "baseline-mostpop", "noise"}  # teacher and importance: the study's
+    # The same teachers, so the same teacher rows; our model was healed again with the other rate.
+    assert again["headline"]["teacher"] == results["headline"]["teacher"]
+    ours = {study: next((root / study / "seeds" / "seed-0").glob("ours-*")).name for study in ("study", "variant")}
+    assert ours["study"] != ours["variant"]  # another key: the healing config is part of it
+    assert json.loads((root / "variant" / "config.json").read_text())["compress"]["heal"]["lr"] == 0.0005
+    with pytest.raises(ValueError, match="reuse: .* not a study's run folder"):
+        load_study_config(None, [f"reuse=[{root / 'nothing'}]"])
+
+
+@pytest.mark.slow
 def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsys):
     config, root, _ = study
     out = tmp_path / "results" / "tiny"
