@@ -294,9 +294,10 @@ class Recommender:
             scores = await asyncio.to_thread(self.core.score, batch)
         else:
             # Serve runs this code on its own event loop thread, so while the call blocks it, Serve's loop
-            # keeps accepting requests; they all join the next batch. In a worker thread the model's Python
-            # and the loop's request handling took turns on the GIL instead: on the SmolLM2 models, batches
-            # of 1.3-2.4 against 7 here (docs in results/README.md, benchmarks/results/serve_smollm2_*.json).
+            # keeps accepting requests; they all join the next batch. With the call in a worker thread, the
+            # model and the loop's per-request work competed for the GIL and the replica's CPU, and requests
+            # reached the batch queue one at a time: on the SmolLM2 models, batches of 1.8 against 7 here
+            # (README "Serving", benchmarks/results/serve_smollm2_k8*.json).
             scores = self.core.score(batch)
         self.batches.record(len(histories), time.perf_counter() - start)
         return [(scores[i : i + 1], len(histories)) for i in range(len(histories))]
