@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from layerwise.tracing import metric_with_removed, sample_users
+from layerwise.data.batching import trim_left
+from layerwise.tracing import VALID_LOSS_CHUNK, eval_mode, metric_with_removed, sample_users
 
 
 def dependency_matrix(model, batches: Iterable | None, data=None, metric: str = "loss",
-                      max_users: int | None = None, max_len: int = 50, seed: int = 0) -> Tensor:
+                      max_users: int | None = None, max_len: int = 50, seed: int = 0,
+                      reuse_prefix: bool = True) -> Tensor:
     """Pairwise interaction of layer removals (layers gated off, exactly physical removal).
 
     Costs 1 + L + L(L-1)/2 evaluations of the model.
@@ -30,6 +34,9 @@ def dependency_matrix(model, batches: Iterable | None, data=None, metric: str = 
         data: validation data; with it, "loss" is the validation loss (see `metric_with_removed`).
         metric: "loss" (Δ = increase) or "ndcg@10" (Δ = drop; needs data).
         max_users: evaluate a seeded subsample of this many validation users (None: all).
+        reuse_prefix: for the validation loss of a decoder LLM, compute the states a removal leaves
+            unchanged once (`removal_losses`: the same values, about 3x fewer layer forwards); False gates
+            layers off for every removal set.
 
     Returns:
         (n_layers, n_layers) float64, symmetric, zero diagonal.
@@ -37,9 +44,14 @@ def dependency_matrix(model, batches: Iterable | None, data=None, metric: str = 
     batches = None if batches is None else list(batches)  # evaluated 1 + L + L(L-1)/2 times
     users = sample_users(data, max_users, seed) if data is not None else None
     sign = -1.0 if metric == "ndcg@10" else 1.0
+    if reuse_prefix and metric == "loss" and data is not None and prefix_reusable(model):
+        cached = removal_losses(model, data, users, max_len)
 
-    def value(removed: set[int]) -> float:
-        return metric_with_removed(model, removed, metric, batches, data, users, max_len)
+        def value(removed: set[int]) -> float:
+            return cached[frozenset(removed)]
+    else:
+        def value(removed: set[int]) -> float:
+            return metric_with_removed(model, removed, metric, batches, data, users, max_len)
 
     base = value(set())
 
@@ -53,3 +65,75 @@ def dependency_matrix(model, batches: Iterable | None, data=None, metric: str = 
         for j in range(i + 1, n):
             matrix[i, j] = matrix[j, i] = damage({i, j}) - single[i] - single[j]
     return matrix
+
+
+def prefix_reusable(model) -> bool:
+    """Whether `removal_losses` may run this model's layers one by one: a decoder LLM backbone (LLaMA,
+    Qwen, Gemma 3) whose final norm is `backbone.norm`, and no bridges. Others take the gated path."""
+    return (model.family.causal and not len(model.bridges)
+            and isinstance(getattr(model.backbone, "norm", None), torch.nn.Module))
+
+
+def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
+                   chunk: int = VALID_LOSS_CHUNK) -> dict[frozenset, float]:
+    """The validation loss with no layer, each layer and each pair of layers removed, as
+    `metric_with_removed(model, removed, "loss", data=data, users=users)` gives it, at a third of its cost.
+
+    Gating a layer off still runs it. Here every state that a removal leaves unchanged is computed once:
+    per chunk of users, the layers' inputs on the full model; from the input of layer i, the run without
+    i; and from that run's input of layer j, the run without i and j. Each layer is called with the
+    arguments the backbone gave it (masks, rotary embeddings), then the backbone's final norm and the
+    head, so the chunks' losses are those of the gated model, summed in the same order. Layer forwards:
+    about L^3/6, against L^3/2 gated.
+    """
+    users = np.arange(data.n_users) if users is None else np.asarray(users)
+    targets = torch.as_tensor(np.asarray(data.targets("valid"))[users], dtype=torch.long)
+    n, layers = model.n_layers, list(model.layers)
+    totals: dict[frozenset, float] = {}
+
+    def add(removed: tuple[int, ...], final: Tensor, y: Tensor) -> None:
+        scores = model.head(final[:, -1])
+        key = frozenset(removed)
+        totals[key] = totals.get(key, 0.0) + F.cross_entropy(scores.double(), y, reduction="sum").item()
+
+    def run(hidden: Tensor, first: int, calls: list, inputs_of: dict | None = None) -> Tensor:
+        """Layers first..n-1 from `hidden` (the input of layer `first`), then the final norm."""
+        for layer in range(first, n):
+            if inputs_of is not None:
+                inputs_of[layer] = hidden
+            args, kwargs = calls[layer]
+            out = layers[layer](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return model.backbone.norm(hidden)
+
+    with eval_mode(model), torch.inference_mode():
+        for row in range(0, len(users), chunk):
+            y = targets[row:row + chunk]
+            histories = data.padded_histories(users[row:row + chunk], "valid", max_len)
+            start, inputs = trim_left(model.prepare(histories))
+            final, inputs_of, calls = _layer_calls(model, inputs, start)
+            add((), final, y)
+            for i in range(n):
+                without_i: dict[int, Tensor] = {}  # the input of layer l > i once layer i is gone
+                add((i,), run(inputs_of[i], i + 1, calls, without_i), y)
+                for j in range(i + 1, n):
+                    add((i, j), run(without_i[j], j + 1, calls), y)
+    return {key: total / len(users) for key, total in totals.items()}
+
+
+def _layer_calls(model, inputs: Tensor, start: int) -> tuple[Tensor, list[Tensor], list[tuple]]:
+    """One full forward: its final hidden states, each layer's input state, and the other arguments the
+    backbone called each layer with (args, kwargs)."""
+    states: list = [None] * model.n_layers
+    calls: list = [None] * model.n_layers
+    handles = []
+    for index, layer in enumerate(model.layers):
+        def pre(module, args, kwargs, index=index):
+            states[index], calls[index] = args[0], (args[1:], kwargs)
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        final = model.encode(inputs, start=start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final, states, calls

@@ -231,7 +231,10 @@ def metric_with_removed(model, removed: Iterable[int], metric: str, batches: Seq
         return _batch_loss(model, batches)
 
 
-def _validation_loss(model, data, users: np.ndarray | None, max_len: int, chunk: int = 256) -> float:
+VALID_LOSS_CHUNK = 256  # users per forward of the validation loss (layerwise.dependency sums chunks alike)
+
+
+def _validation_loss(model, data, users: np.ndarray | None, max_len: int, chunk: int = VALID_LOSS_CHUNK) -> float:
     users = np.arange(data.n_users) if users is None else np.asarray(users)
     targets = torch.as_tensor(np.asarray(data.targets("valid"))[users], dtype=torch.long)
     total = 0.0

@@ -89,3 +89,25 @@ def test_ndcg_metric_on_validation_data():
         dependency_matrix(model, batches, metric="ndcg@10")
     with pytest.raises(ValueError, match="unknown metric"):
         dependency_matrix(model, batches, metric="hr@10")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_prefix_reuse_gives_the_gated_losses_and_matrix(family):
+    """The validation-loss dependency with each unchanged prefix computed once equals gating layers off
+    (the same chunks, the same float sums): every removal set's loss, and the matrix, exactly."""
+    from layerwise.dependency import prefix_reusable, removal_losses
+    from tests.helpers.tiny_models import cyclic_data
+
+    model, data = tiny_model(family, n_layers=5, n_items=20), cyclic_data(n_users=60)
+    assert prefix_reusable(model)
+    users = torch.arange(0, 60, 2).numpy()
+    losses = removal_losses(model, data, users)
+    assert len(losses) == 1 + 5 + 10
+    for removed, loss in losses.items():
+        assert loss == metric_with_removed(model, sorted(removed), "loss", data=data, users=users), removed
+    fast = dependency_matrix(model, None, data, max_users=30)
+    assert torch.equal(fast, dependency_matrix(model, None, data, max_users=30, reuse_prefix=False))
+    assert fast.abs().max() > 0
+    # Chunks of 8 users: the same losses up to float summation order.
+    for removed, loss in removal_losses(model, data, users, chunk=8).items():
+        assert loss == pytest.approx(losses[removed], rel=1e-5)
