@@ -75,8 +75,8 @@ def prefix_reusable(model) -> bool:
 
 
 def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
-                   chunk: int = VALID_LOSS_CHUNK) -> dict[frozenset, float]:
-    """The validation loss with no layer, each layer and each pair of layers removed, as
+                   chunk: int = VALID_LOSS_CHUNK, pairs: bool = True) -> dict[frozenset, float]:
+    """The validation loss with no layer, each layer and (with `pairs`) each pair of layers removed, as
     `metric_with_removed(model, removed, "loss", data=data, users=users)` gives it, at a third of its cost.
 
     Gating a layer off still runs it. Here every state that a removal leaves unchanged is computed once:
@@ -84,7 +84,7 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
     i; and from that run's input of layer j, the run without i and j. Each layer is called with the
     arguments the backbone gave it (masks, rotary embeddings), then the backbone's final norm and the
     head, so the chunks' losses are those of the gated model, summed in the same order. Layer forwards:
-    about L^3/6, against L^3/2 gated.
+    about L^3/6 against L^3/2 gated; without pairs about L^2/2 against L^2.
     """
     users = np.arange(data.n_users) if users is None else np.asarray(users)
     targets = torch.as_tensor(np.asarray(data.targets("valid"))[users], dtype=torch.long)
@@ -115,8 +115,8 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
             add((), final, y)
             for i in range(n):
                 without_i: dict[int, Tensor] = {}  # the input of layer l > i once layer i is gone
-                add((i,), run(inputs_of[i], i + 1, calls, without_i), y)
-                for j in range(i + 1, n):
+                add((i,), run(inputs_of[i], i + 1, calls, without_i if pairs else None), y)
+                for j in range(i + 1, n) if pairs else ():
                     add((i, j), run(without_i[j], j + 1, calls), y)
     return {key: total / len(users) for key, total in totals.items()}
 

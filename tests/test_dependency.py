@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from layerwise.dependency import dependency_matrix
-from layerwise.tracing import metric_with_removed
+from layerwise.tracing import metric_with_removed, sample_users
 from tests.helpers.tiny_models import Shift, calibration_batches, make_identity, shared_trained, tiny_model
 
 
@@ -100,7 +100,7 @@ def test_prefix_reuse_gives_the_gated_losses_and_matrix(family):
 
     model, data = tiny_model(family, n_layers=5, n_items=20), cyclic_data(n_users=60)
     assert prefix_reusable(model)
-    users = torch.arange(0, 60, 2).numpy()
+    users = sample_users(data, 30, seed=0)  # the users dependency_matrix and ablation draw for max_users=30
     losses = removal_losses(model, data, users)
     assert len(losses) == 1 + 5 + 10
     for removed, loss in losses.items():
@@ -108,6 +108,14 @@ def test_prefix_reuse_gives_the_gated_losses_and_matrix(family):
     fast = dependency_matrix(model, None, data, max_users=30)
     assert torch.equal(fast, dependency_matrix(model, None, data, max_users=30, reuse_prefix=False))
     assert fast.abs().max() > 0
+    # Single removals only (the `ablation_loss` estimator): the same values.
+    singles = removal_losses(model, data, users, pairs=False)
+    assert singles == {k: v for k, v in losses.items() if len(k) <= 1}
+    from layerwise.importance import ablation
+
+    gated = torch.tensor([metric_with_removed(model, [i], "loss", data=data, users=users) - losses[frozenset()]
+                          for i in range(5)], dtype=torch.float64)
+    assert torch.equal(ablation(model, None, data, metric="loss", max_users=30), gated)
     # Chunks of 8 users: the same losses up to float summation order.
     for removed, loss in removal_losses(model, data, users, chunk=8).items():
         assert loss == pytest.approx(losses[removed], rel=1e-5)
