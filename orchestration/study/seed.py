@@ -114,6 +114,8 @@ class SeedRun:
         from layerwise.models.factory import build_recommender
         from layerwise.train import train_recommender
 
+        if (path / "manifest.json").exists():  # saved by a run that stopped before its stage ended
+            return self._saved_teacher(path)  # (training removed its epoch checkpoint when it saved)
         recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
         model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
                                   text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
@@ -126,8 +128,24 @@ class SeedRun:
             "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
             "llm": getattr(model, "llm_info", None),
             "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
-            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed})
+            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed,
+            "history": result.history, "stop_reason": result.stop_reason})
         return model.eval(), result
+
+    @staticmethod
+    def _saved_teacher(path: Path):
+        """The teacher an earlier run trained and saved at `path` (saves are atomic), with its training
+        record from the manifest: (model in eval, TrainResult)."""
+        from layerwise.compact import load_compact
+        from layerwise.models.checkpoint import read_manifest
+        from layerwise.train import TrainResult
+
+        saved = read_manifest(path)
+        history = saved.get("history") or []
+        result = TrainResult(best_epoch=saved["best_epoch"], best_valid=saved["valid"], history=history,
+                             config=saved["train"], stop_reason=saved.get("stop_reason", "epochs"),
+                             epochs_run=len(history))
+        return load_compact(path).eval(), result
 
     def _importance(self, out: Path) -> None:
         from layerwise.dependency import dependency_matrix

@@ -174,6 +174,28 @@ def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsy
     assert "holds no results.json" in capsys.readouterr().err and (out / "summary.json").exists()  # kept
 
 
+def test_a_saved_teacher_is_loaded_not_trained_again(tmp_path):
+    """A seed stopped after its teacher was saved (its epoch checkpoint is gone by then) but before the stage
+    ended loads that teacher on the rerun instead of training it again."""
+    import torch
+
+    from layerwise.data import load_dataset
+    from orchestration.study.seed import SeedRun
+
+    config = load_study_config(None, ["seeds=[0]", "data.dataset=synthetic:200:40:3000:0", "teacher.preset=tiny",
+                                      "teacher.train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}"])
+    data = load_dataset(config.data.dataset, cache_dir=config.data.cache_dir)
+    run = SeedRun(config, 0, tmp_path / "seed-0", data)
+    path = tmp_path / "seed-0" / "teacher" / "model"
+    model, result = run._train_teacher(config.teacher, path)
+    written = (path / "recommender.safetensors").stat().st_mtime_ns
+    again, record = run._train_teacher(config.teacher, path)
+    assert (path / "recommender.safetensors").stat().st_mtime_ns == written  # not trained, not saved again
+    assert (record.best_epoch, record.history, record.epochs_run) == (result.best_epoch, result.history, 2)
+    histories = data.padded_histories(list(range(8)), "test", config.data.max_len)
+    assert torch.allclose(again.score(histories), model.score(histories), atol=1e-5)
+
+
 def test_bad_study_configs_name_the_key():
     with pytest.raises(ValueError, match="baselines: unknown"):
         load_study_config(None, ["baselines=[nope]"])
