@@ -30,6 +30,7 @@ import numpy as np
 from layerwise.bench_guard import REMEASURES, disturbances, remeasure, verdict
 from layerwise.data import load_dataset
 from layerwise.models.checkpoint import read_manifest
+from serve.schemas import add_replica_arguments, replica_options
 
 APP_NAME = "loadtest"
 ROUTE = "/loadtest"
@@ -277,13 +278,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="local folder of the data set's files (default $LAYERWISE_DATA_DIR)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ or runs:/ models")
     p.add_argument("--download-dir", default=None, help="where MLflow models are downloaded")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=0.5)
-    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per replica")
-    p.add_argument("--model-call", choices=["loop", "thread"], default="loop",
-                   help="run each batch's model call on the replica's event loop (default) or in a worker thread")
+    add_replica_arguments(p)
     return p
 
 
@@ -300,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or free_port()
     app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                "download_dir": args.download_dir, "max_batch_size": args.max_batch_size,
-                "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_replicas": args.replicas,
-                "num_cpus": args.num_cpus, "torch_threads": args.torch_threads, "model_call": args.model_call,
+                "download_dir": args.download_dir, **replica_options(args),
                 "max_ongoing_requests": max(64, args.max_batch_size, args.concurrency)}
     models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
     owns_ray = not ray.is_initialized()

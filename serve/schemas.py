@@ -134,6 +134,33 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size to batch fully")
 
 
+# The replica settings that `layerwise serve` and `layerwise bench-serve` both take, with AppArgs' defaults.
+REPLICA_ARGUMENTS = {
+    "--replicas": ("num_replicas", int, "replicas per app"),
+    "--num-cpus": ("num_cpus", float, "CPUs per replica"),
+    "--torch-threads": ("torch_threads", int, "torch intra-op threads per replica"),
+    "--max-batch-size": ("max_batch_size", int, "histories scored in one model call"),
+    "--batch-wait-timeout-s": ("batch_wait_timeout_s", float, "how long a batch's first request waits for company"),
+}
+
+
+def add_replica_arguments(parser) -> None:
+    """Add the replica options (above, and --model-call) to an argparse parser; their defaults are AppArgs'."""
+    fields = AppArgs.model_fields
+    for flag, (field, kind, text) in REPLICA_ARGUMENTS.items():
+        parser.add_argument(flag, dest=field, type=kind, default=fields[field].default,
+                            metavar=flag.lstrip("-").upper().replace("-", "_"), help=f"{text} (default: %(default)s)")
+    parser.add_argument("--model-call", dest="model_call", choices=["loop", "thread"],
+                        default=fields["model_call"].default,
+                        help="'loop' (default): the model call blocks the replica's event loop while Serve queues "
+                             "the next batch; 'thread': a worker thread, so /healthz answers during a call")
+
+
+def replica_options(args) -> dict:
+    """The AppArgs fields that `add_replica_arguments` set on parsed `args`."""
+    return {field: getattr(args, field) for field, *_ in REPLICA_ARGUMENTS.values()} | {"model_call": args.model_call}
+
+
 async def parse_request(request, max_body_bytes: int) -> RecommendRequest:
     """Read and validate a Starlette request's JSON body; raises `BadRequest` with the right status."""
     try:

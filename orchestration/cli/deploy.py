@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from serve.schemas import add_replica_arguments
+
 
 def add_parsers(sub) -> None:
     _serve_parser(sub)
@@ -25,15 +27,7 @@ def _serve_parser(sub) -> None:
                      help="model directory or MLflow URI (default: models:/layerwise-compact@champion)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--replicas", type=int, default=1)
-    srv.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per replica")
-    srv.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per replica")
-    srv.add_argument("--max-batch-size", type=int, default=16, help="histories scored in one model call")
-    srv.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
-                     help="how long a batch's first request waits for company (default: %(default)s)")
-    srv.add_argument("--model-call", choices=["loop", "thread"], default="loop",
-                     help="'loop' (default): the model call blocks the replica's event loop while Serve queues "
-                          "the next batch; 'thread': a worker thread, so /healthz answers during a call")
+    add_replica_arguments(srv)
     srv.add_argument("--dataset", default=None, help="catalogue data set (default: the model's own)")
     srv.add_argument("--data-dir", default=None,
                      help="local folder of the data set's files (default: $LAYERWISE_DATA_DIR), as for train")
@@ -71,16 +65,19 @@ def serve(args: argparse.Namespace) -> int:
     from orchestration.tracking import tracking_uri
     from serve.app import serve_main
 
-    serve_main(args.model, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
-               dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri), **serve_options(args))
+    options = serve_options(args)
+    serve_main(args.model, host=args.host, port=args.port, replicas=options.pop("num_replicas"),
+               num_cpus=options.pop("num_cpus"), dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri),
+               **options)
     return 0
 
 
 def serve_options(args: argparse.Namespace) -> dict:
-    """The `serve.schemas.AppArgs` fields that `layerwise serve` sets besides model, replicas and CPUs."""
+    """The `serve.schemas.AppArgs` fields that `layerwise serve` sets besides the model and data set."""
+    from serve.schemas import replica_options
+
     return {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,  # replicas' cwd differs
-            "torch_threads": args.torch_threads, "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s, "model_call": args.model_call}
+            **replica_options(args)}
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
 from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
 from orchestration.study.config import StudyConfig, extras_seeds
+from orchestration.study.teacher import train_teacher
 
 ROWS = "rows.json"
 PARTS = ("all", "base", "core", "extras")  # how a seed's stages split into tasks (SeedRun.run)
@@ -102,50 +102,12 @@ class SeedRun:
 
     # --- stages ---------------------------------------------------------------------------------------
     def _teacher(self, out: Path) -> None:
-        model, result = self._train_teacher(self.config.teacher, out / "model")
+        model, result = train_teacher(self.config.teacher, self.data, self.config.data.dataset, self.seed,
+                                      self.max_len, out / "model", self.progress)
         rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
                                n_layers=model.n_layers, training={"best_epoch": result.best_epoch,
                                                                   "epochs_run": len(result.history)})]
         write_json(out / ROWS, rows)
-
-    def _train_teacher(self, t, path: Path):
-        """Train a teacher from TeacherConfig `t` with this seed, save it at `path`; (model in eval, result)."""
-        from layerwise.models.checkpoint import save_recommender
-        from layerwise.models.factory import build_recommender
-        from layerwise.train import train_recommender
-
-        if (path / "manifest.json").exists():  # saved by a run that stopped before its stage ended
-            return self._saved_teacher(path)  # (training removed its epoch checkpoint when it saved)
-        recipe = replace(t.train, seed=self.seed, max_len=self.max_len)
-        model = build_recommender(self.data, t.family, t.preset, pretrained=t.pretrained,
-                                  text_features=t.text_features, max_len=self.max_len, dropout=t.dropout,
-                                  seed=self.seed, causal=t.causal, head=t.head, llm=t.llm)
-        # Resumes mid-training after an interruption (an LLM teacher takes an hour or more on 2 cores).
-        result = train_recommender(model, self.data, recipe, progress=self.progress,
-                                   checkpoint=path.parent / f"{path.name}-checkpoint",
-                                   stop=lambda _: interrupts.requested())
-        save_recommender(model, path, {
-            "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": self.config.data.dataset,
-            "llm": getattr(model, "llm_info", None),
-            "data_fingerprint": self.data.fingerprint, "max_len": self.max_len, "train": result.config,
-            "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": self.seed,
-            "history": result.history, "stop_reason": result.stop_reason})
-        return model.eval(), result
-
-    @staticmethod
-    def _saved_teacher(path: Path):
-        """The teacher an earlier run trained and saved at `path` (saves are atomic), with its training
-        record from the manifest: (model in eval, TrainResult)."""
-        from layerwise.compact import load_compact
-        from layerwise.models.checkpoint import read_manifest
-        from layerwise.train import TrainResult
-
-        saved = read_manifest(path)
-        history = saved.get("history") or []
-        result = TrainResult(best_epoch=saved["best_epoch"], best_valid=saved["valid"], history=history,
-                             config=saved["train"], stop_reason=saved.get("stop_reason", "epochs"),
-                             epochs_run=len(history))
-        return load_compact(path).eval(), result
 
     def _importance(self, out: Path) -> None:
         from layerwise.dependency import dependency_matrix
@@ -185,7 +147,6 @@ class SeedRun:
     def _baseline(self, name: str) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
             from layerwise.baselines import is_quantized
-            from layerwise.models.checkpoint import save_recommender
             from orchestration.baselines.method import run_method
 
             variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
@@ -201,9 +162,9 @@ class SeedRun:
                     if is_quantized(v.model):
                         row["quantized"] = name  # rebuilt for timing: int8/int4 of the teacher or of ours
                     elif timing not in saved:
-                        save_recommender(v.model, out / "timing" / slug(timing), {"kind": "baseline", "row": v.row})
+                        _save_timing_model(v.model, out, timing, {"kind": "baseline", "row": v.row})
                         saved.add(timing)
-                    row["timing_model"] = f"timing/{slug(timing)}" if timing in saved else None
+                    row["timing_model"] = _timing_path(timing) if timing in saved else None
                 rows.append(row)
             write_json(out / ROWS, rows)
 
@@ -272,7 +233,8 @@ class SeedRun:
         from layerwise.compress import compress
 
         t = self.config.teacher
-        _, result = self._train_teacher(replace(t, llm=replace(t.llm, item_init="random")), out / "teacher")
+        _, result = train_teacher(replace(t, llm=replace(t.llm, item_init="random")), self.data,
+                                 self.config.data.dataset, self.seed, self.max_len, out / "teacher", self.progress)
         teacher = load_compact(out / "teacher").eval().requires_grad_(False)  # as saved: LoRA merged
         compressed = compress(teacher, self.data, self._compress_config(), progress=self.progress)
         own = self._evaluate(teacher.score, out, "teacher, items started at random", "ablation", "ablation",
@@ -337,7 +299,6 @@ class SeedRun:
         """Compress and heal with `config`, evaluate; with `timing` (first seed only), also save the model
         under out/timing/ for the driver's speed benchmark."""
         from layerwise.compress import compress
-        from layerwise.models.checkpoint import save_recommender
 
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
         h = config.heal
@@ -347,8 +308,8 @@ class SeedRun:
         evaluated = self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
                                    n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
         if timing and self.seed == self.config.seeds[0]:
-            save_recommender(result.model, out / "timing" / slug(timing), {"kind": "compact", "row": row})
-            evaluated.update(timing=timing, timing_model=f"timing/{slug(timing)}")
+            _save_timing_model(result.model, out, timing, {"kind": "compact", "row": row})
+            evaluated.update(timing=timing, timing_model=_timing_path(timing))
         return evaluated
 
     def _budget(self):
@@ -376,6 +337,18 @@ class SeedRun:
                 "per_user": str(path.relative_to(out)), "means": result.means, **extra}
 
 
+def _timing_path(timing: str) -> str:
+    """Where, relative to its stage, the model timed as `timing` is saved."""
+    return f"timing/{slug(timing)}"
+
+
+def _save_timing_model(model, out: Path, timing: str, manifest: dict) -> None:
+    """Save a model for the driver's speed benchmark under the stage's timing/ folder."""
+    from layerwise.models.checkpoint import save_recommender
+
+    save_recommender(model, out / _timing_path(timing), manifest)
+
+
 def _group(name: str) -> str:
     return {"mostpop": "popularity", "nas": "search", "magnitude": "pruning", "width": "pruning",
             "int8": "quantization", "int4": "quantization", "ours+int8": "quantization",
@@ -393,7 +366,7 @@ def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: st
     """Entry point of a seed's Ray task: rebuild the config, load the (cached) data, run the stages of
     `part` (SeedRun.run). `after` is unused: passing a task's result there makes Ray start this one after it."""
     from orchestration.pipeline.config import _build
-    from orchestration.study.config import StudyConfig, extras_seeds
+    from orchestration.study.config import StudyConfig
     from layerwise.data import load_dataset
 
     torch.set_num_threads(max(1, threads))

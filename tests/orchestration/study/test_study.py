@@ -180,16 +180,16 @@ def test_a_saved_teacher_is_loaded_not_trained_again(tmp_path):
     import torch
 
     from layerwise.data import load_dataset
-    from orchestration.study.seed import SeedRun
+    from orchestration.study.teacher import train_teacher
 
     config = load_study_config(None, ["seeds=[0]", "data.dataset=synthetic:200:40:3000:0", "teacher.preset=tiny",
                                       "teacher.train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}"])
     data = load_dataset(config.data.dataset, cache_dir=config.data.cache_dir)
-    run = SeedRun(config, 0, tmp_path / "seed-0", data)
     path = tmp_path / "seed-0" / "teacher" / "model"
-    model, result = run._train_teacher(config.teacher, path)
+    args = (config.teacher, data, config.data.dataset, 0, config.data.max_len, path)
+    model, result = train_teacher(*args)
     written = (path / "recommender.safetensors").stat().st_mtime_ns
-    again, record = run._train_teacher(config.teacher, path)
+    again, record = train_teacher(*args)
     assert (path / "recommender.safetensors").stat().st_mtime_ns == written  # not trained, not saved again
     assert (record.best_epoch, record.history, record.epochs_run) == (result.best_epoch, result.history, 2)
     histories = data.padded_histories(list(range(8)), "test", config.data.max_len)
