@@ -62,11 +62,11 @@ def save_compact(model: SequentialRecommender, out_dir: str | Path, manifest: di
     })
 
 
-def load_compact(model_dir: str | Path) -> SequentialRecommender:
+def load_compact(model_dir: str | Path, architecture_only: bool = False) -> SequentialRecommender:
     """Load any saved model, bridges included; a compact one gets `kept` and `teacher_layers` back from its
-    manifest (a teacher: all its layers)."""
+    manifest (a teacher: all its layers). architecture_only: see `load_recommender` (a stripped copy)."""
     manifest = read_manifest(model_dir)
-    model = load_recommender(model_dir, adapters=restore_bridges)
+    model = load_recommender(model_dir, adapters=restore_bridges, architecture_only=architecture_only)
     model.kept = manifest.get("kept", list(range(model.n_layers)))
     model.teacher_layers = manifest.get("teacher_layers", model.n_layers)
     return model

@@ -13,7 +13,7 @@ from layerwise.compact import build_compact, load_compact, removed_parameters, s
 from layerwise.compress import calibration_batches
 from layerwise.importance import compute_importance
 from layerwise.models import FAMILIES
-from layerwise.models.checkpoint import load_recommender
+from layerwise.models.checkpoint import is_stripped, load_recommender, strip_weights, weight_digests
 from layerwise.select import SELECTORS
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
@@ -55,6 +55,30 @@ def test_score_compress_save_stock_reload(family, tmp_path):
     # that rebuilds them.
     with pytest.raises(ValueError, match="load_compact"):
         load_recommender(tmp_path / "c")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_stripped_model_keeps_digests_and_shapes_not_weights(family, tmp_path):
+    """strip_weights leaves the weights out but records their digests and shapes: the architecture loads
+    again (fresh values, on request only) with the same modules, shapes and bridges."""
+    data = cyclic_data()
+    teacher = tiny_model(family, n_layers=4, n_items=data.n_items).eval()
+    compact = build_compact(teacher, [0, 3], bridge_rank=4)
+    save_compact(compact, tmp_path / "c", {"selector": "topk"})
+    strip_weights(tmp_path / "c", tmp_path / "s")
+    assert not list((tmp_path / "s").rglob("*.safetensors")) and is_stripped(tmp_path / "s")
+    assert weight_digests(tmp_path / "s") == weight_digests(tmp_path / "c") and len(weight_digests(tmp_path / "c")) == 2
+    with pytest.raises(ValueError, match="holds the architecture only"):
+        load_compact(tmp_path / "s")
+    shell = load_compact(tmp_path / "s", architecture_only=True)
+    full = load_compact(tmp_path / "c")
+    assert {k: v.shape for k, v in shell.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
+    assert shell.kept == [0, 3] and sorted(shell.bridges) == sorted(full.bridges)
+    assert not torch.equal(shell.item_embedding.weight, full.item_embedding.weight)  # fresh values
+    histories = data.padded_histories(list(range(4)), "test", 12)
+    assert shell.score(histories).shape == full.score(histories).shape
+    with pytest.raises(ValueError, match="stripped already"):
+        strip_weights(tmp_path / "s", tmp_path / "again")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

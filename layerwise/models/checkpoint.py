@@ -6,11 +6,17 @@ Layout of a model directory:
     recommender.safetensors   item embeddings, item bias, text projection and features, bridges
     manifest.json             family, catalogue size, kept teacher layers, bridge spec, data fingerprint,
                               metrics: everything needed to rebuild and to audit the model
+
+A stripped copy (`strip_weights`) keeps everything but the *.safetensors files, and lists in weights.json
+each one's SHA-256 and its tensors' names, dtypes and shapes: a few KB that say exactly which weights the
+model had, so a model trained again can be checked against them (`weight_digests`), and the architecture
+can be rebuilt with fresh values (`load_recommender(..., architecture_only=True)`) to time it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -22,12 +28,14 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from layerwise.models.lora import has_lora, merge_lora
-from layerwise.models.presets import load_backbone
+from layerwise.models.presets import build_backbone, load_backbone
 from layerwise.models.recommender import SequentialRecommender
 
 FORMAT = "layerwise/1"
+STRIPPED = "weights.json"  # what a stripped model directory keeps of its weight files
 
 
 def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -81,21 +89,30 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_recommender(model_dir: str | Path,
-                     adapters: Callable[[SequentialRecommender, dict[str, Any]], None] | None = None
-                     ) -> SequentialRecommender:
+                     adapters: Callable[[SequentialRecommender, dict[str, Any]], None] | None = None,
+                     architecture_only: bool = False) -> SequentialRecommender:
     """Rebuild a saved recommender in eval mode.
 
     adapters: called as adapters(model, manifest) before the weights load, to add the modules the manifest
         lists beyond the recommender itself (a compact model's bridges: `layerwise.compact.load_compact`
         passes `layerwise.bridges.restore_bridges`). Without it, a model saved with bridges is refused.
+    architecture_only: allow a stripped directory (`strip_weights`): the same modules and shapes with fresh
+        random values, for timing only. Its scores mean nothing. Without it, a stripped directory is refused.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     if (manifest.get("bridges") or {}).get("slots") and adapters is None:
         raise ValueError(f"{model_dir} is a compact model with bridge adapters; load it with "
                          f"layerwise.compact.load_compact")
-    backbone = load_backbone(str(model_dir / "backbone"))
-    state = load_file(str(model_dir / "recommender.safetensors"))
+    if is_stripped(model_dir):
+        if not architecture_only:
+            raise ValueError(f"{model_dir} holds the architecture only: its weights were stripped "
+                             f"({STRIPPED} lists them); train it again, or pass architecture_only=True to time it")
+        backbone = build_backbone(AutoConfig.from_pretrained(str(model_dir / "backbone"), trust_remote_code=False))
+        state = _fresh_tensors(json.loads((model_dir / STRIPPED).read_text())["recommender.safetensors"])
+    else:
+        backbone = load_backbone(str(model_dir / "backbone"))
+        state = load_file(str(model_dir / "recommender.safetensors"))
     text = state.get("text_embeddings")
     model = SequentialRecommender(backbone, manifest["n_items"], text_embeddings=text,
                                   dropout=manifest.get("dropout", 0.0), input_norm=manifest.get("input_norm"),
@@ -108,6 +125,75 @@ def load_recommender(model_dir: str | Path,
         raise ValueError(f"{model_dir}: weights do not match the manifest "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval()
+
+
+def is_stripped(model_dir: str | Path) -> bool:
+    """Whether `model_dir` is a stripped copy (weights listed in weights.json, not present)."""
+    model_dir = Path(model_dir)
+    return (model_dir / STRIPPED).is_file() and not (model_dir / "recommender.safetensors").exists()
+
+
+def weight_digests(model_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of each weight file of a saved model, by its path inside the directory; of a stripped copy,
+    the digests its weights.json recorded."""
+    model_dir = Path(model_dir)
+    if is_stripped(model_dir):
+        return {name: entry["sha256"] for name, entry in json.loads((model_dir / STRIPPED).read_text()).items()}
+    return {path.relative_to(model_dir).as_posix(): _sha256(path) for path in sorted(model_dir.rglob("*.safetensors"))}
+
+
+def strip_weights(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy a saved model to `out_dir` without its weight files, listing each one's digest and tensor
+    shapes in weights.json (a few KB instead of the weights)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    read_manifest(model_dir)
+    if is_stripped(model_dir):
+        raise ValueError(f"{model_dir} is stripped already")
+    listed = {}
+    with atomic_directory(out_dir) as tmp:
+        for path in sorted(model_dir.rglob("*")):
+            name = path.relative_to(model_dir).as_posix()
+            if path.is_dir():
+                continue
+            if path.suffix == ".safetensors":
+                listed[name] = {"sha256": _sha256(path), "tensors": _tensor_shapes(path)}
+            else:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, tmp / name)
+        (tmp / STRIPPED).write_text(json.dumps(listed, indent=1))
+    return out_dir
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tensor_shapes(path: Path) -> dict[str, list]:
+    """{tensor name: [dtype, shape]} from a safetensors file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: [str(f.get_slice(name).get_dtype()), list(f.get_slice(name).get_shape())]
+                for name in f.keys()}
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _fresh_tensors(listed: dict) -> dict[str, torch.Tensor]:
+    """Tensors of the listed dtypes and shapes with fresh values (N(0, 0.02) for floats, zeros otherwise)."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for name, (dtype, shape) in listed["tensors"].items():
+        kind = _DTYPES[dtype]
+        values = torch.randn(shape, generator=generator) * 0.02 if kind.is_floating_point else torch.zeros(shape)
+        out[name] = values.to(kind)
+    return out
 
 
 def _bridge_spec(model: SequentialRecommender) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def _study_parser(sub) -> None:
                     "report.md and report.html and logs them to MLflow. Example at tiny size: layerwise study "
                     "seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny "
                     "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1. "
-                    "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study.")
+                    "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study; "
+                    "`layerwise study archive RUN_DIR --out DIR` keeps its finished stages, weights stripped, "
+                    "for a machine that resumes it.")
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
@@ -145,6 +147,26 @@ def study_report(argv: list[str]) -> int:
     paths = publish_study(args.run_dir, args.out)
     print(f"published {args.run_dir} to {args.out}: report.md, report.html, summary.json and "
           f"{len(paths['figures'])} figures")
+    return 0
+
+
+def study_archive(argv: list[str]) -> int:
+    """`layerwise study archive RUN_DIR --out DIR`: see orchestration.study.archive."""
+    from orchestration.study.archive import archive_study
+
+    parser = argparse.ArgumentParser(
+        prog="layerwise study archive",
+        description="Keep a study's finished stages, without their weights (a digest and the shapes of each "
+                    "file instead), in a folder small enough to commit. A study run with that folder in its "
+                    "`reuse` list on another machine skips those stages; the teacher and our compact model are "
+                    "trained again there only if a stage still to run needs them, and must match the digests.")
+    parser.add_argument("run_dir", help="the study's run folder, e.g. runs/study-beauty-llama")
+    parser.add_argument("--out", required=True, help="the archive folder, e.g. studies/archive/study-beauty-llama "
+                                                      "(stages already there are kept)")
+    args = parser.parse_args(argv)
+    summary = archive_study(args.run_dir, args.out)
+    print(f"archived {len(summary['added'])} stages to {args.out} ({len(summary['kept'])} were there; "
+          f"{len(summary['unfinished'])} unfinished left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
     return 0
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from orchestration.pipeline import interrupts
 
 console = Console()
+ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (orchestration.study.archive)
 
 
 class Stages:
@@ -30,7 +31,10 @@ class Stages:
 
     reuse: other runs' stage roots, searched in order for a finished stage of the same name and key when
     this root has none. Such a stage is used where it is (read only, nothing is copied), so a variant of a
-    study (another healing recipe, say) trains no teacher that the study already has.
+    study (another healing recipe, say) trains no teacher that the study already has. A root may be an
+    archive (orchestration.study.archive): its stages' models are stripped of their weights. A caller that
+    needs a stage's weights asks for `complete=True`; an archived stage then runs again here, and the
+    weights it makes must be the archived ones, digest for digest, or the run stops (ArchiveMismatch).
     """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None,
@@ -42,11 +46,22 @@ class Stages:
         self.ran: list[str] = []
         self.timings: dict[str, dict] = {}  # name -> _seconds.json of the stage (this run's or the earlier one)
 
-    def run(self, name: str, key: str, fn: Callable[[Path], Any]) -> Path:
+    def done(self, name: str, key: str) -> bool:
+        """Whether the stage is finished here or in a reused root (archived counts as finished)."""
+        return self._find(f"{name}-{key}") is not None
+
+    def _find(self, folder: str) -> Path | None:
+        return next((root / folder for root in (self.root, *self.reuse) if (root / folder / "_DONE").exists()), None)
+
+    def run(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> Path:
+        """The stage's folder, after running fn(folder) unless it is done here or in a reused root.
+        complete: the caller needs the stage's weights, so an archived stage (weights stripped) runs again."""
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
-        if not (out / "_DONE").exists():
-            out = next((other / out.name for other in self.reuse if (other / out.name / "_DONE").exists()), out)
+        found = self._find(out.name)
+        archived = found if found is not None and stripped_models(found) else None
+        if found is not None and not (complete and archived):
+            out = found
         marker = out / "_DONE"
         if marker.exists():
             console.print(f"[dim]- {name}: done earlier ({out}), skipped[/dim]")
@@ -55,6 +70,8 @@ class Stages:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
             final, timing = _timed(fn, out)
+            if archived is not None:  # made again because its weights were archived away: they must match
+                check_against_archive(name, out, archived)
             (out / "_seconds.json").write_text(json.dumps(timing))
             console.print(f"[dim]  {name}: {timing['seconds']:.1f} s wall, {timing['cpu_seconds']:.1f} s CPU, "
                           f"load average {timing['load_avg_start']:.1f} -> {timing['load_avg_end']:.1f}[/dim]")
@@ -68,6 +85,33 @@ class Stages:
         if self.on_done:
             self.on_done(name, out, name in self.skipped)
         return out
+
+
+class ArchiveMismatch(RuntimeError):
+    """A stage made again gave other weights than the archived run that the study resumes from."""
+
+
+def stripped_models(stage: Path) -> list[str]:
+    """The model folders (relative to the stage) that an archive stripped of their weights."""
+    path = stage / ARCHIVED
+    return json.loads(path.read_text())["stripped"] if path.exists() else []
+
+
+def check_against_archive(name: str, out: Path, archived: Path) -> None:
+    """Raise ArchiveMismatch unless every model the archive stripped from stage `name` came out of this
+    run with the same weights (SHA-256 of each file). The stage stays unfinished here, so the next run
+    checks again instead of mixing these weights with results computed from the archived ones."""
+    from layerwise.models.checkpoint import weight_digests
+
+    for model in stripped_models(archived):
+        ours, theirs = weight_digests(out / model), weight_digests(archived / model)
+        if ours != theirs:
+            differ = sorted(f for f in set(ours) | set(theirs) if ours.get(f) != theirs.get(f))
+            raise ArchiveMismatch(
+                f"stage {name}: {model} made again differs from the archived one in {archived} "
+                f"({', '.join(differ)}). The archive's later stages were computed from the archived weights, "
+                f"so they cannot be mixed with these: resume on a machine that reproduces them (same torch, "
+                f"same thread count), or run the study without the archive in `reuse`")
 
 
 def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:

@@ -153,13 +153,21 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     from layerwise.baselines import BASELINES, Budget
     from layerwise.bench import benchmark
     from layerwise.compact import load_compact
+    from layerwise.models.checkpoint import is_stripped
 
     b = config.bench
     if b.threads:
         torch.set_num_threads(b.threads)
-    teacher = load_compact(dirs["teacher"] / "model").eval()
-    compact = load_compact(dirs["ours"] / "model").eval()
-    models, sources = {"teacher": teacher, "ours": compact}, {}
+    sources = {}
+
+    def load(name: str, path: Path):
+        """A model to time; one from an archive (weights stripped) is its architecture with fresh values."""
+        if is_stripped(path):
+            sources[name] = f"{path}: architecture only (weights archived away), fresh values"
+        return load_compact(path, architecture_only=is_stripped(path)).eval()
+
+    teacher, compact = load("teacher", dirs["teacher"] / "model"), load("ours", dirs["ours"] / "model")
+    models = {"teacher": teacher, "ours": compact}
     first = config.seeds[0]
     for row in rows:
         key = row.get("timing")
@@ -168,9 +176,11 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
         if row.get("quantized"):  # int8/int4 have no stock save format: quantize the same weights again
             variant = BASELINES[row["quantized"]](data, teacher=teacher, budget=Budget(k=compact.n_layers),
                                                   compact=compact)[0]
-            models[key], sources[key] = variant.model, f"re-quantized ({row['quantized']})"
+            models[key], sources[key] = variant.model, f"re-quantized ({row['quantized']})" + (
+                " from the teacher's architecture, fresh values" if "teacher" in sources else "")
         elif row.get("timing_model"):
-            models[key], sources[key] = load_compact(row["timing_model"]).eval(), row["timing_model"]
+            sources[key] = row["timing_model"]
+            models[key] = load(key, Path(row["timing_model"]))
     result = benchmark(models, b.batch_sizes, runs=b.runs, warmup=b.warmup, max_len=config.data.max_len,
                        reference="teacher", remeasures=b.remeasures)
     result["sources"] = sources

@@ -59,41 +59,57 @@ class SeedRun:
             raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
         from layerwise.compact import load_compact
         from layerwise.compress import n_kept
+        from layerwise.models.checkpoint import read_manifest
 
         c = self.config
         teacher_key = stage_hash(c.data, self.data.fingerprint, c.teacher, self.seed)
         self._stage("teacher", teacher_key, self._teacher)
-        self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
-        self.k = n_kept(c.compress.keep, self.teacher.n_layers)
+        self.n_layers = read_manifest(self.dirs["teacher"] / "model")["n_layers"]
+        self.k = n_kept(c.compress.keep, self.n_layers)
         users = [c.compress.ablation_users] if c.compress.ablation_users else []  # hashed only when set
         imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size, *users)
+        ours_key = stage_hash(imp_key, c.compress)
+        rest = self._plan(part, imp_key, ours_key)
+        # The teacher's and our model's weights are read only by stages still to run. From an archive (its
+        # weights stripped), they are made again when needed, and must come out the same (Stages.run).
+        pending = [name for name, key, _ in rest if not self.stages.done(name, key)]
+        if pending or not (self.stages.done("importance", imp_key) and self.stages.done("ours", ours_key)):
+            self._stage("teacher", teacher_key, self._teacher, complete=True)
+            self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
         self._stage("importance", imp_key, self._importance)
         self.scores = load_importance(self.dirs["importance"])
-        ours_key = stage_hash(imp_key, c.compress)
-        self._stage("ours", ours_key, self._ours)
-        self.compact = load_compact(self.dirs["ours"] / "model").eval()
+        self._stage("ours", ours_key, self._ours, complete=bool(pending))
+        if pending:
+            self.compact = load_compact(self.dirs["ours"] / "model").eval()
+        for name, key, fn in rest:
+            self._stage(name, key, fn)
+        return {name: str(path) for name, path in self.dirs.items()}
+
+    def _plan(self, part: str, imp_key: str, ours_key: str) -> list[tuple[str, str, Callable[[Path], Any]]]:
+        """The stages of `part` after our compact model: (name, key, stage function) in running order."""
+        c = self.config
+        plan = []
         if part in ("all", "core"):
-            for name in c.baselines:
-                self._stage(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws),
-                            self._baseline(name))
-            self._stage("noise", stage_hash(ours_key, c.noise), self._noise)
+            plan += [(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
+                     for name in c.baselines]
+            plan.append(("noise", stage_hash(ours_key, c.noise), self._noise))
         if part in ("all", "extras") and self.seed in extras_seeds(c):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
                 rank = [c.compress.bridge_rank or ABLATION_BRIDGE_RANK] if component == "prefit" else []
-                key = stage_hash(ours_key, component, *rank)
-                self._stage(f"ablation-{component}", key, self._ablation(component))
+                plan.append((f"ablation-{component}", stage_hash(ours_key, component, *rank),
+                             self._ablation(component)))
             for selector in c.sweep.selectors:
                 for k in self._sweep_ks():
                     key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
-                    self._stage(f"sweep-{selector}-k{k}", key, self._sweep(selector, k))
-        return {name: str(path) for name, path in self.dirs.items()}
+                    plan.append((f"sweep-{selector}-k{k}", key, self._sweep(selector, k)))
+        return plan
 
-    def _stage(self, name: str, key: str, fn: Callable[[Path], Any]) -> None:
-        self.dirs[name] = self.stages.run(name, key, fn)
+    def _stage(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> None:
+        self.dirs[name] = self.stages.run(name, key, fn, complete=complete)
 
     def _sweep_ks(self) -> list[int]:
-        n = self.teacher.n_layers
+        n = self.n_layers
         ks = self.config.sweep.ks or tuple(range(1, n))
         bad = [k for k in ks if k >= n]
         if bad:

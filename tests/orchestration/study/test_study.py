@@ -151,6 +151,66 @@ def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(stud
 
 
 @pytest.mark.slow
+def test_an_archived_study_resumes_on_another_machine_without_its_weights(study, tmp_path, capsys):
+    """The archive keeps no weights; a study resumed from it (its own run folder gone) runs no archived
+    stage again unless a stage still to run needs the teacher and our model, which then come out with the
+    archived digests; a teacher that comes out otherwise stops the study before anything reads it."""
+    from layerwise.models.checkpoint import weight_digests
+    from orchestration.pipeline.stages import ArchiveMismatch
+
+    config, root, results = study
+    archive = tmp_path / "archive"
+    assert main(["study", "archive", str(root / "study"), "--out", str(archive)]) == 0
+    assert "archived" in capsys.readouterr().out
+    assert not list(archive.rglob("*.safetensors")) and not list(archive.rglob("*-checkpoint"))
+    teacher = next((archive / "seeds" / "seed-0").glob("teacher-*"))
+    original = next((root / "study" / "seeds" / "seed-0").glob("teacher-*"))
+    assert weight_digests(teacher / "model") == weight_digests(original / "model")
+    assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 2 * 2**20
+    assert archive_study_again(archive, root)["added"] == []  # stages already archived are kept as they are
+
+    moved = [*SETTINGS, f"run_dir={tmp_path}", f"data.cache_dir={root / 'cache'}", f"reuse=[{archive}]"]
+    again = run_study(load_study_config(None, [*moved, "name=resumed"]), progress=False)
+    assert not list((tmp_path / "resumed" / "seeds").glob("seed-*/*"))  # nothing ran again
+    assert again["headline"]["compact"] == results["headline"]["compact"]
+    assert again["baselines"]["rows"] == results["baselines"]["rows"] or _same_rows(again, results)
+    speed = json.loads(next((tmp_path / "resumed").glob("speed-*/speed.json")).read_text())
+    assert {"teacher", "ours"} <= set(speed["sources"])  # timed from the archive: the architectures
+    assert all("architecture only" in source or source.startswith("re-quantized")
+               for source in speed["sources"].values())
+
+    # A baseline the archive lacks needs the teacher and our model: both are trained again and match.
+    grown = run_study(load_study_config(None, [*moved, "name=grown", "baselines=[mostpop,first,int8,last]"]),
+                      progress=False)
+    for seed in (0, 1):
+        mine = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "grown" / "seeds" / f"seed-{seed}").iterdir()}
+        assert mine == {"teacher", "ours", "baseline-last"}
+    assert grown["headline"]["compact"] == results["headline"]["compact"]
+
+    # The archived teacher's digest altered: the teacher made again no longer matches, and the study stops.
+    listed = teacher / "model" / "weights.json"
+    entries = json.loads(listed.read_text())
+    entries["recommender.safetensors"]["sha256"] = "0" * 64
+    listed.write_text(json.dumps(entries))
+    with pytest.raises(Exception, match="differs from the archived one") as failure:
+        run_study(load_study_config(None, [*moved, "name=mismatch", "baselines=[mostpop,first,int8,last]"]),
+                  progress=False)
+    assert isinstance(failure.value, ArchiveMismatch) or "ArchiveMismatch" in str(failure.value)
+    assert not list((tmp_path / "mismatch" / "seeds" / "seed-0").glob("teacher-*/_DONE"))
+
+
+def archive_study_again(archive, root):
+    from orchestration.study.archive import archive_study
+
+    return archive_study(root / "study", archive)
+
+
+def _same_rows(a, b):
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "speedup"} for r in rows]  # noqa: E731
+    return strip(a["baselines"]["rows"]) == strip(b["baselines"]["rows"])
+
+
+@pytest.mark.slow
 def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsys):
     config, root, _ = study
     out = tmp_path / "results" / "tiny"

@@ -1,0 +1,96 @@
+"""Archive a study's finished stages in a folder small enough for the repository, so that a study longer than
+one machine's life goes on from another machine:
+
+    layerwise study archive runs/study-beauty-llama --out studies/archive/study-beauty-llama
+
+and, on the next machine, the study run with the archive among its `reuse` roots:
+
+    layerwise study studies/beauty-llama.yaml 'reuse=[studies/archive/study-beauty-llama]'
+
+What a stage keeps in the archive (a few hundred KB a stage instead of MBs of weights):
+- everything its report reads: rows.json, importance.json, noise.json, _seconds.json, and each per-user
+  table cut to the columns the report tests (`user` and the study's metric);
+- each model it saved, stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest,
+  the backbone's config and, for every weight file, its SHA-256 and tensor shapes.
+
+On the next machine a stage found in the archive is not run again, unless a stage still to run needs its
+weights (the teacher and our compact model, for the baselines and the ablation): then it runs again, and the
+weights it makes must have the archived digests or the study stops (orchestration.pipeline.stages); training
+here is deterministic for a given seed, torch build and thread count. The speed stage times the archived
+models' architectures with fresh values (`load_compact(architecture_only=True)`), which costs the same.
+Stages already in the archive are kept as they are (a stage's folder name is the hash of its inputs).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from orchestration.outputs import write_json
+from orchestration.pipeline.stages import ARCHIVED
+
+MAX_STAGE_BYTES = 3 * 2**20  # a stage bigger than this in the archive means weights slipped through
+
+
+def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None) -> dict:
+    """Add the finished stages of the study in `run_dir` that `out` lacks; returns what was added and kept."""
+    from layerwise.models.checkpoint import atomic_directory
+    from orchestration.study.results import METRIC
+
+    run_dir, out, metric = Path(run_dir), Path(out), metric or METRIC
+    seeds = run_dir / "seeds"
+    if not seeds.is_dir():
+        raise FileNotFoundError(f"{run_dir} holds no seeds/ folder: not a study run folder")
+    added, kept, unfinished = [], [], []
+    for stage in sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()):
+        name = f"{stage.parent.name}/{stage.name}"
+        if not (stage / "_DONE").exists():
+            unfinished.append(name)
+            continue
+        target = out / "seeds" / stage.parent.name / stage.name
+        if (target / "_DONE").exists():
+            kept.append(name)
+            continue
+        with atomic_directory(target) as tmp:
+            stripped = _copy_stage(stage, tmp, metric)
+            write_json(tmp / ARCHIVED, {"from": str(stage.resolve()), "stripped": stripped,
+                                        "table_columns": ["user", metric]})
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            if size > MAX_STAGE_BYTES:
+                raise ValueError(f"{name} would take {size / 2**20:.1f} MB in the archive (limit "
+                                 f"{MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and JSON is in it")
+        added.append(name)
+    if (run_dir / "config.json").exists():  # what the archived stages were run with
+        shutil.copy2(run_dir / "config.json", out / "config.json")
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
+
+
+def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:
+    """Copy one finished stage folder into `out` as the archive keeps it; returns the stripped model folders."""
+    from layerwise.models.checkpoint import strip_weights
+
+    models = sorted(p.parent for p in stage.rglob("manifest.json"))
+    stripped = []
+    for path in sorted(stage.rglob("*")):
+        rel = path.relative_to(stage)
+        if any(part.endswith("-checkpoint") for part in rel.parts):  # a training run's resume state
+            continue
+        model = next((m for m in models if m == path or m in path.parents), None)
+        if model is not None:
+            if model == path:
+                strip_weights(model, out / rel)
+                stripped.append(rel.as_posix())
+            continue
+        if path.is_dir():
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            columns = [c for c in ("user", metric) if c in table.column_names]
+            pq.write_table(table.select(columns), out / rel, compression="zstd")
+        else:
+            shutil.copy2(path, out / rel)
+    return stripped
