@@ -110,8 +110,9 @@ def check_against_archive(name: str, out: Path, archived: Path) -> None:
             raise ArchiveMismatch(
                 f"stage {name}: {model} made again differs from the archived one in {archived} "
                 f"({', '.join(differ)}). The archive's later stages were computed from the archived weights, "
-                f"so they cannot be mixed with these: resume on a machine that reproduces them (same torch, "
-                f"same thread count), or run the study without the archive in `reuse`")
+                f"so they cannot be mixed with these. Resume on a machine that reproduces them (the same "
+                f"packages, thread count and CPU kernels), or remove {archived.parent} from the archive "
+                f"so that its stages run again here")
 
 
 def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:

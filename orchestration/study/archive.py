@@ -23,6 +23,7 @@ Stages already in the archive are kept as they are (a stage's folder name is the
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -64,8 +65,32 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
         added.append(name)
     if (run_dir / "config.json").exists():  # what the archived stages were run with
         shutil.copy2(run_dir / "config.json", out / "config.json")
+    if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
+        write_json(out / "environment.json", environment())
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
+
+
+def environment() -> dict:
+    """What decides whether this machine trains a seed's models to the same bits as another."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "cpu": cpu, "python": platform.python_version()}
+
+
+def environment_differences(archive: str | Path) -> dict[str, tuple[str, str]]:
+    """{what: (the archive's, this machine's)} where they differ; empty for a folder that is no archive."""
+    path = Path(archive) / "environment.json"
+    if not path.exists():
+        return {}
+    theirs, ours = json.loads(path.read_text()), environment()
+    return {k: (theirs[k], ours.get(k)) for k in theirs if theirs[k] != ours.get(k)}
 
 
 def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:

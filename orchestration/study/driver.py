@@ -44,6 +44,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     root = Path(config.run_dir).resolve() / config.name
     config = replace(config, reuse=tuple(str(Path(r).resolve()) for r in config.reuse))  # seed tasks' cwd differs
     root.mkdir(parents=True, exist_ok=True)
+    _warn_about_archives(config.reuse)
     write_json(root / "config.json", asdict(config))
     _record_invocation(root, started_at, None)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
@@ -186,6 +187,19 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     result["sources"] = sources
     write_json(out / "speed.json", result)
     return result["status"] != "disturbed"
+
+
+def _warn_about_archives(roots: tuple[str, ...]) -> None:
+    """Say early when an archive comes from a machine unlike this one: a seed whose teacher has to be
+    trained again here may then not reproduce it, and stops at the end of that training (ArchiveMismatch)."""
+    from orchestration.study.archive import environment_differences
+
+    for root in roots:
+        differ = environment_differences(root)
+        if differ:
+            listed = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differ.items())
+            print(f"[study] warning: {root} was archived on another kind of machine ({listed}); a seed that "
+                  f"trains its teacher again may not reproduce the archived weights", file=sys.stderr)
 
 
 def _record_invocation(root: Path, started_at: str, seconds: float | None) -> list[dict]:

@@ -168,10 +168,17 @@ def test_an_archived_study_resumes_on_another_machine_without_its_weights(study,
     assert weight_digests(teacher / "model") == weight_digests(original / "model")
     assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 2 * 2**20
     assert archive_study_again(archive, root)["added"] == []  # stages already archived are kept as they are
+    from orchestration.study.archive import environment_differences
+
+    made_on = json.loads((archive / "environment.json").read_text())
+    assert environment_differences(archive) == {} and {"torch", "cpu_kernels"} <= set(made_on)
+    (archive / "environment.json").write_text(json.dumps({**made_on, "cpu_kernels": "AVX2"}))
+    assert environment_differences(archive) == {"cpu_kernels": ("AVX2", made_on["cpu_kernels"])}
 
     moved = [*SETTINGS, f"run_dir={tmp_path}", f"data.cache_dir={root / 'cache'}", f"reuse=[{archive}]"]
     again = run_study(load_study_config(None, [*moved, "name=resumed"]), progress=False)
     assert not list((tmp_path / "resumed" / "seeds").glob("seed-*/*"))  # nothing ran again
+    assert "archived on another kind of machine (cpu_kernels: AVX2 there" in capsys.readouterr().err
     assert again["headline"]["compact"] == results["headline"]["compact"]
     assert again["baselines"]["rows"] == results["baselines"]["rows"] or _same_rows(again, results)
     speed = json.loads(next((tmp_path / "resumed").glob("speed-*/speed.json")).read_text())
