@@ -34,6 +34,13 @@ from orchestration.pipeline.stages import ARCHIVED
 
 MAX_STAGE_BYTES = 3 * 2**20  # a stage bigger than this in the archive means weights slipped through
 
+# Both torch's own kernels (chosen by the CPU's features: AVX-512 here, AVX2 on older x86) and MKL's matrix
+# products (its code path per CPU) change the bits a training run ends with: the same seed trained other
+# Beauty teachers on two machines of this workplace. Pinned to their AVX2 paths (MKL's conditional numerical
+# reproducibility), a seed's models come out the same on any machine with AVX2, at some cost in speed
+# (4-17% on a training step here). `ray.portable_numerics: true` sets these in the seed tasks.
+PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
 
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None) -> dict:
     """Add the finished stages of the study in `run_dir` that `out` lacks; returns what was added and kept."""
@@ -66,13 +73,22 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     if (run_dir / "config.json").exists():  # what the archived stages were run with
         shutil.copy2(run_dir / "config.json", out / "config.json")
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
-        write_json(out / "environment.json", environment())
+        ray = json.loads((run_dir / "config.json").read_text())["ray"] if (run_dir / "config.json").exists() else {}
+        write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
+                                                         seed_threads(ray.get("cpus_per_seed", 1.0))))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
 
 
-def environment() -> dict:
-    """What decides whether this machine trains a seed's models to the same bits as another."""
+def seed_threads(cpus_per_seed: float) -> int:
+    """The torch threads of a seed task with `ray.cpus_per_seed` CPUs."""
+    return max(1, int(cpus_per_seed))
+
+
+def environment(portable: bool = False, threads: int = 1) -> dict:
+    """What decides whether a machine trains a seed's models to the same bits as another: the packages, the
+    seed tasks' torch threads (sums split by thread), and the CPU kernels unless the seeds ran with
+    PORTABLE_NUMERICS."""
     import platform
 
     import torch
@@ -80,17 +96,19 @@ def environment() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "cpu": cpu, "python": platform.python_version()}
+    kernels = "portable (AVX2)" if portable else torch.backends.cpu.get_cpu_capability()
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_kernels": kernels,
+            "torch_threads": threads, "cpu": cpu, "python": platform.python_version()}
 
 
-def environment_differences(archive: str | Path) -> dict[str, tuple[str, str]]:
-    """{what: (the archive's, this machine's)} where they differ; empty for a folder that is no archive."""
+def environment_differences(archive: str | Path, portable: bool = False, threads: int = 1) -> dict[str, tuple]:
+    """{what: (the archive's, this machine's)} where they differ in what decides the trained bits; empty
+    for a folder that is no archive. The CPU's name is only informative."""
     path = Path(archive) / "environment.json"
     if not path.exists():
         return {}
-    theirs, ours = json.loads(path.read_text()), environment()
-    return {k: (theirs[k], ours.get(k)) for k in theirs if theirs[k] != ours.get(k)}
+    theirs, ours = json.loads(path.read_text()), environment(portable, threads)
+    return {k: (theirs[k], ours.get(k)) for k in theirs if k != "cpu" and theirs[k] != ours.get(k)}
 
 
 def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:

@@ -56,6 +56,9 @@ class ScenarioConfig:
 class StudyRayConfig:
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS when set)
     cpus_per_seed: float = 1.0  # each seed is one Ray task; torch in it uses this many threads (at least 1)
+    # Train with the same CPU kernels on every x86 machine with AVX2 (orchestration.study.archive
+    # PORTABLE_NUMERICS), so that a study archived on one machine resumes on another; a little slower.
+    portable_numerics: bool = False
 
 
 @dataclass(frozen=True)

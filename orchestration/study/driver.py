@@ -27,6 +27,7 @@ from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
+from orchestration.study.archive import PORTABLE_NUMERICS, seed_threads
 from orchestration.study.config import StudyConfig, extras_seeds
 from orchestration.study.seed import ROWS, config_dict, run_seed
 
@@ -44,7 +45,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     root = Path(config.run_dir).resolve() / config.name
     config = replace(config, reuse=tuple(str(Path(r).resolve()) for r in config.reuse))  # seed tasks' cwd differs
     root.mkdir(parents=True, exist_ok=True)
-    _warn_about_archives(config.reuse)
+    _warn_about_archives(config)
     write_json(root / "config.json", asdict(config))
     _record_invocation(root, started_at, None)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
@@ -72,8 +73,10 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
     import ray
     from tqdm.auto import tqdm
 
-    threads = max(1, int(config.ray.cpus_per_seed))
-    task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0)
+    threads = seed_threads(config.ray.cpus_per_seed)
+    # Portable numerics are environment variables read when torch loads: Ray starts fresh workers for them.
+    env = {"env_vars": PORTABLE_NUMERICS} if config.ray.portable_numerics else None
+    task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0, runtime_env=env)
     raw = config_dict(config)
     refs, bases = {}, {}
     for seed, part in seed_tasks(config):
@@ -189,13 +192,13 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     return result["status"] != "disturbed"
 
 
-def _warn_about_archives(roots: tuple[str, ...]) -> None:
+def _warn_about_archives(config: StudyConfig) -> None:
     """Say early when an archive comes from a machine unlike this one: a seed whose teacher has to be
     trained again here may then not reproduce it, and stops at the end of that training (ArchiveMismatch)."""
     from orchestration.study.archive import environment_differences
 
-    for root in roots:
-        differ = environment_differences(root)
+    for root in config.reuse:
+        differ = environment_differences(root, config.ray.portable_numerics, seed_threads(config.ray.cpus_per_seed))
         if differ:
             listed = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differ.items())
             print(f"[study] warning: {root} was archived on another kind of machine ({listed}); a seed that "

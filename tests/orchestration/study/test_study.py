@@ -171,7 +171,8 @@ def test_an_archived_study_resumes_on_another_machine_without_its_weights(study,
     from orchestration.study.archive import environment_differences
 
     made_on = json.loads((archive / "environment.json").read_text())
-    assert environment_differences(archive) == {} and {"torch", "cpu_kernels"} <= set(made_on)
+    assert environment_differences(archive) == {} and {"torch", "cpu_kernels", "torch_threads"} <= set(made_on)
+    assert environment_differences(archive, threads=2) == {"torch_threads": (1, 2)}
     (archive / "environment.json").write_text(json.dumps({**made_on, "cpu_kernels": "AVX2"}))
     assert environment_differences(archive) == {"cpu_kernels": ("AVX2", made_on["cpu_kernels"])}
 
@@ -193,6 +194,13 @@ def test_an_archived_study_resumes_on_another_machine_without_its_weights(study,
         mine = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "grown" / "seeds" / f"seed-{seed}").iterdir()}
         assert mine == {"teacher", "ours", "baseline-last"}
     assert grown["headline"]["compact"] == results["headline"]["compact"]
+
+    # Trained with other CPU kernels (portable numerics: torch's and MKL's AVX2 paths), the teacher is
+    # another one: the study says so at its start and stops once that teacher is trained.
+    with pytest.raises(Exception, match="differs from the archived one"):
+        run_study(load_study_config(None, [*moved, "name=portable", "baselines=[mostpop,first,int8,last]",
+                                           "ray.portable_numerics=true"]), progress=False)
+    assert "cpu_kernels: AVX2 there, portable (AVX2) here" in capsys.readouterr().err
 
     # The archived teacher's digest altered: the teacher made again no longer matches, and the study stops.
     listed = teacher / "model" / "weights.json"
