@@ -71,8 +71,10 @@ class SeedRun:
         ours_key = stage_hash(imp_key, c.compress)
         rest = self._plan(part, imp_key, ours_key)
         # The teacher's and our model's weights are read only by stages still to run. From an archive (its
-        # weights stripped), they are made again when needed, and must come out the same (Stages.run).
-        pending = [name for name, key, _ in rest if not self.stages.done(name, key)]
+        # weights stripped), they are made again when needed, and must come out the same (Stages.run). The
+        # "base" task makes them for the seed's other two tasks, which must not both make them at once.
+        pending = [name for name, key, _ in (self._plan("all", imp_key, ours_key) if part == "base" else rest)
+                   if not self.stages.done(name, key)]
         if pending or not (self.stages.done("importance", imp_key) and self.stages.done("ours", ours_key)):
             self._stage("teacher", teacher_key, self._teacher, complete=True)
             self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)

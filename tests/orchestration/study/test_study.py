@@ -187,12 +187,13 @@ def test_an_archived_study_resumes_on_another_machine_without_its_weights(study,
     assert all("architecture only" in source or source.startswith("re-quantized")
                for source in speed["sources"].values())
 
-    # A baseline the archive lacks needs the teacher and our model: both are trained again and match.
-    grown = run_study(load_study_config(None, [*moved, "name=grown", "baselines=[mostpop,first,int8,last]"]),
-                      progress=False)
-    for seed in (0, 1):
+    # A baseline and an ablation the archive lacks need the teacher and our model: both are trained again
+    # (once, by the seed's first task, before its baselines and extras run side by side) and match.
+    grown = run_study(load_study_config(None, [*moved, "name=grown", "baselines=[mostpop,first,int8,last]",
+                                               "ablation=[heal,estimators,kd,prefit,hidden]"]), progress=False)
+    for seed, extra in ((0, {"ablation-hidden"}), (1, set())):
         mine = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "grown" / "seeds" / f"seed-{seed}").iterdir()}
-        assert mine == {"teacher", "ours", "baseline-last"}
+        assert mine == {"teacher", "ours", "baseline-last"} | extra
     assert grown["headline"]["compact"] == results["headline"]["compact"]
 
     # Trained with other CPU kernels (portable numerics: torch's and MKL's AVX2 paths), the teacher is
