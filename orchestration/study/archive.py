@@ -24,6 +24,7 @@ Stages already in the archive are kept as they are (a stage's folder name is the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -63,15 +64,17 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
             continue
         with atomic_directory(target) as tmp:
             stripped = _copy_stage(stage, tmp, metric)
-            write_json(tmp / ARCHIVED, {"from": str(stage.resolve()), "stripped": stripped,
+            write_json(tmp / ARCHIVED, {"from": f"{run_dir.resolve().name}/{name}", "stripped": stripped,
                                         "table_columns": ["user", metric]})
             size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             if size > MAX_STAGE_BYTES:
                 raise ValueError(f"{name} would take {size / 2**20:.1f} MB in the archive (limit "
                                  f"{MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and JSON is in it")
         added.append(name)
-    if (run_dir / "config.json").exists():  # what the archived stages were run with
-        shutil.copy2(run_dir / "config.json", out / "config.json")
+    if (run_dir / "config.json").exists():  # what the archived stages were run with (no machine's paths)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["reuse"] = [os.path.relpath(r) for r in config.get("reuse", [])]
+        write_json(out / "config.json", config)
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
         ray = json.loads((run_dir / "config.json").read_text())["ray"] if (run_dir / "config.json").exists() else {}
         write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
