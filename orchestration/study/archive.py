@@ -71,12 +71,11 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                 raise ValueError(f"{name} would take {size / 2**20:.1f} MB in the archive (limit "
                                  f"{MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and JSON is in it")
         added.append(name)
-    if (run_dir / "config.json").exists():  # what the archived stages were run with (no machine's paths)
-        config = json.loads((run_dir / "config.json").read_text())
-        config["reuse"] = [os.path.relpath(r) for r in config.get("reuse", [])]
-        write_json(out / "config.json", config)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
+    if config is not None:  # what the archived stages were run with (no machine's paths)
+        write_json(out / "config.json", {**config, "reuse": [os.path.relpath(r) for r in config.get("reuse", [])]})
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
-        ray = json.loads((run_dir / "config.json").read_text())["ray"] if (run_dir / "config.json").exists() else {}
+        ray = (config or {}).get("ray", {})
         write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
                                                          seed_threads(ray.get("cpus_per_seed", 1.0))))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
