@@ -82,7 +82,7 @@ def _study_parser(sub) -> None:
                     "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1. "
                     "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study; "
                     "`layerwise study archive RUN_DIR --out DIR` keeps its finished stages, weights stripped, "
-                    "for a machine that resumes it.")
+                    "for a machine that resumes it; `layerwise study status CONFIG` says what remains.")
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
@@ -167,6 +167,29 @@ def study_archive(argv: list[str]) -> int:
     summary = archive_study(args.run_dir, args.out)
     print(f"archived {len(summary['added'])} stages to {args.out} ({len(summary['kept'])} were there; "
           f"{len(summary['unfinished'])} unfinished left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
+    return 0
+
+
+def study_status(argv: list[str]) -> int:
+    """`layerwise study status [CONFIG] [key=value ...]`: see orchestration.study.status."""
+    from orchestration.outputs import write_json
+    from orchestration.study.config import load_study_config
+    from orchestration.study.status import format_status, study_status
+
+    parser = argparse.ArgumentParser(
+        prog="layerwise study status",
+        description="Where a study stands, running nothing: each seed's stages in running order, done here, "
+                    "reused (from an archive or another run in `reuse`), started or pending, with the time "
+                    "the finished ones took and an estimate for the rest from the same stage on other seeds. "
+                    "Give the config and overrides the study runs with.")
+    parser.add_argument("config", nargs="?", default=None, help="the study's YAML config (default: the defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as given to `layerwise study`")
+    parser.add_argument("--json", default=None, help="also write the status to this JSON file")
+    args = parser.parse_args(argv)
+    status = study_status(load_study_config(*_config_and_overrides(args)))
+    print(format_status(status))
+    if args.json:
+        write_json(Path(args.json), status)
     return 0
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         command, call = "study report", lambda: experiments.study_report(argv[2:])
     elif argv[:2] == ["study", "archive"]:
         command, call = "study archive", lambda: experiments.study_archive(argv[2:])
+    elif argv[:2] == ["study", "status"]:
+        command, call = "study status", lambda: experiments.study_status(argv[2:])
     else:
         args = build_parser().parse_args(argv)
         command, handler = args.command, {n: f for g in GROUPS for n, f in g.HANDLERS.items()}[args.command]

@@ -50,6 +50,16 @@ class Stages:
         """Whether the stage is finished here or in a reused root (archived counts as finished)."""
         return self._find(f"{name}-{key}") is not None
 
+    def state(self, name: str, key: str) -> tuple[str, Path | None]:
+        """Where the stage stands: ("done", folder) here, ("reused", folder) finished in a reused root,
+        ("started", folder) here without its done marker (running now, or stopped mid-stage), or
+        ("pending", None)."""
+        found = self._find(f"{name}-{key}")
+        if found is not None:
+            return ("done" if found.parent == self.root else "reused"), found
+        folder = self.root / f"{name}-{key}"
+        return ("started", folder) if folder.is_dir() else ("pending", None)
+
     def _find(self, folder: str) -> Path | None:
         return next((root / folder for root in (self.root, *self.reuse) if (root / folder / "_DONE").exists()), None)
 

@@ -62,13 +62,10 @@ class SeedRun:
         from layerwise.models.checkpoint import read_manifest
 
         c = self.config
-        teacher_key = stage_hash(c.data, self.data.fingerprint, c.teacher, self.seed)
+        teacher_key, imp_key, ours_key = self._keys()
         self._stage("teacher", teacher_key, self._teacher)
         self.n_layers = read_manifest(self.dirs["teacher"] / "model")["n_layers"]
         self.k = n_kept(c.compress.keep, self.n_layers)
-        users = [c.compress.ablation_users] if c.compress.ablation_users else []  # hashed only when set
-        imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size, *users)
-        ours_key = stage_hash(imp_key, c.compress)
         rest = self._plan(part, imp_key, ours_key)
         # The teacher's and our model's weights are read only by stages still to run. From an archive (its
         # weights stripped), they are made again when needed, and must come out the same (Stages.run). The
@@ -86,6 +83,34 @@ class SeedRun:
         for name, key, fn in rest:
             self._stage(name, key, fn)
         return {name: str(path) for name, path in self.dirs.items()}
+
+    def status(self) -> list[dict]:
+        """Every stage of the seed in running order and where it stands, running nothing: "done" here,
+        "reused" (finished in an archive or another run of `reuse`), "started" (its folder without the done
+        marker: running now, or stopped mid-stage) or "pending"; a finished stage with the seconds it took.
+        The k sweep's stages are listed once the teacher's depth is known, unless `sweep.ks` names them."""
+        from layerwise.models.checkpoint import read_manifest
+
+        teacher_key, imp_key, ours_key = self._keys()
+        state, teacher = self.stages.state("teacher", teacher_key)
+        self.n_layers = read_manifest(teacher / "model")["n_layers"] if state in ("done", "reused") else None
+        rows = []
+        plan = [("teacher", teacher_key), ("importance", imp_key), ("ours", ours_key)]
+        for name, key in plan + [(name, key) for name, key, _ in self._plan("all", imp_key, ours_key)]:
+            state, folder = self.stages.state(name, key)
+            timing = folder / "_seconds.json" if folder is not None else None
+            seconds = json.loads(timing.read_text()) if timing is not None and timing.exists() else {}
+            rows.append({"seed": self.seed, "stage": name, "state": state, "folder": str(folder or ""),
+                         "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds")})
+        return rows
+
+    def _keys(self) -> tuple[str, str, str]:
+        """The keys of the teacher, importance and our-model stages; every later stage's key derives from them."""
+        c = self.config
+        teacher_key = stage_hash(c.data, self.data.fingerprint, c.teacher, self.seed)
+        users = [c.compress.ablation_users] if c.compress.ablation_users else []  # hashed only when set
+        imp_key = stage_hash(teacher_key, c.compress.calib_batches, c.compress.calib_batch_size, *users)
+        return teacher_key, imp_key, stage_hash(imp_key, c.compress)
 
     def _plan(self, part: str, imp_key: str, ours_key: str) -> list[tuple[str, str, Callable[[Path], Any]]]:
         """The stages of `part` after our compact model: (name, key, stage function) in running order."""
@@ -112,6 +137,8 @@ class SeedRun:
 
     def _sweep_ks(self) -> list[int]:
         n = self.n_layers
+        if n is None:  # status() before the teacher exists: only the ks the config names are known
+            return list(self.config.sweep.ks)
         ks = self.config.sweep.ks or tuple(range(1, n))
         bad = [k for k in ks if k >= n]
         if bad:

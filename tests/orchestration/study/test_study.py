@@ -3,6 +3,8 @@ of each kind, the k sweep, noise and slices; the report holds every section; a r
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -213,6 +215,44 @@ def test_an_archived_study_resumes_on_another_machine_without_its_weights(study,
                   progress=False)
     assert isinstance(failure.value, ArchiveMismatch) or "ArchiveMismatch" in str(failure.value)
     assert not list((tmp_path / "mismatch" / "seeds" / "seed-0").glob("teacher-*/_DONE"))
+
+
+@pytest.mark.slow
+def test_status_says_what_is_finished_where_and_what_remains(study, tmp_path, capsys):
+    """`layerwise study status` runs nothing: a finished study is all done, with each stage's time; resumed
+    from its archive, all reused; grown by a baseline, that baseline is pending on each seed, without an
+    estimate (no seed has run it); a stage folder without its marker is started, estimated by the others."""
+    from orchestration.study.archive import archive_study
+    from orchestration.study.status import study_status
+
+    _, root, _ = study
+    settings = [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}"]
+    assert main(["study", "status", *settings, "--json", str(tmp_path / "status.json")]) == 0
+    done = json.loads((tmp_path / "status.json").read_text())
+    assert done["counts"] == {"done": len(done["stages"]), "reused": 0, "started": 0, "pending": 0}
+    assert all(row["seconds"] > 0 and row["cpu_seconds"] is not None for row in done["stages"])
+    names = [row["stage"] for row in done["stages"] if row["seed"] == 0]
+    assert names[:4] == ["teacher", "importance", "ours", "baseline-mostpop"] and "sweep-random-k1" in names
+    assert "ablation-heal" not in {row["stage"] for row in done["stages"] if row["seed"] == 1}  # extras_seeds=1
+    assert f"{len(done['stages'])} of {len(done['stages'])} stages finished" in capsys.readouterr().out
+
+    archive_study(root / "study", tmp_path / "archive")
+    moved = [*SETTINGS, f"run_dir={tmp_path}", f"data.cache_dir={root / 'cache'}", f"reuse=[{tmp_path / 'archive'}]"]
+    grown = study_status(load_study_config(None, [*moved, "name=resumed", "baselines=[mostpop,first,int8,last]"]))
+    states = {(row["seed"], row["stage"]): row["state"] for row in grown["stages"]}
+    assert states.pop((0, "baseline-last")) == states.pop((1, "baseline-last")) == "pending"
+    assert set(states.values()) == {"reused"}
+    assert sorted(grown["unestimated"]) == ["seed-0/baseline-last", "seed-1/baseline-last"]
+
+    first = Path(next(row for row in done["stages"] if row["seed"] == 1 and row["stage"] == "baseline-first")["folder"])
+    shutil.rmtree(tmp_path / "archive" / "seeds" / "seed-1" / first.name)  # the archive lacks it: started here
+    (tmp_path / "resumed" / "seeds" / "seed-1" / first.name).mkdir(parents=True)
+    started = study_status(load_study_config(None, [*moved, "name=resumed"]))
+    row = next(r for r in started["stages"] if r["seed"] == 1 and r["stage"] == "baseline-first")
+    assert row["state"] == "started" and row["seconds"] is None
+    other = next(r for r in done["stages"] if r["seed"] == 0 and r["stage"] == "baseline-first")
+    assert row["cpu_seconds_estimate"] == pytest.approx(other["cpu_seconds"])
+    assert started["cpu_hours_left"] == pytest.approx(other["cpu_seconds"] / 3600)
 
 
 def archive_study_again(archive, root):

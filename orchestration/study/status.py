@@ -1,0 +1,71 @@
+"""Where a study stands, running nothing: every seed's stages in running order, each done here, reused
+(finished in an archive or another run that the config's `reuse` names), started (running now, or stopped
+mid-stage) or pending; the time the finished ones took, and what the rest should take by the same stage on
+the seeds where it has finished. A study on 2 cores spans working sessions; this says what remains.
+
+    layerwise study status studies/beauty-llama.yaml
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from orchestration.study.config import StudyConfig
+
+STATES = ("done", "reused", "started", "pending")
+
+
+def study_status(config: StudyConfig, data=None) -> dict:
+    """{"run_dir", "stages": one row a stage (SeedRun.status), "counts": per state, "cpu_hours_done",
+    "cpu_hours_left": the estimate, "unestimated": stages left that no seed has finished}. `data` is the
+    study's data set, loaded here when not given (the stage keys hold its fingerprint)."""
+    from orchestration.study.driver import _load_data
+    from orchestration.study.seed import SeedRun
+
+    data = data if data is not None else _load_data(config)
+    root = Path(config.run_dir) / config.name
+    rows = [row for seed in config.seeds
+            for row in SeedRun(config, seed, root / "seeds" / f"seed-{seed}", data).status()]
+    finished = defaultdict(list)  # stage name -> CPU seconds on the seeds where it finished
+    for row in rows:
+        if row["state"] in ("done", "reused") and row["cpu_seconds"] is not None:
+            finished[row["stage"]].append(row["cpu_seconds"])
+    left = [row for row in rows if row["state"] in ("started", "pending")]
+    for row in left:
+        row["cpu_seconds_estimate"] = mean(finished[row["stage"]]) if finished[row["stage"]] else None
+    return {"run_dir": str(root), "stages": rows,
+            "counts": {state: sum(row["state"] == state for row in rows) for state in STATES},
+            "cpu_hours_done": sum(sum(v) for v in finished.values()) / 3600,
+            "cpu_hours_left": sum(row["cpu_seconds_estimate"] or 0 for row in left) / 3600,
+            "unestimated": [f"seed-{row['seed']}/{row['stage']}" for row in left
+                            if row["cpu_seconds_estimate"] is None]}
+
+
+def format_status(status: dict) -> str:
+    """The status as text: a line per stage, grouped by seed, then the totals."""
+    lines = []
+    for seed in sorted({row["seed"] for row in status["stages"]}):
+        lines.append(f"seed {seed}")
+        for row in (r for r in status["stages"] if r["seed"] == seed):
+            if row["state"] in ("done", "reused"):
+                took = _minutes(row["seconds"], row["cpu_seconds"])
+            else:
+                estimate = row.get("cpu_seconds_estimate")
+                took = f"about {estimate / 60:.0f} CPU min (other seeds)" if estimate is not None else ""
+            lines.append(f"  {row['stage']:<28} {row['state']:<8} {took}")
+    c = status["counts"]
+    lines.append(f"{status['run_dir']}: {c['done'] + c['reused']} of {len(status['stages'])} stages finished "
+                 f"({c['reused']} reused), {c['started']} started, {c['pending']} pending; "
+                 f"{status['cpu_hours_done']:.1f} CPU-hours done, about {status['cpu_hours_left']:.1f} left "
+                 f"by the same stages on other seeds"
+                 + (f", and {len(status['unestimated'])} stages that no seed has finished"
+                    if status["unestimated"] else ""))
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float | None, cpu_seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds / 60:.1f} min" + (f" (CPU {cpu_seconds / 60:.1f} min)" if cpu_seconds is not None else "")
