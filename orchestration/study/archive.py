@@ -37,10 +37,17 @@ MAX_STAGE_BYTES = 3 * 2**20  # a stage bigger than this in the archive means wei
 
 # Both torch's own kernels (chosen by the CPU's features: AVX-512 here, AVX2 on older x86) and MKL's matrix
 # products (its code path per CPU) change the bits a training run ends with: the same seed trained other
-# Beauty teachers on two machines of this workplace. Pinned to their AVX2 paths (MKL's conditional numerical
-# reproducibility), a seed's models come out the same on any machine with AVX2, at some cost in speed
-# (4-17% on a training step here). `ray.portable_numerics: true` sets these in the seed tasks.
-PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# Beauty teachers on two machines of this workplace. Pinned to one instruction set (with MKL's conditional
+# numerical reproducibility), a seed's models come out the same on any machine that has it.
+# `ray.portable_numerics: true` sets these in the seed tasks, for the instruction set `ray.portable_isa`:
+# - avx2: any x86 machine of the last decade; 4-17% slower on a float32 training step here. bf16 has no
+#   AVX2 kernels, so under this pin bf16 autocast is emulated: a SmolLM2 training step took 190 s against
+#   6.9 s unpinned (benchmarks/results/portable_numerics.json), and the study config refuses the pair.
+# - avx512_bf16: machines with AVX-512 and its bf16 instructions (this workplace's), bf16 at full speed.
+PORTABLE_NUMERICS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
 
 
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None) -> dict:
@@ -77,9 +84,22 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
         ray = (config or {}).get("ray", {})
         write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
-                                                         seed_threads(ray.get("cpus_per_seed", 1.0))))
+                                                         seed_threads(ray.get("cpus_per_seed", 1.0)),
+                                                         ray.get("portable_isa", "avx2")))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
+
+
+def cpu_has(isa: str) -> bool:
+    """Whether this CPU has the instructions of PORTABLE_NUMERICS[isa] (read from /proc/cpuinfo's flags;
+    True where there is no such file to read)."""
+    flags = {"avx2": {"avx2"}, "avx512_bf16": {"avx512f", "avx512_bf16"}}[isa]
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return True
+    have = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
+                 if line.startswith("flags")), set())
+    return flags <= have
 
 
 def seed_threads(cpus_per_seed: float) -> int:
@@ -87,10 +107,10 @@ def seed_threads(cpus_per_seed: float) -> int:
     return max(1, int(cpus_per_seed))
 
 
-def environment(portable: bool = False, threads: int = 1) -> dict:
+def environment(portable: bool = False, threads: int = 1, isa: str = "avx2") -> dict:
     """What decides whether a machine trains a seed's models to the same bits as another: the packages, the
-    seed tasks' torch threads (sums split by thread), and the CPU kernels unless the seeds ran with
-    PORTABLE_NUMERICS."""
+    seed tasks' torch threads (sums split by thread), and the CPU kernels: the pinned instruction set `isa`
+    for seeds run with PORTABLE_NUMERICS, else the CPU's own."""
     import platform
 
     import torch
@@ -98,18 +118,19 @@ def environment(portable: bool = False, threads: int = 1) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    kernels = "portable (AVX2)" if portable else torch.backends.cpu.get_cpu_capability()
+    kernels = f"portable ({isa.upper()})" if portable else torch.backends.cpu.get_cpu_capability()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_kernels": kernels,
             "torch_threads": threads, "cpu": cpu, "python": platform.python_version()}
 
 
-def environment_differences(archive: str | Path, portable: bool = False, threads: int = 1) -> dict[str, tuple]:
+def environment_differences(archive: str | Path, portable: bool = False, threads: int = 1,
+                            isa: str = "avx2") -> dict[str, tuple]:
     """{what: (the archive's, this machine's)} where they differ in what decides the trained bits; empty
     for a folder that is no archive. The CPU's name is only informative."""
     path = Path(archive) / "environment.json"
     if not path.exists():
         return {}
-    theirs, ours = json.loads(path.read_text()), environment(portable, threads)
+    theirs, ours = json.loads(path.read_text()), environment(portable, threads, isa)
     return {k: (theirs[k], ours.get(k)) for k in theirs if k != "cpu" and theirs[k] != ours.get(k)}
 
 

@@ -56,9 +56,12 @@ class ScenarioConfig:
 class StudyRayConfig:
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS when set)
     cpus_per_seed: float = 1.0  # each seed is one Ray task; torch in it uses this many threads (at least 1)
-    # Train with the same CPU kernels on every x86 machine with AVX2 (orchestration.study.archive
-    # PORTABLE_NUMERICS), so that a study archived on one machine resumes on another; a little slower.
+    # Train with the same CPU kernels on every x86 machine with the instruction set `portable_isa`
+    # (orchestration.study.archive PORTABLE_NUMERICS), so that a study archived on one machine resumes on
+    # another. avx2: any recent x86, float32 only (bf16 is emulated there, ~27x slower); avx512_bf16:
+    # AVX-512 machines with bf16, for recipes with bf16 autocast.
     portable_numerics: bool = False
+    portable_isa: str = "avx2"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ def check(config: StudyConfig) -> None:
         raise ValueError(f"noise.levels must be in [0, 1), got {bad}")
     if any(k < 1 for k in config.sweep.ks):
         raise ValueError(f"sweep.ks must be >= 1, got {list(config.sweep.ks)}")
+    _check_numerics(config)
     if config.random_draws < 1 or config.sweep.heal_epochs < 1 or config.ray.cpus_per_seed <= 0:
         raise ValueError("random_draws and sweep.heal_epochs must be >= 1 and ray.cpus_per_seed > 0")
     if config.extras_seeds is not None and not 1 <= config.extras_seeds <= len(config.seeds):
@@ -150,3 +154,18 @@ def check(config: StudyConfig) -> None:
             raise ValueError(f"reuse: {other!r} is this study's own run folder")
     if config.scenarios.min_users < 2:
         raise ValueError(f"scenarios.min_users must be >= 2, got {config.scenarios.min_users}")
+
+
+def _check_numerics(config: StudyConfig) -> None:
+    """ray.portable_isa must be a known one, and not AVX2 under a bf16 recipe (emulated there: ~27x slower)."""
+    from orchestration.study.archive import PORTABLE_NUMERICS
+
+    isa = config.ray.portable_isa
+    if isa not in PORTABLE_NUMERICS:
+        raise ValueError(f"ray.portable_isa: unknown {isa!r}; choose from {sorted(PORTABLE_NUMERICS)}")
+    bf16 = [key for key, value in (("teacher.train.autocast", config.teacher.train.autocast),
+                                   ("compress.heal.autocast", config.compress.heal.autocast)) if value == "bf16"]
+    if config.ray.portable_numerics and isa == "avx2" and bf16:
+        raise ValueError(f"{', '.join(bf16)}: bf16 under ray.portable_numerics with ray.portable_isa avx2 is "
+                         f"emulated (a SmolLM2 training step took 190 s against 6.9 s unpinned); set "
+                         f"ray.portable_isa: avx512_bf16, or train in float32")

@@ -75,7 +75,7 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
 
     threads = seed_threads(config.ray.cpus_per_seed)
     # Portable numerics are environment variables read when torch loads: Ray starts fresh workers for them.
-    env = {"env_vars": PORTABLE_NUMERICS} if config.ray.portable_numerics else None
+    env = {"env_vars": PORTABLE_NUMERICS[config.ray.portable_isa]} if config.ray.portable_numerics else None
     task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0, runtime_env=env)
     raw = config_dict(config)
     refs, bases = {}, {}
@@ -195,10 +195,14 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
 def _warn_about_archives(config: StudyConfig) -> None:
     """Say early when an archive comes from a machine unlike this one: a seed whose teacher has to be
     trained again here may then not reproduce it, and stops at the end of that training (ArchiveMismatch)."""
-    from orchestration.study.archive import environment_differences
+    from orchestration.study.archive import cpu_has, environment_differences
 
+    r = config.ray
+    if r.portable_numerics and not cpu_has(r.portable_isa):
+        print(f"[study] warning: this CPU lacks the {r.portable_isa} instructions that ray.portable_isa pins; "
+              f"its models will not have the bits of a machine that has them", file=sys.stderr)
     for root in config.reuse:
-        differ = environment_differences(root, config.ray.portable_numerics, seed_threads(config.ray.cpus_per_seed))
+        differ = environment_differences(root, r.portable_numerics, seed_threads(r.cpus_per_seed), r.portable_isa)
         if differ:
             listed = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differ.items())
             print(f"[study] warning: {root} was archived on another kind of machine ({listed}); a seed that "

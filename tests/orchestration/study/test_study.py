@@ -331,6 +331,26 @@ def test_bad_study_configs_name_the_key():
         load_study_config(None, ["baselines=[first,truncated]"])
     with pytest.raises(ValueError, match="'items' compares .* needs teacher.pretrained"):
         load_study_config(None, ["ablation=[heal,items]"])
+    with pytest.raises(ValueError, match="ray.portable_isa: unknown 'avx3'"):
+        load_study_config(None, ["ray.portable_isa=avx3"])
+    with pytest.raises(ValueError, match="compress.heal.autocast: bf16 under ray.portable_numerics .* avx2 is emulated"):
+        load_study_config(None, ["ray.portable_numerics=true", "compress.heal.autocast=bf16"])
+    pinned = load_study_config(None, ["ray.portable_numerics=true", "ray.portable_isa=avx512_bf16",
+                                      "teacher.train.autocast=bf16", "compress.heal.autocast=bf16"])
+    assert pinned.ray.portable_isa == "avx512_bf16"  # bf16 at full speed: accepted
+    load_study_config(None, ["teacher.train.autocast=bf16"])  # unpinned: accepted
+
+
+def test_pinned_kernels_are_named_in_the_environment_and_their_instructions_checked():
+    from orchestration.study.archive import PORTABLE_NUMERICS, cpu_has, environment
+
+    assert environment(True, 1, "avx512_bf16")["cpu_kernels"] == "portable (AVX512_BF16)"
+    assert environment(True, 1)["cpu_kernels"] == "portable (AVX2)"  # what archives made before record
+    assert environment(False, 1)["cpu_kernels"] not in ("portable (AVX2)", "portable (AVX512_BF16)")
+    assert set(PORTABLE_NUMERICS) == {"avx2", "avx512_bf16"}
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert cpu_has("avx512_bf16") == ({"avx512f", "avx512_bf16"} <= set(flags.split(":", 1)[1].split()))
+    assert cpu_has("avx2") == ("avx2" in flags.split())
 
 
 def test_shipped_study_configs_load():
