@@ -80,7 +80,8 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
         added.append(name)
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
     if config is not None:  # what the archived stages were run with (no machine's paths)
-        write_json(out / "config.json", {**config, "reuse": [os.path.relpath(r) for r in config.get("reuse", [])]})
+        base = _study_cwd(run_dir, config.get("run_dir", "runs"))
+        write_json(out / "config.json", {**config, "reuse": [os.path.relpath(r, base) for r in config.get("reuse", [])]})
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
         ray = (config or {}).get("ray", {})
         write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
@@ -88,6 +89,17 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                                                          ray.get("portable_isa", "avx2")))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
+
+
+def _study_cwd(run_dir: Path, configured: str) -> Path:
+    """The folder the study ran from (its config's `run_dir` is relative to it), so that the archived config
+    names the reused folders as the study's YAML did (studies/archive/...), not by this machine's paths."""
+    base = run_dir.resolve().parent
+    if Path(configured).is_absolute():
+        return base
+    for _ in Path(configured).parts:
+        base = base.parent
+    return base
 
 
 def cpu_has(isa: str) -> bool:

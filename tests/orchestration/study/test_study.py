@@ -387,3 +387,16 @@ def test_a_seed_with_extras_runs_them_beside_its_baselines():
     assert seed_tasks(bare) == [(0, "all"), (1, "all")]
     with pytest.raises(ValueError, match="unknown part 'sweep'"):
         SeedRun(config, 0, None, None).run("sweep")
+
+
+def test_an_archived_config_names_reused_folders_as_the_study_did(tmp_path, monkeypatch):
+    """Relative to the folder the study ran from, whatever folder the archive command runs in."""
+    from orchestration.study.archive import archive_study
+
+    run = tmp_path / "project" / "runs" / "study-x"
+    (run / "seeds").mkdir(parents=True)
+    reused = tmp_path / "project" / "studies" / "archive" / "study-x"
+    (run / "config.json").write_text(json.dumps({"run_dir": "runs", "reuse": [str(reused)], "ray": {}}))
+    monkeypatch.chdir(tmp_path)
+    archive_study(run, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["reuse"] == ["studies/archive/study-x"]
