@@ -45,7 +45,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     root = Path(config.run_dir).resolve() / config.name
     config = replace(config, reuse=tuple(str(Path(r).resolve()) for r in config.reuse))  # seed tasks' cwd differs
     root.mkdir(parents=True, exist_ok=True)
-    _warn_about_archives(config)
+    _warn_about_numerics(config)
     write_json(root / "config.json", asdict(config))
     _record_invocation(root, started_at, None)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
@@ -192,9 +192,10 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     return result["status"] != "disturbed"
 
 
-def _warn_about_archives(config: StudyConfig) -> None:
-    """Say early when an archive comes from a machine unlike this one: a seed whose teacher has to be
-    trained again here may then not reproduce it, and stops at the end of that training (ArchiveMismatch)."""
+def _warn_about_numerics(config: StudyConfig) -> None:
+    """Say early when the seeds' bits may not be those of another machine: the pinned instruction set is
+    missing here, or an archive comes from a machine unlike this one (a seed whose teacher has to be
+    trained again here may then not reproduce it, and stops at the end of that training: ArchiveMismatch)."""
     from orchestration.study.archive import cpu_has, environment_differences
 
     r = config.ray
