@@ -1,4 +1,4 @@
-"""What pinning the CPU kernels costs (orchestration.study.archive PORTABLE_NUMERICS), and which pins train
+"""What pinning the CPU kernels costs (orchestration.study.config PORTABLE_NUMERICS), and which pins train
 the same bits: one SmolLM2 recommender training step (30 layers, LoRA r16, 32 ml-100k windows of 50 items,
 one torch thread), float32 and bf16 autocast, unpinned and under each pin of `ray.portable_isa`.
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.json is None:
         parser.error("--json is required")
-    from orchestration.study.archive import PORTABLE_NUMERICS
+    from orchestration.study.config import PORTABLE_NUMERICS
 
     results = {"model": "smollm2-135m", "setup": "lora30, 32 windows x 50 items, 1 torch thread",
                "cpus": os.cpu_count(), "settings": {}}

@@ -35,21 +35,6 @@ from orchestration.pipeline.stages import ARCHIVED
 
 MAX_STAGE_BYTES = 3 * 2**20  # a stage bigger than this in the archive means weights slipped through
 
-# Both torch's own kernels (chosen by the CPU's features: AVX-512 here, AVX2 on older x86) and MKL's matrix
-# products (its code path per CPU) change the bits a training run ends with: the same seed trained other
-# Beauty teachers on two machines of this workplace. Pinned to one instruction set (with MKL's conditional
-# numerical reproducibility), a seed's models come out the same on any machine that has it.
-# `ray.portable_numerics: true` sets these in the seed tasks, for the instruction set `ray.portable_isa`:
-# - avx2: any x86 machine of the last decade; 4-17% slower on a float32 training step here. bf16 has no
-#   AVX2 kernels, so under this pin bf16 autocast is emulated: a SmolLM2 training step took 190 s against
-#   6.9 s unpinned (benchmarks/results/portable_numerics.json), and the study config refuses the pair.
-# - avx512_bf16: machines with AVX-512 and its bf16 instructions (this workplace's), bf16 at full speed.
-PORTABLE_NUMERICS = {
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
-}
-
-
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None) -> dict:
     """Add the finished stages of the study in `run_dir` that `out` lacks; returns what was added and kept."""
     from layerwise.models.checkpoint import atomic_directory
@@ -103,7 +88,7 @@ def _study_cwd(run_dir: Path, configured: str) -> Path:
 
 
 def cpu_has(isa: str) -> bool:
-    """Whether this CPU has the instructions of PORTABLE_NUMERICS[isa] (read from /proc/cpuinfo's flags;
+    """Whether this CPU has the instructions of orchestration.study.config PORTABLE_NUMERICS[isa] (read from /proc/cpuinfo's flags;
     True where there is no such file to read)."""
     flags = {"avx2": {"avx2"}, "avx512_bf16": {"avx512f", "avx512_bf16"}}[isa]
     info = Path("/proc/cpuinfo")
@@ -122,7 +107,7 @@ def seed_threads(cpus_per_seed: float) -> int:
 def environment(portable: bool = False, threads: int = 1, isa: str = "avx2") -> dict:
     """What decides whether a machine trains a seed's models to the same bits as another: the packages, the
     seed tasks' torch threads (sums split by thread), and the CPU kernels: the pinned instruction set `isa`
-    for seeds run with PORTABLE_NUMERICS, else the CPU's own."""
+    for seeds run with its PORTABLE_NUMERICS, else the CPU's own."""
     import platform
 
     import torch

@@ -52,12 +52,27 @@ class ScenarioConfig:
     n_flag: int = 10  # flag at most this many slices where the compact model loses most
 
 
+# Both torch's own kernels (chosen by the CPU's features: AVX-512 here, AVX2 on older x86) and MKL's matrix
+# products (its code path per CPU) change the bits a training run ends with: the same seed trained other
+# Beauty teachers on two machines of this workplace. Pinned to one instruction set (with MKL's conditional
+# numerical reproducibility), a seed's models come out the same on any machine that has it.
+# `ray.portable_numerics: true` sets these in the seed tasks, for the instruction set `ray.portable_isa`:
+# - avx2: any x86 machine of the last decade; 4-17% slower on a float32 training step here. bf16 has no
+#   AVX2 kernels, so under this pin bf16 autocast is emulated: a SmolLM2 training step took 190 s against
+#   6.9 s unpinned (benchmarks/results/portable_numerics.json), and the study config refuses the pair.
+# - avx512_bf16: machines with AVX-512 and its bf16 instructions (this workplace's), bf16 at full speed.
+PORTABLE_NUMERICS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
+
+
 @dataclass(frozen=True)
 class StudyRayConfig:
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS when set)
     cpus_per_seed: float = 1.0  # each seed is one Ray task; torch in it uses this many threads (at least 1)
     # Train with the same CPU kernels on every x86 machine with the instruction set `portable_isa`
-    # (orchestration.study.archive PORTABLE_NUMERICS), so that a study archived on one machine resumes on
+    # (PORTABLE_NUMERICS above), so that a study archived on one machine resumes on
     # another. avx2: any recent x86, float32 only (bf16 is emulated there, ~27x slower); avx512_bf16:
     # AVX-512 machines with bf16, for recipes with bf16 autocast.
     portable_numerics: bool = False
@@ -158,8 +173,6 @@ def check(config: StudyConfig) -> None:
 
 def _check_numerics(config: StudyConfig) -> None:
     """ray.portable_isa must be a known one, and not AVX2 under a bf16 recipe (emulated there: ~27x slower)."""
-    from orchestration.study.archive import PORTABLE_NUMERICS
-
     isa = config.ray.portable_isa
     if isa not in PORTABLE_NUMERICS:
         raise ValueError(f"ray.portable_isa: unknown {isa!r}; choose from {sorted(PORTABLE_NUMERICS)}")

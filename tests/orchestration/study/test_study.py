@@ -342,7 +342,8 @@ def test_bad_study_configs_name_the_key():
 
 
 def test_pinned_kernels_are_named_in_the_environment_and_their_instructions_checked():
-    from orchestration.study.archive import PORTABLE_NUMERICS, cpu_has, environment
+    from orchestration.study.archive import cpu_has, environment
+    from orchestration.study.config import PORTABLE_NUMERICS
 
     assert environment(True, 1, "avx512_bf16")["cpu_kernels"] == "portable (AVX512_BF16)"
     assert environment(True, 1)["cpu_kernels"] == "portable (AVX2)"  # what archives made before record
