@@ -88,15 +88,17 @@ def _study_cwd(run_dir: Path, configured: str) -> Path:
 
 
 def cpu_has(isa: str) -> bool:
-    """Whether this CPU has the instructions of orchestration.study.config PORTABLE_NUMERICS[isa] (read from /proc/cpuinfo's flags;
-    True where there is no such file to read)."""
-    flags = {"avx2": {"avx2"}, "avx512_bf16": {"avx512f", "avx512_bf16"}}[isa]
+    """Whether this CPU has the instructions of orchestration.study.config PORTABLE_NUMERICS[isa] (from
+    /proc/cpuinfo's flags; True where that cannot be read)."""
+    flags = _cpuinfo("flags")
+    return flags is None or {"avx2": {"avx2"}, "avx512_bf16": {"avx512f", "avx512_bf16"}}[isa] <= set(flags.split())
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo, or None where there is none."""
     info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return True
-    have = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
-                 if line.startswith("flags")), set())
-    return flags <= have
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
 
 
 def seed_threads(cpus_per_seed: float) -> int:
@@ -113,8 +115,7 @@ def environment(portable: bool = False, threads: int = 1, isa: str = "avx2") -> 
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = _cpuinfo("model name") or platform.processor()
     kernels = f"portable ({isa.upper()})" if portable else torch.backends.cpu.get_cpu_capability()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_kernels": kernels,
             "torch_threads": threads, "cpu": cpu, "python": platform.python_version()}

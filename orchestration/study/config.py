@@ -10,7 +10,8 @@ are errors that name the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from layerwise.distill import HealConfig
@@ -182,3 +183,8 @@ def _check_numerics(config: StudyConfig) -> None:
         raise ValueError(f"{', '.join(bf16)}: bf16 under ray.portable_numerics with ray.portable_isa avx2 is "
                          f"emulated (a SmolLM2 training step took 190 s against 6.9 s unpinned); set "
                          f"ray.portable_isa: avx512_bf16, or train in float32")
+
+
+def config_dict(config: StudyConfig) -> dict:
+    """The config as plain data (tuples as lists) that `_build` turns back into the same StudyConfig."""
+    return json.loads(json.dumps(asdict(config)))

@@ -28,8 +28,8 @@ from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
 from orchestration.study.archive import seed_threads
-from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, extras_seeds
-from orchestration.study.seed import ROWS, config_dict, run_seed
+from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
+from orchestration.study.seed import ROWS, run_seed
 
 PROGRESS_SECONDS = 30  # how often the driver's progress line re-reads the seeds' stage folders
 

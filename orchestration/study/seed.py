@@ -10,9 +10,8 @@ model per architecture under timing/ so that the driver can time them all in one
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,25 +83,16 @@ class SeedRun:
             self._stage(name, key, fn)
         return {name: str(path) for name, path in self.dirs.items()}
 
-    def status(self) -> list[dict]:
-        """Every stage of the seed in running order and where it stands, running nothing: "done" here,
-        "reused" (finished in an archive or another run of `reuse`), "started" (its folder without the done
-        marker: running now, or stopped mid-stage) or "pending"; a finished stage with the seconds it took.
+    def planned(self) -> list[tuple[str, str]]:
+        """(name, key) of every stage of the seed in running order, running nothing (orchestration.study.status).
         The k sweep's stages are listed once the teacher's depth is known, unless `sweep.ks` names them."""
         from layerwise.models.checkpoint import read_manifest
 
         teacher_key, imp_key, ours_key = self._keys()
         state, teacher = self.stages.state("teacher", teacher_key)
         self.n_layers = read_manifest(teacher / "model")["n_layers"] if state in ("done", "reused") else None
-        rows = []
-        plan = [("teacher", teacher_key), ("importance", imp_key), ("ours", ours_key)]
-        for name, key in plan + [(name, key) for name, key, _ in self._plan("all", imp_key, ours_key)]:
-            state, folder = self.stages.state(name, key)
-            timing = folder / "_seconds.json" if folder is not None else None
-            seconds = json.loads(timing.read_text()) if timing is not None and timing.exists() else {}
-            rows.append({"seed": self.seed, "stage": name, "state": state, "folder": str(folder or ""),
-                         "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds")})
-        return rows
+        return [("teacher", teacher_key), ("importance", imp_key), ("ours", ours_key),
+                *((name, key) for name, key, _ in self._plan("all", imp_key, ours_key))]
 
     def _keys(self) -> tuple[str, str, str]:
         """The keys of the teacher, importance and our-model stages; every later stage's key derives from them."""
@@ -137,7 +127,7 @@ class SeedRun:
 
     def _sweep_ks(self) -> list[int]:
         n = self.n_layers
-        if n is None:  # status() before the teacher exists: only the ks the config names are known
+        if n is None:  # planned() before the teacher exists: only the ks the config names are known
             return list(self.config.sweep.ks)
         ks = self.config.sweep.ks or tuple(range(1, n))
         bad = [k for k in ks if k >= n]
@@ -419,8 +409,3 @@ def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: st
     d = config.data
     data = load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
     return SeedRun(config, seed, Path(root), data).run(part)
-
-
-def config_dict(config: StudyConfig) -> dict:
-    """The config as plain data (tuples as lists) that `_build` turns back into the same StudyConfig."""
-    return json.loads(json.dumps(asdict(config)))

@@ -8,6 +8,7 @@ the seeds where it has finished. A study on 2 cores spans working sessions; this
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -18,7 +19,7 @@ STATES = ("done", "reused", "started", "pending")
 
 
 def study_status(config: StudyConfig, data=None) -> dict:
-    """{"run_dir", "stages": one row a stage (SeedRun.status), "counts": per state, "cpu_hours_done",
+    """{"run_dir", "stages": one row a stage (_row), "counts": per state, "cpu_hours_done",
     "cpu_hours_left": the estimate, "unestimated": stages left that no seed has finished}. `data` is the
     study's data set, loaded here when not given (the stage keys hold its fingerprint)."""
     from orchestration.study.driver import _load_data
@@ -26,8 +27,10 @@ def study_status(config: StudyConfig, data=None) -> dict:
 
     data = data if data is not None else _load_data(config)
     root = Path(config.run_dir) / config.name
-    rows = [row for seed in config.seeds
-            for row in SeedRun(config, seed, root / "seeds" / f"seed-{seed}", data).status()]
+    rows = []
+    for seed in config.seeds:
+        run = SeedRun(config, seed, root / "seeds" / f"seed-{seed}", data)
+        rows += [_row(seed, name, *run.stages.state(name, key)) for name, key in run.planned()]
     finished = defaultdict(list)  # stage name -> CPU seconds on the seeds where it finished
     for row in rows:
         if row["state"] in ("done", "reused") and row["cpu_seconds"] is not None:
@@ -41,6 +44,14 @@ def study_status(config: StudyConfig, data=None) -> dict:
             "cpu_hours_left": sum(row["cpu_seconds_estimate"] or 0 for row in left) / 3600,
             "unestimated": [f"seed-{row['seed']}/{row['stage']}" for row in left
                             if row["cpu_seconds_estimate"] is None]}
+
+
+def _row(seed: int, stage: str, state: str, folder: Path | None) -> dict:
+    """A stage and where it stands (Stages.state), with the seconds a finished one took."""
+    timing = folder / "_seconds.json" if folder is not None else None
+    seconds = json.loads(timing.read_text()) if timing is not None and timing.exists() else {}
+    return {"seed": seed, "stage": stage, "state": state, "folder": str(folder or ""),
+            "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds")}
 
 
 def format_status(status: dict) -> str:
