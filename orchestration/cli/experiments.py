@@ -81,8 +81,8 @@ def _study_parser(sub) -> None:
                     "seeds=[0,1] data.dataset=synthetic:300:60:6000:0 teacher.preset=tiny "
                     "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1. "
                     "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study; "
-                    "`layerwise study archive RUN_DIR --out DIR` keeps its finished stages, weights stripped, "
-                    "for a machine that resumes it; `layerwise study status CONFIG` says what remains.")
+                    "`layerwise study archive RUN_DIR --out DIR` keeps its finished stages (the weights only "
+                    "of the teacher and our model) for a machine that resumes it; `layerwise study status CONFIG` says what remains.")
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
@@ -152,21 +152,31 @@ def study_report(argv: list[str]) -> int:
 
 def study_archive(argv: list[str]) -> int:
     """`layerwise study archive RUN_DIR --out DIR`: see orchestration.study.archive."""
-    from orchestration.study.archive import archive_study
+    from orchestration.study.archive import MAX_WEIGHT_BYTES, archive_study
 
     parser = argparse.ArgumentParser(
         prog="layerwise study archive",
-        description="Keep a study's finished stages, without their weights (a digest and the shapes of each "
-                    "file instead), in a folder small enough to commit. A study run with that folder in its "
-                    "`reuse` list on another machine skips those stages; the teacher and our compact model are "
-                    "trained again there only if a stage still to run needs them, and must match the digests.")
+        description="Keep a study's finished stages in a folder small enough to commit: their rows, tables cut "
+                    "to the tested metric and models. The teacher's and our compact model's weights are kept "
+                    "(later stages build on them) up to --max-weight-mb a stage; every other model, and one "
+                    "too big, keeps a digest and the shapes of each weight file instead. A study run with that "
+                    "folder in its `reuse` list on another machine skips those stages; a stripped teacher or "
+                    "compact model is trained again there only if a stage still to run needs it, and must "
+                    "match the digests, which in practice needs the same kind of CPU.")
     parser.add_argument("run_dir", help="the study's run folder, e.g. runs/study-beauty-llama")
     parser.add_argument("--out", required=True, help="the archive folder, e.g. studies/archive/study-beauty-llama "
-                                                      "(stages already there are kept)")
+                                                      "(stages already there are kept; a stripped teacher or "
+                                                      "compact model gets the run's weights if they have its digests)")
+    parser.add_argument("--max-weight-mb", type=float, default=MAX_WEIGHT_BYTES / 2**20,
+                        help="the most weights kept for one stage's models, in MB (default %(default).0f; 0 keeps "
+                             "none: a resumed study then trains them again and checks their digests)")
     args = parser.parse_args(argv)
-    summary = archive_study(args.run_dir, args.out)
-    print(f"archived {len(summary['added'])} stages to {args.out} ({len(summary['kept'])} were there; "
-          f"{len(summary['unfinished'])} unfinished left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
+    if args.max_weight_mb < 0:
+        parser.error(f"--max-weight-mb must be 0 or more, not {args.max_weight_mb}")
+    summary = archive_study(args.run_dir, args.out, max_weight_bytes=int(args.max_weight_mb * 2**20))
+    print(f"archived {len(summary['added'])} stages to {args.out} ({len(summary['kept']) + len(summary['filled'])} were there, "
+          f"{len(summary['filled'])} of them given their weights; {len(summary['unfinished'])} unfinished "
+          f"left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
     return 0
 
 

@@ -32,9 +32,9 @@ class Stages:
     reuse: other runs' stage roots, searched in order for a finished stage of the same name and key when
     this root has none. Such a stage is used where it is (read only, nothing is copied), so a variant of a
     study (another healing recipe, say) trains no teacher that the study already has. A root may be an
-    archive (orchestration.study.archive): its stages' models are stripped of their weights. A caller that
-    needs a stage's weights asks for `complete=True`; an archived stage then runs again here, and the
-    weights it makes must be the archived ones, digest for digest, or the run stops (ArchiveMismatch).
+    archive (orchestration.study.archive): some of its stages' models are stripped of their weights. A caller
+    that needs a stage's weights asks for `complete=True`; such a stripped stage then runs again here, and
+    the weights it makes must be the archived ones, digest for digest, or the run stops (ArchiveMismatch).
     """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None,
@@ -65,7 +65,7 @@ class Stages:
 
     def run(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> Path:
         """The stage's folder, after running fn(folder) unless it is done here or in a reused root.
-        complete: the caller needs the stage's weights, so an archived stage (weights stripped) runs again."""
+        complete: the caller needs the stage's weights, so an archived stage whose weights were stripped runs again."""
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
         found = self._find(out.name)

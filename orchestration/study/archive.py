@@ -7,18 +7,24 @@ and, on the next machine, the study run with the archive among its `reuse` roots
 
     layerwise study studies/beauty-llama.yaml 'reuse=[studies/archive/study-beauty-llama]'
 
-What a stage keeps in the archive (a few hundred KB a stage instead of MBs of weights):
+What a stage keeps in the archive:
 - everything its report reads: rows.json, importance.json, noise.json, _seconds.json, and each per-user
   table cut to the columns the report tests (`user` and the study's metric);
-- each model it saved, stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest,
-  the backbone's config and, for every weight file, its SHA-256 and tensor shapes.
+- the weights of the models that stages still to run build on (the teacher and our compact model:
+  KEEP_WEIGHTS_OF), up to `max_weight_bytes` a stage (5 MB for a Beauty teacher with 12k items);
+- every other model stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest, the
+  backbone's config and, for every weight file, its SHA-256 and tensor shapes.
 
-On the next machine a stage found in the archive is not run again, unless a stage still to run needs its
-weights (the teacher and our compact model, for the baselines and the ablation): then it runs again, and the
-weights it makes must have the archived digests or the study stops (orchestration.pipeline.stages); training
-here is deterministic for a given seed, torch build and thread count. The speed stage times the archived
-models' architectures with fresh values (`load_compact(architecture_only=True)`), which costs the same.
-Stages already in the archive are kept as they are (a stage's folder name is the hash of its inputs).
+On the next machine a stage found in the archive is not run again. A teacher or compact model whose weights
+the archive kept is read from there. One too big to keep (a pretrained LLM's) is trained again when a stage
+still to run needs it, and the weights it makes must have the archived digests or the study stops
+(orchestration.pipeline.stages). That needs the same bits, and the same bits need the same packages, thread
+count and CPU kernels, and in practice the same CPU: with every kernel pinned to AVX2 (ray.portable_numerics),
+an Intel Xeon and an AMD EPYC still trained different Beauty teachers (epoch-1 loss 8.834266071969813 against
+8.834267215295272), whichever MKL code path was pinned. Keeping the weights is what lets a study move between
+them. The speed stage times the archived models' architectures with fresh values, which costs the same.
+Stages already in the archive are kept as they are (a stage's folder name is the hash of its inputs), except
+that a stripped teacher or compact model gets its weights once a run has them with the archived digests.
 """
 
 from __future__ import annotations
@@ -31,12 +37,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from orchestration.outputs import write_json
-from orchestration.pipeline.stages import ARCHIVED
+from orchestration.pipeline.stages import ARCHIVED, stripped_models
 
-MAX_STAGE_BYTES = 3 * 2**20  # a stage bigger than this in the archive means weights slipped through
+MAX_STAGE_BYTES = 3 * 2**20  # a stage's files besides kept weights: more means weights slipped through
+KEEP_WEIGHTS_OF = ("teacher", "ours")  # the stages whose models later stages load (SeedRun.run, complete=True)
+MAX_WEIGHT_BYTES = 16 * 2**20  # a stage's kept weights at most; a bigger model is stripped (and trained again)
 
-def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None) -> dict:
-    """Add the finished stages of the study in `run_dir` that `out` lacks; returns what was added and kept."""
+def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None,
+                  max_weight_bytes: int = MAX_WEIGHT_BYTES) -> dict:
+    """Add the finished stages of the study in `run_dir` that `out` lacks, and give a stripped teacher or
+    compact model in `out` its weights where `run_dir` has them with the archived digests; returns what was
+    added, filled (weights given) and kept, the stages left out unfinished, and the archive's size."""
     from layerwise.models.checkpoint import atomic_directory
     from orchestration.study.results import METRIC
 
@@ -44,24 +55,29 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     seeds = run_dir / "seeds"
     if not seeds.is_dir():
         raise FileNotFoundError(f"{run_dir} holds no seeds/ folder: not a study run folder")
-    added, kept, unfinished = [], [], []
+    added, filled, kept, unfinished = [], [], [], []
     for stage in sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()):
         name = f"{stage.parent.name}/{stage.name}"
         if not (stage / "_DONE").exists():
             unfinished.append(name)
             continue
+        keep = max_weight_bytes if _weights_needed(stage) else 0
         target = out / "seeds" / stage.parent.name / stage.name
         if (target / "_DONE").exists():
-            kept.append(name)
+            if keep and _fill_weights(stage, target, keep):
+                filled.append(name)
+            else:
+                kept.append(name)
             continue
         with atomic_directory(target) as tmp:
-            stripped = _copy_stage(stage, tmp, metric)
+            stripped, weights = _copy_stage(stage, tmp, metric, keep)
             write_json(tmp / ARCHIVED, {"from": f"{run_dir.resolve().name}/{name}", "stripped": stripped,
-                                        "table_columns": ["user", metric]})
-            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+                                        "weights_kept": weights, "table_columns": ["user", metric]})
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and f.suffix != ".safetensors")
             if size > MAX_STAGE_BYTES:
-                raise ValueError(f"{name} would take {size / 2**20:.1f} MB in the archive (limit "
-                                 f"{MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and JSON is in it")
+                raise ValueError(f"{name} would take {size / 2**20:.1f} MB in the archive besides its weights "
+                                 f"(limit {MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and "
+                                 f"JSON is in it")
         added.append(name)
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
     if config is not None:  # what the archived stages were run with (no machine's paths)
@@ -73,7 +89,7 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                                                          seed_threads(ray.get("cpus_per_seed", 1.0)),
                                                          ray.get("portable_isa", "avx2")))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
-    return {"added": added, "kept": kept, "unfinished": unfinished, "bytes": total}
+    return {"added": added, "filled": filled, "kept": kept, "unfinished": unfinished, "bytes": total}
 
 
 def _study_cwd(run_dir: Path, configured: str) -> Path:
@@ -123,21 +139,46 @@ def environment(portable: bool = False, threads: int = 1, isa: str = "avx2") -> 
 
 def environment_differences(archive: str | Path, portable: bool = False, threads: int = 1,
                             isa: str = "avx2") -> dict[str, tuple]:
-    """{what: (the archive's, this machine's)} where they differ in what decides the trained bits; empty
-    for a folder that is no archive. The CPU's name is only informative."""
+    """{what: (the archive's, this machine's)} where they differ in what may decide the trained bits; empty
+    for a folder that is no archive. The CPU's name counts: pinned kernels did not make an Intel and an AMD
+    CPU agree (the module's docstring)."""
     path = Path(archive) / "environment.json"
     if not path.exists():
         return {}
     theirs, ours = json.loads(path.read_text()), environment(portable, threads, isa)
-    return {k: (theirs[k], ours.get(k)) for k in theirs if k != "cpu" and theirs[k] != ours.get(k)}
+    return {k: (theirs[k], ours.get(k)) for k in theirs if theirs[k] != ours.get(k)}
 
 
-def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:
-    """Copy one finished stage folder into `out` as the archive keeps it; returns the stripped model folders."""
+def stripped_needed(archive: str | Path) -> list[str]:
+    """The archived stages (seed-N/<name>-<key>) whose models later stages load but whose weights were
+    stripped: a study resumed from the archive trains those again where it needs them."""
+    seeds = Path(archive) / "seeds"
+    stages = sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()) if seeds.is_dir() else []
+    return [f"{s.parent.name}/{s.name}" for s in stages if _weights_needed(s) and stripped_models(s)]
+
+
+def _weights_needed(stage: Path) -> bool:
+    """Whether later stages load the models of this stage folder (<name>-<12 hex key>)."""
+    return stage.name.rsplit("-", 1)[0] in KEEP_WEIGHTS_OF
+
+
+def _model_dirs(stage: Path) -> list[Path]:
+    return sorted(p.parent for p in stage.rglob("manifest.json")
+                  if not any(part.endswith("-checkpoint") for part in p.relative_to(stage).parts))
+
+
+def _weight_bytes(models: list[Path]) -> int:
+    return sum(f.stat().st_size for m in models for f in m.rglob("*.safetensors"))
+
+
+def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) -> tuple[list[str], list[str]]:
+    """Copy one finished stage folder into `out` as the archive keeps it: its models whole when their
+    weights come to at most `max_weight_bytes`, else stripped. Returns (stripped, kept whole) model folders."""
     from layerwise.models.checkpoint import strip_weights
 
-    models = sorted(p.parent for p in stage.rglob("manifest.json"))
-    stripped = []
+    models = _model_dirs(stage)
+    whole = 0 < _weight_bytes(models) <= max_weight_bytes
+    stripped, weights = [], []
     for path in sorted(stage.rglob("*")):
         rel = path.relative_to(stage)
         if any(part.endswith("-checkpoint") for part in rel.parts):  # a training run's resume state
@@ -145,8 +186,12 @@ def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:
         model = next((m for m in models if m == path or m in path.parents), None)
         if model is not None:
             if model == path:
-                strip_weights(model, out / rel)
-                stripped.append(rel.as_posix())
+                if whole:
+                    shutil.copytree(model, out / rel)
+                    weights.append(rel.as_posix())
+                else:
+                    strip_weights(model, out / rel)
+                    stripped.append(rel.as_posix())
             continue
         if path.is_dir():
             continue
@@ -157,4 +202,30 @@ def _copy_stage(stage: Path, out: Path, metric: str) -> list[str]:
             pq.write_table(table.select(columns), out / rel, compression="zstd")
         else:
             shutil.copy2(path, out / rel)
-    return stripped
+    return stripped, weights
+
+
+def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:
+    """Give the archived stage `target` the weights of its stripped models from the run's `stage`, when the
+    run has them all, they fit in `max_weight_bytes`, and every file has its archived digest (a run that
+    trained them again was checked so by Stages.run; one that trained them afresh on another machine was
+    not, and is refused). Returns whether it did."""
+    from layerwise.models.checkpoint import atomic_directory, is_stripped, weight_digests
+
+    record = json.loads((target / ARCHIVED).read_text()) if (target / ARCHIVED).exists() else {}
+    missing = record.get("stripped", [])
+    sources = [stage / rel for rel in missing]
+    if not missing or any(not (s / "manifest.json").exists() or is_stripped(s) for s in sources):
+        return False
+    if _weight_bytes(sources) > max_weight_bytes:
+        return False
+    for rel, source in zip(missing, sources):
+        if weight_digests(source) != weight_digests(target / rel):
+            raise ValueError(f"{stage}: {rel} has other weights than the archived {target / rel}; the archive's "
+                             f"stages were computed from those. Archive this run into a new folder instead")
+    for rel, source in zip(missing, sources):
+        with atomic_directory(target / rel) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+    write_json(target / ARCHIVED, {**record, "stripped": [],
+                                   "weights_kept": sorted([*record.get("weights_kept", []), *missing])})
+    return True

@@ -194,9 +194,10 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
 
 def _warn_about_numerics(config: StudyConfig) -> None:
     """Say early when the seeds' bits may not be those of another machine: the pinned instruction set is
-    missing here, or an archive comes from a machine unlike this one (a seed whose teacher has to be
-    trained again here may then not reproduce it, and stops at the end of that training: ArchiveMismatch)."""
-    from orchestration.study.archive import cpu_has, environment_differences
+    missing here, or an archive comes from a machine unlike this one and keeps a teacher or compact model
+    without its weights (a seed that needs it trains it again here, may not reproduce it, and then stops
+    at the end of that training: ArchiveMismatch)."""
+    from orchestration.study.archive import cpu_has, environment_differences, stripped_needed
 
     r = config.ray
     if r.portable_numerics and not cpu_has(r.portable_isa):
@@ -204,10 +205,12 @@ def _warn_about_numerics(config: StudyConfig) -> None:
               f"its models will not have the bits of a machine that has them", file=sys.stderr)
     for root in config.reuse:
         differ = environment_differences(root, r.portable_numerics, seed_threads(r.cpus_per_seed), r.portable_isa)
-        if differ:
+        stripped = stripped_needed(root)
+        if differ and stripped:
             listed = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in differ.items())
-            print(f"[study] warning: {root} was archived on another kind of machine ({listed}); a seed that "
-                  f"trains its teacher again may not reproduce the archived weights", file=sys.stderr)
+            print(f"[study] warning: {root} was archived on another kind of machine ({listed}) and keeps "
+                  f"{len(stripped)} teacher or compact model(s) without weights ({stripped[0]}...); a seed "
+                  f"that trains one again here may not reproduce the archived weights", file=sys.stderr)
 
 
 def _record_invocation(root: Path, started_at: str, seconds: float | None) -> list[dict]:

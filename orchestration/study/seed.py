@@ -66,9 +66,10 @@ class SeedRun:
         self.n_layers = read_manifest(self.dirs["teacher"] / "model")["n_layers"]
         self.k = n_kept(c.compress.keep, self.n_layers)
         rest = self._plan(part, imp_key, ours_key)
-        # The teacher's and our model's weights are read only by stages still to run. From an archive (its
-        # weights stripped), they are made again when needed, and must come out the same (Stages.run). The
-        # "base" task makes them for the seed's other two tasks, which must not both make them at once.
+        # The teacher's and our model's weights are read only by stages still to run. From an archive that
+        # stripped them (too big to keep), they are made again when needed, and must come out the same
+        # (Stages.run). The "base" task makes them for the seed's other two tasks, which must not both make
+        # them at once.
         pending = [name for name, key, _ in (self._plan("all", imp_key, ours_key) if part == "base" else rest)
                    if not self.stages.done(name, key)]
         if pending or not (self.stages.done("importance", imp_key) and self.stages.done("ours", ours_key)):

@@ -154,22 +154,24 @@ def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(stud
 
 @pytest.mark.slow
 def test_an_archived_study_resumes_on_another_machine_without_its_weights(study, tmp_path, capsys):
-    """The archive keeps no weights; a study resumed from it (its own run folder gone) runs no archived
-    stage again unless a stage still to run needs the teacher and our model, which then come out with the
-    archived digests; a teacher that comes out otherwise stops the study before anything reads it."""
+    """An archive kept without any weights (--max-weight-mb 0, as for models too big to commit): a study
+    resumed from it (its own run folder gone) runs no archived stage again unless a stage still to run needs
+    the teacher and our model, which then come out with the archived digests; a teacher that comes out
+    otherwise stops the study before anything reads it."""
     from layerwise.models.checkpoint import weight_digests
     from orchestration.pipeline.stages import ArchiveMismatch
 
     config, root, results = study
     archive = tmp_path / "archive"
-    assert main(["study", "archive", str(root / "study"), "--out", str(archive)]) == 0
+    assert main(["study", "archive", str(root / "study"), "--out", str(archive), "--max-weight-mb", "0"]) == 0
     assert "archived" in capsys.readouterr().out
     assert not list(archive.rglob("*.safetensors")) and not list(archive.rglob("*-checkpoint"))
     teacher = next((archive / "seeds" / "seed-0").glob("teacher-*"))
     original = next((root / "study" / "seeds" / "seed-0").glob("teacher-*"))
     assert weight_digests(teacher / "model") == weight_digests(original / "model")
     assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 2 * 2**20
-    assert archive_study_again(archive, root)["added"] == []  # stages already archived are kept as they are
+    again = archive_study_again(archive, root, max_weight_bytes=0)
+    assert again["added"] == again["filled"] == []  # stages already archived are kept as they are
     from orchestration.study.archive import environment_differences
 
     made_on = json.loads((archive / "environment.json").read_text())
@@ -255,10 +257,57 @@ def test_status_says_what_is_finished_where_and_what_remains(study, tmp_path, ca
     assert started["cpu_hours_left"] == pytest.approx(other["cpu_seconds"] / 3600)
 
 
-def archive_study_again(archive, root):
+def archive_study_again(archive, root, **options):
     from orchestration.study.archive import archive_study
 
-    return archive_study(root / "study", archive)
+    return archive_study(root / "study", archive, **options)
+
+
+@pytest.mark.slow
+def test_an_archive_keeps_the_weights_later_stages_build_on(study, tmp_path, capsys):
+    """By default the archive keeps the teacher's and our model's weights (the stages still to run load
+    them) and strips the rest: a study resumed from it, grown by a baseline, trains neither again, on any
+    machine. An archive made without them gets them from a run whose weights have its digests, and refuses
+    a run whose weights differ."""
+    from layerwise.models.checkpoint import weight_digests
+    from orchestration.study.archive import archive_study, stripped_needed
+
+    config, root, results = study
+    archive = tmp_path / "archive"
+    assert main(["study", "archive", str(root / "study"), "--out", str(archive)]) == 0
+    whole = sorted(p.relative_to(archive / "seeds").parts[:2] for p in archive.rglob("recommender.safetensors"))
+    assert [(seed, stage.rsplit("-", 1)[0]) for seed, stage in whole] == [
+        ("seed-0", "ours"), ("seed-0", "teacher"), ("seed-1", "ours"), ("seed-1", "teacher")]
+    assert stripped_needed(archive) == [] and not list(archive.rglob("*-checkpoint"))
+    made_on = json.loads((archive / "environment.json").read_text())
+    (archive / "environment.json").write_text(json.dumps({**made_on, "cpu": "another CPU"}))
+    capsys.readouterr()
+
+    moved = [*SETTINGS, f"run_dir={tmp_path}", f"data.cache_dir={root / 'cache'}", f"reuse=[{archive}]"]
+    grown = run_study(load_study_config(None, [*moved, "name=grown", "baselines=[mostpop,first,int8,last]"]),
+                      progress=False)
+    for seed in (0, 1):
+        mine = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "grown" / "seeds" / f"seed-{seed}").iterdir()}
+        assert mine == {"baseline-last"}  # the teacher and our model were read from the archive
+    assert grown["headline"]["compact"] == results["headline"]["compact"]
+    assert "archived on another kind of machine" not in capsys.readouterr().err  # nothing to train again
+
+    bare = tmp_path / "bare"
+    archive_study(root / "study", bare, max_weight_bytes=0)
+    assert len(stripped_needed(bare)) == 4  # two seeds' teacher and our model
+    filled = archive_study(root / "study", bare)
+    assert len(filled["filled"]) == 4 and filled["added"] == [] and stripped_needed(bare) == []
+    for seed, stage in whole:
+        assert weight_digests(bare / "seeds" / seed / stage / "model") == weight_digests(archive / "seeds" / seed / stage / "model")
+
+    other = tmp_path / "other"
+    archive_study(root / "study", other, max_weight_bytes=0)
+    listed = next((other / "seeds" / "seed-0").glob("teacher-*")) / "model" / "weights.json"
+    entries = json.loads(listed.read_text())
+    entries["recommender.safetensors"]["sha256"] = "0" * 64
+    listed.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="other weights than the archived"):
+        archive_study(root / "study", other)
 
 
 def _same_rows(a, b):
