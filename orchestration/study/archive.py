@@ -210,7 +210,7 @@ def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:
     run has them all, they fit in `max_weight_bytes`, and every file has its archived digest (a run that
     trained them again was checked so by Stages.run; one that trained them afresh on another machine was
     not, and is refused). Returns whether it did."""
-    from layerwise.models.checkpoint import atomic_directory, is_stripped, weight_digests
+    from layerwise.models.checkpoint import STRIPPED, atomic_directory, is_stripped, weight_digests
 
     record = json.loads((target / ARCHIVED).read_text()) if (target / ARCHIVED).exists() else {}
     missing = record.get("stripped", [])
@@ -223,9 +223,12 @@ def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:
         if weight_digests(source) != weight_digests(target / rel):
             raise ValueError(f"{stage}: {rel} has other weights than the archived {target / rel}; the archive's "
                              f"stages were computed from those. Archive this run into a new folder instead")
-    for rel, source in zip(missing, sources):
+    for rel, source in zip(missing, sources):  # the weight files only: the manifest stays the archived run's
         with atomic_directory(target / rel) as tmp:
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            shutil.copytree(target / rel, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STRIPPED))
+            for weights in source.rglob("*.safetensors"):
+                (tmp / weights.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(weights, tmp / weights.relative_to(source))
     write_json(target / ARCHIVED, {**record, "stripped": [],
                                    "weights_kept": sorted([*record.get("weights_kept", []), *missing])})
     return True

@@ -269,6 +269,7 @@ def test_an_archive_keeps_the_weights_later_stages_build_on(study, tmp_path, cap
     them) and strips the rest: a study resumed from it, grown by a baseline, trains neither again, on any
     machine. An archive made without them gets them from a run whose weights have its digests, and refuses
     a run whose weights differ."""
+    from layerwise.compact import load_compact
     from layerwise.models.checkpoint import weight_digests
     from orchestration.study.archive import archive_study, stripped_needed
 
@@ -298,7 +299,9 @@ def test_an_archive_keeps_the_weights_later_stages_build_on(study, tmp_path, cap
     filled = archive_study(root / "study", bare)
     assert len(filled["filled"]) == 4 and filled["added"] == [] and stripped_needed(bare) == []
     for seed, stage in whole:
-        assert weight_digests(bare / "seeds" / seed / stage / "model") == weight_digests(archive / "seeds" / seed / stage / "model")
+        model = bare / "seeds" / seed / stage / "model"
+        assert weight_digests(model) == weight_digests(archive / "seeds" / seed / stage / "model")
+        assert not (model / "weights.json").exists() and load_compact(model).n_layers >= 1
 
     other = tmp_path / "other"
     archive_study(root / "study", other, max_weight_bytes=0)
