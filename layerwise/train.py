@@ -229,7 +229,8 @@ def autocast_context(autocast: str | None, device: torch.device | str = "cpu"):
 
 def train_recommender(model: SequentialRecommender, data, config: TrainConfig = TrainConfig(),
                       progress: bool = True, checkpoint: str | Path | None = None,
-                      stop: Callable[[int], bool] | None = None) -> TrainResult:
+                      stop: Callable[[int], bool] | None = None,
+                      on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `model` on `data`'s training histories; keeps the weights of the best validation epoch.
 
     checkpoint: a directory for the run's state after every epoch (layerwise.resume). A call with the same
@@ -237,6 +238,8 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         as an uninterrupted run; the directory is removed when training ends.
     stop: called with the epoch after its checkpoint is written; True stops the run there with
         KeyboardInterrupt (a requested Ctrl-C, for example), to be resumed later.
+    on_epoch: called with each epoch's record (its mean loss and any validation figures) as soon as the
+        epoch ends; an exception it raises ends the run there, before that epoch's checkpoint.
     """
     from layerwise.resume import TrainingState, remove, saved_names
 
@@ -278,6 +281,8 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         clock_ended = schedule.done and epoch < config.epochs  # only the schedule's clock ends it early
         reason = stop_reason(stale, config.patience, out_of_time, clock_ended)
         result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
         if checkpoint and not reason and epoch < config.epochs:
             best = {n: best_state[n] for n in saved_names(model)} if best_state is not None else None

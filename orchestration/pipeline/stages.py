@@ -60,6 +60,13 @@ class Stages:
         folder = self.root / f"{name}-{key}"
         return ("started", folder) if folder.is_dir() else ("pending", None)
 
+    def archived(self, name: str, key: str) -> Path | None:
+        """The stage finished in a reused root whose models were stripped of their weights (an archive's), or
+        None: run with `complete=True`, the stage is made again here and must reproduce it."""
+        found = next((root / f"{name}-{key}" for root in self.reuse if (root / f"{name}-{key}" / "_DONE").exists()),
+                     None)
+        return found if found is not None and stripped_models(found) else None
+
     def _find(self, folder: str) -> Path | None:
         return next((root / folder for root in (self.root, *self.reuse) if (root / folder / "_DONE").exists()), None)
 
@@ -69,7 +76,7 @@ class Stages:
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
         found = self._find(out.name)
-        archived = found if found is not None and stripped_models(found) else None
+        archived = self.archived(name, key) if found is not None and found.parent != self.root else None
         if found is not None and not (complete and archived):
             out = found
         marker = out / "_DONE"

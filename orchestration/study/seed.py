@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from orchestration.pipeline.config import stage_hash
-from orchestration.pipeline.stages import Stages
+from orchestration.pipeline.stages import Stages, stripped_models
 from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
 from orchestration.study.config import StudyConfig, extras_seeds
@@ -138,8 +138,10 @@ class SeedRun:
 
     # --- stages ---------------------------------------------------------------------------------------
     def _teacher(self, out: Path) -> None:
+        archived = self.stages.archived("teacher", self._keys()[0])
+        reproduce = archived / "model" if archived is not None and "model" in stripped_models(archived) else None
         model, result = train_teacher(self.config.teacher, self.data, self.config.data.dataset, self.seed,
-                                      self.max_len, out / "model", self.progress)
+                                      self.max_len, out / "model", self.progress, reproduce=reproduce)
         rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
                                n_layers=model.n_layers, training={"best_epoch": result.best_epoch,
                                                                   "epochs_run": len(result.history)})]

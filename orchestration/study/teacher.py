@@ -9,9 +9,15 @@ from pathlib import Path
 from orchestration.pipeline import interrupts
 
 
-def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, progress: bool = False):
+def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, progress: bool = False,
+                  reproduce: Path | None = None):
     """Train a teacher from TeacherConfig `t` with `seed` on `data`, save it at `path`; (model in eval, result).
-    `dataset` is the name the manifest records."""
+    `dataset` is the name the manifest records.
+
+    reproduce: an archived teacher (weights stripped) that this training makes again. Its manifest holds its
+    training's loss after every epoch, and an epoch that ends at another loss stops the run there
+    (ArchiveMismatch): weights that differ after epoch 1 will differ at the end, and the digest check
+    (Stages.run) would say so only after the whole training."""
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
     from layerwise.train import train_recommender
@@ -24,7 +30,8 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
     # Resumes mid-training after an interruption (an LLM teacher takes an hour or more on 2 cores).
     result = train_recommender(model, data, recipe, progress=progress,
                                checkpoint=path.parent / f"{path.name}-checkpoint",
-                               stop=lambda _: interrupts.requested())
+                               stop=lambda _: interrupts.requested(),
+                               on_epoch=_same_losses_as(reproduce) if reproduce is not None else None)
     save_recommender(model, path, {
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": dataset,
         "llm": getattr(model, "llm_info", None), "data_fingerprint": data.fingerprint, "max_len": max_len,
@@ -46,3 +53,22 @@ def saved_teacher(path: Path):
                          config=saved["train"], stop_reason=saved.get("stop_reason", "epochs"),
                          epochs_run=len(history))
     return load_compact(path).eval(), result
+
+
+def _same_losses_as(archived: Path):
+    """An on_epoch check that each epoch's loss is the one the archived teacher's training recorded."""
+    from layerwise.models.checkpoint import read_manifest
+    from orchestration.pipeline.stages import ArchiveMismatch
+
+    losses = {row["epoch"]: row["loss"] for row in read_manifest(archived).get("history", [])}
+
+    def check(record: dict) -> None:
+        expected = losses.get(record["epoch"])
+        if expected is not None and record["loss"] != expected:
+            raise ArchiveMismatch(
+                f"the teacher trained again differs from the archived one in {archived}: epoch "
+                f"{record['epoch']} ended at loss {record['loss']!r} here, {expected!r} there. The archive's "
+                f"later stages were computed from the archived weights, so this machine (its CPU, packages "
+                f"or thread count) cannot continue them; resume where the archive was made, or archive the "
+                f"teacher with its weights (layerwise study archive --max-weight-mb)")
+    return check
