@@ -463,3 +463,12 @@ def test_an_archived_config_names_reused_folders_as_the_study_did(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     archive_study(run, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["reuse"] == ["studies/archive/study-x"]
+
+
+def test_archive_command_refuses_a_negative_weight_cap_and_a_folder_that_is_no_study(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["study", "archive", str(tmp_path), "--out", str(tmp_path / "out"), "--max-weight-mb", "-1"])
+    assert stopped.value.code == 2 and "--max-weight-mb must be 0 or more, not -1.0" in capsys.readouterr().err
+    assert main(["study", "archive", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    assert "holds no seeds/ folder: not a study run folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
