@@ -82,7 +82,8 @@ def _study_parser(sub) -> None:
                     "teacher.train.epochs=3 compress.heal.epochs=1 sweep.heal_epochs=1. "
                     "`layerwise study report RUN_DIR --out results/NAME` publishes a finished study; "
                     "`layerwise study archive RUN_DIR --out DIR` keeps its finished stages (the weights only "
-                    "of the teacher and our model) for a machine that resumes it; `layerwise study status CONFIG` says what remains.")
+                    "of the teacher and our model) for a machine that resumes it; "
+                    "`layerwise study status CONFIG` says what remains.")
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
@@ -174,7 +175,8 @@ def study_archive(argv: list[str]) -> int:
     if args.max_weight_mb < 0:
         parser.error(f"--max-weight-mb must be 0 or more, not {args.max_weight_mb}")
     summary = archive_study(args.run_dir, args.out, max_weight_bytes=int(args.max_weight_mb * 2**20))
-    print(f"archived {len(summary['added'])} stages to {args.out} ({len(summary['kept']) + len(summary['filled'])} were there, "
+    there = len(summary["kept"]) + len(summary["filled"])
+    print(f"archived {len(summary['added'])} stages to {args.out} ({there} were there, "
           f"{len(summary['filled'])} of them given their weights; {len(summary['unfinished'])} unfinished "
           f"left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
     return 0
