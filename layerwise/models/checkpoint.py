@@ -4,13 +4,17 @@ Layout of a model directory:
     backbone/                 stock `save_pretrained` output (config.json + model.safetensors);
                               `transformers.AutoModel.from_pretrained` loads it with no custom code
     recommender.safetensors   item embeddings, item bias, text projection and features, bridges
+    lora.safetensors          a model trained with LoRA on a pretrained backbone: the adapter matrices, which
+                              the backbone holds merged (`layerwise.models.rebuild` makes the backbone again
+                              from the pretrained model and these)
     manifest.json             family, catalogue size, kept teacher layers, bridge spec, data fingerprint,
                               metrics: everything needed to rebuild and to audit the model
 
 A stripped copy (`strip_weights`) keeps everything but the *.safetensors files, and lists in weights.json
 each one's SHA-256 and its tensors' names, dtypes and shapes: a few KB that say exactly which weights the
 model had, so a model trained again can be checked against them (`weight_digests`), and the architecture
-can be rebuilt with fresh values (`load_recommender(..., architecture_only=True)`) to time it.
+can be rebuilt with fresh values (`load_recommender(..., architecture_only=True)`) to time it. A copy may
+keep some weight files (`strip_weights(keep=...)`: a LoRA model's small ones); weights.json lists them all.
 """
 
 from __future__ import annotations
@@ -30,23 +34,30 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from layerwise.models.lora import has_lora, merge_lora
+from layerwise.models.lora import base_digest, has_lora, lora_state, merge_lora
 from layerwise.models.presets import build_backbone, load_backbone
 from layerwise.models.recommender import SequentialRecommender
 
 FORMAT = "layerwise/1"
 STRIPPED = "weights.json"  # what a stripped model directory keeps of its weight files
+LORA = "lora.safetensors"  # a LoRA-trained model's adapter matrices (merged into its backbone too)
 
 
 def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `model` to `out_dir` atomically (a temp dir renamed into place); returns the path."""
     out_dir = Path(out_dir)
+    adapters, lora = {}, None
     if has_lora(model):
         # Adapter keys in the backbone would make it non-stock; merge them into a copy, never the caller's.
+        # The adapters are kept too: with the pretrained model they make the backbone again (a few % of it).
+        adapters, record = lora_state(model)
+        lora = {**record, "base": manifest.get("pretrained"), "base_sha256": base_digest(model.backbone)}
         model = copy.deepcopy(model)
         merge_lora(model)
     with atomic_directory(out_dir) as tmp:
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        if adapters:
+            save_file(adapters, str(tmp / LORA))
         own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                if not k.startswith("backbone.")}
         save_file(own, str(tmp / "recommender.safetensors"))
@@ -54,7 +65,7 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
             "format": FORMAT, "family": model.family.name, "n_items": model.n_items,
             "n_layers": model.n_layers, "dropout": model.dropout.p, "input_norm": model.input_norm,
             "head": model.head_kind, "has_text": model.text_projection is not None,
-            "bridges": _bridge_spec(model), **manifest,
+            "bridges": _bridge_spec(model), **manifest, **({"lora": lora} if lora else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=_jsonable))
     return out_dir
@@ -128,9 +139,16 @@ def load_recommender(model_dir: str | Path,
 
 
 def is_stripped(model_dir: str | Path) -> bool:
-    """Whether `model_dir` is a stripped copy (weights listed in weights.json, not present)."""
+    """Whether `model_dir` is a stripped copy (weights listed in weights.json, some of them not present)."""
+    return bool(missing_weights(model_dir))
+
+
+def missing_weights(model_dir: str | Path) -> list[str]:
+    """The weight files a stripped copy lists in weights.json but does not hold; [] for a whole model."""
     model_dir = Path(model_dir)
-    return (model_dir / STRIPPED).is_file() and not (model_dir / "recommender.safetensors").exists()
+    if not (model_dir / STRIPPED).is_file():
+        return []
+    return sorted(name for name in json.loads((model_dir / STRIPPED).read_text()) if not (model_dir / name).exists())
 
 
 def weight_digests(model_dir: str | Path) -> dict[str, str]:
@@ -139,16 +157,26 @@ def weight_digests(model_dir: str | Path) -> dict[str, str]:
     model_dir = Path(model_dir)
     if is_stripped(model_dir):
         return {name: entry["sha256"] for name, entry in json.loads((model_dir / STRIPPED).read_text()).items()}
-    return {path.relative_to(model_dir).as_posix(): _sha256(path) for path in sorted(model_dir.rglob("*.safetensors"))}
+    return file_digests(model_dir)
 
 
-def strip_weights(model_dir: str | Path, out_dir: str | Path) -> Path:
+def file_digests(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of each .safetensors file under `folder`, by its path inside it."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): _sha256(path) for path in sorted(folder.rglob("*.safetensors"))}
+
+
+def strip_weights(model_dir: str | Path, out_dir: str | Path, keep: tuple[str, ...] = ()) -> Path:
     """Copy a saved model to `out_dir` without its weight files, listing each one's digest and tensor
-    shapes in weights.json (a few KB instead of the weights)."""
+    shapes in weights.json (a few KB instead of the weights). keep: weight files (paths inside the model)
+    copied all the same, and listed too."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     read_manifest(model_dir)
     if is_stripped(model_dir):
         raise ValueError(f"{model_dir} is stripped already")
+    absent = [name for name in keep if not (model_dir / name).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{model_dir} has no {', '.join(absent)} to keep")
     listed = {}
     with atomic_directory(out_dir) as tmp:
         for path in sorted(model_dir.rglob("*")):
@@ -157,7 +185,7 @@ def strip_weights(model_dir: str | Path, out_dir: str | Path) -> Path:
                 continue
             if path.suffix == ".safetensors":
                 listed[name] = {"sha256": _sha256(path), "tensors": _tensor_shapes(path)}
-            else:
+            if path.suffix != ".safetensors" or name in keep:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp / name)
         (tmp / STRIPPED).write_text(json.dumps(listed, indent=1))

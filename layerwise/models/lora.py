@@ -47,8 +47,75 @@ def has_lora(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """weight + scaling * (b @ a), with the same bits on every CPU.
+
+    A matrix product's rounding depends on the BLAS kernel (its blocking, FMA, the CPU's vector width), so
+    peft's merge gives different bits on different machines. Here each of the r rank-one terms is an
+    elementwise float64 product of float32 values, which is exact; the terms are summed in rank order,
+    scaled and added to the weight in float64, one IEEE operation at a time, and rounded to the weight's
+    dtype once. Every step is correctly rounded, so the result is fixed by the inputs alone: a LoRA teacher
+    rebuilt from its base model and adapter matrices on another machine has the saved teacher's digests.
+    """
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+    for r in range(a.shape[0]):
+        delta += b64[:, r:r + 1] * a64[r:r + 1, :]
+    return (weight.to(torch.float64) + delta * float(scaling)).to(weight.dtype)
+
+
+def lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The backbone's unmerged adapters: ({"<module>.lora_A": A, "<module>.lora_B": B}, {"rank", "alpha",
+    "targets", "scaling"}), module names relative to the backbone; ({}, {}) without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    tensors, record = {}, {}
+    for name, module in model.backbone.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        (adapter,) = module.lora_A.keys()  # add_lora injects one adapter ("default")
+        tensors[f"{name}.lora_A"] = module.lora_A[adapter].weight.detach().contiguous().cpu()
+        tensors[f"{name}.lora_B"] = module.lora_B[adapter].weight.detach().contiguous().cpu()
+        record = {"rank": module.r[adapter], "alpha": module.lora_alpha[adapter],
+                  "scaling": module.scaling[adapter]}
+    if tensors:
+        record["targets"] = sorted({key.rsplit(".", 2)[-2] for key in tensors})
+    return tensors, record
+
+
+def base_digest(backbone: nn.Module) -> str:
+    """SHA-256 of the backbone's weights without its adapters (names, dtypes, shapes and bytes in name
+    order; peft's `.base_layer` dropped from names): what a saved LoRA model's adapters were trained on, so
+    that a rebuild from the pretrained model can tell that it starts from the same base."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = {name.replace(".base_layer", ""): tensor for name, tensor in backbone.state_dict().items()
+             if "lora_" not in name}
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def apply_lora_state(backbone: nn.Module, tensors: dict[str, torch.Tensor], scaling: float) -> None:
+    """Merge saved adapters (`lora_state`'s tensors) into a plain backbone's linear layers (merged_weight)."""
+    modules = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    for name in modules:
+        linear = backbone.get_submodule(name)
+        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+            raise ValueError(f"LoRA matrices for {name} ({list(b.shape)} x {list(a.shape)}) do not fit its "
+                             f"{linear.out_features} x {linear.in_features} weight")
+        linear.weight.copy_(merged_weight(linear.weight, a, b, scaling))
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    """Fold LoRA deltas into the base weights and put plain nn.Linear modules back (no-op without)."""
+    """Fold LoRA deltas into the base weights (merged_weight: the same bits on any CPU) and put plain
+    nn.Linear modules back (no-op without)."""
     if not has_lora(model):
         model._has_lora = False
         return
@@ -56,10 +123,13 @@ def merge_lora(model: nn.Module) -> None:
 
     for name, module in list(model.backbone.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            base = module.get_base_layer()
+            for adapter in module.lora_A.keys():
+                base.weight.copy_(merged_weight(base.weight, module.lora_A[adapter].weight,
+                                                module.lora_B[adapter].weight, module.scaling[adapter]))
             parent_name, _, attr = name.rpartition(".")
             parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
-            setattr(parent, attr, module.get_base_layer())
+            setattr(parent, attr, base)
     if hasattr(model.backbone, "peft_config"):  # no adapters left: a later add_lora starts afresh
         del model.backbone.peft_config
     model._has_lora = False

@@ -35,6 +35,8 @@ class Stages:
     archive (orchestration.study.archive): some of its stages' models are stripped of their weights. A caller
     that needs a stage's weights asks for `complete=True`; such a stripped stage then runs again here, and
     the weights it makes must be the archived ones, digest for digest, or the run stops (ArchiveMismatch).
+    A stage whose stripped models are LoRA models that kept their adapters is not run again: it is copied
+    here and its models rebuilt from their pretrained base (rebuild_stage), the same bits on any machine.
     """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None,
@@ -63,26 +65,31 @@ class Stages:
     def archived(self, name: str, key: str) -> Path | None:
         """The stage finished in a reused root whose models were stripped of their weights (an archive's), or
         None: run with `complete=True`, the stage is made again here and must reproduce it."""
-        found = next((root / f"{name}-{key}" for root in self.reuse if (root / f"{name}-{key}" / "_DONE").exists()),
-                     None)
+        found = self._find(f"{name}-{key}", self.reuse)
         return found if found is not None and stripped_models(found) else None
 
-    def _find(self, folder: str) -> Path | None:
-        return next((root / folder for root in (self.root, *self.reuse) if (root / folder / "_DONE").exists()), None)
+    def _find(self, folder: str, roots: tuple[Path, ...] | None = None) -> Path | None:
+        roots = (self.root, *self.reuse) if roots is None else roots
+        return next((root / folder for root in roots if (root / folder / "_DONE").exists()), None)
 
     def run(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> Path:
         """The stage's folder, after running fn(folder) unless it is done here or in a reused root.
-        complete: the caller needs the stage's weights, so an archived stage whose weights were stripped runs again."""
+        complete: the caller needs the stage's weights, so an archived stage whose weights were stripped runs
+        again."""
         interrupts.check()  # a Ctrl-C swallowed during the last stage stops the run here
         out = self.root / f"{name}-{key}"
         found = self._find(out.name)
-        archived = self.archived(name, key) if found is not None and found.parent != self.root else None
+        archived = found if found is not None and stripped_models(found) else None  # never one of this root's
         if found is not None and not (complete and archived):
             out = found
         marker = out / "_DONE"
         if marker.exists():
             console.print(f"[dim]- {name}: done earlier ({out}), skipped[/dim]")
             self.skipped.append(name)
+        elif complete and archived is not None and rebuildable_stage(archived):
+            console.print(f"[bold]> {name}[/bold] -> {out}: the archived stage, its LoRA models rebuilt")
+            rebuild_stage(name, archived, out)
+            self.skipped.append(name)  # its results are the archived run's; only its weights were made here
         else:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
@@ -112,6 +119,34 @@ def stripped_models(stage: Path) -> list[str]:
     """The model folders (relative to the stage) that an archive stripped of their weights."""
     path = stage / ARCHIVED
     return json.loads(path.read_text())["stripped"] if path.exists() else []
+
+
+def rebuildable_stage(archived: Path) -> bool:
+    """Whether every model an archive stripped from this stage is a LoRA model that its kept adapters and
+    its pretrained base make again (layerwise.models.rebuild), so that the stage need not run again."""
+    from layerwise.models.rebuild import rebuildable
+
+    models = stripped_models(archived)
+    return bool(models) and all(rebuildable(archived / m) for m in models)
+
+
+def rebuild_stage(name: str, archived: Path, out: Path) -> None:
+    """Copy the archived stage to `out` (done, as it was) and rebuild its LoRA models' merged backbones; their
+    weights must have the archived digests (ArchiveMismatch), or nothing stands at `out`. Unlike a training
+    run again, this gives the same bits on any CPU (layerwise.models.lora.merged_weight)."""
+    import shutil
+
+    from layerwise.models.checkpoint import atomic_directory
+    from layerwise.models.rebuild import rebuild_backbone
+
+    with atomic_directory(out) as tmp:
+        shutil.copytree(archived, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ARCHIVED))
+        for model in stripped_models(archived):
+            try:
+                rebuild_backbone(tmp / model)
+            except ValueError as error:
+                raise ArchiveMismatch(f"stage {name}: {error}") from error
+        check_against_archive(name, tmp, archived)
 
 
 def check_against_archive(name: str, out: Path, archived: Path) -> None:

@@ -14,15 +14,20 @@ What a stage keeps in the archive:
   KEEP_WEIGHTS_OF), up to `max_weight_bytes` a stage (5 MB for a Beauty teacher with 12k items);
 - every other model stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest, the
   backbone's config and, for every weight file, its SHA-256 and tensor shapes.
+- of a teacher trained with LoRA on a pretrained LLM, too big to keep whole (540 MB for SmolLM2-135M), its
+  adapters and own weights when they fit (about 24 MB): the merged backbone is made again from them and the
+  pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
+  an LLM teacher to any machine.
 
 On the next machine a stage found in the archive is not run again. A teacher or compact model whose weights
-the archive kept is read from there. One too big to keep (a pretrained LLM's) is trained again when a stage
-still to run needs it, and the weights it makes must have the archived digests or the study stops
-(orchestration.pipeline.stages). That needs the same bits, and the same bits need the same packages, thread
-count and CPU kernels, and in practice the same CPU: with every kernel pinned to AVX2 (ray.portable_numerics),
-an Intel Xeon and an AMD EPYC still trained different Beauty teachers (epoch-1 loss 8.834266071969813 against
-8.834267215295272), whichever MKL code path was pinned. Keeping the weights is what lets a study move between
-them. The speed stage times the archived models' architectures with fresh values, which costs the same.
+the archive kept is read from there; a LoRA teacher with its adapters kept is rebuilt. Any other too big to keep
+(a fully healed LLM compact model's) is trained again when a stage still to run needs it, and the weights it
+makes must have the archived digests or the study stops (orchestration.pipeline.stages). That needs the same
+bits, and the same bits need the same packages, thread count and CPU kernels, and in practice the same CPU:
+with every kernel pinned to AVX2 (ray.portable_numerics), an Intel Xeon and an AMD EPYC still trained
+different Beauty teachers (epoch-1 loss 8.834266071969813 against 8.834267215295272), whichever MKL code path
+was pinned. Keeping the weights is what lets a study move between them. The speed stage times the archived
+models' architectures with fresh values, which costs the same.
 Stages already in the archive are kept as they are (a stage's folder name is the hash of its inputs), except
 that a stripped teacher or compact model gets its weights once a run has them with the archived digests.
 """
@@ -151,10 +156,14 @@ def environment_differences(archive: str | Path, portable: bool = False, threads
 
 def stripped_needed(archive: str | Path) -> list[str]:
     """The archived stages (seed-N/<name>-<key>) whose models later stages load but whose weights were
-    stripped: a study resumed from the archive trains those again where it needs them."""
+    stripped, and cannot be rebuilt from adapters: a study resumed from the archive trains those again where
+    it needs them."""
+    from layerwise.models.rebuild import rebuildable
+
     seeds = Path(archive) / "seeds"
     stages = sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()) if seeds.is_dir() else []
-    return [f"{s.parent.name}/{s.name}" for s in stages if _weights_needed(s) and stripped_models(s)]
+    return [f"{s.parent.name}/{s.name}" for s in stages
+            if _weights_needed(s) and any(not rebuildable(s / m) for m in stripped_models(s))]
 
 
 def _weights_needed(stage: Path) -> bool:
@@ -162,9 +171,13 @@ def _weights_needed(stage: Path) -> bool:
     return stage.name.rsplit("-", 1)[0] in KEEP_WEIGHTS_OF
 
 
+def _in_checkpoint(rel: Path) -> bool:
+    """Whether a path inside a stage lies in a training run's resume state (never archived)."""
+    return any(part.endswith("-checkpoint") for part in rel.parts)
+
+
 def _model_dirs(stage: Path) -> list[Path]:
-    return sorted(p.parent for p in stage.rglob("manifest.json")
-                  if not any(part.endswith("-checkpoint") for part in p.relative_to(stage).parts))
+    return sorted(p.parent for p in stage.rglob("manifest.json") if not _in_checkpoint(p.relative_to(stage)))
 
 
 def _weight_bytes(models: list[Path]) -> int:
@@ -178,10 +191,16 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
 
     models = _model_dirs(stage)
     whole = 0 < _weight_bytes(models) <= max_weight_bytes
+    # A LoRA-trained model too big to keep whole keeps its adapters and own weights, from which it is rebuilt
+    # (layerwise.models.rebuild), when those fit.
+    small = {m: _rebuild_files(m) for m in models} if max_weight_bytes and not whole else {}
+    if not small or any(files is None for files in small.values()) or \
+            sum((m / f).stat().st_size for m, files in small.items() for f in files) > max_weight_bytes:
+        small = {}
     stripped, weights = [], []
     for path in sorted(stage.rglob("*")):
         rel = path.relative_to(stage)
-        if any(part.endswith("-checkpoint") for part in rel.parts):  # a training run's resume state
+        if _in_checkpoint(rel):
             continue
         model = next((m for m in models if m == path or m in path.parents), None)
         if model is not None:
@@ -190,7 +209,7 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
                     shutil.copytree(model, out / rel)
                     weights.append(rel.as_posix())
                 else:
-                    strip_weights(model, out / rel)
+                    strip_weights(model, out / rel, keep=small.get(model, ()))
                     stripped.append(rel.as_posix())
             continue
         if path.is_dir():
@@ -203,6 +222,19 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
         else:
             shutil.copy2(path, out / rel)
     return stripped, weights
+
+
+def _rebuild_files(model: Path) -> tuple[str, ...] | None:
+    """The weight files of a LoRA-trained model from which its merged backbone is made again (all but that
+    backbone), or None for a model that cannot be rebuilt so."""
+    from layerwise.models.checkpoint import LORA, read_manifest
+    from layerwise.models.rebuild import BACKBONE_WEIGHTS
+
+    record = read_manifest(model).get("lora") or {}
+    files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*.safetensors"))
+    if not record.get("base") or LORA not in files or BACKBONE_WEIGHTS not in files:
+        return None
+    return tuple(f for f in files if f != BACKBONE_WEIGHTS)
 
 
 def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:

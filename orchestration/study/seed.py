@@ -31,6 +31,10 @@ METRIC = "ndcg@10"
 # The rank of the bridges the ablation adds when the default compresses without any.
 ABLATION_BRIDGE_RANK = 16
 
+# The stages that read our compact model's weights (quantizing it, its noise curves); the rest need only its
+# parameter count.
+OURS_WEIGHTS = ("baseline-ours-int8", "noise")
+
 
 def slug(name: str) -> str:
     """A file-name-safe form of a row name ("ours+int8 +heal" -> "ours-int8-heal")."""
@@ -56,6 +60,7 @@ class SeedRun:
         """
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+        from layerwise.baselines.budget import n_parameters
         from layerwise.compact import load_compact
         from layerwise.compress import n_kept
         from layerwise.models.checkpoint import read_manifest
@@ -77,12 +82,18 @@ class SeedRun:
             self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
         self._stage("importance", imp_key, self._importance)
         self.scores = load_importance(self.dirs["importance"])
-        self._stage("ours", ours_key, self._ours, complete=bool(pending))
+        # Few stages read our model's weights (OURS_WEIGHTS), and they run right after it: an LLM compact model
+        # is too big to archive, so a study that spans machines finishes them on the machine that made it.
+        needs_ours = [name for name in pending if name in OURS_WEIGHTS]
+        self._stage("ours", ours_key, self._ours, complete=bool(needs_ours))
         if pending:
-            self.compact = load_compact(self.dirs["ours"] / "model").eval()
-        for name, key, fn in rest:
+            ours = self.dirs["ours"] / "model"
+            self.compact = load_compact(ours).eval() if needs_ours else None
+            self.compact_parameters = n_parameters(load_compact(ours, architecture_only=True))  # the budget's
+        for name, key, fn in sorted(rest, key=lambda stage: stage[0] not in OURS_WEIGHTS):
             self._stage(name, key, fn)
-        return {name: str(path) for name, path in self.dirs.items()}
+        order = ["teacher", "importance", "ours", *(name for name, _, _ in rest)]  # the plan's, for the report
+        return {name: str(self.dirs[name]) for name in order if name in self.dirs}
 
     def planned(self) -> list[tuple[str, str]]:
         """(name, key) of every stage of the seed in running order, running nothing (orchestration.study.status).
@@ -360,7 +371,7 @@ class SeedRun:
         draws = tuple(self.seed + 1000 * i for i in range(self.config.random_draws))
         manifest = read_manifest(self.dirs["teacher"] / "model")
         return Budget(k=self.k, heal=heal, bridge_rank=self.config.compress.bridge_rank,
-                      removed=n_parameters(self.teacher) - n_parameters(self.compact), seeds=draws,
+                      removed=n_parameters(self.teacher) - self.compact_parameters, seeds=draws,
                       train=teacher_train_config(manifest), build=teacher_build(manifest),
                       ablation_users=self.config.compress.ablation_users)
 
