@@ -14,8 +14,8 @@ What a stage keeps in the archive:
   KEEP_WEIGHTS_OF), up to `max_weight_bytes` a stage (5 MB for a Beauty teacher with 12k items);
 - every other model stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest, the
   backbone's config and, for every weight file, its SHA-256 and tensor shapes.
-- of a teacher trained with LoRA on a pretrained LLM, too big to keep whole (540 MB for SmolLM2-135M), its
-  adapters and own weights when they fit (about 24 MB): the merged backbone is made again from them and the
+- of a teacher trained with LoRA on a pretrained LLM, too big to keep whole (425 MB for SmolLM2-135M), its
+  adapters and own weights when they fit (23.5 MB): the merged backbone is made again from them and the
   pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
   an LLM teacher to any machine.
 
