@@ -121,15 +121,13 @@ def merge_lora(model: nn.Module) -> None:
         return
     from peft.tuners.lora import LoraLayer
 
+    tensors, record = lora_state(model)  # what saving keeps: the same merge as a rebuild from these
     for name, module in list(model.backbone.named_modules()):
         if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            for adapter in module.lora_A.keys():
-                base.weight.copy_(merged_weight(base.weight, module.lora_A[adapter].weight,
-                                                module.lora_B[adapter].weight, module.scaling[adapter]))
             parent_name, _, attr = name.rpartition(".")
             parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
-            setattr(parent, attr, base)
+            setattr(parent, attr, module.get_base_layer())
+    apply_lora_state(model.backbone, tensors, record["scaling"])
     if hasattr(model.backbone, "peft_config"):  # no adapters left: a later add_lora starts afresh
         del model.backbone.peft_config
     model._has_lora = False

@@ -80,6 +80,16 @@ def rebuild_backbone(model_dir: str | Path, pretrained: str | Path | None = None
     (model_dir / STRIPPED).unlink()  # whole again
 
 
+def kept_files(model_dir: str | Path) -> tuple[str, ...] | None:
+    """The weight files of a whole LoRA-trained model that a copy keeps so that rebuild_backbone can make it
+    whole again (all but the merged backbone), or None for a model that cannot be rebuilt so."""
+    model_dir = Path(model_dir)
+    record = read_manifest(model_dir).get("lora") or {}
+    files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*.safetensors"))
+    if not record.get("base") or LORA not in files or BACKBONE_WEIGHTS not in files:
+        return None
+    return tuple(f for f in files if f != BACKBONE_WEIGHTS)
+
 
 def _as_trained(backbone, config: dict) -> None:
     """Cut a freshly loaded pretrained backbone as the LLM recommender did before training (its first n

@@ -131,9 +131,10 @@ def rebuildable_stage(archived: Path) -> bool:
 
 
 def rebuild_stage(name: str, archived: Path, out: Path) -> None:
-    """Copy the archived stage to `out` (done, as it was) and rebuild its LoRA models' merged backbones; their
-    weights must have the archived digests (ArchiveMismatch), or nothing stands at `out`. Unlike a training
-    run again, this gives the same bits on any CPU (layerwise.models.lora.merged_weight)."""
+    """Copy the archived stage to `out` (done, as it was) and rebuild its LoRA models' merged backbones; every
+    weight file must have the digest the archive lists (rebuild_backbone checks them; ArchiveMismatch), or
+    nothing stands at `out`. Unlike a training run again, this gives the same bits on any CPU
+    (layerwise.models.lora.merged_weight)."""
     import shutil
 
     from layerwise.models.checkpoint import atomic_directory
@@ -146,7 +147,6 @@ def rebuild_stage(name: str, archived: Path, out: Path) -> None:
                 rebuild_backbone(tmp / model)
             except ValueError as error:
                 raise ArchiveMismatch(f"stage {name}: {error}") from error
-        check_against_archive(name, tmp, archived)
 
 
 def check_against_archive(name: str, out: Path, archived: Path) -> None:

@@ -188,12 +188,13 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
     """Copy one finished stage folder into `out` as the archive keeps it: its models whole when their
     weights come to at most `max_weight_bytes`, else stripped. Returns (stripped, kept whole) model folders."""
     from layerwise.models.checkpoint import strip_weights
+    from layerwise.models.rebuild import kept_files
 
     models = _model_dirs(stage)
     whole = 0 < _weight_bytes(models) <= max_weight_bytes
     # A LoRA-trained model too big to keep whole keeps its adapters and own weights, from which it is rebuilt
     # (layerwise.models.rebuild), when those fit.
-    small = {m: _rebuild_files(m) for m in models} if max_weight_bytes and not whole else {}
+    small = {m: kept_files(m) for m in models} if max_weight_bytes and not whole else {}
     if not small or any(files is None for files in small.values()) or \
             sum((m / f).stat().st_size for m, files in small.items() for f in files) > max_weight_bytes:
         small = {}
@@ -222,19 +223,6 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
         else:
             shutil.copy2(path, out / rel)
     return stripped, weights
-
-
-def _rebuild_files(model: Path) -> tuple[str, ...] | None:
-    """The weight files of a LoRA-trained model from which its merged backbone is made again (all but that
-    backbone), or None for a model that cannot be rebuilt so."""
-    from layerwise.models.checkpoint import LORA, read_manifest
-    from layerwise.models.rebuild import BACKBONE_WEIGHTS
-
-    record = read_manifest(model).get("lora") or {}
-    files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*.safetensors"))
-    if not record.get("base") or LORA not in files or BACKBONE_WEIGHTS not in files:
-        return None
-    return tuple(f for f in files if f != BACKBONE_WEIGHTS)
 
 
 def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:
