@@ -214,8 +214,11 @@ def scenarios(table: Rows, data, config: StudyConfig) -> dict:
 
 
 def _importance(dirs: Mapping[str, Path], ours: Mapping) -> dict:
+    """The first seed's importance scores and its dependency matrix (None until its stage has run)."""
     raw = json.loads((dirs["importance"] / "importance.json").read_text())
-    return {"scores": raw["scores"], "kept": ours.get("kept"), "dependency": raw["dependency_loss"],
+    stage = dirs.get("dependency")
+    dependency = json.loads((stage / "dependency.json").read_text())["dependency_loss"] if stage else None
+    return {"scores": raw["scores"], "kept": ours.get("kept"), "dependency": dependency,
             "dependency_unit": "validation loss interaction (first seed)"}
 
 

@@ -10,6 +10,7 @@ model per architecture under timing/ so that the driver can time them all in one
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -21,15 +22,13 @@ from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages, stripped_models
 from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
+from orchestration.study.ablation import ABLATION_BRIDGE_RANK, AblationStages, heal_record
 from orchestration.study.config import StudyConfig, extras_seeds
 from orchestration.study.teacher import train_teacher
 
 ROWS = "rows.json"
 PARTS = ("all", "base", "core", "extras")  # how a seed's stages split into tasks (SeedRun.run)
 METRIC = "ndcg@10"
-
-# The rank of the bridges the ablation adds when the default compresses without any.
-ABLATION_BRIDGE_RANK = 16
 
 # The stages that read our compact model's weights (quantizing it, its noise curves); the rest need only its
 # parameter count.
@@ -41,7 +40,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "row"
 
 
-class SeedRun:
+class SeedRun(AblationStages):
     """The stages of one seed. `run()` executes (or resumes) them all and returns their directories."""
 
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
@@ -122,6 +121,8 @@ class SeedRun:
             plan += [(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
                      for name in c.baselines]
             plan.append(("noise", stage_hash(ours_key, c.noise), self._noise))
+            if self.seed == c.seeds[0]:  # the report's heatmap, after the rows that answer the question
+                plan.append(("dependency", stage_hash(imp_key, "dependency"), self._dependency))
         if part in ("all", "extras") and self.seed in extras_seeds(c):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
@@ -159,7 +160,6 @@ class SeedRun:
         write_json(out / ROWS, rows)
 
     def _importance(self, out: Path) -> None:
-        from layerwise.dependency import dependency_matrix
         from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
 
         c = self.config.compress
@@ -169,12 +169,27 @@ class SeedRun:
         scores["ablation_loss"] = IMPORTANCE["ablation_loss"](self.teacher, self._batches(), **users)
         record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users,
                   "scores": {m: v.tolist() for m, v in scores.items()}}
-        # The dependency matrix is the costliest estimate (1 + L + L(L-1)/2 evaluations; hours for a 30-layer
-        # LLM): the report's heatmap reads the first seed's, and only the beam selector needs every seed's.
-        if self.seed == self.config.seeds[0] or c.selector == "beam":
-            record["dependency_loss"] = dependency_matrix(self.teacher, self._batches(), metric="loss",
-                                                          **users).tolist()
+        if c.selector == "beam":  # it selects with the dependency matrix; otherwise only the report reads it
+            record["dependency_loss"] = self._dependency_matrix()
         write_json(out / "importance.json", record)
+
+    def _dependency(self, out: Path) -> None:
+        """The teacher's inter-layer dependency matrix, for the report's heatmap (first seed). It is the
+        costliest estimate: 1 + L + L(L-1)/2 evaluations, an hour or more for a 30-layer LLM on 2 cores, so it
+        runs after the baselines and noise instead of in the importance stage, which would hold back our model
+        and every row after it. An importance stage that holds it already (the beam selector's, or one made
+        before this stage existed) gives it here without computing it again."""
+        made = json.loads((self.dirs["importance"] / "importance.json").read_text()).get("dependency_loss")
+        write_json(out / "dependency.json", {"ablation_users": self.config.compress.ablation_users,
+                                             "dependency_loss": made or self._dependency_matrix()})
+
+    def _dependency_matrix(self) -> list[list[float]]:
+        """The validation-loss dependency matrix on the importance stage's users (layerwise.dependency)."""
+        from layerwise.dependency import dependency_matrix
+
+        c = self.config.compress
+        return dependency_matrix(self.teacher, self._batches(), metric="loss", data=self.data,
+                                 max_users=c.ablation_users, seed=self.seed).tolist()
 
     def _ours(self, out: Path) -> None:
         from layerwise.compact import build_compact, save_compact
@@ -188,7 +203,7 @@ class SeedRun:
         unhealed = build_compact(self.teacher, result.kept, config.bridge_rank, seed=config.seed).eval()
         write_json(out / ROWS, [
             self._evaluate(result.model.score, out, "ours", "ours", "headline", n_layers=result.model.n_layers,
-                           kept=result.kept, training=_heal_record(result.heal)),
+                           kept=result.kept, training=heal_record(result.heal)),
             self._evaluate(unhealed.score, out, "ours, unhealed", "ablation", "ablation", kept=result.kept,
                            n_layers=unhealed.n_layers, component="heal"),
         ])
@@ -221,79 +236,9 @@ class SeedRun:
 
     def _ablation(self, component: str) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
-            if component == "heal":  # the unhealed model is evaluated in the `ours` stage
-                write_json(out / ROWS, [])
-                return
-            if component == "estimators":
-                write_json(out / ROWS, self._estimator_ablation(out))
-                return
-            if component == "items":
-                write_json(out / ROWS, self._items_ablation(out))
-                return
-            heal, rank = self.config.compress.heal, self.config.compress.bridge_rank
-            # Bridges are off by default (measured no better), so their ablation adds rank-16 bridges then,
-            # and the pre-fitting ablation is made on rank-16 bridges (with none there is nothing to pre-fit).
-            changed = {"bridges": ({"bridge_rank": 0 if rank else ABLATION_BRIDGE_RANK}, {}),
-                       "kd": ({}, {"kd_weight": 0.0}),
-                       "hidden": ({}, {"hidden_weight": 0.0}),
-                       "prefit": ({"bridge_rank": rank or ABLATION_BRIDGE_RANK}, {"prefit_steps": 0})}[component]
-            config = self._compress_config(**changed[0], heal=replace(heal, **changed[1]))
-            name = {"bridges": "ours without bridges" if rank else f"ours with rank-{ABLATION_BRIDGE_RANK} bridges",
-                    "kd": "ours without the KD term", "hidden": "ours without the hidden-state term",
-                    "prefit": "ours without bridge pre-fitting" if rank else
-                    f"ours with rank-{ABLATION_BRIDGE_RANK} bridges, not pre-fitted"}
-            write_json(out / ROWS, [self._compress_row(config, out, name[component], "ablation",
-                                                        component=component)])
+            write_json(out / ROWS, self.ablation_rows(component, out))
 
         return stage
-
-    def _estimator_ablation(self, out: Path) -> list[dict]:
-        """Top-k by `combined` over every local estimator, then with each estimator left out; a kept set
-        seen before is healed once (the same layers, seed and recipe give the same model)."""
-        from layerwise.compact import build_compact
-        from layerwise.distill import heal
-        from layerwise.importance import LOCAL_METHODS, combined
-        from layerwise.select import SELECTORS
-
-        config = self._compress_config()
-        local = {m: self.scores[m] for m in LOCAL_METHODS}
-        choices = {"combined (all estimators)": local}
-        choices.update({f"combined without {m}": {n: v for n, v in local.items() if n != m} for m in LOCAL_METHODS})
-        healed: dict[tuple[int, ...], dict] = {}
-        rows = []
-        for row_name, scores in choices.items():
-            ranking = combined(self.teacher, None, self.data, self.k, scores=scores, max_len=self.max_len,
-                               seed=self.seed)
-            kept = tuple(SELECTORS["topk"](ranking, self.k))
-            if kept not in healed:
-                student = build_compact(self.teacher, list(kept), config.bridge_rank, seed=self.seed)
-                result = heal(student, self.teacher, self.data, config.heal, progress=self.progress)
-                healed[kept] = self._evaluate(student.eval().score, out, f"kept {list(kept)}", "ablation",
-                                              "ablation", kept=list(kept), training=_heal_record(result))
-            row = {**healed[kept], "row": row_name, "component": "estimators",
-                   "weights": ranking.combination.weights}
-            rows.append(row)
-        return rows
-
-    def _items_ablation(self, out: Path) -> list[dict]:
-        """Ours on a teacher whose item vectors started at random (at the token-embedding scale) instead of
-        from the titles: the same seed, recipe, selection and healing. Its own teacher is trained here."""
-        from layerwise.compact import load_compact
-        from layerwise.compress import compress
-
-        t = self.config.teacher
-        _, result = train_teacher(replace(t, llm=replace(t.llm, item_init="random")), self.data,
-                                 self.config.data.dataset, self.seed, self.max_len, out / "teacher", self.progress)
-        teacher = load_compact(out / "teacher").eval().requires_grad_(False)  # as saved: LoRA merged
-        compressed = compress(teacher, self.data, self._compress_config(), progress=self.progress)
-        own = self._evaluate(teacher.score, out, "teacher, items started at random", "ablation", "ablation",
-                             component="items", n_layers=teacher.n_layers,
-                             training={"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
-        ours = self._evaluate(compressed.model.score, out, "ours, items started at random", "ablation",
-                              "ablation", component="items", kept=compressed.kept,
-                              n_layers=compressed.model.n_layers, training=_heal_record(compressed.heal),
-                              teacher_means=own["means"])
-        return [ours]
 
     def _sweep(self, selector: str, k: int) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
@@ -355,7 +300,7 @@ class SeedRun:
                   "prefit_steps": h.prefit_steps, "kd_weight": h.kd_weight, "hidden_weight": h.hidden_weight,
                   "heal_epochs": h.epochs}
         evaluated = self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
-                                   n_layers=result.model.n_layers, training=_heal_record(result.heal), **extra)
+                                   n_layers=result.model.n_layers, training=heal_record(result.heal), **extra)
         if timing and self.seed == self.config.seeds[0]:
             _save_timing_model(result.model, out, timing, {"kind": "compact", "row": row})
             evaluated.update(timing=timing, timing_model=_timing_path(timing))
@@ -402,12 +347,6 @@ def _group(name: str) -> str:
     return {"mostpop": "popularity", "nas": "search", "magnitude": "pruning", "width": "pruning",
             "int8": "quantization", "int4": "quantization", "ours+int8": "quantization",
             "distilbert": "students", "tinybert": "students", "scratch": "students"}.get(name, "depth")
-
-
-def _heal_record(result) -> dict | None:
-    if result is None:
-        return None
-    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
 
 
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: str = "all",

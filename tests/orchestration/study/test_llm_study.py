@@ -40,9 +40,14 @@ def test_llm_study_rebuilds_baselines_from_the_pretrained_weights(ray_local, smo
     assert items["row"] == "ours, items started at random" and len(items["kept"]) == 2
     assert 0 <= items["teacher_means"]["ndcg@10"] <= 1 and (next(seed.glob("ablation-items-*")) / "teacher").is_dir()
     assert "ours, items started at random" in {r["name"] for r in results["ablation"]["rows"]}
-    # A non-beam selector: the dependency matrix only on the first seed (the heatmap's), on 20 users.
+    # A non-beam selector: the dependency matrix only on the first seed (the heatmap's), on 20 users, in a
+    # stage of its own after the baselines and noise, so that it holds back none of them.
     record = json.loads(next(seed.glob("importance-*/importance.json")).read_text())
-    assert record["ablation_users"] == 20 and len(record["dependency_loss"]) == 3
+    assert record["ablation_users"] == 20 and "dependency_loss" not in record
+    dependency = json.loads(next(seed.glob("dependency-*/dependency.json")).read_text())
+    assert len(dependency["dependency_loss"]) == 3 and results["importance"]["dependency"] == dependency["dependency_loss"]
+    order = [p.parent.name.rsplit("-", 1)[0] for p in sorted(seed.glob("*/_seconds.json"), key=lambda p: p.stat().st_mtime)]
+    assert order.index("dependency") > max(order.index(name) for name in ("baseline-scratch", "noise"))
     # Our model at the swept k=1 was saved for the speed benchmark and timed beside ours (k=2).
     sweep = json.loads(next(seed.glob("sweep-ours-k1-*/rows.json")).read_text())[0]
     assert sweep["timing"] == "ours k=1" and (next(seed.glob("sweep-ours-k1-*")) / sweep["timing_model"]).is_dir()
