@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -119,3 +120,33 @@ def test_prefix_reuse_gives_the_gated_losses_and_matrix(family):
     # Chunks of 8 users: the same losses up to float summation order.
     for removed, loss in removal_losses(model, data, users, chunk=8).items():
         assert loss == pytest.approx(losses[removed], rel=1e-5)
+
+
+def test_removal_losses_resume_from_their_state_file_to_the_same_values(tmp_path):
+    """Interrupted after its first chunk of users (a real interruption, raised inside the next chunk's
+    forward), the computation goes on from its state file to exactly the values of one uninterrupted call;
+    a state file of other users is refused."""
+    from layerwise.dependency import removal_losses
+    from tests.helpers.tiny_models import cyclic_data
+
+    model, data = tiny_model("llama", n_layers=4, n_items=20), cyclic_data(n_users=60)
+    users = sample_users(data, 30, seed=0)
+    whole = removal_losses(model, data, users, chunk=8)
+    state = tmp_path / "resume" / "removal_losses.json"
+    forwards = []
+
+    def interrupt(module, args):  # layer 0 runs once per chunk: in its full forward
+        forwards.append(1)
+        if len(forwards) == 2:
+            raise KeyboardInterrupt
+
+    handle = model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        removal_losses(model, data, users, chunk=8, state=state)
+    handle.remove()
+    saved = json.loads(state.read_text())
+    assert saved["rows_done"] == 8 and len(saved["totals"]) == 1 + 4 + 6
+    assert removal_losses(model, data, users, chunk=8, state=state) == whole
+    assert json.loads(state.read_text())["rows_done"] == 30
+    with pytest.raises(ValueError, match=r"another computation \(differs in \['users'\]\)"):
+        removal_losses(model, data, sample_users(data, 30, seed=1), chunk=8, state=state)

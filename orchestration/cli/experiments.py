@@ -178,7 +178,8 @@ def study_archive(argv: list[str]) -> int:
     there = len(summary["kept"]) + len(summary["filled"])
     print(f"archived {len(summary['added'])} stages to {args.out} ({there} were there, "
           f"{len(summary['filled'])} of them given their weights; {len(summary['unfinished'])} unfinished "
-          f"left out); the archive holds {summary['bytes'] / 2**20:.1f} MB")
+          f"left out, {len(summary['carried'])} of them with the progress they go on from); the archive holds "
+          f"{summary['bytes'] / 2**20:.1f} MB")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,10 @@ from orchestration.pipeline import interrupts
 
 console = Console()
 ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (orchestration.study.archive)
+# In a stage's folder: small files it keeps as it goes (sums so far, scores made so far), from which a rerun
+# goes on. The archive carries an unfinished stage's (orchestration.study.archive), and a run that starts the
+# stage afresh takes them from there, so a stage longer than a working session spans sessions too.
+RESUME = "resume"
 
 
 class Stages:
@@ -72,6 +77,18 @@ class Stages:
         roots = (self.root, *self.reuse) if roots is None else roots
         return next((root / folder for root in roots if (root / folder / "_DONE").exists()), None)
 
+    def _carry_resume(self, name: str, out: Path) -> None:
+        """Give a stage that has no resume files here those of the same stage left unfinished in a reused
+        root (an archive carries them), so that it goes on from there."""
+        if (out / RESUME).exists():
+            return
+        for root in self.reuse:
+            found = root / out.name
+            if (found / RESUME).is_dir() and not (found / "_DONE").exists():
+                shutil.copytree(found / RESUME, out / RESUME)
+                console.print(f"[dim]  {name}: going on from the unfinished stage's progress in {found}[/dim]")
+                return
+
     def run(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> Path:
         """The stage's folder, after running fn(folder) unless it is done here or in a reused root.
         complete: the caller needs the stage's weights, so an archived stage whose weights were stripped runs
@@ -93,6 +110,7 @@ class Stages:
         else:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
+            self._carry_resume(name, out)
             final, timing = _timed(fn, out)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)

@@ -19,6 +19,10 @@ What a stage keeps in the archive:
   pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
   an LLM teacher to any machine.
 
+- of a stage left unfinished, only its resume files when there are some and they are small (the sums a
+  dependency matrix has made so far, an importance stage's finished estimators): the next machine goes on
+  from them (orchestration.pipeline.stages.RESUME).
+
 On the next machine a stage found in the archive is not run again. A teacher or compact model whose weights
 the archive kept is read from there; a LoRA teacher with its adapters kept is rebuilt. Any other too big to keep
 (a fully healed LLM compact model's) is trained again when a stage still to run needs it, and the weights it
@@ -42,11 +46,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from orchestration.outputs import write_json
-from orchestration.pipeline.stages import ARCHIVED, stripped_models
+from orchestration.pipeline.stages import ARCHIVED, RESUME, stripped_models
 
 MAX_STAGE_BYTES = 3 * 2**20  # a stage's files besides kept weights: more means weights slipped through
 KEEP_WEIGHTS_OF = ("teacher", "ours")  # the stages whose models later stages load (SeedRun.run, complete=True)
 MAX_WEIGHT_BYTES = 16 * 2**20  # a stage's kept weights at most; a bigger model is stripped (and trained again)
+MAX_RESUME_BYTES = 2**20  # an unfinished stage's resume files at most (a 30-layer dependency matrix's: 30 kB)
 
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None,
                   max_weight_bytes: int = MAX_WEIGHT_BYTES) -> dict:
@@ -60,14 +65,16 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     seeds = run_dir / "seeds"
     if not seeds.is_dir():
         raise FileNotFoundError(f"{run_dir} holds no seeds/ folder: not a study run folder")
-    added, filled, kept, unfinished = [], [], [], []
+    added, filled, kept, unfinished, carried = [], [], [], [], []
     for stage in sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()):
         name = f"{stage.parent.name}/{stage.name}"
+        target = out / "seeds" / stage.parent.name / stage.name
         if not (stage / "_DONE").exists():
             unfinished.append(name)
+            if not (target / "_DONE").exists() and _carry_resume(stage, target):
+                carried.append(name)
             continue
         keep = max_weight_bytes if _weights_needed(stage) else 0
-        target = out / "seeds" / stage.parent.name / stage.name
         if (target / "_DONE").exists():
             if keep and _fill_weights(stage, target, keep):
                 filled.append(name)
@@ -94,7 +101,23 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                                                          seed_threads(ray.get("cpus_per_seed", 1.0)),
                                                          ray.get("portable_isa", "avx2")))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
-    return {"added": added, "filled": filled, "kept": kept, "unfinished": unfinished, "bytes": total}
+    return {"added": added, "filled": filled, "kept": kept, "unfinished": unfinished, "carried": carried,
+            "bytes": total}
+
+
+def _carry_resume(stage: Path, target: Path) -> bool:
+    """Put the unfinished `stage`'s resume files (orchestration.pipeline.stages.RESUME) in the archive at
+    `target`, in place of any earlier ones (the run went on from those), when there are some and they are
+    small; the folder gets nothing else and no done marker, so a study resumed from the archive runs the
+    stage, from there. Returns whether it did."""
+    from layerwise.models.checkpoint import atomic_directory
+
+    files = [f for f in (stage / RESUME).rglob("*") if f.is_file()] if (stage / RESUME).is_dir() else []
+    if not files or sum(f.stat().st_size for f in files) > MAX_RESUME_BYTES:
+        return False
+    with atomic_directory(target / RESUME) as tmp:
+        shutil.copytree(stage / RESUME, tmp, dirs_exist_ok=True)
+    return True
 
 
 def _study_cwd(run_dir: Path, configured: str) -> Path:
@@ -172,8 +195,9 @@ def _weights_needed(stage: Path) -> bool:
 
 
 def _in_checkpoint(rel: Path) -> bool:
-    """Whether a path inside a stage lies in a training run's resume state (never archived)."""
-    return any(part.endswith("-checkpoint") for part in rel.parts)
+    """Whether a path inside a stage lies in a training run's or the stage's resume state (never archived
+    with a finished stage)."""
+    return any(part.endswith("-checkpoint") for part in rel.parts) or rel.parts[:1] == (RESUME,)
 
 
 def _model_dirs(stage: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from orchestration.pipeline.config import stage_hash
-from orchestration.pipeline.stages import Stages, stripped_models
+from orchestration.pipeline.stages import RESUME, Stages, stripped_models
 from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
 from orchestration.study.ablation import ABLATION_BRIDGE_RANK, AblationStages, heal_record
@@ -160,17 +160,26 @@ class SeedRun(AblationStages):
         write_json(out / ROWS, rows)
 
     def _importance(self, out: Path) -> None:
+        """Every estimator's scores. Each part is kept under resume/ once made (the ablations take half an
+        hour or more on a 30-layer LLM), so that a stage stopped midway, here or on the machine of an archive
+        that carried them, makes only the rest."""
         from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
 
         c = self.config.compress
         users = {"data": self.data, "max_users": c.ablation_users, "seed": self.seed}
-        scores = compute_importance(self.teacher, self._batches(), methods=LOCAL_METHODS)
-        scores["ablation"] = IMPORTANCE["ablation"](self.teacher, self._batches(), **users)
-        scores["ablation_loss"] = IMPORTANCE["ablation_loss"](self.teacher, self._batches(), **users)
-        record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users,
-                  "scores": {m: v.tolist() for m, v in scores.items()}}
+        parts = {"local": lambda: compute_importance(self.teacher, self._batches(), methods=LOCAL_METHODS),
+                 "ablation": lambda: {"ablation": IMPORTANCE["ablation"](self.teacher, self._batches(), **users)},
+                 "ablation_loss": lambda: {"ablation_loss": IMPORTANCE["ablation_loss"](self.teacher,
+                                                                                       self._batches(), **users)}}
+        scores = {}
+        for part, make in parts.items():
+            path = out / RESUME / f"importance-{part}.json"
+            if not path.exists():
+                write_json(path, {m: v.tolist() for m, v in make().items()})
+            scores.update(json.loads(path.read_text()))
+        record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users, "scores": scores}
         if c.selector == "beam":  # it selects with the dependency matrix; otherwise only the report reads it
-            record["dependency_loss"] = self._dependency_matrix()
+            record["dependency_loss"] = self._dependency_matrix(out / RESUME / "removal_losses.json")
         write_json(out / "importance.json", record)
 
     def _dependency(self, out: Path) -> None:
@@ -181,15 +190,17 @@ class SeedRun(AblationStages):
         before this stage existed) gives it here without computing it again."""
         made = json.loads((self.dirs["importance"] / "importance.json").read_text()).get("dependency_loss")
         write_json(out / "dependency.json", {"ablation_users": self.config.compress.ablation_users,
-                                             "dependency_loss": made or self._dependency_matrix()})
+                                             "dependency_loss": made or self._dependency_matrix(
+                                                 out / RESUME / "removal_losses.json")})
 
-    def _dependency_matrix(self) -> list[list[float]]:
-        """The validation-loss dependency matrix on the importance stage's users (layerwise.dependency)."""
+    def _dependency_matrix(self, state: Path) -> list[list[float]]:
+        """The validation-loss dependency matrix on the importance stage's users (layerwise.dependency), its
+        sums so far kept in `state` after each chunk of users."""
         from layerwise.dependency import dependency_matrix
 
         c = self.config.compress
         return dependency_matrix(self.teacher, self._batches(), metric="loss", data=self.data,
-                                 max_users=c.ablation_users, seed=self.seed).tolist()
+                                 max_users=c.ablation_users, seed=self.seed, state=state).tolist()
 
     def _ours(self, out: Path) -> None:
         from layerwise.compact import build_compact, save_compact

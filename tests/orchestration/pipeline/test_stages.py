@@ -29,3 +29,46 @@ def test_reuse_takes_another_runs_finished_stage_in_place_and_nothing_else(tmp_p
     assert calls == ["ours", "teacher k3"]
     assert ours == variant / "ours-k2" and other == variant / "teacher-k3" and (other / "_DONE").exists()
     assert not (study / "ours-k2" / "_DONE").exists() and not (study / "teacher-k3").exists()
+
+
+def test_an_unfinished_stages_resume_files_travel_in_the_archive_and_the_next_run_goes_on_from_them(tmp_path):
+    """`layerwise study archive` carries an unfinished stage's small resume files (and nothing else of it);
+    a study resumed from that archive on another machine starts the stage with them, while its finished
+    stages are archived without theirs. Resume files too big to carry are left out."""
+    import json
+
+    from orchestration.pipeline.stages import RESUME
+    from orchestration.study.archive import MAX_RESUME_BYTES, archive_study
+
+    seed = tmp_path / "runs" / "study" / "seeds" / "seed-0"
+    part = {"rows_done": 256, "totals": [[[0], 1.5]]}
+    (seed / "dependency-k1" / RESUME).mkdir(parents=True)
+    (seed / "dependency-k1" / RESUME / "removal_losses.json").write_text(json.dumps(part))
+    (seed / "dependency-k1" / "scratch.bin").write_bytes(b"x" * 100)  # not resume state: never archived
+    (seed / "bench-k2" / RESUME).mkdir(parents=True)  # too big to carry
+    (seed / "bench-k2" / RESUME / "big.json").write_bytes(b"0" * (MAX_RESUME_BYTES + 1))
+    def noise(out):  # a stage that kept resume files as it went, then finished
+        (out / RESUME).mkdir()
+        (out / RESUME / "part.json").write_text("{}")
+        (out / "noise.json").write_text("[]")
+
+    done = Stages(seed).run("noise", "k3", noise)
+    archive = tmp_path / "archive"
+    summary = archive_study(tmp_path / "runs" / "study", archive)
+    assert summary["carried"] == ["seed-0/dependency-k1"] and summary["added"] == ["seed-0/noise-k3"]
+    assert sorted(summary["unfinished"]) == ["seed-0/bench-k2", "seed-0/dependency-k1"]
+    carried = archive / "seeds" / "seed-0" / "dependency-k1"
+    assert sorted(p.relative_to(carried).as_posix() for p in carried.rglob("*")) == [RESUME, f"{RESUME}/removal_losses.json"]
+    assert not (archive / "seeds" / "seed-0" / "bench-k2").exists()
+    assert (archive / "seeds" / "seed-0" / done.name / "noise.json").exists()
+    assert not (archive / "seeds" / "seed-0" / done.name / RESUME).exists()
+
+    seen = []
+    again = Stages(tmp_path / "elsewhere" / "seed-0", reuse=(archive / "seeds" / "seed-0",))
+    assert not again.done("dependency", "k1")  # unfinished in the archive: it runs here
+    out = again.run("dependency", "k1", lambda out: seen.append(json.loads((out / RESUME / "removal_losses.json").read_text())))
+    assert seen == [part] and out == tmp_path / "elsewhere" / "seed-0" / "dependency-k1" and (out / "_DONE").exists()
+    # The run went further: archiving it again replaces the carried progress with the finished stage.
+    (seed / "dependency-k1" / RESUME / "removal_losses.json").write_text(json.dumps({**part, "rows_done": 512}))
+    assert archive_study(tmp_path / "runs" / "study", archive)["carried"] == ["seed-0/dependency-k1"]
+    assert json.loads((carried / RESUME / "removal_losses.json").read_text())["rows_done"] == 512

@@ -138,6 +138,34 @@ def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
 
 
 @pytest.mark.slow
+def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(study, tmp_path):
+    """Each estimator's scores are kept under resume/ as they are made: a rerun of the stage (here, or from
+    an archive that carried them) reads those and makes the rest, which come out as the first run's."""
+    from layerwise.compact import load_compact
+    from layerwise.data import load_dataset
+    from orchestration.pipeline.stages import RESUME
+    from orchestration.study.seed import SeedRun
+
+    config, root, _ = study
+    made = next((root / "study" / "seeds" / "seed-0").glob("importance-*"))
+    first = json.loads((made / "importance.json").read_text())
+    assert sorted(p.name for p in (made / RESUME).iterdir()) == [
+        "importance-ablation.json", "importance-ablation_loss.json", "importance-local.json",
+        "removal_losses.json"]  # beam: the dependency matrix too, its sums kept as it went
+    run = SeedRun(config, 0, tmp_path, load_dataset(config.data.dataset, cache_dir=config.data.cache_dir))
+    run.teacher = load_compact(next(made.parent.glob("teacher-*")) / "model").eval().requires_grad_(False)
+    out = tmp_path / "importance-again"
+    marked = [7.0] * first["n_layers"]  # not what the estimator gives: read, not made again
+    (out / RESUME).mkdir(parents=True)
+    (out / RESUME / "importance-ablation.json").write_text(json.dumps({"ablation": marked}))
+    run._importance(out)
+    again = json.loads((out / "importance.json").read_text())
+    assert again["scores"]["ablation"] == marked
+    assert again["scores"] == {**first["scores"], "ablation": marked}
+    assert again["dependency_loss"] == first["dependency_loss"]
+
+
+@pytest.mark.slow
 def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(study):
     config, root, results = study
     variant = load_study_config(None, [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}",
