@@ -180,6 +180,8 @@ def study_archive(argv: list[str]) -> int:
           f"{len(summary['filled'])} of them given their weights; {len(summary['unfinished'])} unfinished "
           f"left out, {len(summary['carried'])} of them with the progress they go on from); the archive holds "
           f"{summary['bytes'] / 2**20:.1f} MB")
+    for name in summary["held"]:
+        print(f"held back: {name}")
     return 0
 
 

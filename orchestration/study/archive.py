@@ -19,6 +19,9 @@ What a stage keeps in the archive:
   pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
   an LLM teacher to any machine.
 
+- nothing of a compact model too big to keep (a fully healed LLM one) while a stage that reads its weights
+  (ours+int8, the noise curves) has not finished after it: the next machine could not make the same bits
+  again for them, so it makes the model afresh and runs its readers after it;
 - of a stage left unfinished, only its resume files when there are some and they are small (the sums a
   dependency matrix has made so far, an importance stage's finished estimators): the next machine goes on
   from them (orchestration.pipeline.stages.RESUME).
@@ -57,7 +60,8 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                   max_weight_bytes: int = MAX_WEIGHT_BYTES) -> dict:
     """Add the finished stages of the study in `run_dir` that `out` lacks, and give a stripped teacher or
     compact model in `out` its weights where `run_dir` has them with the archived digests; returns what was
-    added, filled (weights given) and kept, the stages left out unfinished, and the archive's size."""
+    added, filled (weights given) and kept, the stages left out unfinished (and those of them whose progress
+    was carried), those held back with a compact model whose readers have not run, and the archive's size."""
     from layerwise.models.checkpoint import atomic_directory
     from orchestration.study.results import METRIC
 
@@ -65,7 +69,16 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     seeds = run_dir / "seeds"
     if not seeds.is_dir():
         raise FileNotFoundError(f"{run_dir} holds no seeds/ folder: not a study run folder")
-    added, filled, kept, unfinished, carried = [], [], [], [], []
+    from orchestration.study.seed import OURS_WEIGHTS
+
+    added, filled, kept, unfinished, carried, held = [], [], [], [], [], []
+    # A seed whose compact model would be stripped before the stages that read its weights have: that model
+    # and those of its readers that finished are left out together.
+    waiting = {}
+    for ours in seeds.glob("seed-*/ours-*/_DONE"):
+        pending = _readers_pending(ours.parent, max_weight_bytes)
+        if pending and not (out / "seeds" / ours.parent.parent.name / ours.parent.name / "_DONE").exists():
+            waiting[ours.parent.parent] = pending
     for stage in sorted(p for p in seeds.glob("seed-*/*") if p.is_dir()):
         name = f"{stage.parent.name}/{stage.name}"
         target = out / "seeds" / stage.parent.name / stage.name
@@ -75,6 +88,10 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                 carried.append(name)
             continue
         keep = max_weight_bytes if _weights_needed(stage) else 0
+        if stage.parent in waiting and not (target / "_DONE").exists() and \
+                stage.name.rsplit("-", 1)[0] in ("ours", *OURS_WEIGHTS):
+            held.append(name)  # with its seed's compact model (below), made afresh on the next machine
+            continue
         if (target / "_DONE").exists():
             if keep and _fill_weights(stage, target, keep):
                 filled.append(name)
@@ -101,8 +118,10 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                                                          seed_threads(ray.get("cpus_per_seed", 1.0)),
                                                          ray.get("portable_isa", "avx2")))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    held = [f"{name} (its seed's compact model is too big to keep and {', '.join(waiting[seeds / name.split('/')[0]])} "
+            f"have not read it yet)" for name in held]
     return {"added": added, "filled": filled, "kept": kept, "unfinished": unfinished, "carried": carried,
-            "bytes": total}
+            "held": held, "bytes": total}
 
 
 def _carry_resume(stage: Path, target: Path) -> bool:
@@ -208,13 +227,11 @@ def _weight_bytes(models: list[Path]) -> int:
     return sum(f.stat().st_size for m in models for f in m.rglob("*.safetensors"))
 
 
-def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) -> tuple[list[str], list[str]]:
-    """Copy one finished stage folder into `out` as the archive keeps it: its models whole when their
-    weights come to at most `max_weight_bytes`, else stripped. Returns (stripped, kept whole) model folders."""
-    from layerwise.models.checkpoint import strip_weights
+def _what_is_kept(models: list[Path], max_weight_bytes: int) -> tuple[bool, dict[Path, list[str]]]:
+    """(whether the models are kept whole, {model: the files kept of it} for LoRA models rebuilt from their
+    adapters) within `max_weight_bytes`; neither: the models are stripped."""
     from layerwise.models.rebuild import kept_files
 
-    models = _model_dirs(stage)
     whole = 0 < _weight_bytes(models) <= max_weight_bytes
     # A LoRA-trained model too big to keep whole keeps its adapters and own weights, from which it is rebuilt
     # (layerwise.models.rebuild), when those fit.
@@ -222,6 +239,35 @@ def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) 
     if not small or any(files is None for files in small.values()) or \
             sum((m / f).stat().st_size for m, files in small.items() for f in files) > max_weight_bytes:
         small = {}
+    return whole, small
+
+
+def _readers_pending(stage: Path, max_weight_bytes: int) -> list[str]:
+    """For our compact model's stage, when the archive would strip it (a model healed in full, too big to
+    keep): the stages that read its weights (orchestration.study.seed.OURS_WEIGHTS) that have not finished
+    after it in its seed folder. Archived without them, the model would be trained again on the next machine,
+    which in practice gives other bits (ArchiveMismatch); left out, it is made afresh there with its readers.
+    The ours+int8 baseline counts only if the study's config lists it."""
+    from orchestration.study.seed import OURS_WEIGHTS
+
+    models = _model_dirs(stage)
+    if stage.name.rsplit("-", 1)[0] != "ours" or not models or any(_what_is_kept(models, max_weight_bytes)):
+        return []
+    config = stage.parents[2] / "config.json"
+    baselines = json.loads(config.read_text()).get("baselines", []) if config.exists() else ["ours+int8"]
+    readers = [r for r in OURS_WEIGHTS if r != "baseline-ours-int8" or "ours+int8" in baselines]
+    made = (stage / "_DONE").stat().st_mtime
+    finished = {p.parent.name.rsplit("-", 1)[0] for p in stage.parent.glob("*/_DONE") if p.stat().st_mtime >= made}
+    return [r for r in readers if r not in finished]
+
+
+def _copy_stage(stage: Path, out: Path, metric: str, max_weight_bytes: int = 0) -> tuple[list[str], list[str]]:
+    """Copy one finished stage folder into `out` as the archive keeps it: its models whole when their
+    weights come to at most `max_weight_bytes`, else stripped. Returns (stripped, kept whole) model folders."""
+    from layerwise.models.checkpoint import strip_weights
+
+    models = _model_dirs(stage)
+    whole, small = _what_is_kept(models, max_weight_bytes)
     stripped, weights = [], []
     for path in sorted(stage.rglob("*")):
         rel = path.relative_to(stage)

@@ -72,3 +72,44 @@ def test_an_unfinished_stages_resume_files_travel_in_the_archive_and_the_next_ru
     (seed / "dependency-k1" / RESUME / "removal_losses.json").write_text(json.dumps({**part, "rows_done": 512}))
     assert archive_study(tmp_path / "runs" / "study", archive)["carried"] == ["seed-0/dependency-k1"]
     assert json.loads((carried / RESUME / "removal_losses.json").read_text())["rows_done"] == 512
+
+
+def test_a_compact_model_too_big_to_keep_is_archived_only_after_the_stages_that_read_it(tmp_path):
+    """Our compact model stripped from the archive could not be made to the same bits on another machine, so
+    the archive holds it back (with those of its readers that finished) until the stages that read its
+    weights (noise; ours+int8 when the study runs it) have finished after it."""
+    import json
+    import os
+
+    from layerwise.models.checkpoint import save_recommender
+    from orchestration.study.archive import archive_study
+    from tests.helpers.tiny_models import tiny_model
+
+    run = tmp_path / "runs" / "study"
+    seed = run / "seeds" / "seed-0"
+    (run / "config.json").parent.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"baselines": ["mostpop", "ours+int8"], "ray": {}}))
+
+    def finish(name: str, at: float) -> None:
+        (seed / name).mkdir(parents=True, exist_ok=True)
+        (seed / name / "rows.json").write_text("[]")
+        (seed / name / "_DONE").write_text("")
+        os.utime(seed / name / "_DONE", (at, at))
+
+    save_recommender(tiny_model("llama", n_layers=2), seed / "ours-k1" / "model", {"kind": "compact"})
+    finish("ours-k1", 1000.0)
+    finish("baseline-mostpop-k2", 1001.0)
+    finish("baseline-ours-int8-k3", 1002.0)
+    (seed / "noise-k4").mkdir()  # started, not finished
+    archive = tmp_path / "archive"
+    first = archive_study(run, archive, max_weight_bytes=0)
+    assert first["added"] == ["seed-0/baseline-mostpop-k2"]
+    assert [h.split(" ")[0] for h in first["held"]] == ["seed-0/baseline-ours-int8-k3", "seed-0/ours-k1"]
+    assert "have not read it yet" in first["held"][0] and "noise" in first["held"][0]
+    # Kept whole (it fits), the model needs no readers first.
+    assert "seed-0/ours-k1" in archive_study(run, tmp_path / "roomy", max_weight_bytes=2**30)["added"]
+    # The noise curves finished after it: now it goes in, stripped, with both readers.
+    finish("noise-k4", 1003.0)
+    second = archive_study(run, archive, max_weight_bytes=0)
+    assert sorted(second["added"]) == ["seed-0/baseline-ours-int8-k3", "seed-0/noise-k4", "seed-0/ours-k1"]
+    assert second["held"] == [] and json.loads((archive / "seeds" / "seed-0" / "ours-k1" / "_archived.json").read_text())["stripped"] == ["model"]
