@@ -171,16 +171,10 @@ def study_archive(argv: list[str]) -> int:
     parser.add_argument("--max-weight-mb", type=float, default=MAX_WEIGHT_BYTES / 2**20,
                         help="the most weights kept for one stage's models, in MB (default %(default).0f; 0 keeps "
                              "none: a resumed study then trains them again and checks their digests)")
-    parser.add_argument("--max-checkpoint-mb", type=float, default=0.0,
-                        help="also carry an unfinished stage's last training checkpoint when it comes to at most "
-                             "this many MB (default 0: never), so that a teacher stopped by the end of a machine's "
-                             "life goes on from its last epoch on the next one (a SmolLM2 teacher's: 68-91 MB)")
     args = parser.parse_args(argv)
-    for flag, value in (("--max-weight-mb", args.max_weight_mb), ("--max-checkpoint-mb", args.max_checkpoint_mb)):
-        if value < 0:
-            parser.error(f"{flag} must be 0 or more, not {value}")
-    summary = archive_study(args.run_dir, args.out, max_weight_bytes=int(args.max_weight_mb * 2**20),
-                            max_checkpoint_bytes=int(args.max_checkpoint_mb * 2**20))
+    if args.max_weight_mb < 0:
+        parser.error(f"--max-weight-mb must be 0 or more, not {args.max_weight_mb}")
+    summary = archive_study(args.run_dir, args.out, max_weight_bytes=int(args.max_weight_mb * 2**20))
     there = len(summary["kept"]) + len(summary["filled"])
     print(f"archived {len(summary['added'])} stages to {args.out} ({there} were there, "
           f"{len(summary['filled'])} of them given their weights; {len(summary['unfinished'])} unfinished "

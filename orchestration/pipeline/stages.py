@@ -24,18 +24,8 @@ console = Console()
 ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (orchestration.study.archive)
 # In a stage's folder: small files it keeps as it goes (sums so far, scores made so far), from which a rerun
 # goes on. The archive carries an unfinished stage's (orchestration.study.archive), and a run that starts the
-# stage afresh takes them from there, so a stage longer than a working session spans sessions too. A training
-# run's epoch checkpoints (<model>-checkpoint/, layerwise.resume) are the same kind of thing, only bigger: the
-# archive carries them only when asked to.
+# stage afresh takes them from there, so a stage longer than a working session spans sessions too.
 RESUME = "resume"
-
-
-def progress_folders(stage: Path) -> list[Path]:
-    """The folders of a stage from which an unfinished run of it goes on: resume/ and its training runs'
-    <model>-checkpoint/ folders."""
-    if not stage.is_dir():
-        return []
-    return sorted(p for p in stage.iterdir() if p.is_dir() and (p.name == RESUME or p.name.endswith("-checkpoint")))
 
 
 class Stages:
@@ -87,16 +77,15 @@ class Stages:
         roots = (self.root, *self.reuse) if roots is None else roots
         return next((root / folder for root in roots if (root / folder / "_DONE").exists()), None)
 
-    def _carry_progress(self, name: str, out: Path) -> None:
-        """Give a stage that has made no progress here (progress_folders) that of the same stage left
-        unfinished in a reused root (an archive carries it), so that it goes on from there."""
-        if progress_folders(out):
+    def _carry_resume(self, name: str, out: Path) -> None:
+        """Give a stage that has no resume files here those of the same stage left unfinished in a reused
+        root (an archive carries them), so that it goes on from there."""
+        if (out / RESUME).exists():
             return
         for root in self.reuse:
             found = root / out.name
-            if progress_folders(found) and not (found / "_DONE").exists():
-                for folder in progress_folders(found):
-                    shutil.copytree(folder, out / folder.name)
+            if (found / RESUME).is_dir() and not (found / "_DONE").exists():
+                shutil.copytree(found / RESUME, out / RESUME)
                 console.print(f"[dim]  {name}: going on from the unfinished stage's progress in {found}[/dim]")
                 return
 
@@ -121,7 +110,7 @@ class Stages:
         else:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
-            self._carry_progress(name, out)
+            self._carry_resume(name, out)
             final, timing = _timed(fn, out)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)

@@ -23,11 +23,8 @@ What a stage keeps in the archive:
   (ours+int8, the noise curves) has not finished after it: the next machine could not make the same bits
   again for them, so it makes the model afresh and runs its readers after it;
 - of a stage left unfinished, only its resume files when there are some and they are small (the sums a
-  dependency matrix has made so far, an importance stage's finished estimators), and, only when asked
-  (`--max-checkpoint-mb`), its training's last epoch checkpoint (68-91 MB for a SmolLM2 teacher: its
-  adapters, items, optimizer state and best epoch): the next machine goes on from them
-  (orchestration.pipeline.stages.RESUME). A teacher carried so was trained on two machines; it is then
-  archived whole or as its adapters like any other, and every later stage reads those weights.
+  dependency matrix has made so far, an importance stage's finished estimators): the next machine goes on
+  from them (orchestration.pipeline.stages.RESUME).
 
 On the next machine a stage found in the archive is not run again. A teacher or compact model whose weights
 the archive kept is read from there; a LoRA teacher with its adapters kept is rebuilt. Any other too big to keep
@@ -60,7 +57,7 @@ MAX_WEIGHT_BYTES = 16 * 2**20  # a stage's kept weights at most; a bigger model 
 MAX_RESUME_BYTES = 2**20  # an unfinished stage's resume files at most (a 30-layer dependency matrix's: 30 kB)
 
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None,
-                  max_weight_bytes: int = MAX_WEIGHT_BYTES, max_checkpoint_bytes: int = 0) -> dict:
+                  max_weight_bytes: int = MAX_WEIGHT_BYTES) -> dict:
     """Add the finished stages of the study in `run_dir` that `out` lacks, and give a stripped teacher or
     compact model in `out` its weights where `run_dir` has them with the archived digests; returns what was
     added, filled (weights given) and kept, the stages left out unfinished (and those of them whose progress
@@ -87,7 +84,7 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
         target = out / "seeds" / stage.parent.name / stage.name
         if not (stage / "_DONE").exists():
             unfinished.append(name)
-            if not (target / "_DONE").exists() and _carry_progress(stage, target, max_checkpoint_bytes):
+            if not (target / "_DONE").exists() and _carry_resume(stage, target):
                 carried.append(name)
             continue
         keep = max_weight_bytes if _weights_needed(stage) else 0
@@ -127,25 +124,18 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
             "held": held, "bytes": total}
 
 
-def _carry_progress(stage: Path, target: Path, max_checkpoint_bytes: int = 0) -> bool:
-    """Put the unfinished `stage`'s progress (orchestration.pipeline.stages.progress_folders) in the archive
-    at `target`, in place of any carried before (the run went on from that): its resume files when they are
-    small, and its training runs' epoch checkpoints when they come to at most `max_checkpoint_bytes`. The
-    folder gets nothing else and no done marker, so a study resumed from the archive runs the stage, from
-    there. Returns whether it carried anything."""
+def _carry_resume(stage: Path, target: Path) -> bool:
+    """Put the unfinished `stage`'s resume files (orchestration.pipeline.stages.RESUME) in the archive at
+    `target`, in place of any earlier ones (the run went on from those), when there are some and they are
+    small; the folder gets nothing else and no done marker, so a study resumed from the archive runs the
+    stage, from there. Returns whether it did."""
     from layerwise.models.checkpoint import atomic_directory
-    from orchestration.pipeline.stages import progress_folders
 
-    def size(folder: Path) -> int:
-        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-    carried = [f for f in progress_folders(stage) if 0 < size(f) <= (MAX_RESUME_BYTES if f.name == RESUME
-                                                                       else max_checkpoint_bytes)]
-    if not carried:
+    files = [f for f in (stage / RESUME).rglob("*") if f.is_file()] if (stage / RESUME).is_dir() else []
+    if not files or sum(f.stat().st_size for f in files) > MAX_RESUME_BYTES:
         return False
-    with atomic_directory(target) as tmp:
-        for folder in carried:
-            shutil.copytree(folder, tmp / folder.name)
+    with atomic_directory(target / RESUME) as tmp:
+        shutil.copytree(stage / RESUME, tmp, dirs_exist_ok=True)
     return True
 
 

@@ -73,23 +73,6 @@ def test_an_unfinished_stages_resume_files_travel_in_the_archive_and_the_next_ru
     assert archive_study(tmp_path / "runs" / "study", archive)["carried"] == ["seed-0/dependency-k1"]
     assert json.loads((carried / RESUME / "removal_losses.json").read_text())["rows_done"] == 512
 
-    # A teacher's epoch checkpoint is carried only when asked, and up to the size asked for; a run that starts
-    # the stage then finds it where its training looks (<model>-checkpoint/).
-    epoch = seed / "teacher-k5" / "model-checkpoint" / "epoch-7"
-    epoch.mkdir(parents=True)
-    (epoch / "progress.json").write_text(json.dumps({"epoch": 7}))
-    (epoch / "trainable.safetensors").write_bytes(b"w" * 5000)
-    assert "seed-0/teacher-k5" not in archive_study(tmp_path / "runs" / "study", archive)["carried"]
-    assert "seed-0/teacher-k5" not in archive_study(tmp_path / "runs" / "study", archive,
-                                                    max_checkpoint_bytes=4000)["carried"]
-    assert "seed-0/teacher-k5" in archive_study(tmp_path / "runs" / "study", archive,
-                                                max_checkpoint_bytes=6000)["carried"]
-    seen.clear()
-    teacher = again.run("teacher", "k5", lambda out: seen.append(sorted(
-        p.relative_to(out).as_posix() for p in (out / "model-checkpoint").rglob("*"))))
-    assert seen == [[f"model-checkpoint/epoch-7{f}" for f in ("", "/progress.json", "/trainable.safetensors")]]
-    assert (teacher / "_DONE").exists()
-
 
 def test_a_compact_model_too_big_to_keep_is_archived_only_after_the_stages_that_read_it(tmp_path):
     """Our compact model stripped from the archive could not be made to the same bits on another machine, so
