@@ -17,7 +17,8 @@ What a stage keeps in the archive:
 - of a teacher trained with LoRA on a pretrained LLM, too big to keep whole (425 MB for SmolLM2-135M), its
   adapters and own weights when they fit (23.5 MB): the merged backbone is made again from them and the
   pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
-  an LLM teacher to any machine.
+  an LLM teacher to any machine, through an archive kept where files of that size may go (this repository
+  takes none over 3 MB, so its SmolLM2 archive keeps teachers stripped).
 
 - nothing of a compact model too big to keep (a fully healed LLM one) while a stage that reads its weights
   (ours+int8, the noise curves) has not finished after it: the next machine could not make the same bits
