@@ -100,7 +100,7 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
     """
     users = np.arange(data.n_users) if users is None else np.asarray(users)
     targets = torch.as_tensor(np.asarray(data.targets("valid"))[users], dtype=torch.long)
-    n, layers = model.n_layers, list(model.layers)
+    n = model.n_layers
     totals: dict[frozenset, float] = {}
     identity = {"users": [int(u) for u in users], "chunk": chunk, "n_layers": n, "pairs": pairs}
     first_row = 0
@@ -118,16 +118,6 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
         key = frozenset(removed)
         totals[key] = totals.get(key, 0.0) + F.cross_entropy(scores.double(), y, reduction="sum").item()
 
-    def run(hidden: Tensor, first: int, calls: list, inputs_of: dict | None = None) -> Tensor:
-        """Layers first..n-1 from `hidden` (the input of layer `first`), then the final norm."""
-        for layer in range(first, n):
-            if inputs_of is not None:
-                inputs_of[layer] = hidden
-            args, kwargs = calls[layer]
-            out = layers[layer](hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return model.backbone.norm(hidden)
-
     with eval_mode(model), torch.inference_mode():
         for row in range(first_row, len(users), chunk):
             y = targets[row:row + chunk]
@@ -137,14 +127,64 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
             add((), final, y)
             for i in range(n):
                 without_i: dict[int, Tensor] = {}  # the input of layer l > i once layer i is gone
-                add((i,), run(inputs_of[i], i + 1, calls, without_i if pairs else None), y)
+                add((i,), _run_from(model, inputs_of[i], i + 1, calls, without_i if pairs else None), y)
                 for j in range(i + 1, n) if pairs else ():
-                    add((i, j), run(without_i[j], j + 1, calls), y)
+                    add((i, j), _run_from(model, without_i[j], j + 1, calls), y)
             if state is not None:
                 with atomic_path(state) as tmp:
                     tmp.write_text(json.dumps({**identity, "rows_done": min(row + chunk, len(users)),
                                                "totals": [[sorted(k), t] for k, t in totals.items()]}))
     return {key: total / len(users) for key, total in totals.items()}
+
+
+def removal_ndcg(model, data, users: np.ndarray | None, max_len: int = 50,
+                 batch_size: int = 256) -> dict[frozenset, float]:
+    """Validation NDCG@10 with no layer and with each single layer removed, as
+    `metric_with_removed(model, {i}, "ndcg@10", data=data, users=users)` gives it (the same ranks, so the
+    same values), at about half its layer forwards: the `ablation` estimator of a decoder LLM.
+
+    The users go through as `layerwise.evaluate.evaluate` takes them (by history length, `batch_size` at a
+    time), so every layer sees the batches it sees there. Per batch, one full forward keeps each layer's
+    input; the run without layer i starts from layer i's input. Layer forwards: about L^2/2 against L^2
+    gated. On SmolLM2's 30 layers and 512 users that is the larger half of the importance stage.
+    """
+    from layerwise.evaluate import _full_matrix, _score_batch, _user_index
+    from layerwise.metrics import metrics_from_ranks, target_ranks
+
+    users = _user_index(data, users)
+    targets = np.asarray(data.targets("valid"), dtype=np.int64)[users]
+    seen = [np.asarray(data.history(int(u), "valid"), dtype=np.int64) for u in users]
+    order = np.argsort(np.minimum([len(s) for s in seen], max_len), kind="stable")
+    n = model.n_layers
+    ranks = {key: torch.empty(len(users), dtype=torch.long) for key in [()] + [(i,) for i in range(n)]}
+    with eval_mode(model), torch.inference_mode():
+        for first in range(0, len(users), batch_size):
+            rows = order[first:first + batch_size]
+            histories = data.padded_histories(users[rows], "valid", max_len)
+            start, inputs = trim_left(model.prepare(histories))
+            final, inputs_of, calls = _layer_calls(model, inputs, start)
+            for key in ranks:
+                hidden = final if not key else _run_from(model, inputs_of[key[0]], key[0] + 1, calls)
+                scores = _score_batch(lambda _, h=hidden: model.head(h[:, -1]), histories, data.n_items,
+                                      users[rows])
+                matrix, cols = _full_matrix(scores, [seen[r] for r in rows], targets[rows], True)
+                ranks[key][torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
+    # As evaluate's means: each user's NDCG@10 from its rank, then numpy's mean.
+    return {frozenset(key): float(metrics_from_ranks(r, (10,))["ndcg@10"].numpy().mean())
+            for key, r in ranks.items()}
+
+
+def _run_from(model, hidden: Tensor, first: int, calls: list, inputs_of: dict | None = None) -> Tensor:
+    """Layers first..n-1 from `hidden` (the input of layer `first`), each called with the arguments the
+    backbone gave it, then the final norm; `inputs_of` collects each layer's input on the way."""
+    layers = model.layers
+    for layer in range(first, model.n_layers):
+        if inputs_of is not None:
+            inputs_of[layer] = hidden
+        args, kwargs = calls[layer]
+        out = layers[layer](hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.backbone.norm(hidden)
 
 
 def _layer_calls(model, inputs: Tensor, start: int) -> tuple[Tensor, list[Tensor], list[tuple]]:

@@ -215,16 +215,18 @@ def ablation(model, batches: Iterable | None, data=None, metric: str = "ndcg@10"
     Returns:
         (n_layers,) float64, higher = removing the layer hurts more.
     """
-    from layerwise.dependency import prefix_reusable, removal_losses
+    from layerwise.dependency import prefix_reusable, removal_losses, removal_ndcg
 
     removed = set(removed)
     batches = None if batches is None else list(batches)  # evaluated once per layer: must be re-iterable
     users = sample_users(data, max_users, seed) if data is not None else None
-    if metric == "loss" and data is not None and not removed and prefix_reusable(model):
-        losses = removal_losses(model, data, users, max_len, pairs=False)  # the same values, half the cost
+    if metric in ("loss", "ndcg@10") and data is not None and not removed and prefix_reusable(model):
+        # The same values at about half the layer forwards: each unchanged prefix is computed once.
+        values = (removal_losses(model, data, users, max_len, pairs=False) if metric == "loss"
+                  else removal_ndcg(model, data, users, max_len))
 
         def value(gone: set[int]) -> float:
-            return losses[frozenset(gone)]
+            return values[frozenset(gone)]
     else:
         def value(gone: set[int]) -> float:
             return metric_with_removed(model, gone, metric, batches, data, users, max_len)

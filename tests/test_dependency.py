@@ -122,6 +122,30 @@ def test_prefix_reuse_gives_the_gated_losses_and_matrix(family):
         assert loss == pytest.approx(losses[removed], rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prefix_reuse_gives_the_gated_ndcg_of_every_single_removal(family):
+    """The `ablation` estimator's validation NDCG@10 with each unchanged prefix computed once equals gating
+    the layer off and evaluating: the same ranks, so exactly the same means. 300 users make two of
+    evaluate's batches of 256, taken as evaluate takes them (by history length)."""
+    from layerwise.dependency import removal_ndcg
+    from layerwise.importance import ablation
+    from tests.helpers.tiny_models import cyclic_data
+
+    model, data = tiny_model(family, n_layers=4, n_items=20), cyclic_data(n_users=300)
+    for users in (None, sample_users(data, 30, seed=0)):
+        values = removal_ndcg(model, data, users)
+        assert set(values) == {frozenset()} | {frozenset({i}) for i in range(4)}
+        for removed, ndcg in values.items():
+            assert ndcg == metric_with_removed(model, sorted(removed), "ndcg@10", data=data, users=users), removed
+    full = values[frozenset()]
+    gated = torch.tensor([full - metric_with_removed(model, [i], "ndcg@10", data=data, users=users)
+                          for i in range(4)], dtype=torch.float64)
+    assert torch.equal(ablation(model, None, data, metric="ndcg@10", max_users=30), gated)
+    assert gated.abs().max() > 0  # removals change the ranks: the comparison is not between constants
+    with pytest.raises(ValueError, match="unknown metric"):
+        ablation(model, None, data, metric="hr@10", max_users=30)
+
+
 def test_removal_losses_resume_from_their_state_file_to_the_same_values(tmp_path):
     """Interrupted after its first chunk of users (a real interruption, raised inside the next chunk's
     forward), the computation goes on from its state file to exactly the values of one uninterrupted call;
