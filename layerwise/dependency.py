@@ -137,38 +137,29 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
     return {key: total / len(users) for key, total in totals.items()}
 
 
-def removal_ndcg(model, data, users: np.ndarray | None, max_len: int = 50,
-                 batch_size: int = 256) -> dict[frozenset, float]:
+def removal_ndcg(model, data, users: np.ndarray | None, max_len: int = 50) -> dict[frozenset, float]:
     """Validation NDCG@10 with no layer and with each single layer removed, as
     `metric_with_removed(model, {i}, "ndcg@10", data=data, users=users)` gives it (the same ranks, so the
     same values), at about half its layer forwards: the `ablation` estimator of a decoder LLM.
 
-    The users go through as `layerwise.evaluate.evaluate` takes them (by history length, `batch_size` at a
-    time), so every layer sees the batches it sees there. Per batch, one full forward keeps each layer's
-    input; the run without layer i starts from layer i's input. Layer forwards: about L^2/2 against L^2
-    gated. On SmolLM2's 30 layers and 512 users that is the larger half of the importance stage.
+    `evaluate`'s ranking (`rank_targets`) scores each of its batches every way at once: one full forward
+    keeps each layer's input, and the run without layer i starts from layer i's input. Layer forwards:
+    about L^2/2 against L^2 gated. On SmolLM2's 30 layers and 512 users that is the larger half of the
+    importance stage.
     """
-    from layerwise.evaluate import _full_matrix, _score_batch, _user_index
-    from layerwise.metrics import metrics_from_ranks, target_ranks
+    from layerwise.evaluate import rank_targets
+    from layerwise.metrics import metrics_from_ranks
 
-    users = _user_index(data, users)
-    targets = np.asarray(data.targets("valid"), dtype=np.int64)[users]
-    seen = [np.asarray(data.history(int(u), "valid"), dtype=np.int64) for u in users]
-    order = np.argsort(np.minimum([len(s) for s in seen], max_len), kind="stable")
-    n = model.n_layers
-    ranks = {key: torch.empty(len(users), dtype=torch.long) for key in [()] + [(i,) for i in range(n)]}
+    def every_removal(histories: Tensor) -> dict[tuple, Tensor]:
+        start, inputs = trim_left(model.prepare(histories))
+        final, inputs_of, calls = _layer_calls(model, inputs, start)
+        scores = {(): model.head(final[:, -1])}
+        for i in range(model.n_layers):
+            scores[(i,)] = model.head(_run_from(model, inputs_of[i], i + 1, calls)[:, -1])
+        return scores
+
     with eval_mode(model), torch.inference_mode():
-        for first in range(0, len(users), batch_size):
-            rows = order[first:first + batch_size]
-            histories = data.padded_histories(users[rows], "valid", max_len)
-            start, inputs = trim_left(model.prepare(histories))
-            final, inputs_of, calls = _layer_calls(model, inputs, start)
-            for key in ranks:
-                hidden = final if not key else _run_from(model, inputs_of[key[0]], key[0] + 1, calls)
-                scores = _score_batch(lambda _, h=hidden: model.head(h[:, -1]), histories, data.n_items,
-                                      users[rows])
-                matrix, cols = _full_matrix(scores, [seen[r] for r in rows], targets[rows], True)
-                ranks[key][torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
+        ranks = rank_targets(every_removal, data, stage="valid", max_len=max_len, users=users)
     # As evaluate's means: each user's NDCG@10 from its rank, then numpy's mean.
     return {frozenset(key): float(metrics_from_ranks(r, (10,))["ndcg@10"].numpy().mean())
             for key, r in ranks.items()}

@@ -128,7 +128,31 @@ def evaluate(
         users: user indices to evaluate (default: all).
         progress: write a progress line to stderr after each batch.
     """
-    _check_args(stage, ks, max_len, batch_size)
+    _check_ks(ks)
+    users = _user_index(data, users)
+    ranks = rank_targets(lambda histories: {None: scorer(histories)}, data, stage, exclude_seen, max_len,
+                         batch_size, sampled, users, progress)[None]
+    per_user = {k: v.numpy() for k, v in metrics_from_ranks(ranks, ks).items()}
+    means = {k: float(v.mean()) for k, v in per_user.items()}
+    return EvalResult(means, per_user, users, _protocol(data, stage, exclude_seen, ks, max_len, sampled, users))
+
+
+def rank_targets(score_all: Callable[[Tensor], dict[Any, Tensor]], data, stage: str = "test",
+                 exclude_seen: bool = True, max_len: int = 50, batch_size: int = 256,
+                 sampled: SampledRanking | None = None, users: Sequence[int] | np.ndarray | None = None,
+                 progress: bool = False) -> dict[Any, Tensor]:
+    """The rank of every user's held-out item under several scorings of the same batches: `evaluate`'s
+    ranking, for a caller that scores a batch many ways at once (`layerwise.dependency.removal_ndcg`: the
+    model without each of its layers, sharing the unchanged states).
+
+    Args:
+        score_all: histories (B, max_len) -> {key: scores (B, n_items + 1)}, the same keys for every batch.
+        The rest: as `evaluate`.
+
+    Returns:
+        {key: (n_users,) long pessimistic 0-based ranks, in the order of `users`}.
+    """
+    _check_args(stage, max_len, batch_size)
     users = _user_index(data, users)
     targets = np.asarray(data.targets(stage), dtype=np.int64)[users]
     _check_targets(targets, users, data.n_items)
@@ -136,24 +160,25 @@ def evaluate(
     seen = [np.asarray(data.history(int(u), stage), dtype=np.int64) for u in users]
     # Stable: users of equal length keep their given order. Negatives depend on the user alone, not the order.
     order = np.argsort(np.minimum([len(s) for s in seen], max_len), kind="stable")
-    ranks = torch.empty(len(users), dtype=torch.long)
+    ranks: dict[Any, Tensor] = {}
     with torch.inference_mode():
         for start in range(0, len(users), batch_size):
             rows = order[start : start + batch_size]
             batch = users[rows]
-            scores = _score_batch(scorer, data.padded_histories(batch, stage, max_len), data.n_items, batch)
+            scorings = score_all(data.padded_histories(batch, stage, max_len))
             batch_seen, tgt = [seen[r] for r in rows], targets[rows]
-            if sampled is None:
-                matrix, cols = _full_matrix(scores, batch_seen, tgt, exclude_seen)
-            else:
-                matrix, cols = _sampled_matrix(scores, batch_seen, tgt, batch, sampler)
-            # Scores and targets were checked above (NaN named by user), so skip the second pass.
-            ranks[torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
+            for key, raw in scorings.items():
+                scores = _check_scores(raw, data.n_items, batch)
+                if sampled is None:
+                    matrix, cols = _full_matrix(scores, batch_seen, tgt, exclude_seen)
+                else:
+                    matrix, cols = _sampled_matrix(scores, batch_seen, tgt, batch, sampler)
+                # Scores and targets were checked above (NaN named by user), so skip the second pass.
+                ranks.setdefault(key, torch.empty(len(users), dtype=torch.long))
+                ranks[key][torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
             if progress:
                 print(f"evaluate[{stage}]: {start + len(batch)}/{len(users)} users", file=sys.stderr)
-    per_user = {k: v.numpy() for k, v in metrics_from_ranks(ranks, ks).items()}
-    means = {k: float(v.mean()) for k, v in per_user.items()}
-    return EvalResult(means, per_user, users, _protocol(data, stage, exclude_seen, ks, max_len, sampled, users))
+    return ranks
 
 
 def recommend(scorer: Scorer, histories: Tensor, k: int = 10, exclude_seen: bool = True) -> tuple[Tensor, Tensor]:
@@ -253,9 +278,8 @@ class NegativeSampler:
         return np.argpartition(keys, n - 1)[:n].astype(np.int64)
 
 
-def _score_batch(scorer: Scorer, histories: Tensor, n_items: int, batch: np.ndarray) -> Tensor:
-    """Call the scorer and return (B, n_items) scores with the padding column dropped (column j = item j+1)."""
-    raw = scorer(histories)
+def _check_scores(raw: Tensor, n_items: int, batch: np.ndarray) -> Tensor:
+    """A scorer's output checked, as (B, n_items) scores with the padding column dropped (column j = item j+1)."""
     expected = (len(batch), n_items + 1)
     if not isinstance(raw, Tensor) or tuple(raw.shape) != expected:
         got = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
@@ -317,11 +341,14 @@ def _protocol(data, stage, exclude_seen, ks, max_len, sampled, users) -> dict[st
     }
 
 
-def _check_args(stage: str, ks: Sequence[int], max_len: int, batch_size: int) -> None:
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+def _check_ks(ks: Sequence[int]) -> None:
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+
+
+def _check_args(stage: str, max_len: int, batch_size: int) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if max_len < 1 or batch_size < 1:
         raise ValueError(f"max_len and batch_size must be >= 1, got {max_len} and {batch_size}")
 
