@@ -1,12 +1,22 @@
 """A study seed's teacher: trained with the seed, saved, and loaded again (not retrained) when a run that
-stopped after saving it but before its stage ended is resumed."""
+stopped after saving it but before its stage ended is resumed.
+
+A teacher trained with LoRA on a pretrained LLM is saved with its adapters and own weights (items, head) in
+float16 (LORA_STORAGE): 12 MB a seed for SmolLM2 on ml-100k, small enough for a study archive in the
+repository. Every stage, the teacher's own test row included, reads the teacher loaded back from those files
+(its backbone merged from the stored adapters), which another machine rebuilds to the same bits
+(layerwise.models.rebuild): so no stage ever sees another teacher than the archived one."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from orchestration.pipeline import interrupts
+
+LORA_STORAGE = torch.float16  # a LoRA teacher's stored adapters and own weights (the module's docstring)
 
 
 def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, progress: bool = False,
@@ -20,6 +30,7 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
     (Stages.run) would say so only after the whole training."""
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
+    from layerwise.models.lora import has_lora
     from layerwise.train import train_recommender
 
     if (path / "manifest.json").exists():  # saved by a run that stopped before its stage ended
@@ -36,7 +47,10 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
         "kind": "teacher", "preset": t.preset, "pretrained": t.pretrained, "dataset": dataset,
         "llm": getattr(model, "llm_info", None), "data_fingerprint": data.fingerprint, "max_len": max_len,
         "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid, "seed": seed,
-        "history": result.history, "stop_reason": result.stop_reason})
+        "history": result.history, "stop_reason": result.stop_reason},
+        weights_dtype=LORA_STORAGE if has_lora(model) else None)
+    if has_lora(model):
+        return saved_teacher(path)  # the stored teacher, not the unrounded one in memory
     return model.eval(), result
 
 

@@ -166,3 +166,34 @@ def test_a_whole_model_in_memory_keeps_its_adapters_after_saving(saved, tmp_path
     assert has_lora(twin)
     assert "base" in json.loads((tmp_path / "m" / "manifest.json").read_text())["lora"]
     assert not rebuildable(strip_weights(tmp_path / "m", tmp_path / "s", keep=(LORA, "recommender.safetensors")))
+
+
+def test_a_teacher_stored_in_float16_is_the_model_loaded_and_rebuilt_anywhere(saved, smollm2, tmp_path):
+    """weights_dtype=float16 (a study's LoRA teacher) stores the adapters and the recommender's own weights in
+    half precision, merges the backbone from the stored adapters, and loads as float32 with exactly the stored
+    values; a stripped copy rebuilds that same backbone, and the caller's model is left unrounded."""
+    model, _ = saved
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = save_recommender(model, tmp_path / "half", {"kind": "teacher", "pretrained": str(smollm2.path)},
+                           weights_dtype=torch.float16)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's model untouched
+    assert json.loads((out / "manifest.json").read_text())["weights_dtype"] == "float16"
+    from safetensors.torch import load_file
+
+    adapters, own = load_file(str(out / LORA)), load_file(str(out / "recommender.safetensors"))
+    assert {t.dtype for t in adapters.values()} == {torch.float16}
+    assert own["item_embedding.weight"].dtype == torch.float16
+    reloaded = load_recommender(out)
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    assert torch.equal(reloaded.item_embedding.weight, own["item_embedding.weight"].float())
+    assert not torch.equal(reloaded.item_embedding.weight, model.item_embedding.weight)  # it was rounded
+    layer = model.layers[1].mlp.down_proj
+    expected = merged_weight(layer.base_layer.weight, adapters["layers.1.mlp.down_proj.lora_A"],
+                             adapters["layers.1.mlp.down_proj.lora_B"], 2.0)
+    assert torch.equal(reloaded.layers[1].mlp.down_proj.weight, expected)
+    # Half the bytes of the float32 files, and a stripped copy rebuilds the same backbone.
+    single = save_recommender(model, tmp_path / "single", {"kind": "teacher", "pretrained": str(smollm2.path)})
+    assert (out / LORA).stat().st_size < 0.55 * (single / LORA).stat().st_size
+    copy_dir = strip_weights(out, tmp_path / "copy", keep=("lora.safetensors", "recommender.safetensors"))
+    rebuild_backbone(copy_dir, pretrained=smollm2.path)
+    assert file_digests(copy_dir) == file_digests(out)
