@@ -83,9 +83,22 @@ def require(name: str, teacher, budget: Budget | None) -> Budget:
 
 def training_record(result: HealResult | TrainResult, kind: str = "heal") -> dict[str, Any]:
     """Epochs actually run (early stopping may end before the budget), the epoch whose weights were kept,
-    and the recipe used (so a reader can check that it is our healing budget)."""
+    the recipe used (so a reader can check that it is our healing budget), and the training curve."""
     return {"kind": kind, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
-            "config": result.config}
+            "config": result.config, **training_curve(result)}
+
+
+def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
+    """{"curve": [{"epoch", "minutes", "valid"}], "setup_minutes"}: after each epoch, the training's wall
+    minutes so far (its epochs and their validations) and the validation NDCG@10 where that epoch was
+    validated (else None); setup_minutes is the time spent before the first epoch (a healing run's teacher
+    cache). What a study's equal-compute view plots (orchestration.study.results.equal_compute)."""
+    minutes, curve = 0.0, []
+    for record in result.history:
+        minutes += (record["train_seconds"] + record.get("valid_seconds", 0.0)) / 60
+        curve.append({"epoch": record["epoch"], "minutes": minutes, "valid": record.get("valid_ndcg@10")})
+    setup = getattr(result, "cache_seconds", None)
+    return {"curve": curve, "setup_minutes": (setup or 0.0) / 60}
 
 
 def heal_config_for(model: SequentialRecommender, config: HealConfig) -> tuple[HealConfig, str | None]:

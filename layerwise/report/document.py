@@ -12,7 +12,9 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
     Row = {"name": str (required), "group": str (Pareto legend, e.g. "ours", "pruning"),
            "metric": Estimate (the table's metric, e.g. NDCG@10), "retention": Estimate (fraction),
            "speedup": Estimate (x), "p_value": float | None (paired test vs the reference; None for it),
-           "p_holm": float (default: Holm over the table's p_values), "effect_size": float, "note": str}
+           "p_holm": float (default: Holm over the table's p_values), "p_users": float | None (a second
+           test with the users as the unit, where p_value's is the seeds), "p_users_holm": float (default: Holm
+           over the table's p_users), "effect_size": float, "note": str}
     results = {
         "title": str,
         "protocol": {label: value, ...},             # data set, fingerprint, split, ranking, seeds, ...
@@ -28,6 +30,7 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
         "k_sweep": {"metric": str, "n_layers": int, "heal_epochs": int, "seeds": [int],
                     "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}},
                     "speedup": {"k": [int], "batch=1": [Estimate or None per k], ...}},   # optional
+        "equal_compute": {...},                     # optional: layerwise.report.compute gives its schema
         "robustness": {"metric": str, "kinds": {kind: {"levels": [fraction],
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
         "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
@@ -49,9 +52,11 @@ import numpy as np
 
 from layerwise.data.atomic import atomic_path
 from layerwise.report import plots
+from layerwise.report.compute import equal_compute_plot, equal_compute_section
 from layerwise.stats import holm
 
-SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Robustness", "Scenarios", "Importance")
+SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Robustness", "Scenarios",
+            "Importance")
 MISSING = "Not available in this study."
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
         "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
@@ -113,7 +118,7 @@ def _fmt(x, kind: str) -> str:
     x = float(x)
     if not np.isfinite(x):
         return "n/a"
-    return {"pct": f"{100 * x:.1f}%", "speed": f"{x:.2f}x"}.get(kind, f"{x:.4f}")
+    return {"pct": f"{100 * x:.1f}%", "speed": f"{x:.2f}x", "minutes": f"{x:.1f}"}.get(kind, f"{x:.4f}")
 
 
 # ---- sections: each returns a list of blocks ("p", text) | ("table", header, rows) | ("img", name, alt) ---
@@ -178,12 +183,15 @@ def _comparison(table, figures, figure: str | None = None) -> list:
                ("speedup", "speedup [95% CI]", lambda r: fmt_estimate(r.get("speedup"), "speed")),
                ("p_value", "p", lambda r: fmt_p(r.get("p_value"))),
                ("p_holm", "p (Holm)", lambda r: fmt_p(r.get("p_holm"))),
+               ("p_users", "p users", lambda r: fmt_p(r.get("p_users"))),
+               ("p_users_holm", "p users (Holm)", lambda r: fmt_p(r.get("p_users_holm"))),
                ("effect_size", "effect", lambda r: _opt(r.get("effect_size"))),
                ("note", "note", lambda r: str(r.get("note", "")))]
     used = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     test = table.get("test") or "paired tests over the same users"
+    users = f" The p users columns: {table['user_test']}." if table.get("user_test") else ""
     blocks = [("p", f"{test[0].upper()}{test[1:]}, against {table.get('reference', 'our method')}; "
-                    "p-values Holm-adjusted across this table.")]
+                    f"p-values Holm-adjusted across this table.{users}")]
     blocks.append(("table", [c[1] for c in used], [[c[2](r) for c in used] for r in rows]))
     if figure and figure in figures:
         blocks.append(("img", figure, f"{metric} retention against speedup for every method"))
@@ -201,11 +209,14 @@ def _metric_columns(metrics) -> list:
 
 
 def _with_holm(rows: Sequence[Mapping]) -> list[dict]:
+    """The rows with each family of p-values (over seeds: p_value; over users: p_users) Holm-adjusted across
+    the table, where the rows do not carry the adjusted values already."""
     rows = [dict(r) for r in rows]
-    tested = [i for i, r in enumerate(rows) if r.get("p_value") is not None]
-    if tested and any(rows[i].get("p_holm") is None for i in tested):
-        for i, p in zip(tested, holm([rows[i]["p_value"] for i in tested])):
-            rows[i]["p_holm"] = float(p)
+    for key, adjusted in (("p_value", "p_holm"), ("p_users", "p_users_holm")):
+        tested = [i for i, r in enumerate(rows) if r.get(key) is not None]
+        if tested and any(rows[i].get(adjusted) is None for i in tested):
+            for i, p in zip(tested, holm([rows[i][key] for i in tested])):
+                rows[i][adjusted] = float(p)
     return rows
 
 
@@ -289,6 +300,7 @@ def _importance(imp, figures) -> list:
 _BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _headline),
              ("Baselines", "baselines", lambda t, f: _comparison(t, f, "pareto")),
              ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
+             ("Equal compute", "equal_compute", equal_compute_section),
              ("Robustness", "robustness", _robustness), ("Scenarios", "scenarios", _scenarios),
              ("Importance", "importance", _importance))
 
@@ -322,6 +334,9 @@ def _render_figures(results: Mapping, folder: Path) -> dict[str, Path]:
     sweep = results.get("k_sweep") or {}
     if sweep.get("curves"):
         makers["k_sweep"] = lambda: plots.k_sweep_plot(sweep["curves"], n_layers=sweep.get("n_layers"))
+    compute = results.get("equal_compute") or {}
+    if compute.get("rows"):
+        makers["equal_compute"] = lambda: equal_compute_plot(compute)
     robust = results.get("robustness") or {}
     if robust.get("kinds"):
         makers["robustness"] = lambda: plots.noise_plot(robust["kinds"], metric=robust.get("metric", "ndcg@10").upper())

@@ -45,8 +45,9 @@ class Stages:
     """
 
     def __init__(self, root: Path, on_done: Callable[[str, Path, bool], None] | None = None,
-                 reuse: tuple[Path, ...] = ()):
+                 reuse: tuple[Path, ...] = (), context: dict | None = None):
         self.root = root
+        self.context = context or {}  # recorded with every stage's timing (a study's precision, say)
         self.on_done = on_done
         self.reuse = tuple(reuse)
         self.skipped: list[str] = []
@@ -112,6 +113,7 @@ class Stages:
             console.print(f"[bold]> {name}[/bold] -> {out}")
             self._carry_resume(name, out)
             final, timing = _timed(fn, out)
+            timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)
             (out / "_seconds.json").write_text(json.dumps(timing))
@@ -193,6 +195,22 @@ def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:
     final = fn(out) is not False
     return final, {"seconds": time.perf_counter() - started, "cpu_seconds": tree_cpu_seconds() - cpu,
                    "load_avg_start": load, "load_avg_end": os.getloadavg()[0]}
+
+
+def machine() -> dict:
+    """The machine a stage ran on, as its timing records it: the CPU's model name, the kernels torch picked
+    for it, and torch's thread count."""
+    import torch
+
+    return {"cpu": cpuinfo("model name"), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo, or None where there is none."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
 
 
 def tree_cpu_seconds() -> float:

@@ -16,10 +16,13 @@ ABLATION_BRIDGE_RANK = 16
 
 
 def heal_record(result) -> dict | None:
-    """What a row records of a healing run: its best epoch and how many it ran."""
+    """What a row records of a training or healing run: its best epoch, how many it ran, and its training
+    curve (minutes and validation NDCG@10 after each epoch)."""
+    from layerwise.baselines.budget import training_curve
+
     if result is None:
         return None
-    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history), **training_curve(result)}
 
 
 class AblationStages:

@@ -50,7 +50,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from orchestration.outputs import write_json
-from orchestration.pipeline.stages import ARCHIVED, RESUME, stripped_models
+from orchestration.pipeline.stages import ARCHIVED, RESUME, cpuinfo, stripped_models
 
 MAX_STAGE_BYTES = 3 * 2**20  # a stage's files besides kept weights: more means weights slipped through
 KEEP_WEIGHTS_OF = ("teacher", "ours")  # the stages whose models later stages load (SeedRun.run, complete=True)
@@ -154,15 +154,8 @@ def _study_cwd(run_dir: Path, configured: str) -> Path:
 def cpu_has(isa: str) -> bool:
     """Whether this CPU has the instructions of orchestration.study.config PORTABLE_NUMERICS[isa] (from
     /proc/cpuinfo's flags; True where that cannot be read)."""
-    flags = _cpuinfo("flags")
+    flags = cpuinfo("flags")
     return flags is None or {"avx2": {"avx2"}, "avx512_bf16": {"avx512f", "avx512_bf16"}}[isa] <= set(flags.split())
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first value of `field` in /proc/cpuinfo, or None where there is none."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
 
 
 def seed_threads(cpus_per_seed: float) -> int:
@@ -179,7 +172,7 @@ def environment(portable: bool = False, threads: int = 1, isa: str = "avx2") -> 
     import torch
     import transformers
 
-    cpu = _cpuinfo("model name") or platform.processor()
+    cpu = cpuinfo("model name") or platform.processor()
     kernels = f"portable ({isa.upper()})" if portable else torch.backends.cpu.get_cpu_capability()
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_kernels": kernels,
             "torch_threads": threads, "cpu": cpu, "python": platform.python_version()}

@@ -3,7 +3,9 @@
 Two sampling units, each used where it answers the question:
 - seeds (training randomness): a method's figure is the mean of its per-seed means, with a t-interval over
   seeds, and p-values against our method are paired t-tests on the seed means (`stats.seed_test`; with one
-  seed, a paired Wilcoxon over users instead);
+  seed, a paired Wilcoxon over users instead); with two seeds or more, each comparison also gets a paired
+  Wilcoxon over users of each user's metric averaged over the seeds (p_users), and each family of p-values
+  is Holm-adjusted across its table (layerwise.report);
 - users (test-set randomness): the headline's retention is also given with a paired bootstrap CI over the
   users of the seed-averaged per-user metrics, with a paired Wilcoxon test; scenario slices use these too.
 Draws of the random-layer baseline are averaged within a seed first, so every method has one number per seed.
@@ -109,6 +111,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "robustness": robustness(seed_dirs, config),
         "scenarios": scenarios(table, data, config),
         "importance": _importance(first_dirs, ours),
+        "equal_compute": equal_compute(table, seed_dirs),
         "notes": _notes(config, speed, big),
     }
     return results
@@ -145,13 +148,19 @@ def comparison(table: Rows, names: Sequence[str], speed: Mapping, batch: str, wi
         if with_speed or name in ("teacher", "ours"):
             row["speedup"] = _speed_estimate(speed, "ours" if name == "ours" else first.get("timing") or name, batch)
         if name != "ours":
-            test = stats.seed_test(ours_seeds, values) if len(values) >= 2 else \
-                stats.paired_test(ours_u, table.per_user(name), test="wilcoxon")
+            users = stats.paired_test(ours_u, table.per_user(name), test="wilcoxon")
+            test = stats.seed_test(ours_seeds, values) if len(values) >= 2 else users
             row.update(p_value=test.p_value, effect_size=test.effect_size, test=test.to_dict())
+            if len(values) >= 2:  # the users as the unit too: each one's metric averaged over the seeds
+                row.update(p_users=users.p_value, user_test=users.to_dict())
         out.append(row)
     kind = f"paired t-test on the means of seeds {table.seeds}" if len(t_seeds) >= 2 else \
         "paired Wilcoxon over users (one seed)"
-    return {"metric": METRIC, "reference": "ours", "test": kind, "seeds": table.seeds, "rows": out}
+    result = {"metric": METRIC, "reference": "ours", "test": kind, "seeds": table.seeds, "rows": out}
+    if len(t_seeds) >= 2:
+        result["user_test"] = (f"paired Wilcoxon over the {len(ours_u)} test users of each one's metric "
+                               f"averaged over the seeds")
+    return result
 
 
 def metric_columns(table: Rows, names: Sequence[str]) -> dict:
@@ -211,6 +220,57 @@ def scenarios(table: Rows, data, config: StudyConfig) -> dict:
     teacher_u, ours_u = table.per_user("teacher"), table.per_user("ours")
     rows = slice_retention(teacher_u, ours_u, table.users, kept, metric=METRIC, n_flag=config.scenarios.n_flag)
     return {"metric": METRIC, "min_users": config.scenarios.min_users, "n_dropped": len(dropped), "rows": rows}
+
+
+def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],
+                  names: Sequence[str] = ("ours", "scratch", "truncated")) -> dict | None:
+    """What each student cost to make and what it reached: for ours (its importance stage, then its healing:
+    the teacher's outputs cached, then its epochs), scratch and truncated, the wall minutes of its own
+    training and validation, the same with the teacher's training charged to ours, and the validation
+    NDCG@10 after each epoch against the minutes so far (per seed). None until a row records its curve
+    (layerwise.baselines.budget.training_curve). The minutes are those of the machines the stages ran on,
+    which their _seconds.json name."""
+    rows, curves, teacher = [], {}, []
+    for seed in table.seeds:
+        teacher.append(_teacher_minutes(table.by_name["teacher"][seed][0], seed_dirs[seed]))
+    for name in names:
+        if not table.complete(name) or any("curve" not in (table.by_name[name][s][0].get("training") or {})
+                                           for s in table.seeds):
+            continue
+        own, per_seed = [], []
+        for seed in table.seeds:
+            training = table.by_name[name][seed][0]["training"]
+            start = training.get("setup_minutes", 0.0) + (_stage_minutes(seed_dirs[seed], "importance")
+                                                          if name == "ours" else 0.0)
+            curve = [{"epoch": p["epoch"], "minutes": start + p["minutes"], "valid": p["valid"]}
+                     for p in training["curve"]]
+            own.append(curve[-1]["minutes"] if curve else start)
+            per_seed.append(curve)
+        charged = [m + (t if name == "ours" else 0.0) for m, t in zip(own, teacher)]
+        rows.append({"name": name, "metric": across_seeds(table.seed_means(name)), "own_minutes": across_seeds(own),
+                     "with_teacher_minutes": across_seeds(charged)})
+        curves[name] = per_seed
+    if not rows:
+        return None
+    return {"metric": METRIC, "seeds": table.seeds, "teacher_minutes": across_seeds(teacher), "rows": rows,
+            "curves": curves}
+
+
+def _stage_minutes(dirs: Mapping[str, Path], stage: str) -> float:
+    path = dirs[stage] / "_seconds.json" if stage in dirs else None
+    return json.loads(path.read_text())["seconds"] / 60 if path is not None and path.exists() else 0.0
+
+
+def _teacher_minutes(row: Mapping, dirs: Mapping[str, Path]) -> float:
+    """The teacher's training and validation minutes: from its row's curve, or else from its saved model's
+    training history (a teacher row written before rows recorded curves)."""
+    curve = (row.get("training") or {}).get("curve")
+    if curve:
+        return curve[-1]["minutes"]
+    from layerwise.models.checkpoint import read_manifest
+
+    history = read_manifest(dirs["teacher"] / "model").get("history") or []
+    return sum(r["train_seconds"] + r.get("valid_seconds", 0.0) for r in history) / 60
 
 
 def _importance(dirs: Mapping[str, Path], ours: Mapping) -> dict:

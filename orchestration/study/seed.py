@@ -47,7 +47,11 @@ class SeedRun(AblationStages):
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
         self.config, self.seed, self.root, self.data, self.progress = config, seed, root, data, progress
         self.max_len = config.data.max_len
-        self.stages = Stages(root, reuse=tuple(Path(r) / "seeds" / root.name for r in config.reuse))
+        # Every stage's timing records its machine (Stages.run) and the precision the study trains in.
+        precision = {"teacher": config.teacher.train.autocast or "float32",
+                     "heal": config.compress.heal.autocast or "float32"}
+        self.stages = Stages(root, reuse=tuple(Path(r) / "seeds" / root.name for r in config.reuse),
+                             context={"precision": precision})
         self.dirs: dict[str, Path] = {}
 
     # --- the sequence ---------------------------------------------------------------------------------
@@ -156,8 +160,7 @@ class SeedRun(AblationStages):
         model, result = train_teacher(self.config.teacher, self.data, self.config.data.dataset, self.seed,
                                       self.max_len, out / "model", self.progress, reproduce=reproduce)
         rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
-                               n_layers=model.n_layers, training={"best_epoch": result.best_epoch,
-                                                                  "epochs_run": len(result.history)})]
+                               n_layers=model.n_layers, training=heal_record(result))]
         write_json(out / ROWS, rows)
 
     def _importance(self, out: Path) -> None:

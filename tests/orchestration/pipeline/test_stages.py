@@ -113,3 +113,14 @@ def test_a_compact_model_too_big_to_keep_is_archived_only_after_the_stages_that_
     second = archive_study(run, archive, max_weight_bytes=0)
     assert sorted(second["added"]) == ["seed-0/baseline-ours-int8-k3", "seed-0/noise-k4", "seed-0/ours-k1"]
     assert second["held"] == [] and json.loads((archive / "seeds" / "seed-0" / "ours-k1" / "_archived.json").read_text())["stripped"] == ["model"]
+
+
+def test_a_stage_records_the_machine_it_ran_on_and_the_runs_context(tmp_path):
+    import json
+
+    import torch
+
+    out = Stages(tmp_path, context={"precision": {"teacher": "float32"}}).run("teacher", "k1", lambda out: None)
+    timing = json.loads((out / "_seconds.json").read_text())
+    assert timing["precision"] == {"teacher": "float32"} and timing["torch_threads"] == torch.get_num_threads()
+    assert timing["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and timing["seconds"] >= 0

@@ -31,6 +31,12 @@ def test_llm_study_rebuilds_baselines_from_the_pretrained_weights(ray_local, smo
     seed = tmp_path / config.name / "seeds" / "seed-0"
     rows = {r["name"]: r for r in results["baselines"]["rows"]}
     assert {"teacher", "ours", "truncated", "scratch"} <= set(rows)
+    # The LoRA teacher is stored in float16, and each stage records the machine and precision it ran with.
+    teacher = next(seed.glob("teacher-*"))
+    assert json.loads((teacher / "model" / "manifest.json").read_text())["weights_dtype"] == "float16"
+    timing = json.loads((teacher / "_seconds.json").read_text())
+    assert timing["precision"] == {"teacher": "float32", "heal": "float32"} and timing["torch_threads"] == 1
+    assert timing["cpu_kernels"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "SVE")
     truncated = json.loads(next(seed.glob("baseline-truncated-*/rows.json")).read_text())[0]
     scratch = json.loads(next(seed.glob("baseline-scratch-*/rows.json")).read_text())[0]
     assert truncated["n_layers"] == scratch["n_layers"] == 2 and truncated["kept"] == [0, 1]

@@ -66,3 +66,79 @@ def test_rows_refuse_tables_of_different_users(tmp_path):
     table.per_user("teacher")
     with pytest.raises(ValueError, match="test users differ"):
         table.per_user("ours")
+
+
+def test_every_comparison_also_gets_a_per_user_test_and_each_family_its_own_holm(tmp_path):
+    """With several seeds, a row's p_value is the seeds' paired t and p_users a paired Wilcoxon over users of
+    each user's metric averaged over the seeds; the report adjusts each family across the table."""
+    from layerwise.report.document import _with_holm
+    from layerwise.stats import holm, paired_test
+
+    rng = np.random.default_rng(0)
+    users = tuple(range(40))
+    base = rng.uniform(0.1, 0.5, size=(3, 40))
+    shifts = {"teacher": 0.0, "ours": 0.0, "scratch": 0.05, "random": -0.01}
+    rows = [_row(tmp_path, name, seed, base[seed] + shift + rng.normal(0, 0.02, 40), users=users,
+                 table="headline" if name in ("teacher", "ours") else "baselines")
+            for name, shift in shifts.items() for seed in range(3)]
+    table = Rows(rows, seeds=[0, 1, 2])
+    result = comparison(table, list(shifts), {"settings": {"batch_sizes": [64]}, "models": {}}, "64")
+    by_name = {r["name"]: r for r in result["rows"]}
+    for name in ("teacher", "scratch", "random"):
+        expected = paired_test(table.per_user("ours"), table.per_user(name), test="wilcoxon").p_value
+        assert by_name[name]["p_users"] == pytest.approx(expected)
+        assert by_name[name]["p_value"] == pytest.approx(seed_test(table.seed_means("ours"),
+                                                                   table.seed_means(name)).p_value)
+    assert by_name["scratch"]["p_users"] < 1e-4 and "p_users" not in by_name["ours"]
+    assert "40 test users" in result["user_test"]
+    adjusted = {r["name"]: r for r in _with_holm(result["rows"])}
+    names = ["teacher", "scratch", "random"]
+    for key, holm_key in (("p_value", "p_holm"), ("p_users", "p_users_holm")):
+        expected = holm([by_name[n][key] for n in names])
+        assert [adjusted[n][holm_key] for n in names] == pytest.approx(list(expected))
+
+
+def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teachers_training(tmp_path):
+    """Each student's own minutes are its curve's last point (ours: after its importance stage and teacher
+    cache); with the teacher charged, ours gains the teacher's training minutes, read from the teacher's
+    saved history where its row has no curve; the report renders the table and the figure."""
+    import json
+
+    from layerwise.baselines.budget import training_curve
+    from layerwise.report import write_report
+    from layerwise.train import TrainResult
+    from orchestration.study.results import equal_compute
+
+    def trained(epoch_seconds, valid):
+        history = [{"epoch": e, "loss": 1.0, "train_seconds": t, "valid_seconds": 6.0, "valid_ndcg@10": v}
+                   for e, (t, v) in enumerate(zip(epoch_seconds, valid))]
+        return TrainResult(best_epoch=len(history) - 1, best_valid={}, history=history)
+
+    rows, seed_dirs = [], {}
+    for seed in (0, 1):
+        dirs = {name: tmp_path / f"seed-{seed}" / name for name in ("teacher", "importance")}
+        (dirs["teacher"] / "model").mkdir(parents=True)
+        (dirs["teacher"] / "model" / "manifest.json").write_text(json.dumps(
+            {"format": "layerwise/1", "history": [{"train_seconds": 594.0, "valid_seconds": 6.0}] * 12}))
+        dirs["importance"].mkdir(parents=True)
+        (dirs["importance"] / "_seconds.json").write_text(json.dumps({"seconds": 300.0}))
+        seed_dirs[seed] = dirs
+        heal = trained([54.0, 54.0], [0.10, 0.11])
+        heal.cache_seconds = 120.0
+        for name, training in (("teacher", {"best_epoch": 11, "epochs_run": 12}), ("ours", training_curve(heal)),
+                               ("scratch", training_curve(trained([114.0] * 3, [0.08, 0.10, None])))):
+            row = _row(tmp_path, name, seed, [0.1 + 0.01 * seed] * 4,
+                       table="headline" if name in ("teacher", "ours") else "baselines")
+            rows.append({**row, "training": training})
+    entry = equal_compute(Rows(rows, seeds=[0, 1]), seed_dirs)
+    by_name = {r["name"]: r for r in entry["rows"]}
+    assert set(by_name) == {"ours", "scratch"}  # truncated has no rows here
+    assert entry["teacher_minutes"]["mean"] == pytest.approx(120.0)  # 12 x 600 s, from the manifests
+    assert by_name["ours"]["own_minutes"]["mean"] == pytest.approx(5.0 + 2.0 + 2.0)  # importance, cache, epochs
+    assert by_name["ours"]["with_teacher_minutes"]["mean"] == pytest.approx(129.0)
+    assert by_name["scratch"]["own_minutes"]["mean"] == by_name["scratch"]["with_teacher_minutes"]["mean"] == 6.0
+    assert [p["minutes"] for p in entry["curves"]["ours"][0]] == pytest.approx([8.0, 9.0])
+    assert [p["valid"] for p in entry["curves"]["scratch"][1]] == [0.08, 0.10, None]
+    paths = write_report({"title": "t", "equal_compute": entry}, tmp_path / "report")
+    text = paths["markdown"].read_text()
+    assert "| ours | 0.1050 [" in text and "figures/equal_compute.png" in text and "equal_compute" in paths["figures"]
