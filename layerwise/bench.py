@@ -42,6 +42,7 @@ import transformers
 
 from layerwise.bench_guard import REMEASURES, judge, remeasure, speed_cell, verdict
 from layerwise.cost import FLOPS_NOTE, forward_flops, make_histories, parameter_bytes
+from layerwise.device import describe, inference_autocast, peak_bf16_flops, resolve_device
 from layerwise.memory import peak_memory
 from layerwise.models.recommender import SequentialRecommender
 
@@ -147,7 +148,7 @@ def _memory_in_process(model: SequentialRecommender, histories: torch.Tensor) ->
 
 def _environment(device: torch.device) -> dict:
     return {"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "device": str(device), "cpu_count": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
+            **describe(device), "cpu_count": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -193,6 +194,8 @@ def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tens
     entry = {**_stats(wall[name], batch), "flops": forward_flops(model, batch, max_len),
              "memory": _memory_in_process(model, histories),
              "cpu": {"median_ms": float(np.median(cpu[name]) / 1e6)}}
+    if histories.is_cuda:
+        entry["mfu"] = model_flops_utilisation(entry["flops"]["total"], entry["median_ms"], histories.device)
     if zero:
         ref = models[reference]
         layers = (model.n_layers if same_layers(model, ref) else None, ref.n_layers)
@@ -201,6 +204,13 @@ def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tens
         judge(entry)
         judge(entry["cpu"])  # shown beside the wall figure; the wall figure alone decides a re-measure
     return entry
+
+
+def model_flops_utilisation(flops: float, median_ms: float, device: torch.device) -> float | None:
+    """Analytic forward FLOPs per call / median seconds / the card's published dense bf16 peak; None for a
+    card whose peak we do not know (`layerwise.device.PEAK_BF16_TFLOPS`)."""
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+    return None if peak is None else flops / (median_ms / 1e3) / peak
 
 
 def _nonlayer(wall: dict, cpu: dict, reference: str, zero: str, seed: int) -> dict:
@@ -266,7 +276,7 @@ def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), run
     try:
         for m in timed.values():
             m.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_autocast(device):  # CUDA: bf16 layers where the card has it
             parts, attempts = remeasure(measure, [str(b) for b in batch_sizes], runs, remeasures)
     finally:
         for name, m in models.items():
@@ -295,25 +305,31 @@ def _unique_names(model_dirs: list[str]) -> list[str]:
 
 
 def bench_dirs(model_dirs: list[str], batch_sizes=(1, 64), runs: int = 30, warmup: int = 5,
-               reference_index: int = 0, max_len: int = 50, seed: int = 0, remeasures: int = REMEASURES) -> dict:
-    """Load saved models, `benchmark` them against model_dirs[reference_index] (re-measured while disturbed,
-    at most `remeasures` times), add subprocess peaks."""
+               reference_index: int = 0, max_len: int = 50, seed: int = 0, remeasures: int = REMEASURES,
+               device: str | torch.device | None = "cpu") -> dict:
+    """Load saved models onto `device` (a `layerwise.device` setting), `benchmark` them against
+    model_dirs[reference_index] (re-measured while disturbed, at most `remeasures` times), add
+    subprocess peaks (on CUDA from the allocator: torch.cuda.max_memory_allocated)."""
     from layerwise.compact import load_compact
 
+    device = resolve_device(device)
     names = _unique_names(model_dirs)
-    models = {name: load_compact(d) for name, d in zip(names, model_dirs)}
+    models = {name: load_compact(d).to(device) for name, d in zip(names, model_dirs)}
     result = benchmark(models, batch_sizes, runs, warmup, max_len=max_len, seed=seed,
                        reference=names[reference_index], remeasures=remeasures)
     for name, d in zip(names, model_dirs):
         result["models"][name]["dir"] = str(d)
         for batch in batch_sizes:
-            result["models"][name]["batches"][str(batch)]["memory"] = peak_memory(d, batch, max_len, seed=seed)
+            result["models"][name]["batches"][str(batch)]["memory"] = peak_memory(d, batch, max_len, str(device),
+                                                                                  seed=seed)
     return result
 
 
 def _memory_cell(memory: dict) -> str:
     if memory.get("status") != "measured":
         return "not measured"
+    if "cuda_peak_allocated_bytes" in memory:
+        return f"{memory['cuda_peak_allocated_bytes'] / _MB:.1f} (GPU allocator)"
     if "peak_over_baseline_bytes" in memory:
         return f"{memory['peak_over_baseline_bytes'] / _MB:.1f} (abs {memory['peak_rss_bytes'] / _MB:.0f})"
     return f"{memory['peak_bytes'] / _MB:.1f}"
@@ -365,6 +381,11 @@ def format_table(result: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [_row(name, model, batch, e) for name, model in result["models"].items()
               for batch, e in model["batches"].items()]
+    mfu = [f"{name} at batch {batch}: {e['mfu']:.2%}" for name, model in result["models"].items()
+           for batch, e in model["batches"].items() if e.get("mfu") is not None]
+    if mfu:
+        lines += ["", f"Model FLOPs utilisation against the {env.get('gpu')}'s published bf16 peak "
+                  f"({env.get('peak_bf16_tflops')} TFLOP/s): " + "; ".join(mfu) + "."]
     if result.get("nonlayer"):
         parts = [f"batch {b}: f = {v['f']:.3f} [{v['f_ci95'][0]:.3f}, {v['f_ci95'][1]:.3f}] "
                  f"({v['median_ms']:.3f} ms; cpu-time f = {v['cpu_f']:.3f})" for b, v in result["nonlayer"].items()]

@@ -94,7 +94,8 @@ def attach_bridges(layers: nn.ModuleList, bridges: nn.ModuleDict) -> None:
 
 def set_bridges(model: SequentialRecommender, slots: list[int], rank: int) -> nn.ModuleDict:
     """Replace `model`'s bridges with fresh identity bridges of `rank` at `slots`, hooked onto its layers."""
-    model.bridges = nn.ModuleDict({str(s): Bridge(model.hidden_size, rank) for s in slots})
+    device = model.item_embedding.weight.device  # drawn on the CPU's RNG, then placed: the same on any device
+    model.bridges = nn.ModuleDict({str(s): Bridge(model.hidden_size, rank).to(device) for s in slots})
     attach_bridges(model.layers, model.bridges)
     return model.bridges
 

@@ -120,7 +120,7 @@ def removal_losses(model, data, users: np.ndarray | None, max_len: int = 50,
 
     with eval_mode(model), torch.inference_mode():
         for row in range(first_row, len(users), chunk):
-            y = targets[row:row + chunk]
+            y = targets[row:row + chunk].to(model.item_embedding.weight.device)
             histories = data.padded_histories(users[row:row + chunk], "valid", max_len)
             start, inputs = trim_left(model.prepare(histories))
             final, inputs_of, calls = _layer_calls(model, inputs, start)

@@ -20,13 +20,14 @@ import copy
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerwise.data.batching import length_groups, trim_left
+from layerwise.device import autocast_for, model_device
 from layerwise.hidden import capture_layer_inputs
 from layerwise.models.lora import add_lora, merge_lora
 from layerwise.models.recommender import SequentialRecommender
@@ -119,6 +120,11 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     """
     if config.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+    device = model_device(student)
+    if model_device(teacher) != device:
+        raise ValueError(f"the student is on {device} and the teacher on {model_device(teacher)}: "
+                         "place both on one device")
+    config = replace(config, autocast=autocast_for(config.autocast, device))  # CPU: as configured
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
@@ -181,6 +187,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, generator, cache=None) -> dict:
     student.train()
+    device = model_device(student)
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
     for start in range(0, len(order), config.batch_size):
@@ -188,6 +195,7 @@ def _heal_epoch(student, teacher, inputs, targets, optimizer, params, config, ge
         x, y = inputs[idx], targets[idx]
         if not student.causal:
             x, y = cloze_mask(x, student.mask_index, 0.2, generator)
+        x, y = x.to(device), y.to(device)  # masked on the CPU: the same draws on every device
         with autocast_context(config.autocast, x.device):
             loss = _batch_loss(student, teacher, x, y, config, cache.rows(idx) if cache else None)
         optimizer.zero_grad(set_to_none=True)
@@ -218,7 +226,8 @@ def _batch_loss(student, teacher, x, y, config, cached: dict | None = None, grou
     if total == 0:
         raise ValueError("the batch has no targets")
     offsets = torch.cumsum((y != 0).sum(1), 0) - (y != 0).sum(1) if cached is not None else None
-    loss, mse, moments = 0.0, [0.0] * len(pairs), torch.zeros(len(pairs), 3, dtype=torch.float64)
+    loss, mse = 0.0, [0.0] * len(pairs)
+    moments = torch.zeros(len(pairs), 3, dtype=torch.float64, device=x.device)
     for g, (start, gx, gy) in enumerate(groups):
         where = gy != 0
         if not where.any():  # nothing to predict (rows of padding only); its empty means would be NaN
@@ -242,7 +251,7 @@ def _batch_loss(student, teacher, x, y, config, cached: dict | None = None, grou
             target = t_states[t]
             mse[p] = mse[p] + share * F.mse_loss(s_states[j][where], target)
             moments[p] += torch.stack([target.double().sum(), target.double().square().sum(),
-                                       torch.tensor(target.numel(), dtype=torch.float64)])
+                                       torch.tensor(target.numel(), dtype=torch.float64, device=x.device)])
     if config.hidden_weight:
         count = moments[:, 2]
         variance = (moments[:, 1] - moments[:, 0] ** 2 / count) / (count - 1)  # as Tensor.var() over all
@@ -253,7 +262,8 @@ def _batch_loss(student, teacher, x, y, config, cached: dict | None = None, grou
 
 def _ranges(counts: torch.Tensor) -> torch.Tensor:
     """[0..c0-1, 0..c1-1, ...] for counts [c0, c1, ...]."""
-    return torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return (torch.arange(int(counts.sum()), device=counts.device)
+            - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
 
 
 class TeacherCache:
@@ -280,8 +290,10 @@ class TeacherCache:
         teacher.eval()
         keys = [*dict.fromkeys(layers), "final"]
         chunks: dict = {key: [] for key in keys}
+        device = model_device(teacher)
         for start in range(0, len(inputs), batch_size):
-            x, where = inputs[start:start + batch_size], targets[start:start + batch_size] != 0
+            x = inputs[start:start + batch_size].to(device)
+            where = (targets[start:start + batch_size] != 0).to(device)
             with autocast_context(autocast, x.device):
                 states, _ = capture_layer_inputs(teacher, x)
             for key in keys:
@@ -291,9 +303,10 @@ class TeacherCache:
 
     def rows(self, windows: torch.Tensor) -> dict:
         """The states of these windows' targets, in the order `targets[windows] != 0` selects them."""
+        windows = windows.to(self.counts.device)
         lengths = self.counts[windows]
         index = torch.repeat_interleave(self.starts[windows], lengths) + _ranges(lengths)
-        return {key: state[index] for key, state in self.states.items()}
+        return {key: state[index.to(state.device)] for key, state in self.states.items()}
 
 
 def _trainable_parameters(student: SequentialRecommender, config: HealConfig) -> list:

@@ -174,11 +174,12 @@ def rank_targets(score_all: Callable[[Tensor], dict[Any, Tensor]], data, stage: 
                 else:
                     matrix, cols = _sampled_matrix(scores, batch_seen, tgt, batch, sampler)
                 # Scores and targets were checked above (NaN named by user), so skip the second pass.
-                ranks.setdefault(key, torch.empty(len(users), dtype=torch.long))
-                ranks[key][torch.from_numpy(rows)] = target_ranks(matrix, cols, validate=False).cpu()
+                # Ranks stay where the scores are (a GPU's) and come to the host once, at the end.
+                ranks.setdefault(key, torch.empty(len(users), dtype=torch.long, device=scores.device))
+                ranks[key][torch.from_numpy(rows).to(scores.device)] = target_ranks(matrix, cols, validate=False)
             if progress:
                 print(f"evaluate[{stage}]: {start + len(batch)}/{len(users)} users", file=sys.stderr)
-    return ranks
+    return {key: value.cpu() for key, value in ranks.items()}
 
 
 def recommend(scorer: Scorer, histories: Tensor, k: int = 10, exclude_seen: bool = True) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ def capture_layer_inputs(model: SequentialRecommender, inputs: torch.Tensor, sta
     backbone's final norm) and states["final"] the backbone's last hidden state; mask (B, T) is True at
     non-padding positions. Gradients flow through the states when autograd is enabled.
     """
+    inputs = inputs.to(model.item_embedding.weight.device)  # the mask is then where the states are
     states: dict = {}
     layers = model.layers
     handles = []

@@ -112,8 +112,8 @@ def _replay(run: list[nn.Module], h: Tensor, grad_out: Tensor | None, calls: Seq
     flat = [p for group in params for p in group]
     grads = torch.autograd.grad(roots, gates + flat, seeds, allow_unused=True)
     gate_grads = torch.stack([g.reshape(-1) for g in grads[:len(gates)]]).double()  # (n, B)
-    stats["fisher"] = (gate_grads ** 2).sum(dim=1)
-    stats["taylor"] = (-gate_grads).sum(dim=1)
+    stats["fisher"] = (gate_grads ** 2).sum(dim=1).cpu()  # per-layer sums live on the host
+    stats["taylor"] = (-gate_grads).sum(dim=1).cpu()
     sq = [0.0 if g is None else g.double().pow(2).sum().item() for g in grads[len(gates):]]
     bounds = np.cumsum([0] + [len(group) for group in params])
     stats["param_fisher"] = torch.tensor([sum(sq[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],

@@ -17,6 +17,7 @@ import psutil
 import torch
 
 from layerwise.cost import make_histories, parameter_bytes
+from layerwise.device import inference_autocast
 
 
 def peak_memory(model_dir: str | Path, batch_size: int, max_len: int, device: str = "cpu", seed: int = 0) -> dict:
@@ -73,7 +74,7 @@ def _measure_peak(model_dir: str, batch_size: int, max_len: int, device: str, se
     reset = _reset_hwm()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(device):  # as `layerwise.bench` times it
         for _ in range(2):  # the first call may allocate lazily initialised state; the peak covers both
             model.score(histories)
     peak, method = _hwm_bytes()

@@ -84,11 +84,12 @@ def trace_layers(model, batches: Iterable[Batch], removed: Iterable[int] = (),
     """
     _check_plain(model)
     layers = list(model.layers)
-    traces = []
+    traces, device = [], model.item_embedding.weight.device  # batches go where the model is
     # Layer parameters must require grad so that tensors made from them inside the stack (T5's
     # position bias) carry a gradient back to their owner; autograd.grad never touches `.grad`.
     with eval_mode(model), requires_grad(layers, backward), remove_layers(model, removed):
         for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
             keep = (targets != 0).any(dim=1)
             if keep.any():
                 traces.append(_trace_batch(model, layers, inputs[keep], targets[keep], backward))
@@ -240,13 +241,16 @@ def _validation_loss(model, data, users: np.ndarray | None, max_len: int, chunk:
     total = 0.0
     for start in range(0, len(users), chunk):
         scores = model.score(data.padded_histories(users[start:start + chunk], "valid", max_len))
-        total += F.cross_entropy(scores.double(), targets[start:start + chunk], reduction="sum").item()
+        y = targets[start:start + chunk].to(scores.device)
+        total += F.cross_entropy(scores.double(), y, reduction="sum").item()
     return total / len(users)
 
 
 def _batch_loss(model, batches: Sequence[Batch]) -> float:
     total, count = 0.0, 0
     for inputs, targets in batches:
+        device = model.item_embedding.weight.device
+        inputs, targets = inputs.to(device), targets.to(device)
         keep = (targets != 0).any(dim=1)
         losses = sample_losses(model, model.encode(inputs[keep]), targets[keep])
         total, count = total + losses.double().sum().item(), count + int(keep.sum())

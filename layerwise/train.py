@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerwise.data.batching import mean_over_groups, split_by_length
+from layerwise.device import autocast_for, model_device
 from layerwise.evaluate import evaluate
 from layerwise.models.recommender import SequentialRecommender
 
@@ -154,7 +155,7 @@ def next_item_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: 
     neg = model.item_scores(h, items[negatives], model.item_bias[negatives])
     neg = neg.masked_fill(negatives.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=logits.device))
 
 
 SCHEDULES = ("constant", "cosine")
@@ -218,12 +219,13 @@ class LRSchedule:
 
 
 def autocast_context(autocast: str | None, device: torch.device | str = "cpu"):
-    """bf16 autocast on `device` for autocast="bf16", else nothing. (The AMX units of recent x86 CPUs
+    """bf16 autocast on `device` for autocast="bf16", else nothing ("fp32" or None; the training loops
+    pick the device's choice first, `layerwise.device.autocast_for`). (The AMX units of recent x86 CPUs
     run bf16 matrix products faster: 5.7 s instead of 6.9 s per step of the 30-layer SmolLM2 with LoRA.)"""
-    if autocast is None:
+    if autocast in (None, "fp32"):
         return contextlib.nullcontext()
     if autocast != "bf16":
-        raise ValueError(f"unknown autocast {autocast!r}; choose bf16 or leave it unset")
+        raise ValueError(f"unknown autocast {autocast!r}; choose bf16, fp32 or leave it unset")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
@@ -243,6 +245,8 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     """
     from layerwise.resume import TrainingState, remove, saved_names
 
+    # The model's device is where training runs; on CUDA the layers take bf16 autocast unless told fp32.
+    run_config = replace(config, autocast=autocast_for(config.autocast, model_device(model)))
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     inputs, targets = training_windows(data, config.max_len, model.causal)
@@ -265,13 +269,13 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     started, reason = time.monotonic() - elapsed, None
     for epoch in bar:
         tick = time.monotonic()
-        loss = _train_epoch(model, inputs, targets, optimizer, config, generator, schedule)
+        loss = _train_epoch(model, inputs, targets, optimizer, run_config, generator, schedule)
         record = {"epoch": epoch, "loss": loss, "steps": schedule.steps, "train_seconds": time.monotonic() - tick}
         # The safety cap stops after this epoch: validate it, or a run that reached it has no best model.
         out_of_time = bool(config.max_minutes) and (time.monotonic() - started) / 60 > config.max_minutes
         if epoch % config.eval_every == 0 or epoch == config.epochs or schedule.done or out_of_time:
             tick = time.monotonic()
-            valid = _validate(model, data, config.max_len, config.autocast)
+            valid = _validate(model, data, config.max_len, run_config.autocast)
             record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
             if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
                 result.best_epoch, result.best_valid = epoch, valid
@@ -327,6 +331,7 @@ def _draw_negatives(model: SequentialRecommender, config: TrainConfig,
 
 def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=None) -> float:
     model.train()
+    device = model_device(model)
     order = torch.randperm(len(inputs), generator=generator)
     total, batches = 0.0, 0
     for start in range(0, len(order), config.batch_size):
@@ -334,6 +339,7 @@ def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=
         x, y = inputs[idx], targets[idx]
         if not model.causal:
             x, y = cloze_mask(x, model.mask_index, config.mask_prob, generator)
+        x, y = x.to(device), y.to(device)  # masked on the CPU: the same draws on every device
         loss = batch_loss(model, x, y, config, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

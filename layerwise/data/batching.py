@@ -83,7 +83,7 @@ def length_groups(inputs: torch.Tensor, overhead: float = GROUP_OVERHEAD) -> lis
     per-row data (cached teacher states, say) to the groups."""
     lengths = window_lengths(inputs)
     order = torch.argsort(lengths, stable=True)
-    bounds = _cuts(lengths[order].numpy(), overhead)
+    bounds = _cuts(lengths[order].cpu().numpy(), overhead)  # a batch on a GPU: its lengths read once
     return list(torch.tensor_split(order, bounds[1:-1]))
 
 

@@ -70,7 +70,7 @@ def save_recommender(model: SequentialRecommender, out_dir: str | Path, manifest
     with atomic_directory(out_dir) as tmp:
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         if adapters:
-            save_file({k: v.to(stored) for k, v in adapters.items()}, str(tmp / LORA))
+            save_file({k: v.to(stored).cpu() for k, v in adapters.items()}, str(tmp / LORA))
         own = {k: (v.to(stored) if weights_dtype is not None and v.is_floating_point() else v).detach()
                .contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
         save_file(own, str(tmp / "recommender.safetensors"))

@@ -117,7 +117,9 @@ class SequentialRecommender(nn.Module):
         return torch.cat([histories[:, 1:], mask], dim=1)
 
     def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs: (B, T) indices -> (inputs_embeds (B, T, H), attention_mask (B, T))."""
+        """inputs: (B, T) indices -> (inputs_embeds (B, T, H), attention_mask (B, T)), on the model's
+        device (a batch read on the host moves there; on the same device it is the tensor itself)."""
+        inputs = inputs.to(self.item_embedding.weight.device)
         embeds = nn.functional.embedding(inputs, self.item_vectors(), padding_idx=0)
         if self.input_norm is not None:
             embeds = nn.functional.normalize(embeds, dim=-1) * self.input_norm  # padding stays zero
@@ -174,7 +176,7 @@ class SequentialRecommender(nn.Module):
         Columns that are padding in every row are cut first (exact, see `encode`): a batch of short
         histories costs what its longest history costs, not T.
         """
-        start, inputs = trim_left(self.prepare(histories))
+        start, inputs = trim_left(self.prepare(histories.to(self.item_embedding.weight.device)))
         hidden = self.encode(inputs, start=start)
         return self.head(hidden[:, -1])
 
