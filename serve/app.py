@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from layerwise.compact import load_compact
+from layerwise.device import inference_autocast, model_device, resolve_device, wants_gpu
 from layerwise.data import DataError, load_dataset
 from layerwise.evaluate import recommend
 from layerwise.models.checkpoint import read_manifest
@@ -147,7 +148,8 @@ class RecommenderCore:
         if expected and expected != data.fingerprint:
             raise ValueError(f"model {model_dir} was trained on data fingerprint {expected[:12]}… but "
                              f"{dataset!r} has {data.fingerprint[:12]}…: item indices would not match")
-        return cls(load_compact(model_dir), manifest, data, args.model, args.max_history)
+        model = load_compact(model_dir).to(resolve_device(args.device))
+        return cls(model, manifest, data, args.model, args.max_history)
 
     def prepare(self, req: RecommendRequest) -> Prepared:
         """Validate a request against the catalogue (BadRequest 422) and pad its history to max_len."""
@@ -188,8 +190,8 @@ class RecommenderCore:
         return notes
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
-        """batch: (B, max_len) long -> scores (B, n_items + 1) float, in one model call."""
-        with torch.inference_mode():
+        """batch: (B, max_len) long -> scores (B, n_items + 1) float, in one model call, where the model is."""
+        with torch.inference_mode(), inference_autocast(model_device(self.model)):
             return self.model.score(batch)
 
     def rank(self, scores: torch.Tensor, prepared: Prepared, k: int, exclude_seen: bool) -> list[RecommendedItem]:
@@ -314,9 +316,10 @@ def build_app(args: dict[str, Any]) -> Application:
     if config.max_ongoing_requests < config.max_batch_size:
         raise ValueError(f"max_ongoing_requests ({config.max_ongoing_requests}) must be >= max_batch_size "
                          f"({config.max_batch_size}) or batches can never fill")
+    gpus = config.num_gpus if wants_gpu(config.device) else 0  # a replica sees a GPU only if Ray gives it one
     deployment = Recommender.options(num_replicas=config.num_replicas,
                                      max_ongoing_requests=config.max_ongoing_requests,
-                                     ray_actor_options={"num_cpus": config.num_cpus})
+                                     ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": gpus})
     return deployment.bind(config.model_dump())
 
 

@@ -126,6 +126,11 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0.0, description="CPUs per replica")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where each replica runs the model: auto (a GPU when the replica was given "
+                                    "one), cpu, cuda or cuda:N; on CUDA the layers take bf16 autocast")
+    num_gpus: float = Field(1.0, gt=0.0, le=8.0, description="GPUs per replica when device asks for one (a "
+                                                             "fraction lets replicas share a card)")
     model_call: Literal["loop", "thread"] = Field(
         "loop", description="where a batch's model call runs: 'loop' blocks the replica's user event loop while "
                             "Serve's own loop keeps queueing requests, so the next batch is full; 'thread' runs it "

@@ -16,6 +16,15 @@ from orchestration.outputs import write_json
 DEFAULT_DATASET = "ml-100k"
 
 
+def add_device_arg(parser) -> None:
+    """`--device auto|cpu|cuda[:N]` (layerwise.device), the same on every command that runs a model. The
+    help is written out here: importing layerwise.device would import torch for every --help."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where models run: auto (CUDA when a GPU is visible, else CPU), cpu, cuda or "
+                             "cuda:N; on CUDA the layers take bf16 autocast where the card has it "
+                             "(default: %(default)s)")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """--dataset, --data-dir, --cache-dir and --min-core, read back by `load_data`."""
     parser.add_argument("--dataset", default=DEFAULT_DATASET,

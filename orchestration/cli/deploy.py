@@ -28,6 +28,11 @@ def _serve_parser(sub) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000)
     add_replica_arguments(srv)
+    srv.add_argument("--device", default="auto", metavar="DEVICE",
+                     help="where each replica runs the model: auto (CUDA when a GPU is visible, else CPU), cpu, "
+                          "cuda or cuda:N; a GPU replica asks Ray for --num-gpus (default: %(default)s)")
+    srv.add_argument("--num-gpus", type=float, default=1.0,
+                     help="GPUs per replica with a GPU device; a fraction shares a card (default: %(default)s)")
     srv.add_argument("--dataset", default=None, help="catalogue data set (default: the model's own)")
     srv.add_argument("--data-dir", default=None,
                      help="local folder of the data set's files (default: $LAYERWISE_DATA_DIR), as for train")
@@ -77,7 +82,7 @@ def serve_options(args: argparse.Namespace) -> dict:
     from serve.schemas import replica_options
 
     return {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,  # replicas' cwd differs
-            **replica_options(args)}
+            "device": args.device, "num_gpus": args.num_gpus, **replica_options(args)}
 
 
 def plan(args: argparse.Namespace) -> int:

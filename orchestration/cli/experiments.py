@@ -45,6 +45,9 @@ def _run_parser(sub) -> None:
                "tracking, bench); an unknown key or a wrong type is an error that names it.")
     run.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded defaults)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.train.epochs=30")
+    run.add_argument("--device", default=None, metavar="DEVICE",
+                     help="where every stage runs: auto, cpu, cuda or cuda:N (the same as the override "
+                          "device=...; default: the config's, auto)")
 
 
 def _baselines_parser(sub) -> None:
@@ -95,6 +98,8 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     path, overrides = args.config, list(args.overrides)
     if path and "=" in path and not Path(path).exists():
         path, overrides = None, [path, *overrides]
+    if getattr(args, "device", None):  # --device is the override device=..., given last so that it wins
+        overrides.append(f"device={args.device}")
     return path, overrides
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from layerwise.bench_guard import REMEASURES
-from orchestration.cli.data import add_data_args, load_data
+from orchestration.cli.data import add_data_args, add_device_arg, load_data
 from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
 
 
@@ -28,8 +28,9 @@ def add_parsers(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train a teacher recommender (plain torch, CPU or GPU)")
+    train = sub.add_parser("train", help="train a teacher recommender (plain torch, on --device)")
     add_data_args(train)
+    add_device_arg(train)
     train.add_argument("--family", default="llama", choices=["llama", "qwen3", "gpt2", "bert", "t5"])
     train.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
     train.add_argument("--pretrained", default=None,
@@ -54,7 +55,9 @@ def _train_parser(sub) -> None:
     train.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                        help="learning-rate schedule over the planned epochs")
     train.add_argument("--warmup", type=float, default=None, help="linear warm-up, a fraction of the steps")
-    train.add_argument("--autocast", choices=["bf16"], default=None, help="bf16 autocast of the layers")
+    train.add_argument("--autocast", choices=["bf16", "fp32"], default=None,
+                       help="bf16 autocast of the layers (default: bf16 on a GPU that has it, else none); "
+                            "fp32: never")
     _llm_args(train)
 
 
@@ -80,6 +83,7 @@ LLM_FIELDS = ("finetune", "lora_rank", "n_layers", "item_init", "item_std", "ite
 def _evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", help="ranking metrics of a saved model (or mostpop) on a split")
     add_data_args(ev)
+    add_device_arg(ev)
     ev.add_argument("--model", required=True, help="model directory, or 'mostpop'")
     ev.add_argument("--json", default=None, help="write mean metrics and the protocol here")
     ev.add_argument("--per-user", default=None, help="write per-user metrics to this Parquet file")
@@ -95,6 +99,7 @@ def _evaluate_parser(sub) -> None:
 def _score_parser(sub) -> None:
     score = sub.add_parser("score", help="layer importance of a trained model, every estimator")
     add_data_args(score)
+    add_device_arg(score)
     score.add_argument("--model", required=True, help="trained model directory")
     score.add_argument("--methods", nargs="+", default=None,
                        help="estimators (default: all local ones plus ablation and ablation_loss)")
@@ -107,6 +112,7 @@ def _score_parser(sub) -> None:
 def _compress_parser(sub) -> None:
     comp = sub.add_parser("compress", help="keep the best k layers, bridge the gaps, heal by distillation")
     add_data_args(comp)
+    add_device_arg(comp)
     comp.add_argument("--teacher", required=True, help="trained teacher directory")
     comp.add_argument("--keep", type=float, default=0.25,
                       help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
@@ -119,7 +125,8 @@ def _compress_parser(sub) -> None:
     comp.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default: 1e-3)")
     comp.add_argument("--cache-teacher", action="store_true",
                       help="run the frozen teacher once over the training windows instead of every epoch")
-    comp.add_argument("--autocast", choices=["bf16"], default=None, help="heal with the layers in bf16")
+    comp.add_argument("--autocast", choices=["bf16", "fp32"], default=None,
+                      help="heal with the layers in bf16 (default: bf16 on a GPU that has it, else none); fp32: never")
     comp.add_argument("--no-heal", action="store_true", help="only remove layers (bridges stay identity)")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--out", required=True, help="output compact model directory")
@@ -127,6 +134,7 @@ def _compress_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="interleaved latency, throughput, memory, FLOPs and the Amdahl bound")
+    add_device_arg(bench)
     bench.add_argument("--models", nargs="+", required=True,
                        help="model directories; the first is the reference (the teacher)")
     bench.add_argument("--json", required=True, help="write the full result here")
@@ -159,6 +167,9 @@ def train(args: argparse.Namespace) -> int:
                               text_features=args.text_features, max_len=args.max_len,
                               dropout=args.dropout, seed=args.seed, causal=args.causal, head=args.head,
                               llm=LLMSetup(**llm_options) if llm_options else None)
+    from layerwise.device import resolve_device
+
+    model.to(resolve_device(args.device))  # built on the CPU: the same initial weights on every device
     started = time.perf_counter()
     result = train_recommender(model, dataset, config)
     minutes = (time.perf_counter() - started) / 60
@@ -179,7 +190,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from orchestration.loading import scorer_for
 
     dataset = load_data(args)
-    result = evaluate_scorer(scorer_for(args.model, dataset), dataset, args)
+    result = evaluate_scorer(scorer_for(args.model, dataset, args.device), dataset, args)
     print_metrics_table({args.model: result.means}, METRIC_COLUMNS)
     if args.json:
         write_json(args.json, result.to_dict())
@@ -202,7 +213,7 @@ def score(args: argparse.Namespace) -> int:
     from orchestration.loading import load_model_for
 
     dataset = load_data(args)
-    model = load_model_for(args.model, dataset)
+    model = load_model_for(args.model, dataset, args.device)
     methods = args.methods or [*LOCAL_METHODS, "ablation", "ablation_loss"]
     unknown = [m for m in methods if m not in IMPORTANCE]
     if unknown:
@@ -226,7 +237,7 @@ def compress(args: argparse.Namespace) -> int:
     from orchestration.loading import load_model_for
 
     dataset = load_data(args)
-    teacher = load_model_for(args.teacher, dataset)
+    teacher = load_model_for(args.teacher, dataset, args.device)
     config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
                             bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
                             heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable,
@@ -251,7 +262,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_dirs(args.models, batch_sizes=tuple(args.batch_sizes), runs=args.runs,
-                        warmup=args.warmup, remeasures=args.remeasures)
+                        warmup=args.warmup, remeasures=args.remeasures, device=args.device)
     print(format_table(result))
     write_json(args.json, result)
     return 0

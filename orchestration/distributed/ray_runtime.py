@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import psutil
 import ray
+import torch
 
 SMALL_MACHINE_CPUS = 4
 # On a small machine the object store gets this share of RAM, at most SMALL_STORE_CAP_MB: calibration
@@ -27,6 +28,8 @@ SMALL_MACHINE_CPUS = 4
 # the workers themselves.
 SMALL_STORE_FRACTION = 0.2
 SMALL_STORE_CAP_MB = 1024
+# Tasks of one stage that share one GPU at once (two shards and two evaluations; or seeds of a study).
+GPU_TASKS_PER_CARD = 4
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None,
@@ -88,6 +91,20 @@ def cpu_fraction(total_cpus: float | None = None) -> float:
     if total_cpus is None:
         total_cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
     return float(min(1.0, max(0.25, total_cpus / 4)))
+
+
+def gpu_request(device: str | None, share: int = GPU_TASKS_PER_CARD) -> float:
+    """num_gpus for a task whose stage runs on `device` (a `layerwise.device` setting): 0 when it asks for
+    no GPU (cpu, or auto where none is visible), else 1/share of a card, so that the `share` tasks of a
+    stage (shards and evaluations, or seeds) run on one GPU at once, as cpu_fraction lets them share CPUs."""
+    from layerwise.device import wants_gpu
+
+    return 1.0 / share if wants_gpu(device) else 0.0
+
+
+def task_device() -> torch.device:
+    """Inside a Ray task: the GPU Ray assigned it (its only visible one), else the CPU."""
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _default_store_mb() -> int | None:

@@ -21,6 +21,7 @@ shard task is a pure function of its inputs, so a retried shard gives the identi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -36,8 +37,8 @@ from transformers import AutoConfig
 from layerwise.dependency import dependency_matrix
 from layerwise.importance import LOCAL_METHODS, ablation, local_scores, shard_inputs
 from layerwise.models import FAMILIES, SequentialRecommender, build_backbone
-from layerwise.tracing import trace_layers
-from orchestration.distributed.ray_runtime import cpu_fraction, init_ray
+from layerwise.tracing import LayerCall, trace_layers
+from orchestration.distributed.ray_runtime import cpu_fraction, gpu_request, init_ray, task_device
 
 MAX_RETRIES = 3
 # Application errors worth another attempt (a full disk or a dropped connection while spilling or
@@ -84,7 +85,7 @@ def shard_weights(model: SequentialRecommender, start: int, end: int) -> dict[st
     """
     if not 0 <= start < end <= model.n_layers:
         raise ValueError(f"shard [{start}, {end}) out of range for a {model.n_layers}-layer model")
-    state = {f"{j}.{name}": value.detach()
+    state = {f"{j}.{name}": value.detach().cpu()  # the object store holds host memory
              for j, layer in enumerate(model.layers[start:end]) for name, value in layer.state_dict().items()}
     return {**_backbone_recipe(model), "indices": list(range(start, end)), "state": state}
 
@@ -115,7 +116,7 @@ def model_weights(model: SequentialRecommender) -> dict[str, Any]:
     """The whole recommender as plain tensors + its rebuild recipe (`build_model`). No bridges."""
     if getattr(model, "bridges", None):
         raise ValueError("ablation and dependency are measured on a model without bridges (a teacher)")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {**_backbone_recipe(model), "n_items": model.n_items, "dropout": model.dropout.p,
             "input_norm": model.input_norm, "head": model.head_kind, "state": state}
 
@@ -173,8 +174,24 @@ def process_memory() -> dict[str, int]:
 def _shard_task(weights: dict[str, Any], inputs: dict[str, list], methods: tuple[str, ...],
                 crash_marker: str | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
     _maybe_crash(crash_marker)
-    scores = local_scores(build_shard(weights), 0, methods=methods, **inputs)
+    device = task_device()
+    scores = local_scores(build_shard(weights).to(device), 0, methods=methods, **_placed(inputs, device))
     return scores, process_memory()
+
+
+def _placed(value, device: torch.device):
+    """Tensors inside lists, tuples, dicts and `LayerCall`s moved to `device` (on the same device: the
+    tensors themselves)."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_placed(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _placed(v, device) for k, v in value.items()}
+    if isinstance(value, LayerCall):
+        return dataclasses.replace(value, args=_placed(value.args, device), kwargs=_placed(value.kwargs, device),
+                                   carried_grad=_placed(value.carried_grad, device))
+    return value
 
 
 # One function, two remotes (both titled ray::_shard_task). Ray takes max_calls only here, not in
@@ -188,14 +205,14 @@ _EVALUATIONS = {"ablation": ablation, "dependency": dependency_matrix}
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=list(TRANSIENT))
 def _evaluation_task(kind: str, weights: dict[str, Any], batches, data, kwargs: dict) -> Tensor:
-    return _EVALUATIONS[kind](build_model(weights), batches, data, **kwargs)
+    return _EVALUATIONS[kind](build_model(weights).to(task_device()), batches, data, **kwargs)
 
 
 # --- the driver side ---------------------------------------------------------------------------------
 def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards: int,
                        methods: Sequence[str] = LOCAL_METHODS, num_cpus: float | None = None,
                        worker_memory: list | None = None, fresh_workers: bool = False,
-                       _crash_marker: str | None = None) -> dict[str, Tensor]:
+                       _crash_marker: str | None = None, device: str | None = "cpu") -> dict[str, Tensor]:
     """Local importance estimators with one Ray task per contiguous shard of layers.
 
     Uses the connected Ray, or starts one with `init_ray()` (never Ray's own unbounded auto-start). Equals
@@ -216,6 +233,8 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
             env var per task rules out an idle worker left by earlier work; max_calls=1 ends the worker.
         _crash_marker: test hook, a file path: the first shard attempt that finds no file there creates
             it and kills its own worker, so the task must be retried.
+        device: the stage's device setting (`layerwise.device`); one that asks for a GPU gives each task
+            a share of one (`gpu_request`), and the task runs its layers there.
 
     Returns:
         method -> (L,) float64 scores, higher = more important.
@@ -228,15 +247,16 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
     init_ray()
     traces = trace_layers(model, batches, backward=bool(_GRADIENT_METHODS & set(methods)))
     cpus = num_cpus if num_cpus is not None else cpu_fraction()
+    gpus = gpu_request(device)
     refs, run = [], uuid.uuid4().hex
     for start, end in shards:
-        inputs = ray.put(shard_inputs(traces, start, end))
+        inputs = ray.put(_placed(shard_inputs(traces, start, end), torch.device("cpu")))
         weights = ray.put(shard_weights(model, start, end))
         if fresh_workers:
             fresh = {"env_vars": {"LAYERWISE_SHARD_WORKER": f"{run}-{start}"}}
-            task = _fresh_shard_task.options(num_cpus=cpus, runtime_env=fresh)
+            task = _fresh_shard_task.options(num_cpus=cpus, num_gpus=gpus, runtime_env=fresh)
         else:
-            task = _shard_task.options(num_cpus=cpus)
+            task = _shard_task.options(num_cpus=cpus, num_gpus=gpus)
         refs.append(task.remote(weights, inputs, methods, _crash_marker))
     del traces  # the object store holds what the tasks need
     parts = ray.get(refs)
@@ -247,39 +267,41 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
 
 def submit_ablation(model, batches, data=None, metric: str = "ndcg@10", max_users: int | None = None,
                     removed: Iterable[int] = (), max_len: int = 50, seed: int = 0,
-                    num_cpus: float | None = None) -> ray.ObjectRef:
+                    num_cpus: float | None = None, device: str | None = "cpu") -> ray.ObjectRef:
     """Start `layerwise.importance.ablation` as one Ray task; `ray.get` the ref for (L,) float64.
 
     `model` is a `SequentialRecommender` or the ref `put_model` returned (weights put once, shared).
     """
     kwargs = {"metric": metric, "max_users": max_users, "removed": list(removed), "max_len": max_len,
               "seed": seed}
-    return _submit("ablation", model, batches, data, kwargs, num_cpus)
+    return _submit("ablation", model, batches, data, kwargs, num_cpus, device)
 
 
 def submit_dependency(model, batches, data=None, metric: str = "loss", max_users: int | None = None,
-                      max_len: int = 50, seed: int = 0, num_cpus: float | None = None) -> ray.ObjectRef:
+                      max_len: int = 50, seed: int = 0, num_cpus: float | None = None,
+                      device: str | None = "cpu") -> ray.ObjectRef:
     """Start `layerwise.dependency.dependency_matrix` as one Ray task; `ray.get` gives (L, L) float64.
 
     `model` is a `SequentialRecommender` or the ref `put_model` returned.
     """
     kwargs = {"metric": metric, "max_users": max_users, "max_len": max_len, "seed": seed}
-    return _submit("dependency", model, batches, data, kwargs, num_cpus)
+    return _submit("dependency", model, batches, data, kwargs, num_cpus, device)
 
 
-def every_score(model, batches, data, n_shards: int, max_users: int | None = None,
+def every_score(model, batches, data, n_shards: int, max_users: int | None = None, device: str | None = "cpu",
                 ) -> tuple[dict[str, Tensor], Tensor]:
     """Every estimator at once: the local ones sharded, `ablation` (NDCG@10), `ablation_loss` and the loss
     dependency matrix one task each, all submitted before any is awaited, so that they share the CPUs
     (in turn they took about twice as long on 2 cores). The last three evaluate on `max_users` sampled
-    validation users (None: all). Returns ({method: (L,)}, dependency (L, L))."""
+    validation users (None: all). `device`: where the tasks run (a GPU share each when it asks for one).
+    Returns ({method: (L,)}, dependency (L, L))."""
     init_ray()
     weights = put_model(model)
-    users = {"max_users": max_users}
+    users = {"max_users": max_users, "device": device}
     pending = {"dependency": submit_dependency(weights, batches, data, metric="loss", **users),  # longest first
                "ablation_loss": submit_ablation(weights, batches, data, metric="loss", **users),
                "ablation": submit_ablation(weights, batches, data, metric="ndcg@10", **users)}
-    scores = sharded_importance(model, batches, n_shards=n_shards, methods=LOCAL_METHODS)
+    scores = sharded_importance(model, batches, n_shards=n_shards, methods=LOCAL_METHODS, device=device)
     scores.update(zip(pending, ray.get(list(pending.values()))))
     return scores, scores.pop("dependency")
 
@@ -294,9 +316,11 @@ def remote_dependency(model, batches, data=None, metric: str = "loss", **kwargs)
     return ray.get(submit_dependency(model, batches, data, metric, **kwargs))
 
 
-def _submit(kind: str, model, batches, data, kwargs: dict, num_cpus: float | None) -> ray.ObjectRef:
+def _submit(kind: str, model, batches, data, kwargs: dict, num_cpus: float | None,
+            device: str | None = "cpu") -> ray.ObjectRef:
     init_ray()
     weights = model if isinstance(model, ray.ObjectRef) else put_model(model)
     batches = None if batches is None else list(batches)  # a generator cannot travel
     cpus = num_cpus if num_cpus is not None else cpu_fraction()
-    return _evaluation_task.options(num_cpus=cpus).remote(kind, weights, batches, data, kwargs)
+    return _evaluation_task.options(num_cpus=cpus, num_gpus=gpu_request(device)).remote(
+        kind, weights, batches, data, kwargs)

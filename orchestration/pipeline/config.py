@@ -19,6 +19,7 @@ import yaml
 
 from layerwise.bench_guard import REMEASURES
 from layerwise.compress import DEFAULT_BRIDGE_RANK
+from layerwise.device import check_device
 from layerwise.distill import HealConfig
 from layerwise.models.llm import LLMSetup
 from layerwise.train import ADDED, TrainConfig
@@ -108,12 +109,27 @@ class PipelineConfig:
     # bit-identical on a busy machine and a quiet one (and two OpenMP threads on two cores, one of them
     # taken by another job, spin against each other and run ~3x slower than one).
     threads: int | None = 1
+    # Where every stage runs its models (layerwise.device): auto (a GPU when one is visible), cpu, cuda,
+    # cuda:N. A CPU run keeps its stage folders; a GPU's results are other bits, so they get their own.
+    device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     compress: CompressStageConfig = field(default_factory=CompressStageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
+
+def device_key(device: str | None) -> tuple:
+    """What a device setting adds to a stage hash: nothing on the CPU (earlier stages stay valid), the
+    resolved device's type where it is a GPU."""
+    from layerwise.device import resolve_device
+
+    resolved = resolve_device(device)
+    return () if resolved.type == "cpu" else (resolved.type,)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = PipelineConfig):

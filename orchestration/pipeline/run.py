@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.outputs import write_json
-from orchestration.pipeline.config import PipelineConfig, stage_hash
+from orchestration.pipeline.config import PipelineConfig, device_key, stage_hash
 from orchestration.pipeline.stages import Stages, tree_cpu_seconds
 
 
@@ -35,7 +35,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         data = steps.load_data(config)
         data_seconds = time.perf_counter() - loading
         data_key = stage_hash(config.data, data.fingerprint)
-        teacher_key = stage_hash(data_key, config.teacher, config.seed, config.threads)
+        teacher_key = stage_hash(data_key, config.teacher, config.seed, config.threads, *device_key(config.device))
         teacher_dir = stages.run("teacher", teacher_key, lambda out: steps.train_teacher(ctx, data, out))
         base_key = stage_hash(teacher_key, "evaluate")
         base_dir = stages.run("evaluate-teacher", base_key,

@@ -26,6 +26,7 @@ class Context:
     root: Path
     parent_run_id: str | None = None
     logged: set[str] = field(default_factory=set)
+    device: torch.device = torch.device("cpu")  # config.device resolved once, where every stage runs
 
     def log_stage(self, name: str, out: Path, skipped: bool) -> None:
         """Log a finished stage's JSON outputs to MLflow (also for stages skipped on resume)."""
@@ -51,9 +52,12 @@ def pipeline_context(config: PipelineConfig, root: Path):
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     if config.threads:
         torch.set_num_threads(config.threads)
+    from layerwise.device import resolve_device
+
+    device = resolve_device(config.device)
     with ray_session(address=config.ray.address):
         with tracking.tracked_run(config.name, params=asdict(config), tags={"stage": "pipeline"}) as run:
-            yield Context(config, root, parent_run_id=run.info.run_id)
+            yield Context(config, root, parent_run_id=run.info.run_id, device=device)
 
 
 def load_data(config: PipelineConfig):
@@ -87,7 +91,8 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
                                llm=asdict(t.llm) if t.llm else None)
         result = train_teacher_distributed(data_spec, model_spec, train_config, out_dir=str(out / "model"),
                                            num_workers=c.ray.workers, zero_stage=c.ray.zero_stage,
-                                           storage_path=str(ctx.root / "ray_train"))
+                                           storage_path=str(ctx.root / "ray_train"),
+                                           use_gpu=ctx.device.type == "cuda")
         _check_model(out)
         history = result["history"]
         write_json(out / "train.json", {"best": result["best"], "history": history,
@@ -98,6 +103,7 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained,
                               text_features=t.text_features, max_len=c.data.max_len,
                               dropout=t.dropout, seed=c.seed, causal=t.causal, head=t.head, llm=t.llm)
+    model.to(ctx.device)  # built on the CPU (the same weights everywhere), trained where the stage runs
     result = train_recommender(model, data, train_config, checkpoint=out / "checkpoint",
                                stop=lambda _: interrupts.requested())  # resumes mid-training
     save_recommender(model, out / "model", {
@@ -119,13 +125,14 @@ def _check_model(out: Path) -> None:
 def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with_mostpop: bool) -> None:
     """Test-split metrics (full ranking, seen items excluded) with per-user Parquet tables."""
     from layerwise.baselines import BASELINES
+    from layerwise.device import device_scorer
     from layerwise.evaluate import evaluate
     from orchestration.loading import load_model_for
 
     scorers = {"mostpop": BASELINES["mostpop"](data)} if with_mostpop else {}
     for name, model_dir in models.items():
         model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
-        scorers[name] = load_model_for(str(model_dir), data).score
+        scorers[name] = device_scorer(load_model_for(str(model_dir), data, ctx.device))
     rows = {}
     for name, scorer in scorers.items():
         result = evaluate(scorer, data, stage="test", exclude_seen=True,
@@ -143,11 +150,11 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     from orchestration.distributed.shards import every_score
 
     c = ctx.config
-    teacher = load_model_for(str(teacher_dir / "model"), data)
+    teacher = load_model_for(str(teacher_dir / "model"), data, ctx.device)
     batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
                                   c.data.max_len, c.seed)
     scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards,
-                                     max_users=c.compress.ablation_users)
+                                     max_users=c.compress.ablation_users, device=str(ctx.device))
     write_json(out / "importance.json", {
         "n_layers": teacher.n_layers, "shards": c.ray.shards,
         "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
@@ -174,7 +181,7 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
 
     c = ctx.config
     s = c.compress
-    teacher = load_model_for(str(teacher_dir / "model"), data)
+    teacher = load_model_for(str(teacher_dir / "model"), data, ctx.device)
     config = CompressConfig(keep=s.keep, selector=s.selector, method=s.method,
                             bridge_rank=s.bridge_rank, calib_batches=s.calib_batches,
                             calib_batch_size=s.calib_batch_size, seed=c.seed, ablation_users=s.ablation_users,
@@ -200,7 +207,7 @@ def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> bool
     try:
         result = bench_dirs([str(teacher_dir / "model"), str(compact_dir)], batch_sizes=b.batch_sizes,
                             runs=b.runs, warmup=b.warmup, max_len=ctx.config.data.max_len,
-                            remeasures=b.remeasures)
+                            remeasures=b.remeasures, device=ctx.device)
     finally:
         torch.set_num_threads(threads)
     (out / "bench.md").write_text(format_table(result))

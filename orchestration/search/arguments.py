@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--distributed-heal", action="store_true",
                         help="heal every trial on Ray Train + DeepSpeed (2 CPU workers) instead of in the trial")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: by CPUs)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where the teacher and the trials run: auto, cpu, cuda or cuda:N; a GPU gives each "
+                             "trial a share of one (default: the YAML's device:, auto)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite in --run-dir)")
     parser.add_argument("--registered-model", default="layerwise-compact")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: embedded Ray)")

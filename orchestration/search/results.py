@@ -138,14 +138,15 @@ def check_front(rows: list[dict], front: list[str], data, teacher_path: str, spa
     """
     from layerwise.bench import benchmark
     from layerwise.compact import load_compact
+    from layerwise.device import device_scorer, resolve_device
     from layerwise.evaluate import evaluate
 
     def ndcg(model) -> float:
-        return evaluate(model.score, data, stage="test", exclude_seen=True, max_len=max_len).means["ndcg@10"]
+        return evaluate(device_scorer(model), data, stage="test", exclude_seen=True, max_len=max_len).means["ndcg@10"]
 
-    max_len, p = space.teacher.max_len, space.protocol
-    teacher = load_compact(teacher_path).eval()
-    models = {r["trial_id"]: load_compact(r["model_dir"]).eval() for r in rows if r["trial_id"] in front}
+    max_len, p, device = space.teacher.max_len, space.protocol, resolve_device(space.device)
+    teacher = load_compact(teacher_path).eval().to(device)
+    models = {r["trial_id"]: load_compact(r["model_dir"]).eval().to(device) for r in rows if r["trial_id"] in front}
     teacher_ndcg = ndcg(teacher)
     bench = benchmark({"teacher": teacher, **models}, batch_sizes=(p.bench_batch_size,), runs=p.alone_runs,
                       warmup=p.bench_warmup, max_len=max_len, seed=p.seed, reference="teacher") if models else {}

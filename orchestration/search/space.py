@@ -127,6 +127,9 @@ class SearchSpace:
     teacher: TeacherSpec
     protocol: Protocol
     entries: dict[str, Any] = field(default_factory=dict)  # name -> constant or checked distribution dict
+    # Where the teacher, the trials and their benchmarks run (layerwise.device): auto, cpu, cuda, cuda:N.
+    # Not part of a search's key: a search resumes wherever it runs.
+    device: str = "auto"
 
     @property
     def searched(self) -> list[str]:
@@ -158,14 +161,16 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ValueError(f"{path}: the top level must be a mapping with teacher, protocol and space")
     for item in overrides:
         _apply_override(raw, item, path)
-    unknown = sorted(set(raw) - {"teacher", "protocol", "space"})
+    unknown = sorted(set(raw) - {"teacher", "protocol", "space", "device"})
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; known: teacher, protocol, space")
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: teacher, protocol, space, device")
     teacher = _typed(TeacherSpec, raw.get("teacher") or {}, f"{path}: teacher")
     _check_llm(teacher.llm, f"{path}: teacher.llm")
     protocol = _typed(Protocol, raw.get("protocol") or {}, f"{path}: protocol")
     entries = check_entries(raw.get("space"), f"{path}: space")
-    return SearchSpace(str(path), teacher, protocol, entries)
+    from layerwise.device import check_device
+
+    return SearchSpace(str(path), teacher, protocol, entries, check_device(raw.get("device")))
 
 
 def check_entries(space: Any, where: str) -> dict[str, Any]:

@@ -40,11 +40,12 @@ def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
     from layerwise.bench import benchmark
     from layerwise.compact import load_compact, save_compact
     from layerwise.compress import calibration_batches, select_layers
+    from orchestration.distributed.ray_runtime import task_device
     from orchestration.distributed.specs import DataSpec
 
     started, p = time.perf_counter(), ctx["protocol"]
     data = DataSpec(**ctx["data"]).load()
-    teacher = load_compact(ctx["teacher_dir"]).eval()
+    teacher = load_compact(ctx["teacher_dir"]).eval().to(task_device())  # the GPU share Tune gave it, if any
     batches = calibration_batches(teacher, data, p["calib_batches"], p["calib_batch_size"], ctx["max_len"],
                                   p["seed"])
     kept, _ = select_layers(teacher, data, _depth(config, teacher.n_layers), config["selector"],

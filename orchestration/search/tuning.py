@@ -22,6 +22,7 @@ the table; a front model whose quiet timing stays disturbed cannot be the fastes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import asdict
@@ -44,7 +45,8 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
                min_retention: float | None = None, distributed_heal: bool = False,
                speed_metric: str = "speedup", tracking_uri: str | None = None,
                experiment: str = "layerwise-tune", registered_model: str = "layerwise-compact",
-               ray_options: dict | None = None, max_concurrent: int | None = None) -> dict[str, Any]:
+               ray_options: dict | None = None, max_concurrent: int | None = None,
+               device: str | None = None) -> dict[str, Any]:
     """Run (or resume) a search; returns {"rows", "front", "champion", "message", "report_dir", ...}.
 
     Args:
@@ -60,12 +62,18 @@ def run_search(space_path: str | Path, samples: int = 16, objective: str = "sing
         speed_metric: "speedup" (max) or "latency_ms" (min) as the second objective.
         tracking_uri: MLflow store (default: sqlite in run_dir). ray_options: `ray_session` arguments.
         max_concurrent: trials at once (default: what the cluster's CPUs allow).
+        device: where the teacher and the trials run (default: the YAML's `device:`, auto); one that asks
+            for a GPU gives each trial a share of one (`gpu_request`).
     """
     from orchestration import tracking
     from orchestration.distributed.ray_runtime import ray_session
 
     _check_choices(objective, speed_metric, samples)
     space = load_space(space_path, list(overrides))
+    if device is not None:
+        from layerwise.device import check_device
+
+        space = dataclasses.replace(space, device=check_device(device))
     run_dir = Path(run_dir).resolve()
     teacher_dir = str(Path(teacher_dir).resolve()) if teacher_dir else None
     state = _search_state(run_dir, space, objective, speed_metric, samples, resume, teacher_dir)
@@ -97,9 +105,12 @@ def _fit(ctx: dict, space: SearchSpace, state: dict, run_dir: Path, resources: d
     """Run the trials (a new search or the restored one); the ResultGrid once every trial has ended."""
     from ray import tune
 
+    from orchestration.distributed.ray_runtime import gpu_request
+
     per_trial = 0.5 if ctx["distributed_heal"] else 1.0
     concurrency = max_concurrent or _max_concurrent(resources, per_trial, ctx["distributed_heal"])
-    trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), {"cpu": per_trial})
+    gpus = gpu_request(ctx["device"])  # a share of a GPU per trial when the search runs on one
+    trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), {"cpu": per_trial, "gpu": gpus})
     grid = _tuner(trainable, space, state, run_dir, concurrency).fit()
     ended = grid.num_terminated + grid.num_errors
     if ended < state["samples"]:  # Tune returns normally after a Ctrl-C; the front would be partial
@@ -161,6 +172,7 @@ def _data_spec(space: SearchSpace):
 
 def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None):
     """(data, teacher directory): the given one, the one trained here earlier, or a newly trained one."""
+    from layerwise.device import resolve_device
     from layerwise.models.checkpoint import read_manifest, save_recommender
     from layerwise.train import TrainConfig, train_recommender
     from orchestration.pipeline.config import stage_hash
@@ -176,7 +188,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
         return data, str(target)
     spec = ModelSpec(t.family, t.preset, n_layers=t.n_layers, max_len=t.max_len, dropout=t.dropout,
                      pretrained=_absolute(t.pretrained), seed=t.seed, head=t.head, llm=t.llm)
-    model = build_model(spec, data)
+    model = build_model(spec, data).to(resolve_device(space.device))
     config = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_len=t.max_len, seed=t.seed,
                          max_minutes=t.max_minutes)
     # The search waits for this, often for longer than for its trials: say so, and show the epochs go by.
@@ -196,7 +208,7 @@ def _load_teacher(teacher_path: str, data, space: SearchSpace):
     """Load and check the teacher against the data, the space's family and its depth range."""
     from orchestration.loading import load_model_for
 
-    teacher = load_model_for(teacher_path, data)
+    teacher = load_model_for(teacher_path, data, space.device)
     if teacher.family.name != space.teacher.family:
         raise ValueError(f"{space.path} searches {space.teacher.family} models, but the teacher in "
                          f"{teacher_path} is {teacher.family.name}")
@@ -237,7 +249,8 @@ def _context(space: SearchSpace, run_dir: Path, teacher_path: str, teacher_valid
     return {"data": asdict(_data_spec(space)), "teacher_dir": teacher_path, "teacher_valid_ndcg": teacher_valid,
             "max_len": space.teacher.max_len, "protocol": asdict(space.protocol), "run_dir": str(run_dir),
             "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id, "study": state["study"],
-            "distributed_heal": distributed_heal, "workers": 2, "zero_stage": 2, "threads": 1}
+            "distributed_heal": distributed_heal, "workers": 2, "zero_stage": 2, "threads": 1,
+            "device": space.device}
 
 
 def _max_concurrent(resources: dict, per_trial: float, distributed: bool) -> int:
@@ -290,7 +303,8 @@ def tune_command(args: argparse.Namespace) -> int:
                             overrides=args.overrides, resume=not args.fresh, min_retention=args.min_retention,
                             distributed_heal=args.distributed_heal, speed_metric=args.speed_metric,
                             tracking_uri=args.tracking_uri, registered_model=args.registered_model,
-                            ray_options=ray_options, max_concurrent=args.max_concurrent)
+                            ray_options=ray_options, max_concurrent=args.max_concurrent,
+                            device=args.device)
     except SearchInterrupted as stop:
         print(f"layerwise tune: {stop}")
         return 130  # the shell's code for an interrupted command

@@ -125,3 +125,17 @@ def _check_mlflow_uris(tracking, mlflow, model_dir: Path, tmp_path: Path) -> Non
         assert local.is_relative_to(tmp_path / "downloads"), model_uri
         assert read_manifest(local) == expected, model_uri
         assert (local / "recommender.safetensors").is_file()
+
+
+def test_a_replica_asks_ray_for_a_gpu_only_when_its_device_is_one(model_dir):
+    from orchestration.cli.deploy import serve_options
+    from orchestration.cli.main import build_parser
+
+    def options(*flags):
+        args = build_parser().parse_args(["serve", "--model", str(model_dir), *flags])
+        return build_app({"model": args.model, **serve_options(args)})._bound_deployment.ray_actor_options
+
+    assert options("--device", "cpu")["num_gpus"] == 0
+    assert options("--device", "cuda:0", "--num-gpus", "0.5")["num_gpus"] == 0.5  # asked; Ray places it
+    with pytest.raises(ValueError, match="device"):
+        build_app({"model": str(model_dir), "device": "gpu"})
