@@ -1,20 +1,27 @@
-"""One short GPU check for a lent GPU machine (about 3-8 minutes on one H200), written as JSON.
+"""The GPU check: the project's own stages on one GPU, every figure written to one JSON (docs/gpu.md).
 
-    bash benchmarks/gpu_check.sh                                   # $OUT/gpu_check.json (or runs/gpu_check/)
-    PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py --out /tmp/gpu_check
+    bash benchmarks/gpu_check.sh                                      # on the GPU machine: $OUT/gpu_check.json
+    PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check  # dry run
 
-Three parts, each recorded (or its error recorded) before the next starts, so a timeout keeps what ran:
-1. small: the `small` LLaMA teacher (8 layers, 64 wide, 1682 items as ml-100k) against its compact copy
-   (2 uniform layers, rank-16 bridges) with `layerwise.bench.benchmark` on CUDA (interleaved, synchronised,
-   batches 1 and 64, 30 runs).
-2. llama_1b: the Llama-3.2-1B shape as a recommender (token table dropped, 10,000 items), random weights in
-   bf16, full (16 layers) against a 25% compact (4 layers, bridges), batch 8 x 50, interleaved, median of
-   20 runs with torch.cuda.synchronize around every call (the same `benchmark`).
-3. zero3_step: DeepSpeed ZeRO-3 in bf16 (orchestration.distributed.deepspeed_config, device="cuda") on the 1B shape,
-   one process, NCCL: two training steps (cold, warm) through the wrapper the Ray Train loop uses.
+Parts, each recorded (or its error recorded) before the next starts, so a timeout keeps what ran:
+1. zero3_step: one DeepSpeed ZeRO-3 bf16 healing step (orchestration.distributed.deepspeed_config, NCCL, one
+   process) of a compact Llama-3.2-1B-shaped recommender against its teacher, through the wrapper the Ray
+   Train loop uses; time, loss and peak memory.
+2. main_job: the default main job (`layerwise run`'s config: ml-100k, the small LLaMA teacher, keep 25%,
+   beam) stage by stage with `orchestration.pipeline.steps` on the device: teacher, its evaluation,
+   every importance estimator, the compact model (healed), its evaluation, the interleaved benchmark, the
+   headline. Importance runs in this process, not as Ray tasks, and nothing is logged to MLflow: Ray and
+   MLflow do not fit in what a GPU machine takes (benchmarks/gpu_pack.py).
+3. smollm2: the SmolLM2 recommender recipe (studies/recipes/smollm2.yaml) on ml-100k for its 12 epochs,
+   compressed to 8 and to 4 of 30 layers, evaluated, and benched at batch 1 and 64. It needs the SmolLM2
+   wheel staged by earlier calls (benchmarks/gpu_check.sh --stage); without it the part says so.
+4. placement: tests/test_device.py under pytest on the device (its CUDA cases run only there).
+Each model part reports teacher minutes, retention (NDCG@10 compact / teacher, 95% CI), speedups at batch 1
+and 64 against their Amdahl bound, peak memory from the CUDA allocator, and MFU against the card's
+published bf16 peak.
 
-Without a visible CUDA GPU it stops at once with exit status 2, a message saying why, and a JSON file with
-status "no_gpu": nothing here is meaningful on a CPU.
+Without a visible CUDA GPU and without --device cpu it stops at once with exit status 2 and a JSON file with
+status "no_gpu".
 """
 
 from __future__ import annotations
@@ -23,14 +30,24 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_KEEPS = (8, 4)
 N_ITEMS_1B = 10_000
+TINY = "synthetic:300:60:6000:0"
+QUICK_MAIN = [f"data.dataset={TINY}", "teacher.preset=tiny", "teacher.train.epochs=2", "compress.heal.epochs=1",
+              "compress.calib_batches=2", "bench.runs=3", "bench.warmup=1", "bench.remeasures=0"]
+QUICK_SMOLLM2 = [f"data.dataset={TINY}", "teacher.llm.n_layers=4", "teacher.train.epochs=1",
+                 "compress.heal.epochs=1", "compress.ablation_users=32", "compress.calib_batches=1",
+                 "bench.runs=3", "bench.warmup=1", "bench.remeasures=0"]
 
 
 def require_gpu() -> str | None:
@@ -38,104 +55,249 @@ def require_gpu() -> str | None:
     if torch.cuda.is_available():
         return None
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (f"no CUDA GPU visible (torch {torch.__version__}, {build}); gpu_check only runs on a GPU "
-            "machine with a CUDA build of torch")
+    return (f"no CUDA GPU visible (torch {torch.__version__}, {build}); the GPU check needs a GPU machine "
+            "with a CUDA build of torch, or --device cpu for a dry run")
 
 
-def _environment() -> dict:
+def _environment(device: torch.device) -> dict:
     import transformers
 
-    props = torch.cuda.get_device_properties(0)
-    return {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    from layerwise.device import describe
+
+    return {**describe(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count()}
 
 
-def small_benchmark() -> dict:
-    """Part 1: the small teacher against its compact copy, on CUDA."""
-    from layerwise.bench import benchmark
-    from layerwise.compact import build_compact
-    from layerwise.models import SequentialRecommender, build_backbone, preset_config
-    from layerwise.select import SELECTORS
+# --- the main job's stages, without Ray tasks and MLflow ------------------------------------------------
+def _importance_in_process(ctx, data, teacher_dir: Path, out: Path, dependency: bool) -> None:
+    """What `steps.importance` computes with Ray tasks (every_score), here in one process, same JSON."""
+    from layerwise.compress import calibration_batches
+    from layerwise.dependency import dependency_matrix
+    from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
+    from orchestration.loading import load_model_for
+    from orchestration.outputs import write_json
 
-    torch.manual_seed(0)
-    teacher = SequentialRecommender(build_backbone(preset_config("llama", "small")), 1682)
-    kept = SELECTORS["uniform"](torch.zeros(teacher.n_layers), 2)
-    compact = build_compact(teacher, kept, bridge_rank=16)
-    models = {"teacher": teacher.cuda(), "compact": compact.cuda()}
-    return {"kept": kept, **benchmark(models, batch_sizes=(1, 64), runs=30, warmup=5, reference="teacher")}
-
-
-def _one_b(dtype: torch.dtype):
-    """The Llama-3.2-1B shape as a recommender, random weights, built straight on the GPU."""
-    from layerwise.models import SequentialRecommender, build_backbone
-    from layerwise.models.scale import scale_config
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = SequentialRecommender(build_backbone(scale_config("llama", "1b", recommender=True)), N_ITEMS_1B)
-    return model.to(dtype)
+    c = ctx.config
+    teacher = load_model_for(str(teacher_dir / "model"), data, ctx.device)
+    batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
+                                  c.data.max_len, c.seed)
+    users = c.compress.ablation_users
+    scores = {k: v.tolist() for k, v in compute_importance(teacher, batches, LOCAL_METHODS).items()}
+    scores["ablation"] = ablation(teacher, batches, data=data, metric="ndcg@10", max_users=users).tolist()
+    scores["ablation_loss"] = ablation(teacher, batches, data=data, metric="loss", max_users=users).tolist()
+    raw = {"n_layers": teacher.n_layers, "shards": "in-process", "scores": scores}
+    if dependency:
+        raw["dependency_loss"] = dependency_matrix(teacher, batches, data=data, metric="loss",
+                                                   max_users=users).tolist()
+    write_json(out / "importance.json", raw)
 
 
-def llama_1b_forward() -> dict:
-    """Part 2: full vs 25% compact forward time at batch 8 x 50 in bf16."""
-    from layerwise.bench import benchmark
-    from layerwise.compact import build_compact
-    from layerwise.select import SELECTORS
-
-    full = _one_b(torch.bfloat16)
-    kept = SELECTORS["uniform"](torch.zeros(full.n_layers), round(0.25 * full.n_layers))
-    compact = build_compact(full, kept, bridge_rank=16).to("cuda", torch.bfloat16)  # new bridges are fp32 on CPU
-    result = benchmark({"full": full, "compact": compact}, batch_sizes=(8,), runs=20, warmup=5,
-                       max_len=50, reference="full")
-    del full, compact
-    torch.cuda.empty_cache()
-    return {"kept": kept, "dtype": "bfloat16", **result}
+def _stage(root: Path, name: str, fn, seconds: dict) -> Path:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    fn(out)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds[name] = time.perf_counter() - started
+    print(f"gpu_check:   {name} {seconds[name]:.0f}s", flush=True)
+    return out
 
 
-def _init_single_process() -> None:
-    """A one-rank NCCL process group, as Ray Train would set up for each worker."""
+def _context(config, root: Path):
+    from layerwise.device import resolve_device
+    from orchestration.pipeline import steps
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return steps.Context(config, root, device=resolve_device(config.device))
+
+
+def main_job(device: str, quick: bool, out: Path) -> dict:
+    """Part 2: the default main job's stages on the device; its headline and where the time went."""
+    from orchestration.pipeline import steps
+    from orchestration.pipeline.config import load_config
+    from orchestration.pipeline.headline import build_headline
+
+    root = out / "main_job"
+    config = load_config(None, [f"device={device}", f"run_dir={out}", "name=main_job"] + (QUICK_MAIN if quick else []))
+    ctx, seconds = _context(config, root), {}
+    data = steps.load_data(config)
+    teacher = _stage(root, "teacher", lambda o: steps.train_teacher(ctx, data, o), seconds)
+    base = _stage(root, "evaluate-teacher", lambda o: steps.evaluate_models(ctx, data, {"teacher": teacher}, o, True),
+                  seconds)
+    imp = _stage(root, "importance", lambda o: _importance_in_process(ctx, data, teacher, o, dependency=True), seconds)
+    comp = _stage(root, "compact", lambda o: steps.compress(ctx, data, teacher, imp, o), seconds)
+    ev = _stage(root, "evaluate-compact",
+                lambda o: steps.evaluate_models(ctx, data, {"compact": comp / "model"}, o, False), seconds)
+    bench = _stage(root, "bench", lambda o: steps.bench(ctx, teacher, comp / "model", o), seconds)
+    head = build_headline(teacher, base, ev, bench, comp)
+    return {"config": "layerwise run defaults" + (" (quick)" if quick else ""), "device": str(ctx.device),
+            "teacher_minutes": seconds["teacher"] / 60, "stage_seconds": seconds, "headline": head,
+            "bench": _bench_figures(json.loads((bench / "bench.json").read_text()))}
+
+
+# --- the SmolLM2 recipe ------------------------------------------------------------------------------
+def smollm2(device: str, quick: bool, out: Path) -> dict:
+    """Part 3: studies/recipes/smollm2.yaml's teacher, compressed to 8 and 4 layers, evaluated, benched."""
+    from layerwise.bench import bench_dirs
+    from layerwise.models.known import KNOWN, MissingPackageError, locate_parts
+    from orchestration.pipeline import steps
+    from orchestration.pipeline.config import load_config
+
+    try:
+        locate_parts(KNOWN["smollm2-135m"])
+    except MissingPackageError as err:
+        return {"status": "not_staged", "reason": str(err)}
+    root = out / "smollm2"
+    config = load_config(str(ROOT / "studies/recipes/smollm2.yaml"),
+                         [f"device={device}", f"run_dir={out}"] + (QUICK_SMOLLM2 if quick else []))
+    ctx, seconds = _context(config, root), {}
+    data = steps.load_data(config)
+    teacher = _stage(root, "teacher", lambda o: steps.train_teacher(ctx, data, o), seconds)
+    base = _stage(root, "evaluate-teacher", lambda o: steps.evaluate_models(ctx, data, {"teacher": teacher}, o, True),
+                  seconds)
+    # The recipe selects with `combined`, which compress computes for each k itself: no shared scores.
+    imp = root / "importance"
+    imp.mkdir(parents=True, exist_ok=True)
+    (imp / "importance.json").write_text(json.dumps({"scores": {}}))
+    keeps = (2, 1) if quick else SMOLLM2_KEEPS
+    compacts, quality = {}, {}
+    for k in keeps:
+        kctx = replace(ctx, config=replace(config, compress=replace(config.compress, keep=float(k))))
+        comp = _stage(root, f"compact-{k}", lambda o: steps.compress(kctx, data, teacher, imp, o), seconds)
+        ev = _stage(root, f"evaluate-{k}", lambda o: steps.evaluate_models(ctx, data, {"compact": comp / "model"},
+                                                                           o, False), seconds)
+        compacts[k] = comp / "model"
+        quality[f"keep_{k}"] = _retention(base, ev, comp)
+    bench_out = root / "bench"
+    bench_out.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    b = config.bench
+    bench = bench_dirs([str(teacher / "model"), *(str(p) for p in compacts.values())], batch_sizes=(1, 64),
+                       runs=b.runs, warmup=b.warmup, max_len=config.data.max_len, remeasures=b.remeasures,
+                       device=ctx.device)
+    seconds["bench"] = time.perf_counter() - started
+    (bench_out / "bench.json").write_text(json.dumps(bench, indent=2, default=str))
+    train = json.loads((teacher / "train.json").read_text())
+    return {"recipe": "studies/recipes/smollm2.yaml" + (" (quick)" if quick else ""), "device": str(ctx.device),
+            "teacher_minutes": seconds["teacher"] / 60, "teacher_epochs": train["epochs_run"],
+            "teacher_valid": train["valid"], "stage_seconds": seconds, "quality": quality,
+            "bench": _bench_figures(bench)}
+
+
+def _retention(base: Path, ev: Path, comp: Path) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from orchestration.pipeline.headline import retention_ci
+
+    t = np.asarray(pq.read_table(base / "teacher_per_user.parquet").column("ndcg@10"))
+    c = np.asarray(pq.read_table(ev / "compact_per_user.parquet").column("ndcg@10"))
+    kept = json.loads((comp / "compress.json").read_text())["kept"]
+    return {"kept": kept, "teacher_ndcg@10": float(t.mean()), "compact_ndcg@10": float(c.mean()),
+            "retention": float(c.mean() / t.mean()), "retention_ci95": retention_ci(t, c)}
+
+
+def _bench_figures(bench: dict) -> dict:
+    """Per model and batch: median ms, speedup [CI] against the bound and efficiency, status, memory, MFU."""
+    figures = {"env": {k: bench["env"].get(k) for k in ("device", "gpu", "peak_bf16_tflops", "torch_threads")},
+               "status": bench.get("status"), "nonlayer_f": {b: v["f"] for b, v in (bench.get("nonlayer") or {}).items()}}
+    for name, model in bench["models"].items():
+        rows = {}
+        for batch, e in model["batches"].items():
+            memory = e.get("memory", {})
+            rows[batch] = {"median_ms": e["median_ms"], "users_per_s": e["users_per_s"],
+                           "speedup": e.get("speedup"), "speedup_ci95": e.get("speedup_ci95"),
+                           "bound": e.get("bound"), "efficiency": e.get("efficiency"), "status": e.get("status"),
+                           "mfu": e.get("mfu"), "gflops": e["flops"]["total"] / 1e9,
+                           "cuda_peak_allocated_mib": (memory.get("cuda_peak_allocated_bytes") or 0) / 2**20 or None,
+                           "peak_rss_mib": (memory.get("peak_rss_bytes") or 0) / 2**20 or None}
+        figures[name] = {"n_layers": model["n_layers"], "param_mib": model["param_bytes"] / 2**20, "batches": rows}
+    return figures
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------------
+def _init_single_process(backend: str) -> None:
+    """A one-rank process group, as Ray Train would set up for each worker."""
     import deepspeed
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"),
                        ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl")
+    deepspeed.init_distributed(dist_backend=backend)
 
 
-def zero3_step(steps: int = 2) -> dict:
-    """Part 3: ZeRO-3 bf16 training steps on the 1B shape; time per step, loss and peak memory."""
+def _teacher_and_student(device: torch.device, quick: bool):
+    from layerwise.compact import build_compact
+    from layerwise.models import SequentialRecommender, build_backbone, preset_config
+    from layerwise.models.scale import scale_config
+    from layerwise.select import SELECTORS
+
+    torch.manual_seed(0)
+    config = preset_config("llama", "tiny") if quick else scale_config("llama", "1b", recommender=True)
+    with torch.device(device):
+        teacher = SequentialRecommender(build_backbone(config), N_ITEMS_1B)
+    keep = SELECTORS["uniform"](torch.zeros(teacher.n_layers), max(1, round(0.25 * teacher.n_layers)))
+    student = build_compact(teacher, keep, bridge_rank=16, seed=0)
+    return teacher.eval().requires_grad_(False), student, keep
+
+
+def zero3_step(device: str, quick: bool, out: Path) -> dict:
+    """Part 1: ZeRO-3 healing steps (KD + CE + hidden MSE, `layerwise.distill.heal_loss`) under DeepSpeed."""
     import deepspeed
 
-    from layerwise.train import TrainConfig, next_item_loss
+    from layerwise.device import resolve_device
+    from layerwise.distill import HealConfig, heal_loss, trainable_parameters
     from orchestration.distributed.deepspeed_config import deepspeed_config
-    from orchestration.distributed.train_loops import _Objective, _register_external  # the production wrapper, reused
+    from orchestration.distributed.train_loops import _Objective, _register_external  # the production wrapper
 
-    _init_single_process()
-    model = _one_b(torch.float32)  # DeepSpeed keeps fp32 master weights and computes in bf16
-    generator, train = torch.Generator().manual_seed(0), TrainConfig(loss="full")
-    objective = _Objective(model, lambda m, x, y: next_item_loss(m, m.encode(x), y, train, generator))
-    _register_external(objective, model)
-    config = deepspeed_config(stage=3, lr=1e-4, batch_size=8, device="cuda")
-    engine, *_ = deepspeed.initialize(model=objective, model_parameters=list(model.parameters()), config=config)
-    items = torch.randint(1, N_ITEMS_1B + 1, (8, 51), generator=torch.Generator().manual_seed(1)).cuda()
-    torch.cuda.reset_peak_memory_stats()
+    where = resolve_device(device)
+    _init_single_process("nccl" if where.type == "cuda" else "gloo")
+    teacher, student, keep = _teacher_and_student(where, quick)
+    heal = HealConfig()
+    params = trainable_parameters(student, heal)  # as heal_loop: everything trains ("all")
+    objective = _Objective(student, lambda m, x, y: heal_loss(m, teacher, x, y, heal))
+    _register_external(objective, student)
+    config = deepspeed_config(stage=3, lr=1e-4, batch_size=8, device=where.type)
+    engine, *_ = deepspeed.initialize(model=objective, model_parameters=params, config=config)
+    items = torch.randint(1, N_ITEMS_1B + 1, (8, 51), generator=torch.Generator().manual_seed(1)).to(where)
+    if where.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     records = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
+    for _ in range(2):  # cold, then warm
+        _sync(where)
         start = time.perf_counter()
         loss = engine(items[:, :-1], items[:, 1:])
         engine.backward(loss)
         engine.step()
-        torch.cuda.synchronize()
+        _sync(where)
         records.append({"seconds": time.perf_counter() - start, "loss": loss.item()})
     return {"steps": records, "zero_stage": engine.zero_optimization_stage(), "bf16": config.get("bf16"),
-            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss_finite": all(r["loss"] == r["loss"] and abs(r["loss"]) < float("inf") for r in records),
-            "deepspeed": deepspeed.__version__}
+            "kept": keep, "teacher_layers": teacher.n_layers,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if where.type == "cuda" else None,
+            "loss_finite": all(abs(r["loss"]) < float("inf") for r in records), "deepspeed": deepspeed.__version__}
 
 
-PARTS = {"small": small_benchmark, "llama_1b": llama_1b_forward, "zero3_step": zero3_step}
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- placement tests ---------------------------------------------------------------------------------
+def placement(device: str, quick: bool, out: Path) -> dict:
+    """Part 4: tests/test_device.py under pytest (its CUDA cases run where a GPU is visible)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py", "-rs"]
+    if quick:
+        cmd += ["-k", "not pretrained"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line or "error" in line]
+    return {"returncode": proc.returncode, "summary": summary[-1:] or proc.stdout.splitlines()[-1:],
+            "skipped": [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")],
+            "tail": proc.stdout[-3000:] if proc.returncode else None}
+
+
+PARTS = {"zero3_step": zero3_step, "main_job": main_job, "smollm2": smollm2, "placement": placement}
 
 
 def _write(out: Path, result: dict) -> None:
@@ -146,26 +308,33 @@ def _write(out: Path, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="output directory")
+    parser.add_argument("--work", default=None, help="where the runs' models go (default: a folder beside --out)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, for a dry run")
+    parser.add_argument("--quick", action="store_true", help="tiny data and models: checks the code paths only")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    reason = require_gpu()
+    work = Path(args.work or f"{out.resolve()}-work")  # not under $OUT: only gpu_check.json comes back
+    reason = require_gpu() if args.device.startswith("cuda") else None
     if reason:
         print(f"gpu_check: {reason}", file=sys.stderr)
         _write(out, {"status": "no_gpu", "reason": reason})
         return 2
-    result = {"status": "running", "env": _environment(), "parts": {}}
+    from layerwise.device import resolve_device
+
+    result = {"status": "running", "quick": args.quick, "env": _environment(resolve_device(args.device)), "parts": {}}
     for name in args.parts:
         started = time.perf_counter()
         try:
-            result["parts"][name] = {"status": "ok", **PARTS[name]()}
+            part = PARTS[name](args.device, args.quick, work)
+            result["parts"][name] = {"status": part.pop("status", "ok"), **part}
         except Exception as err:  # record and go on: one broken part must not cost the others' numbers
             result["parts"][name] = {"status": "error", "error": repr(err), "traceback": traceback.format_exc()}
         result["parts"][name]["wall_s"] = time.perf_counter() - started
         print(f"gpu_check: {name} {result['parts'][name]['status']} in {result['parts'][name]['wall_s']:.0f}s",
               flush=True)
         _write(out, result)
-    failed = [n for n, part in result["parts"].items() if part["status"] != "ok"]
+    failed = [n for n, part in result["parts"].items() if part["status"] not in ("ok", "not_staged")]
     result["status"] = "failed: " + ", ".join(failed) if failed else "ok"
     _write(out, result)
     return 1 if failed else 0
