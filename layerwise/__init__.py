@@ -1,0 +1,65 @@
+"""layerwise: layer-wise depth compression of transformer recommenders, measured honestly.
+
+    import layerwise as lw
+
+    data = lw.load_dataset("synthetic:300:60:6000:0")
+    teacher = lw.build_recommender(data, "llama", preset="tiny")
+    lw.train(teacher, data, lw.TrainConfig(epochs=4))
+    result = lw.compress(teacher, data, lw.CompressConfig(keep=0.5))
+
+The names below load on first use (PEP 562), so `import layerwise` imports neither torch nor transformers.
+The functions live in layerwise.api, the config dataclasses in the modules that use them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+_EXPORTS = {
+    "load_dataset": "layerwise.api",
+    "build_recommender": "layerwise.api",
+    "train": "layerwise.api",
+    "compress": "layerwise.api",
+    "evaluate": "layerwise.api",
+    "benchmark": "layerwise.api",
+    "save": "layerwise.api",
+    "load": "layerwise.api",
+    "TrainConfig": "layerwise.train",
+    "CompressConfig": "layerwise.compress",
+    "HealConfig": "layerwise.distill",
+    "LLMSetup": "layerwise.models.llm",
+    "SampledRanking": "layerwise.evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'layerwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+class _Package(types.ModuleType):
+    """`layerwise.train`, `.compress` and `.evaluate` are both modules and the API's functions. Python sets a
+    submodule on its package when it first loads it; here that never hides the function (as an eager
+    `from layerwise.api import train` in this file would also give). The modules stay in sys.modules:
+    `from layerwise.train import TrainConfig` works as before."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == "layerwise.api":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

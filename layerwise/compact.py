@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from layerwise.bridges import detach_bridges, gap_slots, restore_bridges, set_bridges
-from layerwise.models.checkpoint import load_recommender, read_manifest, save_recommender
+from layerwise.models.checkpoint import check_data, load_recommender, read_manifest, save_recommender
 from layerwise.models.lora import merge_lora
 from layerwise.models.recommender import SequentialRecommender
 
@@ -62,10 +62,13 @@ def save_compact(model: SequentialRecommender, out_dir: str | Path, manifest: di
     })
 
 
-def load_compact(model_dir: str | Path, architecture_only: bool = False) -> SequentialRecommender:
+def load_compact(model_dir: str | Path, architecture_only: bool = False, data=None) -> SequentialRecommender:
     """Load any saved model, bridges included; a compact one gets `kept` and `teacher_layers` back from its
-    manifest (a teacher: all its layers). architecture_only: see `load_recommender` (a stripped copy)."""
+    manifest (a teacher: all its layers). architecture_only: see `load_recommender` (a stripped copy).
+    data: the SequenceData it will be used on, checked first to be the one it was trained on (`check_data`)."""
     manifest = read_manifest(model_dir)
+    if data is not None:
+        check_data(manifest, data, model_dir)
     model = load_recommender(model_dir, adapters=restore_bridges, architecture_only=architecture_only)
     model.kept = manifest.get("kept", list(range(model.n_layers)))
     model.teacher_layers = manifest.get("teacher_layers", model.n_layers)

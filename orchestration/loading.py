@@ -25,14 +25,5 @@ def load_model_for(model_dir: str, data, device: str | None = "cpu"):
     place it on `device` (a `layerwise.device` setting: auto, cpu, cuda or cuda:N)."""
     from layerwise.compact import load_compact
     from layerwise.device import resolve_device
-    from layerwise.models.checkpoint import read_manifest
 
-    manifest = read_manifest(model_dir)
-    if manifest["n_items"] != data.n_items:
-        raise ValueError(f"model {model_dir} was trained on {manifest['n_items']} items but the data set "
-                         f"has {data.n_items}; use the data set it was trained on")
-    expected = manifest.get("data_fingerprint")
-    if expected and expected != data.fingerprint:
-        raise ValueError(f"model {model_dir} was trained on data with fingerprint {expected[:12]}, "
-                         f"this data set has {data.fingerprint[:12]}")
-    return load_compact(model_dir).to(resolve_device(device))
+    return load_compact(model_dir, data=data).to(resolve_device(device))

@@ -141,14 +141,7 @@ class RecommenderCore:
         if not dataset:
             raise ValueError(f"{model_dir}: the manifest names no 'dataset'; pass the dataset argument")
         data = load_dataset(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
-        if data.n_items != manifest["n_items"]:
-            raise ValueError(f"model {model_dir} has {manifest['n_items']} items but data set {dataset!r} has "
-                             f"{data.n_items}: serve it with the data set it was trained on")
-        expected = manifest.get("data_fingerprint")
-        if expected and expected != data.fingerprint:
-            raise ValueError(f"model {model_dir} was trained on data fingerprint {expected[:12]}… but "
-                             f"{dataset!r} has {data.fingerprint[:12]}…: item indices would not match")
-        model = load_compact(model_dir).to(resolve_device(args.device))
+        model = load_compact(model_dir, data=data).to(resolve_device(args.device))
         return cls(model, manifest, data, args.model, args.max_history)
 
     def prepare(self, req: RecommendRequest) -> Prepared:

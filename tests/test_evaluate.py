@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import layerwise.evaluate as ev
-from layerwise.evaluate import EvalResult, NegativeSampler, SampledRanking, evaluate, recommend, sample_negatives
+from layerwise.data.split import SequenceData
+from layerwise.evaluate import (EvalResult, NegativeSampler, SampledRanking, evaluate, item_popularity, recommend,
+                                sample_negatives)
 from tests.helpers.fake_data import FakeSequenceData, random_data
 
 # Padding scores highest: if column 0 were ranked, every rank below would be one larger.
@@ -119,7 +120,7 @@ def test_sample_negatives_excludes_target_seen_and_padding():
     data = random_data(200, 40, 3, 20, seed=3)
     for strategy in ("uniform", "popularity"):
         spec = SampledRanking(n_negatives=15, strategy=strategy, seed=7)
-        weights = ev.item_popularity(data)
+        weights = item_popularity(data)
         for u in range(data.n_users):
             seen, target = data.history(u, "test"), data.target(u, "test")
             neg = sample_negatives(u, seen, target, 40, spec, weights)
@@ -202,7 +203,7 @@ def test_parquet_write_failure_leaves_nothing(tmp_path, monkeypatch):
         open(where, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev.pq, "write_table", broken)
+    monkeypatch.setattr(pq, "write_table", broken)  # the pyarrow.parquet that evaluate writes with
     with pytest.raises(OSError, match="disk full"):
         r.to_parquet(tmp_path / "eval.parquet")
     assert list(tmp_path.iterdir()) == []
@@ -247,10 +248,9 @@ def test_recommend_excludes_seen_and_never_padding():
 
 
 def test_stand_in_agrees_with_real_sequence_data():
-    split = pytest.importorskip("layerwise.data.split")
     fake = random_data(30, 25, 3, 15, seed=8)
     lengths = [len(s) for s in fake.sequences]
-    real = split.SequenceData(
+    real = SequenceData(
         name="t",
         user_ids=[str(u) for u in range(30)],
         item_ids=["[PAD]"] + [str(i) for i in range(1, 26)],
@@ -258,7 +258,7 @@ def test_stand_in_agrees_with_real_sequence_data():
         items=np.concatenate(fake.sequences).astype(np.int32),
         fingerprint="fake-fingerprint",
     )
-    np.testing.assert_array_equal(ev.item_popularity(real), ev.item_popularity(fake))
+    np.testing.assert_array_equal(item_popularity(real), item_popularity(fake))
 
     def scorer(histories):
         return ((histories.sum(1, keepdim=True) * 5 + torch.arange(26) * 11) % 13).float()

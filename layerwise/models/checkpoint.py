@@ -122,6 +122,19 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_data(manifest: dict[str, Any], data, model_dir: str | Path) -> None:
+    """Refuse `data` (a SequenceData) for the model saved at `model_dir` unless it is the data set the model
+    was trained on: the same catalogue size (item ids index the model's item table) and, where the manifest
+    records one, the same split fingerprint (the same size with other items would rank the wrong ones)."""
+    if manifest["n_items"] != data.n_items:
+        raise ValueError(f"model {model_dir} was trained on {manifest['n_items']} items but data set "
+                         f"{data.name!r} has {data.n_items}; use the data set it was trained on")
+    expected = manifest.get("data_fingerprint")
+    if expected and expected != data.fingerprint:
+        raise ValueError(f"model {model_dir} was trained on data with fingerprint {expected[:12]}, but data set "
+                         f"{data.name!r} has {data.fingerprint[:12]}: its item indices would not match")
+
+
 def load_recommender(model_dir: str | Path,
                      adapters: Callable[[SequentialRecommender, dict[str, Any]], None] | None = None,
                      architecture_only: bool = False) -> SequentialRecommender:
