@@ -264,12 +264,20 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         schedule._apply()
         if state.best is not None:
             best_state = {**copy.deepcopy(model.state_dict()), **state.best}
-    bar = tqdm(range(first, config.epochs + 1), desc="train", disable=not progress, unit="epoch",
-               initial=first - 1, total=config.epochs)
+    # The bar moves per optimizer step, with the epoch's running loss: an LLM's epoch takes minutes.
+    per_epoch = steps // config.epochs if config.epochs else 0
+    bar = tqdm(desc="train", disable=not progress, unit="step", initial=(first - 1) * per_epoch, total=steps)
+
+    def on_step(epoch: int, loss: float) -> None:
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}",
+                        refresh=False)
+        bar.update(1)
+
     started, reason = time.monotonic() - elapsed, None
-    for epoch in bar:
+    for epoch in range(first, config.epochs + 1):
         tick = time.monotonic()
-        loss = _train_epoch(model, inputs, targets, optimizer, run_config, generator, schedule)
+        loss = _train_epoch(model, inputs, targets, optimizer, run_config, generator, schedule,
+                            on_step=lambda mean, epoch=epoch: on_step(epoch, mean))
         record = {"epoch": epoch, "loss": loss, "steps": schedule.steps, "train_seconds": time.monotonic() - tick}
         # The safety cap stops after this epoch: validate it, or a run that reached it has no best model.
         out_of_time = bool(config.max_minutes) and (time.monotonic() - started) / 60 > config.max_minutes
@@ -287,7 +295,7 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        bar.set_postfix(loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
         if checkpoint and not reason and epoch < config.epochs:
             best = {n: best_state[n] for n in saved_names(model)} if best_state is not None else None
             TrainingState(epoch, schedule.steps, stale, time.monotonic() - started,
@@ -298,6 +306,7 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
             break
         if stop is not None and stop(epoch):
             raise KeyboardInterrupt(f"training stopped after epoch {epoch}; its checkpoint resumes it")
+    bar.close()
     result.stop_reason = reason or "epochs"
     result.epochs_run = len(result.history)
     if best_state is not None:
@@ -329,7 +338,8 @@ def _draw_negatives(model: SequentialRecommender, config: TrainConfig,
     return torch.randint(1, model.n_items + 1, (config.n_negatives,), generator=generator)
 
 
-def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=None) -> float:
+def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=None, on_step=None) -> float:
+    """One pass over the windows in a random order; the mean batch loss. on_step(running mean) after each step."""
     model.train()
     device = model_device(model)
     order = torch.randperm(len(inputs), generator=generator)
@@ -346,6 +356,8 @@ def _train_epoch(model, inputs, targets, optimizer, config, generator, schedule=
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         total, batches = total + loss.item(), batches + 1
+        if on_step is not None:
+            on_step(total / batches)
         if schedule is not None:
             schedule.step()
             if schedule.done:  # the learning rate reached 0: further steps change nothing

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from layerwise.bench_guard import REMEASURES
 from orchestration.cli.data import add_data_args, add_device_arg, load_data
+from orchestration.cli.teacher import Registry
 from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
 
 
@@ -31,11 +31,19 @@ def _train_parser(sub) -> None:
     train = sub.add_parser("train", help="train a teacher recommender (plain torch, on --device)")
     add_data_args(train)
     add_device_arg(train)
-    train.add_argument("--family", default="llama", choices=["llama", "qwen3", "gpt2", "bert", "t5"])
-    train.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
+    train.add_argument("--family", default=None, metavar="FAMILY",
+                       choices=Registry("layerwise.models.families", "FAMILIES"),
+                       help="backbone architecture of a preset: %(choices)s (default: llama; with --pretrained "
+                            "the checkpoint's own, which --family may only repeat)")
+    train.add_argument("--preset", default=None, choices=["tiny", "small", "base"], help="(default: small)")
     train.add_argument("--pretrained", default=None,
                        help="a pretrained backbone instead of a preset: a known LLM name (`layerwise models "
-                            "list`), a GGUF file, a local Hugging Face directory, or minilm")
+                            "list`), a GGUF file, a local Hugging Face directory, or minilm. A decoder LLM "
+                            "trains with its recipe (--recipe) unless a flag says otherwise")
+    train.add_argument("--recipe", default=None,
+                       help="the teacher settings of a recipe: a name in studies/recipes/ (smollm2, beauty) or "
+                            "a YAML file; flags given still win. Default: a pretrained decoder LLM's own "
+                            "recipe (smollm2 when none names it), else none; 'none' turns it off")
     train.add_argument("--text-features", action="store_true",
                        help="add frozen MiniLM embeddings of item titles and genres")
     train.add_argument("--causal", action="store_true",
@@ -50,8 +58,9 @@ def _train_parser(sub) -> None:
     train.add_argument("--loss", choices=["full", "sampled"], default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-minutes", type=float, default=None, help="wall-clock training budget")
-    train.add_argument("--head", choices=["dot", "cos"], default="dot",
-                       help="score items by dot product, or by cosine times a learned temperature")
+    train.add_argument("--head", choices=["dot", "cos"], default=None,
+                       help="score items by dot product, or by cosine times a learned temperature "
+                            "(default: the recipe's, else dot)")
     train.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                        help="learning-rate schedule over the planned epochs")
     train.add_argument("--warmup", type=float, default=None, help="linear warm-up, a fraction of the steps")
@@ -74,10 +83,6 @@ def _llm_args(parser) -> None:
     llm.add_argument("--input-norm", choices=["none", "token"], default=None)
     llm.add_argument("--layer-init", choices=["pretrained", "random"], default=None)
     llm.add_argument("--gradient-checkpointing", action="store_true", default=None)
-
-
-LLM_FIELDS = ("finetune", "lora_rank", "n_layers", "item_init", "item_std", "item_scale", "input_norm",
-              "layer_init", "gradient_checkpointing")
 
 
 def _evaluate_parser(sub) -> None:
@@ -116,8 +121,18 @@ def _compress_parser(sub) -> None:
     comp.add_argument("--teacher", required=True, help="trained teacher directory")
     comp.add_argument("--keep", type=float, default=0.25,
                       help="fraction of layers to keep (<= 1) or a layer count (default: %(default)s)")
-    comp.add_argument("--selector", default="beam", help="layer selector (default: %(default)s)")
-    comp.add_argument("--method", default=None, help="importance estimator the selector ranks by")
+    comp.add_argument("--selector", default=None,
+                      help="layer selector: topk, greedy, beam, contiguous, or the references uniform, random, "
+                           "first, last. beam searches over the loss dependency matrix, which costs 1 + L + "
+                           "L(L-1)/2 evaluations of the teacher on the validation users (466 for a 30-layer "
+                           "LLM: hours on 2 CPU cores). Default: beam up to 12 layers, topk on combined scores "
+                           "beyond (no dependency matrix)")
+    comp.add_argument("--method", default=None,
+                      help="importance estimator the selector ranks by (default: the selector's own; "
+                           "combined for the default past 12 layers)")
+    comp.add_argument("--ablation-users", type=int, default=None,
+                      help="validation users that ablation, combined's weighting and the dependency matrix "
+                           "evaluate on, a seeded sample (default: all)")
     comp.add_argument("--bridge-rank", type=int, default=0,
                       help="bridge adapter rank at the gaps; 0 = no bridges (default: %(default)s, measured best)")
     comp.add_argument("--trainable", choices=["bridges", "lora", "all"], default="all")
@@ -150,37 +165,30 @@ def _bench_parser(sub) -> None:
 def train(args: argparse.Namespace) -> int:
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import TrainConfig, train_recommender
-
-    from layerwise.models.llm import LLMSetup
+    from layerwise.train import train_recommender
+    from orchestration.cli.teacher import check_family, model_name, teacher_setup
 
     dataset = load_data(args)
-    config = TrainConfig(seed=args.seed, max_len=args.max_len)
-    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "loss", "max_minutes",
-                                               "schedule", "warmup", "autocast")
-                 if getattr(args, k) is not None}
-    config = replace(config, **overrides)
-    llm_options = {k: getattr(args, k) for k in LLM_FIELDS if getattr(args, k) is not None}
-    if llm_options and not args.pretrained:
-        raise ValueError(f"--{next(iter(llm_options)).replace('_', '-')} needs --pretrained (a decoder LLM)")
-    model = build_recommender(dataset, args.family, args.preset, pretrained=args.pretrained,
-                              text_features=args.text_features, max_len=args.max_len,
-                              dropout=args.dropout, seed=args.seed, causal=args.causal, head=args.head,
-                              llm=LLMSetup(**llm_options) if llm_options else None)
+    setup = teacher_setup(args, dataset)
+    print(setup.describe(), flush=True)
+    model = build_recommender(dataset, **setup.build)
+    check_family(args, model)
     from layerwise.device import resolve_device
 
     model.to(resolve_device(args.device))  # built on the CPU: the same initial weights on every device
     started = time.perf_counter()
-    result = train_recommender(model, dataset, config)
+    result = train_recommender(model, dataset, setup.train)
     minutes = (time.perf_counter() - started) / 60
+    pretrained = setup.build["pretrained"]
     save_recommender(model, args.out, {
-        "kind": "teacher", "preset": args.preset, "pretrained": args.pretrained,
+        "kind": "teacher", "preset": None if pretrained else setup.build["preset"], "pretrained": pretrained,
+        "architecture": type(model.backbone).__name__, "recipe": setup.recipe,
         "dataset": args.dataset, "data_fingerprint": dataset.fingerprint, "max_len": args.max_len,
         "train": result.config, "best_epoch": result.best_epoch, "valid": result.best_valid,
         "train_minutes": minutes, "stop_reason": result.stop_reason, "epochs_run": result.epochs_run,
         "llm": getattr(model, "llm_info", None),
     })
-    print(f"trained {args.family}/{args.preset} in {minutes:.1f} min, {result.epochs_run} epochs (stopped by "
+    print(f"trained {model_name(model, setup)} in {minutes:.1f} min, {result.epochs_run} epochs (stopped by "
           f"{result.stop_reason.replace('_', ' ')}); best epoch {result.best_epoch}, "
           f"valid NDCG@10 {result.best_valid['ndcg@10']:.4f}; saved to {args.out}")
     return 0
@@ -232,13 +240,18 @@ def score(args: argparse.Namespace) -> int:
 
 def compress(args: argparse.Namespace) -> int:
     from layerwise.compact import save_compact
-    from layerwise.compress import CompressConfig, compress as run_compress
+    from layerwise.compress import CompressConfig, compress as run_compress, default_selection, n_kept
     from layerwise.distill import HealConfig
     from orchestration.loading import load_model_for
 
     dataset = load_data(args)
     teacher = load_model_for(args.teacher, dataset, args.device)
-    config = CompressConfig(keep=args.keep, selector=args.selector, method=args.method,
+    selection = ({"selector": args.selector, "method": args.method} if args.selector
+                 else {**default_selection(teacher.n_layers), **({"method": args.method} if args.method else {})})
+    print(f"compress: keep {n_kept(args.keep, teacher.n_layers)} of {teacher.n_layers} layers, selector "
+          f"{selection['selector']}" + (f" on {selection['method']}" if selection["method"] else "")
+          + ("" if args.selector else " (the default at this depth)"), flush=True)
+    config = CompressConfig(keep=args.keep, **selection, ablation_users=args.ablation_users,
                             bridge_rank=args.bridge_rank, seed=args.seed, do_heal=not args.no_heal,
                             heal=HealConfig(epochs=args.heal_epochs, trainable=args.trainable,
                                             cache_teacher=args.cache_teacher, autocast=args.autocast,

@@ -90,6 +90,18 @@ def test_score_compress_bench(teacher, workdir):
     assert "Rounds per attempt: 3" in out and out.count("DISTURBED, not a result") == len(disturbed)
 
 
+def test_compress_with_its_defaults(teacher, workdir):
+    """The default path: no selector named, so a 2-layer teacher gets beam over the loss dependency matrix."""
+    out = layerwise("compress", "--teacher", str(teacher), "--dataset", DATASET, "--keep", "0.5",
+                    "--heal-epochs", "2", "--out", str(workdir / "compact-default"), cwd=workdir).stdout
+    assert "keep 1 of 2 layers, selector beam (the default at this depth)" in out
+    manifest = json.loads((workdir / "compact-default" / "manifest.json").read_text())
+    assert manifest["selector"] == "beam" and manifest["method"] == "ablation_loss"
+    assert len(manifest["importance"]["dependency"]) == 2 and manifest["n_layers"] == 1
+    assert manifest["bridge_rank"] == 0 and manifest["heal"]["config"]["epochs"] == 2
+    assert 0 < manifest["valid"]["ndcg@10"] <= 1
+
+
 def test_bad_inputs_give_clear_errors(teacher, workdir):
     out = layerwise("evaluate", "--model", str(workdir / "nope"), "--dataset", DATASET, cwd=workdir,
                     check=False)
