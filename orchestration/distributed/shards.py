@@ -289,21 +289,26 @@ def submit_dependency(model, batches, data=None, metric: str = "loss", max_users
 
 
 def every_score(model, batches, data, n_shards: int, max_users: int | None = None, device: str | None = "cpu",
-                ) -> tuple[dict[str, Tensor], Tensor]:
-    """Every estimator at once: the local ones sharded, `ablation` (NDCG@10), `ablation_loss` and the loss
-    dependency matrix one task each, all submitted before any is awaited, so that they share the CPUs
-    (in turn they took about twice as long on 2 cores). The last three evaluate on `max_users` sampled
-    validation users (None: all). `device`: where the tasks run (a GPU share each when it asks for one).
-    Returns ({method: (L,)}, dependency (L, L))."""
+                evaluations: Sequence[str] = ("dependency", "ablation_loss", "ablation"),
+                ) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Every local estimator, sharded, and the `evaluations` asked for, one task each: `ablation` (NDCG@10),
+    `ablation_loss` and `dependency` (the loss dependency matrix), all submitted before any is awaited, so
+    that they share the CPUs (in turn they took about twice as long on 2 cores). Those evaluate on
+    `max_users` sampled validation users (None: all). `device`: where the tasks run (a GPU share each when
+    it asks for one). Returns ({method: (L,)}, dependency (L, L), or None when not asked for)."""
+    unknown = set(evaluations) - {"dependency", "ablation_loss", "ablation"}
+    if unknown:
+        raise ValueError(f"unknown evaluations {sorted(unknown)}; choose from dependency, ablation_loss, ablation")
     init_ray()
     weights = put_model(model)
     users = {"max_users": max_users, "device": device}
-    pending = {"dependency": submit_dependency(weights, batches, data, metric="loss", **users),  # longest first
-               "ablation_loss": submit_ablation(weights, batches, data, metric="loss", **users),
-               "ablation": submit_ablation(weights, batches, data, metric="ndcg@10", **users)}
+    submit = {"dependency": lambda: submit_dependency(weights, batches, data, metric="loss", **users),
+              "ablation_loss": lambda: submit_ablation(weights, batches, data, metric="loss", **users),
+              "ablation": lambda: submit_ablation(weights, batches, data, metric="ndcg@10", **users)}
+    pending = {name: make() for name, make in submit.items() if name in evaluations}  # the longest first
     scores = sharded_importance(model, batches, n_shards=n_shards, methods=LOCAL_METHODS, device=device)
     scores.update(zip(pending, ray.get(list(pending.values()))))
-    return scores, scores.pop("dependency")
+    return scores, scores.pop("dependency", None)
 
 
 def remote_ablation(model, batches, data=None, metric: str = "ndcg@10", **kwargs) -> Tensor:

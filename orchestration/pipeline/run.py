@@ -41,8 +41,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         base_dir = stages.run("evaluate-teacher", base_key,
                               lambda out: steps.evaluate_models(ctx, data, {"teacher": teacher_dir}, out,
                                                                 with_mostpop=True))
-        imp_key = stage_hash(teacher_key, config.compress.calib_batches,
-                             config.compress.calib_batch_size, config.ray.shards)
+        # What the stage computes follows the selector (steps.importance_evaluations); a stage that made all
+        # of it, as every one did before, keeps its key.
+        evaluations = steps.importance_evaluations(config.compress.selector, config.compress.method)
+        imp_key = stage_hash(teacher_key, config.compress.calib_batches, config.compress.calib_batch_size,
+                             config.ray.shards, *([] if evaluations == steps.EVALUATIONS else [evaluations]))
         imp_dir = stages.run("importance", imp_key,
                              lambda out: steps.importance(ctx, data, teacher_dir, out))
         comp_key = stage_hash(imp_key, config.compress)

@@ -143,8 +143,24 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
     print_metrics_table(rows, METRIC_COLUMNS, title="test split, full ranking, seen items excluded")
 
 
+EVALUATIONS = ("dependency", "ablation_loss", "ablation")  # every_score's tasks, each a model evaluation per layer
+
+
+def importance_evaluations(selector: str, method: str | None) -> tuple[str, ...]:
+    """The evaluation tasks the selection needs beside the local estimators (which are cheap, one pass, and
+    fill the report's heatmap): the ablation it ranks by, and the loss dependency matrix for `beam` only. That
+    matrix is the costly one: 1 + L + L(L-1)/2 evaluations, 466 for a 30-layer LLM, hours on 2 cores."""
+    from layerwise.compress import SELECTOR_METHOD
+
+    method = method or SELECTOR_METHOD.get(selector)
+    needed = {"dependency"} if selector == "beam" else set()
+    needed |= {method} & {"ablation", "ablation_loss"}
+    return tuple(e for e in EVALUATIONS if e in needed)
+
+
 def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
-    """Every estimator: local ones sharded over Ray tasks, ablation and dependency one task each."""
+    """The local estimators sharded over Ray tasks; the ablation and dependency tasks the selector needs
+    (`importance_evaluations`), one task each."""
     from layerwise.compress import calibration_batches
     from orchestration.loading import load_model_for
     from orchestration.distributed.shards import every_score
@@ -153,11 +169,14 @@ def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     teacher = load_model_for(str(teacher_dir / "model"), data, ctx.device)
     batches = calibration_batches(teacher, data, c.compress.calib_batches, c.compress.calib_batch_size,
                                   c.data.max_len, c.seed)
+    evaluations = importance_evaluations(c.compress.selector, c.compress.method)
     scores, dependency = every_score(teacher, batches, data, n_shards=c.ray.shards,
-                                     max_users=c.compress.ablation_users, device=str(ctx.device))
+                                     max_users=c.compress.ablation_users, device=str(ctx.device),
+                                     evaluations=evaluations)
     write_json(out / "importance.json", {
         "n_layers": teacher.n_layers, "shards": c.ray.shards,
-        "scores": {k: v.tolist() for k, v in scores.items()}, "dependency_loss": dependency.tolist(),
+        "scores": {k: v.tolist() for k, v in scores.items()},
+        **({"dependency_loss": dependency.tolist()} if dependency is not None else {}),
     })
 
 
@@ -255,7 +274,7 @@ def write_run_report(ctx: Context, head: dict, comp_dir: Path) -> dict:
                                        "status": v["status"]} for b, v in speed.items()},
         },
         "importance": {"scores": importance["scores"], "kept": head["layers"]["kept"],
-                       "dependency": importance["dependency_loss"],
+                       "dependency": importance.get("dependency_loss"),  # beam's only (importance_evaluations)
                        "dependency_unit": "validation loss interaction"},
     }
     return write_report(results, ctx.root / "report")

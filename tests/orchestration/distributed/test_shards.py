@@ -192,6 +192,12 @@ def test_every_score_at_once_equals_each_computed_alone(ray_local):
         assert torch.allclose(scores[name], value, rtol=1e-5, atol=1e-9), name
     assert torch.allclose(dependency, dependency_matrix(model, batches, data=data), rtol=1e-6, atol=1e-9)
 
+    # Only what is asked for: topk on block influence needs neither ablation nor the dependency matrix.
+    local, none = every_score(model, batches, data, n_shards=2, evaluations=())
+    assert sorted(local) == sorted(LOCAL_METHODS) and none is None
+    with pytest.raises(ValueError, match="unknown evaluations"):
+        every_score(model, batches, data, n_shards=2, evaluations=("fisher",))
+
 
 def test_sharded_forward_estimators_on_a_text_stack_report_worker_memory(ray_local):
     from layerwise.models import build_backbone, preset_config
