@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test env clean
+.PHONY: run test env clean clean-runs
 
 env: $(STAMP)
 
@@ -37,5 +37,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
+# The environment and caches only: runs/ holds the MLflow store and the studies, which take hours to make.
 clean:
-	rm -rf $(VENV) runs data_cache
+	rm -rf $(VENV) data_cache
+
+# Everything under runs/ too (MLflow store, studies, cached splits): only when that is what you mean.
+clean-runs:
+	rm -rf runs
