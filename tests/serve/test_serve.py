@@ -353,7 +353,7 @@ def test_load_run_of_compact_and_teacher(server, models, tmp_path):
 
 
 def test_serves_the_registry_champion_by_mlflow_uri(server, models, tmp_path):
-    tracking = pytest.importorskip("orchestration.tracking")
+    from orchestration import tracking
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()

@@ -98,7 +98,7 @@ def test_resolve_model_finds_the_model_inside_a_folder(model_dir):
 
 @pytest.mark.slow
 def test_resolve_model_from_mlflow_run_and_registry(model_dir, tmp_path):
-    tracking = pytest.importorskip("orchestration.tracking")
+    from orchestration import tracking
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
