@@ -23,7 +23,8 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                      "speedup": {"batch=1": Estimate, ...},
                      "test": stats.TestResult.to_dict(),  # compact vs teacher, per user
                      "seeds": {"n": int, "retention": Estimate, "test": TestResult dict},
-                     "targets": {"retention": [low, high], "speedup": [low, high]}},   # the user's hopes
+                     "targets": {"retention": {"min": fraction}, "speedup": {"of_bound": fraction}}},
+                     # a speedup Estimate may carry "bound" (its Amdahl bound) and "efficiency"
         "baselines": {"metric": str, "reference": str, "rows": [Row, ...],
                       "metrics": {"columns": [str], "rows": [{"name": str, "values": {column: Estimate}}]}},
         "ablation":  {"metric": str, "reference": str, "test": str, "seeds": [int], "rows": [Row, ...]},
@@ -158,16 +159,46 @@ def _test_text(t: Mapping) -> str:
 
 
 def _target_lines(head: Mapping) -> list[str]:
-    """Compare each CI with the user's target range: met only when the whole CI clears its low end."""
+    """Compare each CI with its target: met only when the whole CI clears it. Targets as configured
+    ({"retention": {"min"}, "speedup": {"of_bound"}}: a fraction of each batch size's Amdahl bound), or an
+    older report's fixed ranges ({name: [low, high]})."""
+    targets = head.get("targets") or {}
+    if any(isinstance(t, (list, tuple)) for t in targets.values()):
+        return _range_target_lines(head, targets)
+    lines = []
+    retention = targets.get("retention")
+    if retention is not None and (head.get("retention") or {}).get("ci95"):
+        lines.append(f"Target retention {_fmt(retention['min'], 'pct')} (as configured): "
+                     f"{_verdict(head['retention'], retention['min'])}; "
+                     f"measured {fmt_estimate(head['retention'], 'pct')}.")
+    of_bound = (targets.get("speedup") or {}).get("of_bound")
+    for batch, est in (head.get("speedup") or {}).items():
+        if of_bound is None or not est or not est.get("ci95"):
+            continue
+        where = f"k = {head.get('k', '?')} of {head.get('n_layers', '?')} layers, {batch}"
+        if est.get("bound") is None:
+            lines.append(f"Target speedup ({where}): no Amdahl bound measured; measured {fmt_estimate(est, 'speed')}.")
+            continue
+        goal = of_bound * float(est["bound"])
+        lines.append(f"Target speedup ({where}): {of_bound:.0%} of its Amdahl bound {_fmt(est['bound'], 'speed')}, "
+                     f"{_fmt(goal, 'speed')}: {_verdict(est, goal)}; measured {fmt_estimate(est, 'speed')}, "
+                     f"{float(est['mean']) / float(est['bound']):.0%} of the bound.")
+    return lines
+
+
+def _verdict(est: Mapping, goal: float) -> str:
+    lo, hi = (float(c) for c in est["ci95"])
+    return "met" if lo >= goal else "not met" if hi < goal else "inconclusive (the CI straddles it)"
+
+
+def _range_target_lines(head: Mapping, targets: Mapping) -> list[str]:
     lines = []
     speed = next(iter((head.get("speedup") or {}).values()), None)
     for name, est, kind in (("retention", head.get("retention"), "pct"), ("speedup", speed, "speed")):
-        target = (head.get("targets") or {}).get(name)
+        target = targets.get(name)
         if target is None or not est or not est.get("ci95"):
             continue
-        lo, hi = (float(c) for c in est["ci95"])
-        verdict = "met" if lo >= target[0] else "not met" if hi < target[0] else "inconclusive (the CI straddles it)"
-        lines.append(f"Target {name} {_fmt(target[0], kind)}-{_fmt(target[1], kind)}: {verdict}; "
+        lines.append(f"Target {name} {_fmt(target[0], kind)}-{_fmt(target[1], kind)}: {_verdict(est, target[0])}; "
                      f"measured {fmt_estimate(est, kind)}.")
     return lines
 
