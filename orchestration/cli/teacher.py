@@ -55,7 +55,7 @@ class TeacherSetup:
             parts += [f"items {llm.item_init}" + (f" at the {llm.item_scale}" if llm.item_init != "random" else ""),
                       f"{llm.finetune}" + (f" r{llm.lora_rank}" if llm.finetune == "lora" else "")]
         parts += [f"lr {t.lr:g} {t.schedule}" + (f" with {t.warmup:.0%} warm-up" if t.warmup else ""),
-                  f"{t.epochs} epochs", f"batch {t.batch_size}", f"autocast {t.autocast or 'none'}"]
+                  f"{t.epochs} epoch" + ("" if t.epochs == 1 else "s"), f"batch {t.batch_size}", f"autocast {t.autocast or 'none'}"]
         text = f"recipe {self.recipe['name']} ({self.recipe['path']}): " + ", ".join(parts)
         return text + "".join(f"; {note}" for note in self.notes)
 
