@@ -55,6 +55,7 @@ from serve.schemas import (
 # From here on the name `serve` means Ray Serve; this package is reached by its full name `serve.*`.
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 APP_NAME = "layerwise"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
@@ -309,11 +310,24 @@ def build_app(args: dict[str, Any]) -> Application:
     if config.max_ongoing_requests < config.max_batch_size:
         raise ValueError(f"max_ongoing_requests ({config.max_ongoing_requests}) must be >= max_batch_size "
                          f"({config.max_batch_size}) or batches can never fill")
+    if config.max_queued_requests == 0:
+        raise ValueError("max_queued_requests must be -1 (no limit) or at least 1 (Serve's own rule)")
     gpus = config.num_gpus if wants_gpu(config.device) else 0  # a replica sees a GPU only if Ray gives it one
     deployment = Recommender.options(num_replicas=config.num_replicas,
                                      max_ongoing_requests=config.max_ongoing_requests,
+                                     max_queued_requests=config.max_queued_requests,
+                                     backpressure_config=BackpressureConfig(status_code=503,
+                                                                            retry_after_s=config.retry_after_s),
+                                     request_router_config=_router_config(config.router_max_backoff_s),
                                      ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": gpus})
     return deployment.bind(config.model_dump())
+
+
+def _router_config(max_backoff_s: float) -> RequestRouterConfig:
+    # While every replica is at max_ongoing_requests, a queued request's router sleeps between looks for a
+    # free slot, doubling the sleep from 25 ms up to max_backoff_s; a replica that frees its slots during
+    # that sleep stays idle until the router wakes.
+    return RequestRouterConfig(initial_backoff_s=min(0.025, max_backoff_s), max_backoff_s=max_backoff_s)
 
 
 def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
@@ -334,7 +348,9 @@ def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, rep
         The base URL, e.g. "http://127.0.0.1:8000".
     """
     from orchestration.distributed.ray_runtime import init_ray
+    from serve.capacity import proxy_environment
 
+    proxy_environment()  # refusals at capacity get a JSON body, when this process starts Ray
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     args = {"model": model or DEFAULT_MODEL, "dataset": dataset, "num_replicas": replicas,

@@ -11,6 +11,9 @@ batch sizes the replica saw. Client and server share the machine, so on a small 
 CPU use lowers both models' figures alike; compare the two, not the absolute numbers. Their ratios pass
 the bench guard (layerwise.bench_guard) against the bound L/k: a pair that load disturbed is loaded again,
 and one that stays disturbed is reported as such, without a ratio.
+
+With `--sweep 8,16,32,...` it runs a concurrency sweep of each model instead (serve/sweep.py): goodput,
+latency and refusals per level under closed-loop load, a JSON report and a plot.
 """
 
 import argparse
@@ -23,7 +26,6 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -31,10 +33,10 @@ from layerwise.bench_guard import REMEASURES, disturbances, remeasure, verdict
 from layerwise.data import load_dataset
 from layerwise.models.checkpoint import read_manifest
 from serve.schemas import add_replica_arguments, replica_options
+from serve.sweep import get_json, loopback, parse_levels, sweep_main
 
 APP_NAME = "loadtest"
 ROUTE = "/loadtest"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def request_bodies(data, n: int, max_len: int, seed: int = 0, k: int = 10) -> list[bytes]:
@@ -58,7 +60,7 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float =
         concurrency: client threads, each with one keep-alive connection.
         timeout_s: per-request socket timeout; a timeout counts as an error.
     """
-    parts = _loopback(url)
+    parts = loopback(url)
     if concurrency < 1 or not bodies:
         raise ValueError(f"need concurrency >= 1 and at least one body, got {concurrency} and {len(bodies)}")
     jobs, lock = iter(bodies), threading.Lock()
@@ -89,13 +91,6 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, timeout_s: float =
         t.join()
     return {**summarize(latencies, statuses, time.perf_counter() - started, concurrency),
             "samples_ms": [1000.0 * x for x in latencies]}
-
-
-def _loopback(url: str):
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in _LOOPBACK:
-        raise ValueError(f"load tests stay on this machine: need http://127.0.0.1:PORT/..., got {url!r}")
-    return parts
 
 
 def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[str, float]:
@@ -137,9 +132,9 @@ def measure_model(label: str, model: str, port: int, bodies: list[bytes], concur
     try:
         if warmup:
             run_load(f"{base}/recommend", bodies[:warmup], min(concurrency, warmup))
-        before = _get_json(f"{base}/model")["batching"]
+        before = get_json(f"{base}/model")["batching"]
         result = run_load(f"{base}/recommend", bodies, concurrency)
-        info = _get_json(f"{base}/model")
+        info = get_json(f"{base}/model")
     finally:
         serve.delete(APP_NAME)
     after = info["batching"]
@@ -238,20 +233,6 @@ def _shared_data(models: list[str], app_args: dict[str, Any]):
     return name, data, int(manifests[0].get("max_len") or 50)
 
 
-def _get_json(url: str) -> dict[str, Any]:
-    parts = _loopback(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request("GET", parts.path)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"GET {url}: {response.status} {body[:200]!r}")
-        return json.loads(body)
-    finally:
-        conn.close()
-
-
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -279,6 +260,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ or runs:/ models")
     p.add_argument("--download-dir", default=None, help="where MLflow models are downloaded")
     add_replica_arguments(p)
+    sweep = p.add_argument_group("concurrency sweep (--sweep): each model alone, closed-loop clients per level")
+    sweep.add_argument("--sweep", default=None, metavar="LEVELS",
+                       help="comma-separated client counts, e.g. 8,16,32,64,128,256; replaces --requests/--concurrency")
+    sweep.add_argument("--level-seconds", type=float, default=15.0, help="measured window of a level (default: 15)")
+    sweep.add_argument("--level-requests", type=int, default=5000,
+                       help="a level's window also closes after this many answers (default: 5000)")
+    sweep.add_argument("--warmup-seconds", type=float, default=3.0, help="untimed start of a level (default: 3)")
+    sweep.add_argument("--timeout-s", type=float, default=30.0, help="a request unanswered this long is a timeout")
+    sweep.add_argument("--ignore-retry-after", action="store_true",
+                       help="a refused client sends again at once instead of waiting its Retry-After")
+    sweep.add_argument("--p99-slo-ms", type=float, default=None, help="p99 objective drawn on the plot")
+    sweep.add_argument("--plot", default=None, help="PNG of the sweep (default: the --json path with .png)")
     return p
 
 
@@ -287,21 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         raise SystemExit("--requests and --concurrency must be >= 1")
+    levels = _sweep_levels(args)
     import ray
     from ray import serve
 
     from orchestration.distributed.ray_runtime import ray_session
+    from serve.capacity import proxy_environment
 
+    proxy_environment()
     port = args.port or free_port()
     app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                "download_dir": args.download_dir, **replica_options(args),
-                "max_ongoing_requests": max(64, args.max_batch_size, args.concurrency)}
+                "download_dir": args.download_dir, **replica_options(args)}
+    if not levels:  # the compact/teacher comparison measures speed, not admission: every request is let in
+        app_args["max_ongoing_requests"] = max(64, args.max_batch_size, args.concurrency)
     models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
     owns_ray = not ray.is_initialized()
     with ray_session():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
+            if levels:
+                app_args["dataset"], data, max_len = _shared_data(list(models.values()), app_args)
+                bodies = request_bodies(data, 2000, max_len, args.seed)
+                return sweep_main(models, port, levels, app_args, bodies, args)
             report = benchmark(models, port, args.requests, args.concurrency, args.seed, app_args, args.warmup,
                                args.remeasures)
         finally:
@@ -312,6 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0 if all(r["errors"] == 0 for r in report["runs"]) else 1
+
+
+def _sweep_levels(args) -> list[int]:
+    """--sweep's client counts, checked before Ray starts; [] without --sweep."""
+    if args.sweep is None:
+        return []
+    try:
+        levels = parse_levels(args.sweep)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if args.level_seconds <= 0 or args.level_requests < 1 or args.warmup_seconds < 0 or args.timeout_s <= 0:
+        raise SystemExit("--level-seconds and --timeout-s must be > 0, --level-requests >= 1, --warmup-seconds >= 0")
+    if not args.json:
+        raise SystemExit("--sweep needs --json (the report; the plot goes next to it unless --plot says where)")
+    return levels
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -136,7 +136,18 @@ class AppArgs(BaseModel):
                             "Serve's own loop keeps queueing requests, so the next batch is full; 'thread' runs it "
                             "in a worker thread, which keeps /healthz answering during a call but, on CPU, "
                             "contends with the loop for the GIL and leaves batches small")
-    max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size to batch fully")
+    # The bounded queue (docs/serving.md, "Under overload"): a replica holds two batches (one in the model
+    # call, one filling), the proxy queues as many again, and refuses the rest with 503 and Retry-After. Serve
+    # counts a request as queued while it is being assigned, so a smaller queue would refuse part of a burst
+    # that an idle replica could take.
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica; at least max_batch_size to batch fully")
+    max_queued_requests: int = Field(
+        32, ge=-1, description="requests each caller (the HTTP proxy) holds while every replica is at "
+                               "max_ongoing_requests; beyond it they get 503 with Retry-After; -1: no limit")
+    retry_after_s: float = Field(1.0, ge=0.0, description="the Retry-After of a 503 (rounded up to whole seconds)")
+    router_max_backoff_s: float = Field(
+        0.02, gt=0.0, le=10.0, description="longest a queued request waits before its router looks for a free "
+                                           "replica slot again (Serve's own default, 0.5 s, idles the replica)")
 
 
 # The replica settings that `layerwise serve` and `layerwise bench-serve` both take, with AppArgs' defaults.
@@ -146,6 +157,12 @@ REPLICA_ARGUMENTS = {
     "--torch-threads": ("torch_threads", int, "torch intra-op threads per replica"),
     "--max-batch-size": ("max_batch_size", int, "histories scored in one model call"),
     "--batch-wait-timeout-s": ("batch_wait_timeout_s", float, "how long a batch's first request waits for company"),
+    "--max-ongoing-requests": ("max_ongoing_requests", int, "requests a replica holds at once (>= max batch size)"),
+    "--max-queued-requests": ("max_queued_requests", int,
+                              "requests the proxy queues when replicas are full; more get 503 (-1: no limit)"),
+    "--retry-after-s": ("retry_after_s", float, "Retry-After of a 503, in seconds"),
+    "--router-max-backoff-s": ("router_max_backoff_s", float,
+                               "longest wait of a queued request before its router retries the replicas"),
 }
 
 

@@ -48,6 +48,8 @@ def test_config_args_are_valid_builder_args(config):
     args = AppArgs.model_validate(config.applications[0].args)
     assert args.model == DEFAULT_MODEL
     assert args.max_ongoing_requests >= args.max_batch_size
+    limits = ("max_ongoing_requests", "max_queued_requests", "retry_after_s", "router_max_backoff_s")
+    assert [getattr(args, k) for k in limits] == [getattr(AppArgs(), k) for k in limits]  # the file says the defaults
     # The builder accepts them as they are (the champion URI is resolved later, in each replica).
     application = build_app(config.applications[0].args)
     assert type(application).__name__ == "Application"
@@ -75,6 +77,25 @@ def test_builder_applies_replicas_and_cpus(model_dir):
     assert deployment.max_ongoing_requests == 40
 
 
+def test_builder_applies_the_bounded_queue(model_dir):
+    deployment = build_app({"model": str(model_dir), "max_batch_size": 8, "max_ongoing_requests": 16,
+                            "max_queued_requests": 8, "retry_after_s": 2.5,
+                            "router_max_backoff_s": 0.01})._bound_deployment
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (16, 8)
+    assert (deployment.backpressure_config.status_code, deployment.backpressure_config.retry_after_s) == (503, 2.5)
+    router = deployment._deployment_config.request_router_config
+    assert (router.initial_backoff_s, router.max_backoff_s) == (0.01, 0.01)
+    defaults = AppArgs()  # two batches per replica, as many queued at the proxy
+    assert defaults.max_ongoing_requests == 2 * defaults.max_batch_size == defaults.max_queued_requests
+    assert defaults.router_max_backoff_s < 0.5
+    with pytest.raises(ValueError, match="max_queued_requests must be -1"):
+        build_app({"model": str(model_dir), "max_queued_requests": 0})
+    with pytest.raises(ValidationError, match="max_queued_requests"):
+        build_app({"model": str(model_dir), "max_queued_requests": -2})
+    with pytest.raises(ValidationError, match="router_max_backoff_s"):
+        build_app({"model": str(model_dir), "router_max_backoff_s": 0})
+
+
 def test_serve_command_options_reach_the_app(model_dir):
     from orchestration.cli.deploy import serve_options
     from orchestration.cli.main import build_parser
@@ -84,6 +105,13 @@ def test_serve_command_options_reach_the_app(model_dir):
     application = build_app({"model": args.model, **serve_options(args)})
     app_args = AppArgs.model_validate(application._bound_deployment.init_args[0])
     assert (app_args.model_call, app_args.max_batch_size, app_args.torch_threads) == ("thread", 4, 2)
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--max-ongoing-requests", "20",
+                                      "--max-queued-requests", "-1", "--retry-after-s", "3",
+                                      "--router-max-backoff-s", "0.05"])
+    app_args = AppArgs.model_validate(build_app({"model": args.model, **serve_options(args)})
+                                      ._bound_deployment.init_args[0])
+    assert (app_args.max_ongoing_requests, app_args.max_queued_requests) == (20, -1)
+    assert (app_args.retry_after_s, app_args.router_max_backoff_s) == (3.0, 0.05)
     defaults = AppArgs.model_validate(build_app({"model": args.model, **serve_options(
         build_parser().parse_args(["serve"]))})._bound_deployment.init_args[0])
     assert (defaults.model_call, defaults.max_batch_size, defaults.batch_wait_timeout_s) == ("loop", 16, 0.01)

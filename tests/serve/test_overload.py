@@ -1,0 +1,198 @@
+"""Overload on 127.0.0.1: a tiny model's deployment with a bounded queue, hammered by closed-loop clients
+on a real local Ray and Serve. What is not answered must be a 503 with Retry-After and a JSON body; nothing
+else may fail, time out or reset; the server answers afterwards. Also `bench-serve --sweep` end to end,
+and the refusal's JSON rewrite on its own."""
+
+import asyncio
+import json
+
+import pytest
+import ray
+import torch
+from ray import serve
+
+from layerwise.compact import build_compact, save_compact
+from layerwise.data import load_dataset
+from layerwise.models import SequentialRecommender, build_backbone, preset_config
+from serve import loadtest
+from serve.app import build_app
+from serve.capacity import CapacityJSON, proxy_environment, refusal_json
+from serve.sweep import _exchange, overload_check, parse_levels, run_level
+
+DATASET = "synthetic:200:80:3000:0"
+# A replica holds 4 requests and the proxy queues 2 more: 48 clients that never wait overload it at once.
+LIMITS = {"max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 2, "retry_after_s": 1.0,
+          "router_max_backoff_s": 0.02}
+GOOD = json.dumps({"history": ["1", "2", "3"], "k": 5}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """An untrained 2-layer tiny llama's compact model, served with LIMITS on a free loopback port."""
+    root = tmp_path_factory.mktemp("overload")
+    data = load_dataset(DATASET, cache_dir=root / "cache", progress=False)
+    torch.manual_seed(0)
+    teacher = SequentialRecommender(build_backbone(preset_config("llama", "tiny", max_len=10, n_layers=2)),
+                                    data.n_items).eval()
+    save_compact(build_compact(teacher, keep=[0], bridge_rank=0), root / "compact",
+                 {"dataset": DATASET, "data_fingerprint": data.fingerprint, "max_len": 10})
+    started = not ray.is_initialized()
+    if started:  # the proxy reads its middleware callback from the environment Ray starts with
+        proxy_environment()
+        ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
+    port = loadtest.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": str(root / "compact"), "cache_dir": str(root / "cache"), "num_cpus": 0.5, **LIMITS}
+    serve.run(build_app(args), name="overload", route_prefix="/")
+    yield {"port": port, "root": root, "json_body": started}
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def _request() -> bytes:
+    return (f"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(GOOD)}\r\n\r\n").encode() + GOOD
+
+
+async def _post(port: int) -> tuple[int, dict, bytes]:
+    """One request on its own connection: (status, lower-cased headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(_exchange(reader, writer, _request()), 60)
+    finally:
+        writer.close()
+
+
+def _post_burst(port: int, n: int) -> list[tuple[int, dict, bytes]]:
+    """n requests sent at once, each on its own connection."""
+    async def burst():
+        return await asyncio.gather(*(_post(port) for _ in range(n)))
+
+    return asyncio.run(burst())
+
+
+@pytest.mark.slow
+def test_overload_refuses_with_503_and_nothing_else_fails(server):
+    url = f"http://127.0.0.1:{server['port']}/recommend"
+    for _ in range(3):  # a loaded machine may answer a first burst in time; overload it again, never relax
+        level = asyncio.run(run_level(url, [GOOD], 48, seconds=3.0, max_requests=10**6, warmup_s=0.0,
+                                      timeout_s=60.0, honor_retry_after=False))
+        if level["statuses"].get("503"):
+            break
+    assert level["statuses"].get("503", 0) > 0 and level["statuses"].get("200", 0) > 0, level
+    assert set(level["statuses"]) <= {"200", "503"} and set(level["stragglers"]) <= {"200", "503"}, level
+    assert level["timeouts"] == level["resets"] == level["other_failures"] == 0
+    assert level["refused_without_retry_after"] == 0  # every 503 told the client when to come back
+    assert level["answered_ms"]["p50"] > 0 and 0 < level["refused_share"] < 1
+
+
+@pytest.mark.slow
+def test_a_refusal_is_503_with_retry_after_and_a_json_body(server):
+    for _ in range(3):
+        answers = _post_burst(server["port"], 40)
+        refused = [a for a in answers if a[0] == 503]
+        if refused:
+            break
+    assert refused and {a[0] for a in answers} <= {200, 503}
+    status, headers, body = refused[0]
+    assert headers["retry-after"] == "1"
+    if server["json_body"]:  # Ray started here, with the proxy's middleware named in its environment
+        assert headers["content-type"] == "application/json"
+        payload = json.loads(body)
+        assert "at capacity" in payload["detail"] and payload["retry_after_s"] == 1
+        assert int(headers["content-length"]) == len(body)
+
+
+@pytest.mark.slow
+def test_server_answers_after_the_overload(server):
+    _post_burst(server["port"], 40)
+    status, _, body = asyncio.run(_post(server["port"]))
+    assert status == 200 and len(json.loads(body)["items"]) == 5
+
+
+@pytest.mark.slow
+def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path):
+    out = tmp_path / "sweep.json"
+    rc = loadtest.main(["--model", str(server["root"] / "compact"), "--cache-dir", str(server["root"] / "cache"),
+                        "--port", str(server["port"]), "--sweep", "2,8", "--level-seconds", "1.5",
+                        "--warmup-seconds", "0.5", "--json", str(out), "--p99-slo-ms", "250",
+                        "--max-batch-size", "4", "--max-ongoing-requests", "4", "--max-queued-requests", "2"])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["levels"] == [2, 8] and report["p99_slo_ms"] == 250
+    assert report["settings"]["max_queued_requests"] == 2 and report["settings"]["max_ongoing_requests"] == 4
+    (model,) = report["models"]
+    assert [lv["concurrency"] for lv in model["levels"]] == [2, 8]
+    for level in model["levels"]:
+        assert level["goodput_per_s"] > 0 and level["statuses"]["200"] > 0
+        assert set(level["statuses"]) <= {"200", "503"} and level["other_failures"] == 0
+        assert level["answered_ms"]["p50"] <= level["answered_ms"]["p99"] and len(level["load_avg"]) == 2
+    assert model["overload"]["peak_concurrency"] in (2, 8)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The sweep removed its app and left the main one answering.
+    assert asyncio.run(_post(server["port"]))[0] == 200
+
+
+def test_sweep_levels_are_checked():
+    assert parse_levels("8,16, 32") == [8, 16, 32]
+    for bad in ("8,4", "0,8", "8,8", "eight", ""):
+        with pytest.raises(ValueError, match="--sweep"):
+            parse_levels(bad)
+    with pytest.raises(SystemExit, match="needs --json"):
+        loadtest.main(["--model", "m", "--sweep", "8,16"])
+    with pytest.raises(SystemExit, match="strictly rising"):
+        loadtest.main(["--model", "m", "--sweep", "16,8", "--json", "x.json"])
+
+
+def _level(concurrency, goodput, p50, p99, refused=0.0, refused_p99=None, other=0):
+    return {"concurrency": concurrency, "goodput_per_s": goodput, "answered_ms": {"p50": p50, "p99": p99},
+            "refused_share": refused, "refused_ms": {"p99": refused_p99}, "other_failures": other,
+            "refused_without_retry_after": 0}
+
+
+def test_overload_check_reads_the_level_at_four_times_the_peak():
+    levels = [_level(8, 100.0, 40, 80), _level(16, 120.0, 60, 100), _level(64, 110.0, 70, 250, 0.5, 20.0)]
+    check = overload_check(levels)
+    assert check["peak_concurrency"] == 16 and check["overload_concurrency"] == 64
+    assert check["goodput_ratio"] == pytest.approx(110 / 120) and check["p99_ratio"] == pytest.approx(2.5)
+    assert check["met"] == {"goodput": True, "p99": True, "fast_503": True, "all": True}
+    levels[2] = _level(64, 100.0, 70, 400, 0.5, 90.0, other=1)  # slower, slow refusals, one reset
+    check = overload_check(levels)
+    assert check["met"] == {"goodput": False, "p99": False, "fast_503": False, "all": False}
+    assert overload_check(levels[:2])["measured"] is False  # 64 clients were not swept: no verdict
+
+
+SERVE_REFUSAL = [{"type": "http.response.start", "status": 503,
+                  "headers": [[b"content-type", b"text/plain; charset=utf-8"], [b"retry-after", b"2"],
+                              [b"x-request-id", b"abc"]]},
+                 {"type": "http.response.body",
+                  "body": b"Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."}]
+
+
+def _through_middleware(messages):
+    sent = []
+
+    async def app(scope, receive, send):
+        for message in messages:
+            await send(dict(message))
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(CapacityJSON(app)({"type": "http"}, None, send))
+    return sent
+
+
+def test_serve_refusal_becomes_json_and_other_responses_pass_unchanged():
+    start, body = _through_middleware(SERVE_REFUSAL)
+    headers = dict((bytes(k), bytes(v)) for k, v in start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"x-request-id"] == b"abc"
+    assert headers[b"content-type"] == b"application/json" and int(headers[b"content-length"]) == len(body["body"])
+    payload = json.loads(body["body"])
+    assert payload["retry_after_s"] == 2 and "at capacity" in payload["detail"] and "retry after 2 s" in payload["detail"]
+    other_503 = [{**SERVE_REFUSAL[0]}, {"type": "http.response.body", "body": b"Deployment is unavailable."}]
+    assert _through_middleware(other_503) == other_503  # a text 503 that is not a refusal is left alone
+    ok = [{"type": "http.response.start", "status": 200, "headers": [[b"content-type", b"application/json"]]},
+          {"type": "http.response.body", "body": b"{}"}]
+    assert _through_middleware(ok) == ok
+    assert refusal_json(SERVE_REFUSAL[0], b"other text") == (SERVE_REFUSAL[0], b"other text")
