@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from layerwise.report.format import fmt_estimate
 from layerwise.report.plots import COLORS
 
 MISSING = "Not available in this study."
@@ -27,8 +28,6 @@ MISSING = "Not available in this study."
 
 def equal_compute_section(entry: Mapping | None, figures) -> list:
     """The section's blocks: a paragraph, the table, the figure."""
-    from layerwise.report.document import fmt_estimate
-
     if not entry or not entry.get("rows"):
         return [("p", MISSING)]
     metric = str(entry.get("metric", "ndcg@10")).upper()

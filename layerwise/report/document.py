@@ -54,6 +54,8 @@ import numpy as np
 from layerwise.data.atomic import atomic_path
 from layerwise.report import plots
 from layerwise.report.compute import equal_compute_plot, equal_compute_section
+from layerwise.report.format import fmt_estimate, fmt_p
+from layerwise.report.format import fmt_number as _fmt
 from layerwise.stats import holm
 
 SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Robustness", "Scenarios",
@@ -89,37 +91,6 @@ def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = Fal
     with atomic_path(html_path) as tmp:
         tmp.write_text(_html(title, sections, notes, out if embed_images else None), encoding="utf-8")
     return {"markdown": md_path, "html": html_path, "figures": figures}
-
-
-# ---- formatting ---------------------------------------------------------------------------------------
-
-def fmt_estimate(est: Mapping | None, kind: str = "metric") -> str:
-    """"0.0712 [0.0650, 0.0771]", "93.1% [90.2%, 95.8%]" (kind "pct") or "3.41x [3.30x, 3.52x]"
-    (kind "speed"); "-" when missing; "disturbed (not a result)" for a timing the bench guard rejected."""
-    if est and est.get("status") == "disturbed":
-        return "disturbed (not a result)"
-    if not est or est.get("mean") is None:
-        return "-"
-    text = _fmt(est["mean"], kind)
-    ci = est.get("ci95")
-    if ci is not None and len(ci) == 2 and all(np.isfinite(float(c)) for c in ci):
-        text += f" [{_fmt(ci[0], kind)}, {_fmt(ci[1], kind)}]"
-    return text
-
-
-def fmt_p(p: float | None) -> str:
-    """"0.032", "0.0041", "<1e-04" or "-"."""
-    if p is None or not np.isfinite(float(p)):
-        return "-"
-    p = float(p)
-    return "<1e-04" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
-
-
-def _fmt(x, kind: str) -> str:
-    x = float(x)
-    if not np.isfinite(x):
-        return "n/a"
-    return {"pct": f"{100 * x:.1f}%", "speed": f"{x:.2f}x", "minutes": f"{x:.1f}"}.get(kind, f"{x:.4f}")
 
 
 # ---- sections: each returns a list of blocks ("p", text) | ("table", header, rows) | ("img", name, alt) ---
