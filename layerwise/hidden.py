@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from layerwise.device import model_device
 from layerwise.models.recommender import SequentialRecommender
 
 
@@ -19,7 +20,7 @@ def capture_layer_inputs(model: SequentialRecommender, inputs: torch.Tensor, sta
     backbone's final norm) and states["final"] the backbone's last hidden state; mask (B, T) is True at
     non-padding positions. Gradients flow through the states when autograd is enabled.
     """
-    inputs = inputs.to(model.item_embedding.weight.device)  # the mask is then where the states are
+    inputs = inputs.to(model_device(model))  # the mask is then where the states are
     states: dict = {}
     layers = model.layers
     handles = []

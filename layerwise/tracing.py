@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from layerwise.device import model_device
 from layerwise.evaluate import evaluate
 
 Batch = tuple[Tensor, Tensor]
@@ -84,7 +85,7 @@ def trace_layers(model, batches: Iterable[Batch], removed: Iterable[int] = (),
     """
     _check_plain(model)
     layers = list(model.layers)
-    traces, device = [], model.item_embedding.weight.device  # batches go where the model is
+    traces, device = [], model_device(model)  # batches go where the model is
     # Layer parameters must require grad so that tensors made from them inside the stack (T5's
     # position bias) carry a gradient back to their owner; autograd.grad never touches `.grad`.
     with eval_mode(model), requires_grad(layers, backward), remove_layers(model, removed):
@@ -249,7 +250,7 @@ def _validation_loss(model, data, users: np.ndarray | None, max_len: int, chunk:
 def _batch_loss(model, batches: Sequence[Batch]) -> float:
     total, count = 0.0, 0
     for inputs, targets in batches:
-        device = model.item_embedding.weight.device
+        device = model_device(model)
         inputs, targets = inputs.to(device), targets.to(device)
         keep = (targets != 0).any(dim=1)
         losses = sample_losses(model, model.encode(inputs[keep]), targets[keep])

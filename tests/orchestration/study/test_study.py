@@ -380,8 +380,8 @@ def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsy
     out = tmp_path / "results" / "tiny"
     assert main(["study", "report", str(root / "study"), "--out", str(out)]) == 0
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    figures = {f"figures/{name}.png" for name in ("pareto", "k_sweep", "robustness", "slices", "importance",
-                                                  "dependency")}
+    figures = {f"figures/{name}.png" for name in ("pareto", "k_sweep", "equal_compute", "robustness", "slices",
+                                                  "importance", "dependency")}
     assert files == {"report.md", "report.html", "summary.json", *figures}  # no weights, no per-user tables
     assert sum((out / f).stat().st_size for f in files) < 2 * 2**20
     # Regenerated from the run folder alone, the report reads exactly as the study's own.
