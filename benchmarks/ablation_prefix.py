@@ -1,5 +1,5 @@
 """What the `ablation` estimator (validation NDCG@10 lost when each layer goes) costs on the SmolLM2-135M
-recommender (30 layers) on ml-100k, gated against prefix reuse (`layerwise.dependency.removal_ndcg`), and
+recommender (30 layers) on ml-100k, gated against prefix reuse (`layerwise.compression.dependency.removal_ndcg`), and
 whether the two give the same values. The study's importance stage runs it on 512 validation users.
 
     PYTHONPATH=. .venv/bin/python benchmarks/ablation_prefix.py --users 128 \
@@ -29,10 +29,10 @@ import torch
 def measure(users: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from layerwise.data import load_dataset
-    from layerwise.dependency import removal_ndcg
+    from layerwise.compression.dependency import removal_ndcg
     from layerwise.models.factory import build_recommender
     from layerwise.models.llm import LLMSetup
-    from layerwise.tracing import metric_with_removed, sample_users
+    from layerwise.compression.tracing import metric_with_removed, sample_users
 
     data = load_dataset("ml-100k")
     model = build_recommender(data, "llama", pretrained="smollm2-135m", dropout=0.0,

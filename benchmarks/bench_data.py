@@ -4,7 +4,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_data.py --users 2000 --items 500 --interactions 20000
 
 Targets (for generate + build_sequences together): <= 60 s wall time and <= 4 GiB peak RSS on 2 cores.
-Peak RSS is the program's high-water mark (layerwise.memory.peak_rss_bytes), imports (torch included)
+Peak RSS is the program's high-water mark (layerwise.perf.memory.peak_rss_bytes), imports (torch included)
 counted. Saving and loading the Parquet cache are timed too, for information.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from layerwise.data import build_sequences, dataset_stats, generate_synthetic, load_sequences, save_sequences
-from layerwise.memory import peak_rss_bytes
+from layerwise.perf.memory import peak_rss_bytes
 
 TARGET_SECONDS = 60.0
 TARGET_RSS_GIB = 4.0

@@ -5,10 +5,10 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_grouping.py --datasets synthetic:300:60:6000:0 \
         --preset tiny --steps 3  # smoke, seconds
 
-Three ways to run one random batch of --batch windows (`layerwise.train` draws them so), each on its own
+Three ways to run one random batch of --batch windows (`layerwise.training.train` draws them so), each on its own
 copy of the pipeline's small LLaMA (same initial weights, its own AdamW):
 
-  grouped   `layerwise.train.batch_loss`: groups of similar length, each with its shared padding cut
+  grouped   `layerwise.training.train.batch_loss`: groups of similar length, each with its shared padding cut
             (layerwise.data.batching.split_by_length, GROUP_OVERHEAD)
   trimmed   one group: only the padding shared by all the batch's rows is cut (overhead = inf)
   padded    the whole left-padded batch in one call, as before any cutting
@@ -46,7 +46,7 @@ def _groups(x: torch.Tensor, y: torch.Tensor, variant: str) -> list:
 def _loss(model, x, y, config, generator, variant: str) -> torch.Tensor:
     """The batch's mean next-item loss over its targets, run as `variant` says; x, y: (B, T)."""
     from layerwise.data.batching import mean_over_groups
-    from layerwise.train import next_item_loss
+    from layerwise.training.train import next_item_loss
 
     return mean_over_groups(_groups(x, y, variant), lambda start, gx, gy: next_item_loss(
         model, model.encode(gx, start=start), gy, config, generator))
@@ -55,7 +55,7 @@ def _loss(model, x, y, config, generator, variant: str) -> torch.Tensor:
 def _first_batch_check(model, x, y, config) -> dict:
     """Loss and gradients of one batch, dropout off, each variant against the padded batch; and the
     grouped variant against `batch_loss` itself, so the timed path is the library's."""
-    from layerwise.train import batch_loss
+    from layerwise.training.train import batch_loss
 
     model = copy.deepcopy(model).eval()
     losses, grads = {}, {}
@@ -81,7 +81,7 @@ def bench(name: str, args) -> dict:
     """`args.steps` training steps of each variant on the same random batches of `name`'s windows."""
     from layerwise.data import load_dataset
     from layerwise.models.factory import build_recommender
-    from layerwise.train import TrainConfig, training_windows
+    from layerwise.training.train import TrainConfig, training_windows
 
     load_start = os.getloadavg()
     data = load_dataset(name, data_dir=args.data_dir, progress=False)

@@ -51,7 +51,7 @@ def _model(data, args):
 
 
 def stage_evaluate(args) -> dict:
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
 
     data = _load(args.eval_dataset, args)
     model = _model(data, args).eval()
@@ -69,8 +69,8 @@ def stage_evaluate(args) -> dict:
 def stage_train(args) -> dict:
     import torch
 
-    from layerwise.evaluate import evaluate
-    from layerwise.train import TrainConfig, batch_loss, training_windows
+    from layerwise.evaluation.evaluate import evaluate
+    from layerwise.training.train import TrainConfig, batch_loss, training_windows
 
     data = _load(args.train_dataset, args)
     config = TrainConfig(max_len=args.max_len, seed=args.seed)  # the default recipe: full softmax
@@ -101,7 +101,7 @@ def _run_stage_here(args) -> None:
     """Child side: imports first (outside the clock), then the stage; prints its figures as JSON."""
     import torch
 
-    import layerwise.evaluate  # noqa: F401  (transformers and torch load here, before the baseline)
+    import layerwise.evaluation.evaluate  # noqa: F401  (transformers and torch load here, before the baseline)
     import layerwise.models.factory  # noqa: F401
 
     torch.set_num_threads(args.threads)

@@ -103,7 +103,7 @@ def stage_train(args) -> dict:
 
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import TrainConfig, batch_loss, training_windows
+    from layerwise.training.train import TrainConfig, batch_loss, training_windows
 
     t0 = time.perf_counter()
     data = _load(args)
@@ -126,7 +126,7 @@ def stage_train(args) -> dict:
 
 
 def stage_evaluate(args) -> dict:
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
     from layerwise.models.checkpoint import load_recommender
 
     data = _load(args)
@@ -141,8 +141,8 @@ def stage_evaluate(args) -> dict:
 
 
 def stage_importance(args) -> dict:
-    from layerwise.compress import calibration_batches
-    from layerwise.importance import compute_importance
+    from layerwise.compression.compress import calibration_batches
+    from layerwise.compression.importance import compute_importance
     from layerwise.models.checkpoint import load_recommender
 
     data = _load(args)
@@ -160,12 +160,12 @@ def stage_importance(args) -> dict:
 def stage_heal(args) -> dict:
     import torch
 
-    from layerwise.compact import build_compact
-    from layerwise.compress import n_kept
-    from layerwise.distill import HealConfig, heal_loss, prefit_bridges, trainable_parameters
+    from layerwise.compression.compact import build_compact
+    from layerwise.compression.compress import n_kept
+    from layerwise.compression.distill import HealConfig, heal_loss, prefit_bridges, trainable_parameters
     from layerwise.models.checkpoint import load_recommender
-    from layerwise.select import SELECTORS
-    from layerwise.train import training_windows
+    from layerwise.compression.select import SELECTORS
+    from layerwise.training.train import training_windows
 
     data = _load(args)
     teacher = load_recommender(args.workdir / "teacher").eval().requires_grad_(False)
@@ -186,7 +186,8 @@ def stage_heal(args) -> dict:
             "prefit_steps": config.prefit_steps, **epoch}
 
 
-_MODEL_MODULES = ("layerwise.data", "layerwise.compress", "layerwise.distill", "layerwise.evaluate",
+_MODEL_MODULES = ("layerwise.data", "layerwise.compression.compress", "layerwise.compression.distill",
+                  "layerwise.evaluation.evaluate",
                   "layerwise.models.checkpoint", "layerwise.models.factory")
 STAGE_IMPORTS = {"prepare": ("layerwise.data",), "train": _MODEL_MODULES, "evaluate": _MODEL_MODULES,
                  "importance": _MODEL_MODULES, "heal": _MODEL_MODULES}
@@ -212,7 +213,7 @@ def _run_stage_here(args) -> None:
 
 def _own_peak_rss() -> int:
     """The stage process's own peak (VmHWM; the JSON key keeps its old name, ru_maxrss_gib)."""
-    from layerwise.memory import peak_rss_bytes  # the stage child has torch loaded already; the parent never
+    from layerwise.perf.memory import peak_rss_bytes  # the stage child has torch loaded already; the parent never
 
     return peak_rss_bytes()
 

@@ -26,12 +26,12 @@ import numpy as np
 import ray
 import torch
 
-from layerwise.bench import interleaved_schedule
-from layerwise.importance import LOCAL_METHODS, compute_importance, shard_inputs
+from layerwise.perf.bench import interleaved_schedule
+from layerwise.compression.importance import LOCAL_METHODS, compute_importance, shard_inputs
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import load_recommender
-from layerwise.tracing import trace_layers
-from layerwise.train import cloze_mask
+from layerwise.compression.tracing import trace_layers
+from layerwise.training.train import cloze_mask
 from orchestration.distributed.ray_runtime import ray_session
 from orchestration.distributed.shards import shard_weights, sharded_importance, split_shards
 

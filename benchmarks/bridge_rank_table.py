@@ -10,10 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-from layerwise.compact import build_compact
+from layerwise.compression.compact import build_compact
 from layerwise.data import load_dataset
-from layerwise.distill import HealConfig, heal
-from layerwise.evaluate import evaluate
+from layerwise.compression.distill import HealConfig, heal
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models.checkpoint import load_recommender, read_manifest
 
 

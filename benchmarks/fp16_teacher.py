@@ -21,9 +21,9 @@ def measure(model_dir: Path, threads: int) -> dict:
     import torch
     from safetensors import safe_open
 
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
     from layerwise.data import load_dataset
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
     from layerwise.models.checkpoint import read_manifest
 
     torch.set_num_threads(threads)

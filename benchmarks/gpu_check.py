@@ -71,9 +71,9 @@ def _environment(device: torch.device) -> dict:
 # --- the main job's stages, without Ray tasks and MLflow ------------------------------------------------
 def _importance_in_process(ctx, data, teacher_dir: Path, out: Path, dependency: bool) -> None:
     """What `steps.importance` computes with Ray tasks (every_score), here in one process, same JSON."""
-    from layerwise.compress import calibration_batches
-    from layerwise.dependency import dependency_matrix
-    from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
+    from layerwise.compression.compress import calibration_batches
+    from layerwise.compression.dependency import dependency_matrix
+    from layerwise.compression.importance import LOCAL_METHODS, ablation, compute_importance
     from orchestration.loading import load_model_for
     from orchestration.outputs import write_json
 
@@ -140,7 +140,7 @@ def main_job(device: str, quick: bool, out: Path) -> dict:
 # --- the SmolLM2 recipe ------------------------------------------------------------------------------
 def smollm2(device: str, quick: bool, out: Path) -> dict:
     """Part 3: studies/recipes/smollm2.yaml's teacher, compressed to 8 and 4 layers, evaluated, benched."""
-    from layerwise.bench import bench_dirs
+    from layerwise.perf.bench import bench_dirs
     from layerwise.models.known import KNOWN, MissingPackageError, locate_parts
     from orchestration.pipeline import steps
     from orchestration.pipeline.config import load_config
@@ -229,10 +229,10 @@ def _init_single_process(backend: str) -> None:
 
 
 def _teacher_and_student(device: torch.device, quick: bool):
-    from layerwise.compact import build_compact
+    from layerwise.compression.compact import build_compact
     from layerwise.models import SequentialRecommender, build_backbone, preset_config
     from layerwise.models.scale import scale_config
-    from layerwise.select import SELECTORS
+    from layerwise.compression.select import SELECTORS
 
     torch.manual_seed(0)
     config = preset_config("llama", "tiny") if quick else scale_config("llama", "1b", recommender=True)
@@ -244,11 +244,11 @@ def _teacher_and_student(device: torch.device, quick: bool):
 
 
 def zero3_step(device: str, quick: bool, out: Path) -> dict:
-    """Part 1: ZeRO-3 healing steps (KD + CE + hidden MSE, `layerwise.distill.heal_loss`) under DeepSpeed."""
+    """Part 1: ZeRO-3 healing steps (KD + CE + hidden MSE, `layerwise.compression.distill.heal_loss`) under DeepSpeed."""
     import deepspeed
 
     from layerwise.device import resolve_device
-    from layerwise.distill import HealConfig, heal_loss, trainable_parameters
+    from layerwise.compression.distill import HealConfig, heal_loss, trainable_parameters
     from orchestration.distributed.deepspeed_config import deepspeed_config
     from orchestration.distributed.train_loops import _Objective, _register_external  # the production wrapper
 

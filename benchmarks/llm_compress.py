@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerwise.bench import bench_dirs, format_table
-from layerwise.compact import build_compact, load_compact, save_compact
-from layerwise.compress import calibration_batches
+from layerwise.perf.bench import bench_dirs, format_table
+from layerwise.compression.compact import build_compact, load_compact, save_compact
+from layerwise.compression.compress import calibration_batches
 from layerwise.data import load_dataset
-from layerwise.distill import HealConfig, TeacherCache, _batch_loss, heal, teacher_targets, trainable_parameters
-from layerwise.evaluate import evaluate
-from layerwise.importance import LOCAL_METHODS, combined, compute_importance
-from layerwise.stats import ratio_ci
-from layerwise.train import _validate, autocast_context, training_windows
+from layerwise.compression.distill import HealConfig, TeacherCache, _batch_loss, heal, teacher_targets, trainable_parameters
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.compression.importance import LOCAL_METHODS, combined, compute_importance
+from layerwise.evaluation.stats import ratio_ci
+from layerwise.training.train import _validate, autocast_context, training_windows
 from orchestration.outputs import write_json
 
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "hr@10")

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from layerwise.data import load_dataset
-from layerwise.evaluate import evaluate
-from layerwise.memory import peak_rss_bytes
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.perf.memory import peak_rss_bytes
 from layerwise.models.factory import build_recommender
 from layerwise.models.llm import LLMSetup, layer_state_norms, set_checkpointing
 from layerwise.models.pretrained import get_pretrained
-from layerwise.train import TrainConfig, next_item_loss, training_windows
+from layerwise.training.train import TrainConfig, next_item_loss, training_windows
 
 MODEL = "smollm2-135m"
 SETUPS = {"lora30": {"finetune": "lora", "lora_rank": 16, "n_layers": None},

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from layerwise.data import load_dataset
-from layerwise.evaluate import evaluate
-from layerwise.memory import peak_rss_bytes
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.perf.memory import peak_rss_bytes
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
-from layerwise.train import train_recommender, training_windows
+from layerwise.training.train import train_recommender, training_windows
 from orchestration.outputs import write_json
 from orchestration.pipeline.config import PipelineConfig, load_config
 
@@ -62,7 +62,7 @@ def per_user(out: Path, name: str) -> dict[str, list[float]]:
     """OUT/<name>/test_per_user.json, computed from the saved model first if a run predates the file."""
     path = out / name / PER_USER
     if not path.exists():
-        from layerwise.compact import load_compact
+        from layerwise.compression.compact import load_compact
 
         model = load_compact(out / name / "model").eval()
         data = load_dataset("ml-100k")
@@ -72,7 +72,7 @@ def per_user(out: Path, name: str) -> dict[str, list[float]]:
 
 def compare(out: Path, names: list[str]) -> dict:
     """Paired Wilcoxon tests (per test user, Holm-adjusted) of the first variant against each other one."""
-    from layerwise.stats import compare_to
+    from layerwise.evaluation.stats import compare_to
 
     runs = {name: per_user(out, name) for name in names}
     first, others = names[0], names[1:]
@@ -110,7 +110,7 @@ def run(variant: str, model_dir: Path, smoke: bool, threads: int, extra: list[st
     build_seconds = time.monotonic() - tick
     train = replace(t.train, seed=seed, max_len=config.data.max_len)
     tick = time.monotonic()
-    # An interrupted run (a session's end) resumes from its last epoch; see layerwise.resume.
+    # An interrupted run (a session's end) resumes from its last epoch; see layerwise.training.resume.
     result = train_recommender(model, data, train, progress=True, checkpoint=model_dir.parent / "checkpoint")
     train_seconds = time.monotonic() - tick
     load_avg.append(os.getloadavg()[0])

@@ -19,7 +19,7 @@ import torch
 
 from layerwise.data import load_dataset
 from layerwise.models.factory import build_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 
 
 def pilot(data, mode: str, lr: float, epochs: int, max_len: int, seed: int) -> dict:

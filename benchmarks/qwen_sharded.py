@@ -82,7 +82,7 @@ def step_importance(directory: Path, args) -> dict:
     import ray
     from transformers import AutoModel
 
-    from layerwise.importance import compute_importance
+    from layerwise.compression.importance import compute_importance
     from layerwise.models.token_stack import TEXT_METHODS, TokenStack
     from orchestration.distributed.ray_runtime import init_ray
     from orchestration.distributed.shards import process_memory, sharded_importance, split_shards
@@ -136,7 +136,7 @@ def step_compact(directory: Path, compact_dir: Path, scores: list[float], args) 
     from transformers import AutoModelForCausalLM
 
     from layerwise.models.families import FAMILIES
-    from layerwise.select import SELECTORS
+    from layerwise.compression.select import SELECTORS
 
     kept = sorted(SELECTORS["topk"](torch.tensor(scores, dtype=torch.float64), args.keep))
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
@@ -170,7 +170,7 @@ def token_rows(directory: Path, n_rows: int, n_tokens: int) -> torch.Tensor:
 def step_latency(directory: Path, compact_dir: Path, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from layerwise.bench import interleaved_schedule, ratio_ci
+    from layerwise.perf.bench import interleaved_schedule, ratio_ci
 
     models = {"full": AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval(),
               "compact": AutoModelForCausalLM.from_pretrained(str(compact_dir), dtype=torch.float32).eval()}
@@ -203,7 +203,7 @@ def measure_peak(model_dir: str, batch: int, tokens: int) -> dict:
     """In a fresh process: baseline after imports, load, reset the high-water mark, forward twice."""
     from transformers import AutoModelForCausalLM
 
-    from layerwise.memory import _hwm_bytes, _reset_hwm
+    from layerwise.perf.memory import _hwm_bytes, _reset_hwm
     from orchestration.distributed.shards import process_memory
 
     baseline = process_memory()

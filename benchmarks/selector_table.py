@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerwise.compact import build_compact
-from layerwise.compress import SELECTOR_METHOD, calibration_batches, n_kept, select_layers
+from layerwise.compression.compact import build_compact
+from layerwise.compression.compress import SELECTOR_METHOD, calibration_batches, n_kept, select_layers
 from layerwise.data import load_dataset
-from layerwise.dependency import dependency_matrix
-from layerwise.distill import HealConfig, heal
-from layerwise.evaluate import evaluate
-from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+from layerwise.compression.dependency import dependency_matrix
+from layerwise.compression.distill import HealConfig, heal
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.compression.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
 from layerwise.models.checkpoint import load_recommender, read_manifest
 
 SELECTORS = ("beam", "greedy", "topk", "contiguous", "uniform", "first", "last", "random")
@@ -64,7 +64,7 @@ def run_selector(teacher, data, selector: str, k: int, seed: int, scores, batche
 
 
 def markdown(rows: list[dict], teacher: dict) -> str:
-    from layerwise.stats import seed_test
+    from layerwise.evaluation.stats import seed_test
 
     lines = [f"teacher test NDCG@10 {teacher['ndcg@10']:.4f}, MRR {teacher['mrr']:.4f}", "",
              "| selector | kept | NDCG@10 unhealed | NDCG@10 healed | retention healed | MRR healed | "

@@ -28,11 +28,11 @@ import torch
 
 from layerwise.baselines.popularity import mostpop_scorer
 from layerwise.data import LITERATURE_METRICS, dataset_stats, load_dataset
-from layerwise.evaluate import evaluate
-from layerwise.memory import peak_rss_bytes
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.perf.memory import peak_rss_bytes
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
-from layerwise.train import train_recommender
+from layerwise.training.train import train_recommender
 from orchestration.pipeline.config import load_config
 
 REPORTED = (*LITERATURE_METRICS, "mrr")
@@ -61,7 +61,7 @@ def run(args) -> dict:
     model = build_recommender(data, teacher.family, teacher.preset, max_len=max_len, dropout=teacher.dropout,
                               seed=args.seed)
     load_before, started = os.getloadavg()[0], time.perf_counter()
-    # With --out, an interrupted run resumes from its last epoch (OUT-checkpoint/; layerwise.resume), and the
+    # With --out, an interrupted run resumes from its last epoch (OUT-checkpoint/; layerwise.training.resume), and the
     # training time is then the epochs' own (train_s counts only this call).
     checkpoint = args.out.parent / f"{args.out.name}-checkpoint" if args.out else None
     result = train_recommender(model, data, config, progress=not args.quiet, checkpoint=checkpoint)

@@ -8,14 +8,13 @@
     result = lw.compress(teacher, data, lw.CompressConfig(keep=0.5))
 
 The names below load on first use (PEP 562), so `import layerwise` imports neither torch nor transformers.
-The functions live in layerwise.api, the config dataclasses in the modules that use them.
+The functions live in layerwise.api, the config dataclasses in the modules that use them. The library's
+stages are subpackages: compression, evaluation, training, perf (and data, models, baselines, report).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 _EXPORTS = {
@@ -27,11 +26,11 @@ _EXPORTS = {
     "benchmark": "layerwise.api",
     "save": "layerwise.api",
     "load": "layerwise.api",
-    "TrainConfig": "layerwise.train",
-    "CompressConfig": "layerwise.compress",
-    "HealConfig": "layerwise.distill",
+    "TrainConfig": "layerwise.training.train",
+    "CompressConfig": "layerwise.compression.compress",
+    "HealConfig": "layerwise.compression.distill",
     "LLMSetup": "layerwise.models.llm",
-    "SampledRanking": "layerwise.evaluate",
+    "SampledRanking": "layerwise.evaluation.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,21 +43,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
-
-
-class _Package(types.ModuleType):
-    """`layerwise.train`, `.compress` and `.evaluate` are both modules and the API's functions. Python sets a
-    submodule on its package when it first loads it; here that never hides the function (as an eager
-    `from layerwise.api import train` in this file would also give). The modules stay in sys.modules:
-    `from layerwise.train import TrainConfig` works as before."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == "layerwise.api":
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

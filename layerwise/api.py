@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from layerwise.compress import CompressConfig, CompressResult, default_selection
+from layerwise.compression.compress import CompressConfig, CompressResult, default_selection
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import TrainConfig, TrainResult
+from layerwise.training.train import TrainConfig, TrainResult
 
 
 def load_dataset(spec: str | Path, **options: Any):
@@ -50,21 +50,21 @@ def build_recommender(data, family: str = "llama", preset: str = "small", **opti
 def train(model: SequentialRecommender, data, config: TrainConfig | None = None, progress: bool = True,
           **options: Any) -> TrainResult:
     """Train `model` in place on `data`'s training histories; it keeps the best validation epoch's weights.
-    `layerwise.train.train_recommender`; options: checkpoint, stop, on_epoch."""
-    from layerwise.train import train_recommender
+    `layerwise.training.train.train_recommender`; options: checkpoint, stop, on_epoch."""
+    from layerwise.training.train import train_recommender
 
     return train_recommender(model, data, config or TrainConfig(), progress=progress, **options)
 
 
 def compress(teacher: SequentialRecommender, data, config: CompressConfig | None = None, progress: bool = True,
              **options: Any) -> CompressResult:
-    """Select layers of `teacher`, build the physically smaller model, heal it: `layerwise.compress.compress`.
+    """Select layers of `teacher`, build the physically smaller model, heal it: `layerwise.compression.compress.compress`.
 
-    config: None keeps a quarter of the layers, selected as `layerwise.compress.default_selection` says
+    config: None keeps a quarter of the layers, selected as `layerwise.compression.compress.default_selection` says
     for the teacher's depth (`beam` up to 12 layers, `topk` on `combined` scores beyond).
     The result's `.model` is the compact model, `.kept` the teacher layers it kept. options: precomputed.
     """
-    from layerwise.compress import compress as _compress
+    from layerwise.compression.compress import compress as _compress
 
     if config is None:
         config = CompressConfig(**default_selection(teacher.n_layers))
@@ -77,7 +77,7 @@ def evaluate(model: SequentialRecommender | Callable, data, stage: str = "test",
     model: a recommender, or any scorer histories (B, T) -> scores (B, n_items + 1). Returns an EvalResult
     (`.means["ndcg@10"]`, `.per_user`). options: exclude_seen, ks, max_len, batch_size, sampled, users.
     """
-    from layerwise.evaluate import evaluate as _evaluate
+    from layerwise.evaluation.evaluate import evaluate as _evaluate
 
     scorer = model.eval().score if isinstance(model, SequentialRecommender) else model
     return _evaluate(scorer, data, stage=stage, **options)
@@ -85,9 +85,9 @@ def evaluate(model: SequentialRecommender | Callable, data, stage: str = "test",
 
 def benchmark(models: Mapping[str, SequentialRecommender], reference: str | None = None, **options: Any) -> dict:
     """Interleaved latency and throughput, with speedups against `reference` (default: the first model)
-    and their Amdahl bounds: `layerwise.bench.benchmark`. options: batch_sizes, runs, warmup, max_len, seed.
+    and their Amdahl bounds: `layerwise.perf.bench.benchmark`. options: batch_sizes, runs, warmup, max_len, seed.
     `result["models"][name]["batches"]["1"]["speedup"]` is a model's speedup at batch 1."""
-    from layerwise.bench import benchmark as _benchmark
+    from layerwise.perf.bench import benchmark as _benchmark
 
     if not models:
         raise ValueError("benchmark needs at least one model")
@@ -96,10 +96,10 @@ def benchmark(models: Mapping[str, SequentialRecommender], reference: str | None
 
 def save(model: SequentialRecommender, out_dir: str | Path, data, **manifest: Any) -> Path:
     """Write `model` as safetensors + manifest.json (no pickle), recording `data`'s fingerprint so that
-    `load(out_dir, data)` can check it: `layerwise.compact.save_compact` for a compact model,
+    `load(out_dir, data)` can check it: `layerwise.compression.compact.save_compact` for a compact model,
     `layerwise.models.checkpoint.save_recommender` otherwise. manifest: extra JSON-able entries (e.g.
     dataset="ml-100k", the spec `layerwise serve` reloads the data set from; default: the data set's name)."""
-    from layerwise.compact import save_compact
+    from layerwise.compression.compact import save_compact
     from layerwise.models.checkpoint import save_recommender
 
     record = {"dataset": data.name, "data_fingerprint": data.fingerprint, **manifest}
@@ -109,9 +109,9 @@ def save(model: SequentialRecommender, out_dir: str | Path, data, **manifest: An
 
 
 def load(model_dir: str | Path, data=None) -> SequentialRecommender:
-    """A saved model (teacher or compact, bridges included) in eval mode: `layerwise.compact.load_compact`.
+    """A saved model (teacher or compact, bridges included) in eval mode: `layerwise.compression.compact.load_compact`.
     With `data`, it is first checked to be the data set the model was trained on (same catalogue and split;
     `layerwise.models.checkpoint.check_data`), and a ValueError says what differs."""
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
 
     return load_compact(model_dir, data=data)

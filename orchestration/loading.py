@@ -23,7 +23,7 @@ def scorer_for(spec: str, data, device: str | None = "cpu"):
 def load_model_for(model_dir: str, data, device: str | None = "cpu"):
     """Load a saved model after checking that it was trained on `data` (same catalogue and split), and
     place it on `device` (a `layerwise.device` setting: auto, cpu, cuda or cuda:N)."""
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
     from layerwise.device import resolve_device
 
     return load_compact(model_dir, data=data).to(resolve_device(device))

@@ -13,7 +13,7 @@ Endpoints:
     GET  /healthz    200 once the model and catalogue are loaded
 
 Requests wait up to `batch_wait_timeout_s` to share one model call of up to `max_batch_size` histories
-(`@serve.batch`); k and exclude_seen are applied per request afterwards by `layerwise.evaluate.recommend`,
+(`@serve.batch`); k and exclude_seen are applied per request afterwards by `layerwise.evaluation.evaluate.recommend`,
 the same ranking code the offline evaluation uses. Bad input gets 4xx with a message (serve/schemas.py).
 The model call blocks the replica's user event loop (`model_call: loop`) while Serve's own loop queues the
 requests that arrive meanwhile, so batches fill; `model_call: thread` keeps /healthz answering during a
@@ -37,10 +37,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from layerwise.compact import load_compact
+from layerwise.compression.compact import load_compact
 from layerwise.device import inference_autocast, model_device, resolve_device, wants_gpu
 from layerwise.data import DataError, load_dataset
-from layerwise.evaluate import recommend
+from layerwise.evaluation.evaluate import recommend
 from layerwise.models.checkpoint import read_manifest
 from serve.schemas import (
     DEFAULT_MODEL,

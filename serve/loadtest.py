@@ -9,7 +9,7 @@ random users' test-stage histories). N requests go out from C client threads, ea
 keep-alive connection; the report gives requests/s, p50/p95/p99 latency, errors by status, and the
 batch sizes the replica saw. Client and server share the machine, so on a small box the client's own
 CPU use lowers both models' figures alike; compare the two, not the absolute numbers. Their ratios pass
-the bench guard (layerwise.bench_guard) against the bound L/k: a pair that load disturbed is loaded again,
+the bench guard (layerwise.perf.guard) against the bound L/k: a pair that load disturbed is loaded again,
 and one that stays disturbed is reported as such, without a ratio.
 
 With `--sweep 8,16,32,...` it runs a concurrency sweep of each model instead (serve/sweep.py): goodput,
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from layerwise.bench_guard import REMEASURES, disturbances, remeasure, verdict
+from layerwise.perf.guard import REMEASURES, disturbances, remeasure, verdict
 from layerwise.data import load_dataset
 from layerwise.models.checkpoint import read_manifest
 from serve.schemas import add_replica_arguments, replica_options
@@ -158,7 +158,7 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
     """Load each of `models` (label -> dir or URI) in turn with the same bodies on a running Serve.
 
     All models must come from the same data set (same fingerprint), so that the same histories are valid.
-    With a compact and a teacher, their ratios pass layerwise.bench_guard: a disturbed pair is loaded again
+    With a compact and a teacher, their ratios pass layerwise.perf.guard: a disturbed pair is loaded again
     with twice the requests, at most `remeasures` times, and one still disturbed reports no ratio.
     """
     app_args = dict(app_args or {})

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 import layerwise as lw
-from layerwise.compress import default_selection
+from layerwise.compression.compress import default_selection
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
 
@@ -20,13 +20,13 @@ def test_import_layerwise_loads_neither_torch_nor_transformers():
 
 
 def test_functions_named_like_modules_stay_functions():
-    import layerwise.compress  # noqa: F401  (a submodule loaded must not hide the function of its name)
-    import layerwise.evaluate  # noqa: F401
-    import layerwise.train  # noqa: F401
+    import layerwise.compression.compress  # noqa: F401  (a submodule loaded must not hide the function of its name)
+    import layerwise.evaluation.evaluate  # noqa: F401
+    import layerwise.training.train  # noqa: F401
 
     assert callable(lw.train) and callable(lw.compress) and callable(lw.evaluate)
     assert lw.compress.__module__ == lw.train.__module__ == "layerwise.api"
-    assert sys.modules["layerwise.train"].TrainConfig is lw.TrainConfig
+    assert sys.modules["layerwise.training.train"].TrainConfig is lw.TrainConfig
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lw.nope  # noqa: B018
 

@@ -20,10 +20,10 @@ from torch.overrides import TorchFunctionMode
 from layerwise.data import load_dataset
 from layerwise.device import (autocast_for, check_device, device_scorer, model_device, peak_bf16_flops,
                               resolve_device, wants_gpu)
-from layerwise.distill import heal
-from layerwise.evaluate import evaluate, rank_targets
+from layerwise.compression.distill import heal
+from layerwise.evaluation.evaluate import evaluate, rank_targets
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
-from layerwise.train import TrainConfig, batch_loss, training_windows
+from layerwise.training.train import TrainConfig, batch_loss, training_windows
 
 NO_GPU = not torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(NO_GPU, reason="no CUDA GPU visible"))]

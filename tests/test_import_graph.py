@@ -192,3 +192,34 @@ def test_relative_imports_resolve_like_python(tmp_path):
     assert graph["pkg.sub"] == {"pkg.sub.leaf"} and graph["pkg.sub.leaf"] == {"pkg.top"}
     assert graph["pkg.top"] == {"pkg.sub.leaf"}
     assert find_cycles(graph) == [["pkg.sub.leaf", "pkg.top", "pkg.sub.leaf"]]
+
+
+def _reachable(graph: Mapping[str, Iterable[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_evaluation_never_reaches_compression():
+    """A model is judged the same way whoever made it: nothing layerwise.evaluation imports, directly or
+    through another module, is part of layerwise.compression."""
+    modules = project_modules(ROOT)
+    graph = import_graph(modules)
+    evaluation = [name for name in modules if name.startswith("layerwise.evaluation.")]
+    assert {"layerwise.evaluation.evaluate", "layerwise.evaluation.metrics", "layerwise.evaluation.stats"} <= set(evaluation)
+    leaks = {name: sorted(m for m in _reachable(graph, name) if m.startswith("layerwise.compression"))
+             for name in evaluation}
+    assert not any(leaks.values()), f"evaluation reaches compression: { {k: v for k, v in leaks.items() if v} }"
+
+
+def test_the_rule_sees_a_leak_in_a_copy_of_the_tree(tmp_path):
+    copy = tmp_path / "tree"
+    shutil.copytree(ROOT / "layerwise", copy / "layerwise", ignore=shutil.ignore_patterns("__pycache__"))
+    noise = copy / "layerwise" / "evaluation" / "noise.py"
+    noise.write_text(noise.read_text() + "\n\ndef _leak():\n    from layerwise.compression.select import topk\n")
+    graph = import_graph(project_modules(copy, ("layerwise",)))
+    assert "layerwise.compression.select" in _reachable(graph, "layerwise.evaluation.noise")

@@ -23,11 +23,11 @@ import torch
 
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
 from layerwise.baselines.students import every_nth, student_config
-from layerwise.compact import build_compact
+from layerwise.compression.compact import build_compact
 from layerwise.data.batching import trim_left
-from layerwise.distill import HealConfig, HealResult, heal, heal_loss
+from layerwise.compression.distill import HealConfig, HealResult, heal, heal_loss
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import cloze_mask
+from layerwise.training.train import cloze_mask
 
 # Attention module inside a layer, and the index of the probabilities in its output tuple (T5 returns
 # (output, position_bias, weights)).

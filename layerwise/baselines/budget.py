@@ -1,7 +1,7 @@
 """What every compression baseline is given (`Budget`) and what it hands back (`Variant`).
 
-A compression baseline turns the teacher into a model that `layerwise.evaluate.evaluate(model.score, ...)`
-and `layerwise.bench.benchmark` measure unchanged: a `SequentialRecommender` (or a copy of one whose
+A compression baseline turns the teacher into a model that `layerwise.evaluation.evaluate.evaluate(model.score, ...)`
+and `layerwise.perf.bench.benchmark` measure unchanged: a `SequentialRecommender` (or a copy of one whose
 Linear modules were swapped for quantized ones). The budget is the same for all of them: the k layers our
 compact model keeps (depth methods and students), the parameters it removes (width and sparsity methods),
 and our healing recipe (`HealConfig`: epochs, data, loss weights, trainable set).
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from layerwise.compress import DEFAULT_BRIDGE_RANK
-from layerwise.distill import HealConfig, HealResult, heal
+from layerwise.compression.compress import DEFAULT_BRIDGE_RANK
+from layerwise.compression.distill import HealConfig, HealResult, heal
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import TrainConfig, TrainResult
+from layerwise.training.train import TrainConfig, TrainResult
 
 DRAWS = (0, 1, 2, 3, 4)  # random layer subsets: five draws give a mean and a spread
 

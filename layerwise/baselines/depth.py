@@ -1,6 +1,6 @@
 """Depth baselines: other ways of choosing which k layers to keep, through our own compression path.
 
-Every one runs `layerwise.compress.compress` with its selector, the same bridges and the same calibration
+Every one runs `layerwise.compression.compress.compress` with its selector, the same bridges and the same calibration
 as ours, and is reported as removed (unhealed) and healed with exactly our healing budget, so the only
 difference from our method is the choice of layers:
 
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from layerwise.baselines.budget import Budget, Variant, healed_pair, require
-from layerwise.compress import CompressConfig, compress
+from layerwise.compression.compress import CompressConfig, compress
 from layerwise.models.recommender import SequentialRecommender
 
-# Registry name -> selector in layerwise.select (each selector brings its own importance score).
+# Registry name -> selector in layerwise.compression.select (each selector brings its own importance score).
 DEPTH_SELECTORS = {
     "random": "random", "uniform": "uniform", "first": "first", "last": "last",
     "shortgpt": "topk", "gromov": "contiguous", "ours": "beam",

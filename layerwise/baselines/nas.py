@@ -3,7 +3,7 @@
 Our default selector (beam over `ablation_loss` with the dependency matrix) evaluates the gated model on
 every single and every pair of removed layers: 1 + L + L(L-1)/2 distinct model evaluations
 (`selection_evaluations`). The search gets exactly as many evaluations of its own objective: the unhealed
-validation NDCG@10 of the teacher with the other layers gated off (`layerwise.tracing.metric_with_removed`,
+validation NDCG@10 of the teacher with the other layers gated off (`layerwise.compression.tracing.metric_with_removed`,
 the same users our selection scores on). The winner is then built with our bridges and healed with our
 budget. The search strategy is a callable passed in (the library does not import Optuna;
 `orchestration.search.nas.tpe_search` is Optuna TPE over L "take layer i" scores repaired to exactly k):
@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from layerwise.baselines.budget import Budget, Variant, healed_pair, require
-from layerwise.compact import build_compact
+from layerwise.compression.compact import build_compact
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.tracing import metric_with_removed, sample_users
+from layerwise.compression.tracing import metric_with_removed, sample_users
 
 Search = Callable[["SubsetObjective", int, int, int], list[int]]
 
@@ -77,7 +77,7 @@ class SubsetObjective:
     def best(self) -> tuple[float, list[int]]:
         if not self.cache:
             raise ValueError("nothing evaluated yet")
-        # Equal values: the subset with the lower layer indices wins, as in layerwise.select.
+        # Equal values: the subset with the lower layer indices wins, as in layerwise.compression.select.
         key = max(self.cache, key=lambda s: (self.cache[s], tuple(-i for i in s)))
         return self.cache[key], list(key)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from layerwise.evaluate import Scorer, item_popularity
+from layerwise.evaluation.evaluate import Scorer, item_popularity
 
 
 def mostpop_scorer(data) -> Scorer:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from layerwise.baselines.budget import Budget, Variant, require
-from layerwise.cost import parameter_bytes
+from layerwise.perf.cost import parameter_bytes
 from layerwise.models.recommender import SequentialRecommender
 
 INT8_SCHEME = ("torch.ao.quantization.quantize_dynamic, qint8 per-channel weights, dynamic per-tensor "
@@ -128,7 +128,7 @@ def is_quantized(model: nn.Module) -> bool:
 def storage_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer plus the packed weights, scales and zeros of quantized modules.
 
-    `layerwise.cost.parameter_bytes` alone would miss the int8 weights (they live in packed params).
+    `layerwise.perf.cost.parameter_bytes` alone would miss the int8 weights (they live in packed params).
     """
     return parameter_bytes(model) + sum(_packed_extra_bytes(m) for m in model.modules())
 

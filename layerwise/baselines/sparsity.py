@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 from layerwise.baselines.budget import Budget, Variant, full_depth, heal_config_for, require, training_record
-from layerwise.distill import HealConfig, heal
+from layerwise.compression.distill import HealConfig, heal
 from layerwise.models.recommender import SequentialRecommender
 
 

@@ -23,11 +23,11 @@ from dataclasses import replace
 import torch
 
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
-from layerwise.compact import build_compact
-from layerwise.distill import HealConfig, heal
+from layerwise.compression.compact import build_compact
+from layerwise.compression.distill import HealConfig, heal
 from layerwise.models.presets import build_backbone
 from layerwise.models.recommender import SequentialRecommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 
 # Whole fresh LLM layers train at the learning rate of the 30-layer random-init control
 # (benchmarks/llm_teachers.py, variant random_layers): the teacher's 1e-3 is a rate for LoRA adapters.

@@ -141,8 +141,8 @@ def load_recommender(model_dir: str | Path,
     """Rebuild a saved recommender in eval mode.
 
     adapters: called as adapters(model, manifest) before the weights load, to add the modules the manifest
-        lists beyond the recommender itself (a compact model's bridges: `layerwise.compact.load_compact`
-        passes `layerwise.bridges.restore_bridges`). Without it, a model saved with bridges is refused.
+        lists beyond the recommender itself (a compact model's bridges: `layerwise.compression.compact.load_compact`
+        passes `layerwise.compression.bridges.restore_bridges`). Without it, a model saved with bridges is refused.
     architecture_only: allow a stripped directory (`strip_weights`): the same modules and shapes with fresh
         random values, for timing only. Its scores mean nothing. Without it, a stripped directory is refused.
     """
@@ -150,7 +150,7 @@ def load_recommender(model_dir: str | Path,
     manifest = read_manifest(model_dir)
     if (manifest.get("bridges") or {}).get("slots") and adapters is None:
         raise ValueError(f"{model_dir} is a compact model with bridge adapters; load it with "
-                         f"layerwise.compact.load_compact")
+                         f"layerwise.compression.compact.load_compact")
     if is_stripped(model_dir):
         if not architecture_only:
             raise ValueError(f"{model_dir} holds the architecture only: its weights were stripped "

@@ -1,7 +1,7 @@
 """LoRA (peft) on a recommender's transformer layers, and merging it back into plain weights.
 
 One implementation for the two places that adapt pretrained layers with low-rank updates: training an
-LLM recommender (layerwise.models.llm) and healing a compact model (layerwise.distill). After
+LLM recommender (layerwise.models.llm) and healing a compact model (layerwise.compression.distill). After
 `merge_lora` the backbone holds plain `nn.Linear` modules again, so `save_pretrained` writes a
 directory that stock `AutoModel.from_pretrained` loads, with no peft and no adapter keys.
 """

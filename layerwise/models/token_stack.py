@@ -1,6 +1,6 @@
 """A plain decoder LM's layer stack on text, for the forward-only importance estimators.
 
-`layerwise.tracing.trace_layers` (and so `compute_importance` and the sharded version in
+`layerwise.compression.tracing.trace_layers` (and so `compute_importance` and the sharded version in
 `orchestration.distributed.shards`) reads a model through a small contract: `layers`, `n_layers`,
 `family`, `backbone` and `encode(inputs) -> (B, T, H)`, with 0 marking padding. `TokenStack` gives a
 stock transformers decoder (Qwen2Model, LlamaModel, ...) that contract, so layer importance can be

@@ -56,7 +56,7 @@ from layerwise.report import plots
 from layerwise.report.compute import equal_compute_plot, equal_compute_section
 from layerwise.report.format import fmt_estimate, fmt_p
 from layerwise.report.format import fmt_number as _fmt
-from layerwise.stats import holm
+from layerwise.evaluation.stats import holm
 
 SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Robustness", "Scenarios",
             "Importance")

@@ -199,7 +199,7 @@ def slice_plot(rows: Sequence[Mapping], n_worst: int = 15, metric: str = "NDCG@1
     slices as points with their 95% CIs, flagged ones (CI entirely below 100%) in red.
 
     Args:
-        rows: `layerwise.scenarios.slice_retention` output (name, n, retention, ci95, flagged).
+        rows: `layerwise.evaluation.scenarios.slice_retention` output (name, n, retention, ci95, flagged).
         n_worst: how many of the lowest-retention slices to name.
         metric, title: axis label and title.
     """

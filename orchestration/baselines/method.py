@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from layerwise.baselines import BASELINES, SCORER_BASELINES, Budget, Variant
-from layerwise.train import TrainConfig
+from layerwise.training.train import TrainConfig
 
 # Table order: our method, then the references, depth, search, width/sparsity, quantization, students.
 ORDER = ("mostpop", "random", "uniform", "first", "last", "shortgpt", "gromov", "nas", "magnitude", "width",

@@ -7,7 +7,7 @@ Smallest CPU run (tiny synthetic data; a couple of minutes):
 
 For every method: NDCG@5/10/20, MRR, HR@10 and P@5 on the test split (full ranking, seen items
 excluded), retention against the teacher, speedup at each batch size from ONE interleaved
-`layerwise.bench.benchmark` call with the teacher as reference, weight bytes (packed weights of quantized
+`layerwise.perf.bench.benchmark` call with the teacher as reference, weight bytes (packed weights of quantized
 models included), peak memory of saveable models in a fresh subprocess, and the training epochs used.
 Our own method (beam selection, bridges, healing) is always run: it is the reference row, it sets the
 parameter budget of the width and sparsity baselines, and `ours+int8` quantizes it.
@@ -27,12 +27,12 @@ import numpy as np
 from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.baselines.students import is_llm_build
-from layerwise.bench import benchmark
-from layerwise.bench_guard import describe, speed_cell
-from layerwise.compress import n_kept
-from layerwise.distill import HealConfig
-from layerwise.evaluate import evaluate
-from layerwise.memory import peak_memory
+from layerwise.perf.bench import benchmark
+from layerwise.perf.guard import describe, speed_cell
+from layerwise.compression.compress import n_kept
+from layerwise.compression.distill import HealConfig
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.perf.memory import peak_memory
 from layerwise.models.checkpoint import read_manifest, save_recommender
 from orchestration.baselines.method import methods, run_method, teacher_build, teacher_train_config
 from orchestration.outputs import METRIC_COLUMNS, write_json

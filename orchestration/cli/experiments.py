@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def baselines(args: argparse.Namespace) -> int:
-    from layerwise.distill import HealConfig
+    from layerwise.compression.distill import HealConfig
     from orchestration.baselines.table import format_markdown, run_baselines
 
     heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from layerwise.bench_guard import REMEASURES
+from layerwise.perf.guard import REMEASURES
 from orchestration.cli.data import add_data_args, add_device_arg, load_data
 from orchestration.cli.teacher import Registry
 from orchestration.outputs import METRIC_COLUMNS, print_metrics_table, write_json
@@ -165,7 +165,7 @@ def _bench_parser(sub) -> None:
 def train(args: argparse.Namespace) -> int:
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import train_recommender
+    from layerwise.training.train import train_recommender
     from orchestration.cli.teacher import check_family, model_name, teacher_setup
 
     dataset = load_data(args)
@@ -208,7 +208,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_scorer(scorer, dataset, args):
-    from layerwise.evaluate import SampledRanking, evaluate as run_eval
+    from layerwise.evaluation.evaluate import SampledRanking, evaluate as run_eval
 
     sampled = SampledRanking(args.sampled, args.sampling) if args.sampled else None
     return run_eval(scorer, dataset, stage=args.stage, exclude_seen=not args.keep_seen,
@@ -216,8 +216,8 @@ def evaluate_scorer(scorer, dataset, args):
 
 
 def score(args: argparse.Namespace) -> int:
-    from layerwise.compress import calibration_batches
-    from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+    from layerwise.compression.compress import calibration_batches
+    from layerwise.compression.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
     from orchestration.loading import load_model_for
 
     dataset = load_data(args)
@@ -239,9 +239,9 @@ def score(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from layerwise.compact import save_compact
-    from layerwise.compress import CompressConfig, compress as run_compress, default_selection, n_kept
-    from layerwise.distill import HealConfig
+    from layerwise.compression.compact import save_compact
+    from layerwise.compression.compress import CompressConfig, compress as run_compress, default_selection, n_kept
+    from layerwise.compression.distill import HealConfig
     from orchestration.loading import load_model_for
 
     dataset = load_data(args)
@@ -270,7 +270,7 @@ def compress(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import torch
 
-    from layerwise.bench import bench_dirs, format_table
+    from layerwise.perf.bench import bench_dirs, format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ class TeacherSetup:
     """What build_recommender and train_recommender get, and the recipe line the run prints."""
 
     build: dict[str, Any]
-    train: Any  # layerwise.train.TrainConfig
+    train: Any  # layerwise.training.train.TrainConfig
     recipe: dict[str, str] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -63,7 +63,7 @@ class TeacherSetup:
 def teacher_setup(args: argparse.Namespace, data) -> TeacherSetup:
     """The recipe (named by --recipe, or the pretrained decoder LLM's own) under the flags given."""
     from layerwise.models.llm import LLMSetup
-    from layerwise.train import TrainConfig
+    from layerwise.training.train import TrainConfig
 
     recipe = _choose_recipe(args)
     base = recipe.teacher if recipe else None

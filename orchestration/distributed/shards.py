@@ -1,11 +1,11 @@
 """Layer importance per model shard as Ray tasks; ablation and dependency as one Ray task each.
 
-The driver traces the calibration batches once (`layerwise.tracing.trace_layers`: one forward pass,
-one backward pass) and cuts the trace at the shard boundaries (`layerwise.importance.shard_inputs`).
+The driver traces the calibration batches once (`layerwise.compression.tracing.trace_layers`: one forward pass,
+one backward pass) and cuts the trace at the shard boundaries (`layerwise.compression.importance.shard_inputs`).
 Each shard task receives through the object store only its input states, its output gradients, its
 layers' recorded calls and token masks, and only its own layers' weights; it rebuilds those layers on
 its own (the backbone built on the meta device, so the rest of the model never takes memory there) and
-runs `layerwise.importance.local_scores`. The concatenated result equals `compute_importance`.
+runs `layerwise.compression.importance.local_scores`. The concatenated result equals `compute_importance`.
 
     PYTHONPATH=. .venv/bin/python -c "
     from orchestration.distributed.ray_runtime import ray_session
@@ -34,10 +34,10 @@ import torch.nn as nn
 from torch import Tensor
 from transformers import AutoConfig
 
-from layerwise.dependency import dependency_matrix
-from layerwise.importance import LOCAL_METHODS, ablation, local_scores, shard_inputs
+from layerwise.compression.dependency import dependency_matrix
+from layerwise.compression.importance import LOCAL_METHODS, ablation, local_scores, shard_inputs
 from layerwise.models import FAMILIES, SequentialRecommender, build_backbone
-from layerwise.tracing import LayerCall, trace_layers
+from layerwise.compression.tracing import LayerCall, trace_layers
 from orchestration.distributed.ray_runtime import cpu_fraction, gpu_request, init_ray, task_device
 
 MAX_RETRIES = 3
@@ -216,13 +216,13 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
     """Local importance estimators with one Ray task per contiguous shard of layers.
 
     Uses the connected Ray, or starts one with `init_ray()` (never Ray's own unbounded auto-start). Equals
-    `layerwise.importance.compute_importance(model, batches, methods)` to float rounding.
+    `layerwise.compression.importance.compute_importance(model, batches, methods)` to float rounding.
 
     Args:
         model: a `SequentialRecommender` without bridges (L layers).
         batches: calibration `(inputs (B, T), targets (B, T))` pairs (docs/CONTRACTS.md).
         n_shards: number of shards S, 1 <= S <= L (`split_shards`).
-        methods: a subset of `layerwise.importance.LOCAL_METHODS`.
+        methods: a subset of `layerwise.compression.importance.LOCAL_METHODS`.
         num_cpus: CPU request per shard task (default `cpu_fraction()`).
         worker_memory: if a list, each shard task's `process_memory()`, taken in the worker after its
             scores, is appended in shard order (a reused Ray worker's peak covers its earlier tasks too:
@@ -268,7 +268,7 @@ def sharded_importance(model: SequentialRecommender, batches: Iterable, n_shards
 def submit_ablation(model, batches, data=None, metric: str = "ndcg@10", max_users: int | None = None,
                     removed: Iterable[int] = (), max_len: int = 50, seed: int = 0,
                     num_cpus: float | None = None, device: str | None = "cpu") -> ray.ObjectRef:
-    """Start `layerwise.importance.ablation` as one Ray task; `ray.get` the ref for (L,) float64.
+    """Start `layerwise.compression.importance.ablation` as one Ray task; `ray.get` the ref for (L,) float64.
 
     `model` is a `SequentialRecommender` or the ref `put_model` returned (weights put once, shared).
     """
@@ -280,7 +280,7 @@ def submit_ablation(model, batches, data=None, metric: str = "ndcg@10", max_user
 def submit_dependency(model, batches, data=None, metric: str = "loss", max_users: int | None = None,
                       max_len: int = 50, seed: int = 0, num_cpus: float | None = None,
                       device: str | None = "cpu") -> ray.ObjectRef:
-    """Start `layerwise.dependency.dependency_matrix` as one Ray task; `ray.get` gives (L, L) float64.
+    """Start `layerwise.compression.dependency.dependency_matrix` as one Ray task; `ray.get` gives (L, L) float64.
 
     `model` is a `SequentialRecommender` or the ref `put_model` returned.
     """

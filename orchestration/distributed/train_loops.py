@@ -5,7 +5,7 @@ each improvement with a checkpoint (a `save_recommender` directory).
 
 Each rank takes every world_size-th window of a permutation shared by all ranks (new each epoch); its loss
 is weighted by its share of the global batch's targets, so step i takes the gradient of step i of
-single-process `layerwise.train.train_recommender` (without dropout the two agree to float rounding).
+single-process `layerwise.training.train.train_recommender` (without dropout the two agree to float rounding).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from layerwise.compact import build_compact, save_compact
-from layerwise.distill import HealConfig, heal_loss, merge_lora, prefit_bridges, trainable_parameters
-from layerwise.evaluate import evaluate
+from layerwise.compression.compact import build_compact, save_compact
+from layerwise.compression.distill import HealConfig, heal_loss, merge_lora, prefit_bridges, trainable_parameters
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models import SequentialRecommender
 from layerwise.models.checkpoint import load_recommender, save_recommender
-from layerwise.train import TrainConfig, batch_loss, cloze_mask, stop_reason, training_windows
+from layerwise.training.train import TrainConfig, batch_loss, cloze_mask, stop_reason, training_windows
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 

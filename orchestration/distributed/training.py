@@ -3,7 +3,7 @@
 Smallest CPU run (2 workers, ZeRO-2 over gloo, tiny LLaMA, about a minute):
     PYTHONPATH=. .venv/bin/python - <<'EOF'
     from orchestration.distributed.ray_runtime import init_ray
-    from layerwise.train import TrainConfig
+    from layerwise.training.train import TrainConfig
     from orchestration.distributed.specs import ModelSpec
     from orchestration.distributed.training import train_teacher_distributed
     init_ray(num_cpus=2, object_store_mb=150)
@@ -27,8 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from layerwise.distill import HealConfig
-from layerwise.train import TrainConfig
+from layerwise.compression.distill import HealConfig
+from layerwise.training.train import TrainConfig
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec
 from orchestration.distributed.train_loops import METRIC, heal_loop, teacher_loop
@@ -77,7 +77,7 @@ def heal_distributed(data_spec: DataSpec | str, teacher_dir: str, keep: list[int
     """Heal the compact model `build_compact(teacher, keep, bridge_rank)` against its frozen teacher.
 
     Every worker loads the teacher from `teacher_dir` (shared storage on a cluster), builds the same
-    student, pre-fits its bridges on the teacher's states and distils with `layerwise.distill.heal_loss`.
+    student, pre-fits its bridges on the teacher's states and distils with `layerwise.compression.distill.heal_loss`.
     The pre-healing student is evaluated and checkpointed first, so healing never returns something
     worse on validation than plain removal. Arguments and return value as `train_teacher_distributed`,
     plus `keep` (sorted teacher layer indices) and `bridge_rank` (0 = no bridges). Each rank runs the

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from layerwise.bench_guard import REMEASURES
-from layerwise.compress import DEFAULT_BRIDGE_RANK
+from layerwise.perf.guard import REMEASURES
+from layerwise.compression.compress import DEFAULT_BRIDGE_RANK
 from layerwise.device import check_device
-from layerwise.distill import HealConfig
+from layerwise.compression.distill import HealConfig
 from layerwise.models.llm import LLMSetup
-from layerwise.train import ADDED, TrainConfig
+from layerwise.training.train import ADDED, TrainConfig
 
 
 def added_option(default: Any) -> Any:

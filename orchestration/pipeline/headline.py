@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from layerwise.bench_guard import judge
-from layerwise.stats import ratio_ci
+from layerwise.perf.guard import judge
+from layerwise.evaluation.stats import ratio_ci
 from orchestration.outputs import METRIC_COLUMNS
 
 

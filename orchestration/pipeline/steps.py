@@ -73,7 +73,7 @@ def train_teacher(ctx: Context, data, out: Path) -> None:
 
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
-    from layerwise.train import train_recommender
+    from layerwise.training.train import train_recommender
 
     c, t = ctx.config, ctx.config.teacher
     train_config = replace(t.train, seed=c.seed, max_len=c.data.max_len)
@@ -126,7 +126,7 @@ def evaluate_models(ctx: Context, data, models: dict[str, Path], out: Path, with
     """Test-split metrics (full ranking, seen items excluded) with per-user Parquet tables."""
     from layerwise.baselines import BASELINES
     from layerwise.device import device_scorer
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
     from orchestration.loading import load_model_for
 
     scorers = {"mostpop": BASELINES["mostpop"](data)} if with_mostpop else {}
@@ -150,7 +150,7 @@ def importance_evaluations(selector: str, method: str | None) -> tuple[str, ...]
     """The evaluation tasks the selection needs beside the local estimators (which are cheap, one pass, and
     fill the report's heatmap): the ablation it ranks by, and the loss dependency matrix for `beam` only. That
     matrix is the costly one: 1 + L + L(L-1)/2 evaluations, 466 for a 30-layer LLM, hours on 2 cores."""
-    from layerwise.compress import SELECTOR_METHOD
+    from layerwise.compression.compress import SELECTOR_METHOD
 
     method = method or SELECTOR_METHOD.get(selector)
     needed = {"dependency"} if selector == "beam" else set()
@@ -161,7 +161,7 @@ def importance_evaluations(selector: str, method: str | None) -> tuple[str, ...]
 def importance(ctx: Context, data, teacher_dir: Path, out: Path) -> None:
     """The local estimators sharded over Ray tasks; the ablation and dependency tasks the selector needs
     (`importance_evaluations`), one task each."""
-    from layerwise.compress import calibration_batches
+    from layerwise.compression.compress import calibration_batches
     from orchestration.loading import load_model_for
     from orchestration.distributed.shards import every_score
 
@@ -194,8 +194,8 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
     """Select with the stored scores, build the compact model, heal it (locally or distributed)."""
     from dataclasses import replace
 
-    from layerwise.compact import save_compact
-    from layerwise.compress import CompressConfig, compress as run_compress
+    from layerwise.compression.compact import save_compact
+    from layerwise.compression.compress import CompressConfig, compress as run_compress
     from orchestration.loading import load_model_for
 
     c = ctx.config
@@ -215,9 +215,9 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
 
 
 def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> bool:
-    """Teacher vs compact, interleaved, re-measured while disturbed (layerwise.bench_guard). Returns whether
+    """Teacher vs compact, interleaved, re-measured while disturbed (layerwise.perf.guard). Returns whether
     the result is final: a disturbed one is not, so the next run measures again."""
-    from layerwise.bench import bench_dirs, format_table
+    from layerwise.perf.bench import bench_dirs, format_table
 
     b = ctx.config.bench
     threads = torch.get_num_threads()

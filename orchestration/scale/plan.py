@@ -45,8 +45,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from layerwise.compact import build_compact
-from layerwise.compress import n_kept
+from layerwise.compression.compact import build_compact
+from layerwise.compression.compress import n_kept
 from layerwise.models.scale import (
     count_parameters,
     count_shape,
@@ -55,7 +55,7 @@ from layerwise.models.scale import (
     meta_recommender_from,
     numel,
 )
-from layerwise.select import SELECTORS
+from layerwise.compression.select import SELECTORS
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.outputs import write_json
 from orchestration.distributed.shards import split_shards

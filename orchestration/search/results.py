@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from layerwise.bench_guard import RULE, speed_cell
+from layerwise.perf.guard import RULE, speed_cell
 from orchestration.outputs import write_json
 from orchestration.search.arguments import SPEED_METRICS
 from orchestration.search.space import SearchSpace
@@ -57,7 +57,7 @@ def trial_row(result) -> dict:
 
 
 def timed(rows: list[dict]) -> list[dict]:
-    """The rows whose timing in the trial was not disturbed (layerwise.bench_guard): only they have a speed."""
+    """The rows whose timing in the trial was not disturbed (layerwise.perf.guard): only they have a speed."""
     return [r for r in rows if r.get("speed_status", "ok") != "disturbed"]
 
 
@@ -136,10 +136,10 @@ def check_front(rows: list[dict], front: list[str], data, teacher_path: str, spa
     never looked at. Trials were timed while other trials shared the machine; here the front's models and
     the teacher are timed again with nothing else running, interleaved in one benchmark, with more rounds.
     """
-    from layerwise.bench import benchmark
-    from layerwise.compact import load_compact
+    from layerwise.perf.bench import benchmark
+    from layerwise.compression.compact import load_compact
     from layerwise.device import device_scorer, resolve_device
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
 
     def ndcg(model) -> float:
         return evaluate(device_scorer(model), data, stage="test", exclude_seen=True, max_len=max_len).means["ndcg@10"]
@@ -218,7 +218,7 @@ def markdown_table(records: list[dict], title: str) -> str:
             f"| {_figure(r, 'latency_ms')} | {_figure(r, 'efficiency')} |")
     disturbed = len(records) - len(timed(records))
     if disturbed:
-        lines += ["", f"{disturbed} trial(s) timed disturbed (layerwise.bench_guard: {RULE}): no speed figure, "
+        lines += ["", f"{disturbed} trial(s) timed disturbed (layerwise.perf.guard: {RULE}): no speed figure, "
                       f"and the searcher recorded them as failed."]
     return "\n".join(lines) + "\n"
 

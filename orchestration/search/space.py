@@ -57,16 +57,16 @@ def _names(registry_module: str, attr: str) -> Callable[[], list[str]]:
     return names
 
 
-_SELECTORS = _names("layerwise.select", "SELECTORS")
-_METHODS = _names("layerwise.importance", "IMPORTANCE")
+_SELECTORS = _names("layerwise.compression.select", "SELECTORS")
+_METHODS = _names("layerwise.compression.importance", "IMPORTANCE")
 _TRAINABLE = ("bridges", "lora", "all")
 
 PARAMETERS: dict[str, Param] = {
     "layers": Param(int, lambda v: v >= 1, ">= 1 (teacher layers kept)"),
     "keep": Param(float, lambda v: 0 < v <= 1, "in (0, 1] (fraction of teacher layers kept)"),
     "bridge_rank": Param(int, lambda v: v >= 0, ">= 0 (0 = no bridges)"),
-    "selector": Param(str, lambda v: v in _SELECTORS(), "a layerwise.select.SELECTORS key"),
-    "method": Param(str, lambda v: v in _METHODS(), "a layerwise.importance.IMPORTANCE key", nullable=True),
+    "selector": Param(str, lambda v: v in _SELECTORS(), "a layerwise.compression.select.SELECTORS key"),
+    "method": Param(str, lambda v: v in _METHODS(), "a layerwise.compression.importance.IMPORTANCE key", nullable=True),
     "temperature": Param(float, lambda v: v > 0, "> 0"),
     "kd_weight": Param(float, lambda v: v >= 0, ">= 0"),
     "ce_weight": Param(float, lambda v: v >= 0, ">= 0"),

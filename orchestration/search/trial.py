@@ -37,9 +37,9 @@ def search_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
-    from layerwise.bench import benchmark
-    from layerwise.compact import load_compact, save_compact
-    from layerwise.compress import calibration_batches, select_layers
+    from layerwise.perf.bench import benchmark
+    from layerwise.compression.compact import load_compact, save_compact
+    from layerwise.compression.compress import calibration_batches, select_layers
     from orchestration.distributed.ray_runtime import task_device
     from orchestration.distributed.specs import DataSpec
 
@@ -74,7 +74,7 @@ def _measure_trial(config: dict, ctx: dict, trial_id: str) -> tuple[dict, dict]:
 
 
 def speed_metrics(bench: dict, batch: str) -> dict:
-    """The trial's speed figures from its benchmark. A disturbed timing (layerwise.bench_guard) reports
+    """The trial's speed figures from its benchmark. A disturbed timing (layerwise.perf.guard) reports
     NaN for every one of them: the searcher then records the trial as failed rather than chase a speedup
     that load made up, and the table prints "disturbed"."""
     entry, teacher = bench["models"]["compact"]["batches"][batch], bench["models"]["teacher"]["batches"][batch]
@@ -88,8 +88,8 @@ def speed_metrics(bench: dict, batch: str) -> dict:
 
 def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Path, trial_id: str):
     """(healed student, healing processes: 0 = not healed, 1 = in this trial, n = n Ray Train workers)."""
-    from layerwise.compact import build_compact, load_compact
-    from layerwise.distill import heal
+    from layerwise.compression.compact import build_compact, load_compact
+    from layerwise.compression.distill import heal
 
     heal_config = _heal_config(config, ctx)
     rank = config["bridge_rank"]
@@ -111,7 +111,7 @@ def _heal(config: dict, ctx: dict, teacher, data, kept: list[int], model_dir: Pa
 
 
 def _heal_config(config: dict, ctx: dict):
-    from layerwise.distill import HealConfig
+    from layerwise.compression.distill import HealConfig
 
     names = {"heal_epochs": "epochs", "heal_batch_size": "batch_size"}
     fields = set(HealConfig.__dataclass_fields__)
@@ -121,13 +121,13 @@ def _heal_config(config: dict, ctx: dict):
 
 
 def _depth(config: dict, n_layers: int) -> int:
-    from layerwise.compress import n_kept
+    from layerwise.compression.compress import n_kept
 
     return int(config["layers"]) if "layers" in config else n_kept(float(config["keep"]), n_layers)
 
 
 def valid_ndcg(model, data, max_len: int) -> float:
     """Validation NDCG@10 of `model` (full ranking, seen items excluded): what retention is a ratio of."""
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
 
     return evaluate(model.eval().score, data, stage="valid", exclude_seen=True, max_len=max_len).means["ndcg@10"]

@@ -14,7 +14,7 @@ reports validation NDCG@10 retention and the speedup measured against the teache
 ("pareto"), read back from the Optuna study. The front is then checked with nothing else running
 (test-split retention, timed again alone), registered in MLflow, and its fastest model with retention
 >= --min-retention becomes `champion`. Killed searches resume: finished trials stay finished, the rest
-run. Every timing passes the bench guard (layerwise.bench_guard): a trial timed disturbed even after its
+run. Every timing passes the bench guard (layerwise.perf.guard): a trial timed disturbed even after its
 re-measures reports no speed (NaN, so Optuna records it failed), is on no front, and reads "disturbed" in
 the table; a front model whose quiet timing stays disturbed cannot be the fastest.
 """
@@ -174,7 +174,7 @@ def _prepare_teacher(space: SearchSpace, run_dir: Path, teacher_dir: str | None)
     """(data, teacher directory): the given one, the one trained here earlier, or a newly trained one."""
     from layerwise.device import resolve_device
     from layerwise.models.checkpoint import read_manifest, save_recommender
-    from layerwise.train import TrainConfig, train_recommender
+    from layerwise.training.train import TrainConfig, train_recommender
     from orchestration.pipeline.config import stage_hash
     from orchestration.distributed.specs import ModelSpec, build_model
 

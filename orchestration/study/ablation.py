@@ -52,10 +52,10 @@ class AblationStages:
     def _estimator_ablation(self, out: Path) -> list[dict]:
         """Top-k by `combined` over every local estimator, then with each estimator left out; a kept set
         seen before is healed once (the same layers, seed and recipe give the same model)."""
-        from layerwise.compact import build_compact
-        from layerwise.distill import heal
-        from layerwise.importance import LOCAL_METHODS, combined
-        from layerwise.select import SELECTORS
+        from layerwise.compression.compact import build_compact
+        from layerwise.compression.distill import heal
+        from layerwise.compression.importance import LOCAL_METHODS, combined
+        from layerwise.compression.select import SELECTORS
 
         config = self._compress_config()
         local = {m: self.scores[m] for m in LOCAL_METHODS}
@@ -80,8 +80,8 @@ class AblationStages:
     def _items_ablation(self, out: Path) -> list[dict]:
         """Ours on a teacher whose item vectors started at random (at the token-embedding scale) instead of
         from the titles: the same seed, recipe, selection and healing. Its own teacher is trained here."""
-        from layerwise.compact import load_compact
-        from layerwise.compress import compress
+        from layerwise.compression.compact import load_compact
+        from layerwise.compression.compress import compress
 
         t = self.config.teacher
         _, result = train_teacher(replace(t, llm=replace(t.llm, item_init="random")), self.data,

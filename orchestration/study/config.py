@@ -14,8 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from layerwise.distill import HealConfig
-from layerwise.train import TrainConfig
+from layerwise.compression.distill import HealConfig
+from layerwise.training.train import TrainConfig
 from orchestration.baselines.method import ORDER, PRETRAINED_ONLY
 from orchestration.pipeline.config import (
     BenchConfig, CompressStageConfig, DataConfig, TeacherConfig, TrackingConfig, load_config,
@@ -136,8 +136,8 @@ def load_study_config(path: str | None = None, overrides: list[str] | None = Non
 def check(config: StudyConfig) -> None:
     """Reject settings that would fail hours into a run, naming the key."""
     from layerwise.baselines import BASELINES
-    from layerwise.noise import KINDS
-    from layerwise.select import SELECTORS
+    from layerwise.evaluation.noise import KINDS
+    from layerwise.compression.select import SELECTORS
 
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {list(config.seeds)}")

@@ -155,8 +155,8 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     import torch
 
     from layerwise.baselines import BASELINES, Budget
-    from layerwise.bench import benchmark
-    from layerwise.compact import load_compact
+    from layerwise.perf.bench import benchmark
+    from layerwise.compression.compact import load_compact
     from layerwise.models.checkpoint import is_stripped
 
     b = config.bench

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy import stats as sps
 
-from layerwise import stats
-from layerwise.bench_guard import describe
+from layerwise.evaluation import stats
+from layerwise.perf.guard import describe
 from orchestration.outputs import METRIC_COLUMNS
 from orchestration.study.config import StudyConfig, extras_seeds
 
@@ -220,7 +220,7 @@ def robustness(seed_dirs: Mapping[int, Mapping[str, Path]], config: StudyConfig)
 
 
 def scenarios(table: Rows, data, config: StudyConfig) -> dict:
-    from layerwise.scenarios import candidate_slices, filter_slices, slice_retention
+    from layerwise.evaluation.scenarios import candidate_slices, filter_slices, slice_retention
 
     kept, dropped = filter_slices(candidate_slices(data), config.scenarios.min_users)
     teacher_u, ours_u = table.per_user("teacher"), table.per_user("ours")
@@ -296,7 +296,7 @@ def _cis(estimates: Sequence[Mapping]) -> list | None:
 
 def _speed_estimate(speed: Mapping, key: str, batch) -> dict | None:
     """{"mean", "ci95", "bound", "efficiency"} of one model's speedup (bound: its Amdahl bound, None for a model
-    whose layers are not the teacher's); a disturbed one (layerwise.bench_guard) has no figure."""
+    whose layers are not the teacher's); a disturbed one (layerwise.perf.guard) has no figure."""
     entry = speed["models"].get(key, {}).get("batches", {}).get(str(batch))
     if not entry or entry.get("speedup") is None:
         return None

@@ -65,8 +65,8 @@ class SeedRun(AblationStages):
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
         from layerwise.baselines.budget import n_parameters
-        from layerwise.compact import load_compact
-        from layerwise.compress import n_kept
+        from layerwise.compression.compact import load_compact
+        from layerwise.compression.compress import n_kept
         from layerwise.models.checkpoint import read_manifest
 
         c = self.config
@@ -167,7 +167,7 @@ class SeedRun(AblationStages):
         """Every estimator's scores. Each part is kept under resume/ once made (the ablations take half an
         hour or more on a 30-layer LLM), so that a stage stopped midway, here or on the machine of an archive
         that carried them, makes only the rest."""
-        from layerwise.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
+        from layerwise.compression.importance import IMPORTANCE, LOCAL_METHODS, compute_importance
 
         c = self.config.compress
         users = {"data": self.data, "max_users": c.ablation_users, "seed": self.seed}
@@ -198,17 +198,17 @@ class SeedRun(AblationStages):
                                                  out / RESUME / "removal_losses.json")})
 
     def _dependency_matrix(self, state: Path) -> list[list[float]]:
-        """The validation-loss dependency matrix on the importance stage's users (layerwise.dependency), its
+        """The validation-loss dependency matrix on the importance stage's users (layerwise.compression.dependency), its
         sums so far kept in `state` after each chunk of users."""
-        from layerwise.dependency import dependency_matrix
+        from layerwise.compression.dependency import dependency_matrix
 
         c = self.config.compress
         return dependency_matrix(self.teacher, self._batches(), metric="loss", data=self.data,
                                  max_users=c.ablation_users, seed=self.seed, state=state).tolist()
 
     def _ours(self, out: Path) -> None:
-        from layerwise.compact import build_compact, save_compact
-        from layerwise.compress import compress
+        from layerwise.compression.compact import build_compact, save_compact
+        from layerwise.compression.compress import compress
 
         config = self._compress_config()
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
@@ -269,8 +269,8 @@ class SeedRun(AblationStages):
         return stage
 
     def _noise(self, out: Path) -> None:
-        from layerwise.evaluate import evaluate
-        from layerwise.noise import NoisyData
+        from layerwise.evaluation.evaluate import evaluate
+        from layerwise.evaluation.noise import NoisyData
 
         models = {"teacher": self.teacher, "compact": self.compact}
         rows = []
@@ -288,14 +288,14 @@ class SeedRun(AblationStages):
 
     # --- helpers --------------------------------------------------------------------------------------
     def _batches(self):
-        from layerwise.compress import calibration_batches
+        from layerwise.compression.compress import calibration_batches
 
         c = self.config.compress
         return calibration_batches(self.teacher, self.data, c.calib_batches, c.calib_batch_size, self.max_len,
                                    self.seed)
 
     def _compress_config(self, **changes):
-        from layerwise.compress import CompressConfig
+        from layerwise.compression.compress import CompressConfig
 
         s = self.config.compress
         heal = changes.pop("heal", s.heal)
@@ -307,7 +307,7 @@ class SeedRun(AblationStages):
     def _compress_row(self, config, out: Path, row: str, table: str, timing: str | None = None, **extra) -> dict:
         """Compress and heal with `config`, evaluate; with `timing` (first seed only), also save the model
         under out/timing/ for the driver's speed benchmark."""
-        from layerwise.compress import compress
+        from layerwise.compression.compress import compress
 
         result = compress(self.teacher, self.data, config, progress=self.progress, precomputed=self.scores)
         h = config.heal
@@ -337,7 +337,7 @@ class SeedRun(AblationStages):
 
     def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, file: str | None = None,
                   **extra) -> dict:
-        from layerwise.evaluate import evaluate
+        from layerwise.evaluation.evaluate import evaluate
 
         result = evaluate(scorer, self.data, stage="test", exclude_seen=True, max_len=self.max_len)
         path = out / "eval" / f"{file or slug(row)}.parquet"

@@ -31,7 +31,7 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
     from layerwise.models.checkpoint import save_recommender
     from layerwise.models.factory import build_recommender
     from layerwise.models.lora import has_lora
-    from layerwise.train import train_recommender
+    from layerwise.training.train import train_recommender
 
     if (path / "manifest.json").exists():  # saved by a run that stopped before its stage ended
         return saved_teacher(path)  # (training removed its epoch checkpoint when it saved)
@@ -57,9 +57,9 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
 def saved_teacher(path: Path):
     """The teacher an earlier run trained and saved at `path` (saves are atomic), with its training record
     from the manifest: (model in eval, TrainResult)."""
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
     from layerwise.models.checkpoint import read_manifest
-    from layerwise.train import TrainResult
+    from layerwise.training.train import TrainResult
 
     saved = read_manifest(path)
     history = saved.get("history") or []

@@ -3,7 +3,7 @@
 `orchestration.tracking.log_compact_model` logs this file with `mlflow.pyfunc.log_model(python_model=<this
 file>, artifacts={"model_dir": <safetensors model directory>})` ("models from code"): MLflow stores the
 source, not a pickled object, and runs it at load time; the weights stay safetensors + JSON and load with
-`layerwise.compact.load_compact` (bridges included).
+`layerwise.compression.compact.load_compact` (bridges included).
 
     model = mlflow.pyfunc.load_model("models:/teacher@champion")
     model.predict(pd.DataFrame({"history": [[3, 17, 5], [8]]}), params={"k": 10})
@@ -24,7 +24,7 @@ class RecommenderModel(PythonModel):
     """Top-k next items for item-index histories (1..n_items, most recent last)."""
 
     def load_context(self, context) -> None:
-        from layerwise.compact import load_compact
+        from layerwise.compression.compact import load_compact
         from layerwise.models.checkpoint import read_manifest
 
         path = context.artifacts["model_dir"]
@@ -34,7 +34,7 @@ class RecommenderModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: a DataFrame with a "history" column of item-index lists; params: k (default 10),
         exclude_seen (default True). Returns "items" and "scores" columns, one list of k per row."""
-        from layerwise.evaluate import recommend
+        from layerwise.evaluation.evaluate import recommend
 
         params = params or {}
         histories = pad_histories(list(model_input["history"]), self.max_len, self.model.n_items)

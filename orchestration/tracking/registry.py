@@ -5,7 +5,7 @@ and promoted to an alias; `load_champion` brings the aliased model back as a loc
     with tracked_run("search"):
         version = log_compact_model("runs/default/compact-1a2b/model", "layerwise-compact")
     promote("layerwise-compact", version, alias="champion")
-    model_dir = load_champion("layerwise-compact")   # load with layerwise.compact.load_compact
+    model_dir = load_champion("layerwise-compact")   # load with layerwise.compression.compact.load_compact
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def promote(registered_name: str, version: int, alias: str = "champion") -> None
 
 def load_champion(registered_name: str, alias: str = "champion", dst_dir: str | Path | None = None) -> Path:
     """Download `models:/<registered_name>@<alias>` and return the layerwise model directory inside it
-    (load it with `layerwise.compact.load_compact`)."""
+    (load it with `layerwise.compression.compact.load_compact`)."""
     from mlflow.models import Model
 
     local = Path(mlflow.artifacts.download_artifacts(

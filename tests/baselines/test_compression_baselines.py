@@ -19,13 +19,13 @@ from layerwise.baselines.nas import BudgetSpent, SubsetObjective, selection_eval
 from layerwise.baselines.quantization import linear_weight_bytes, quantize_int8
 from layerwise.baselines.sparsity import magnitude_prune, zero_fraction
 from layerwise.baselines.width import prune_width
-from layerwise.bench import benchmark
-from layerwise.compact import build_compact
-from layerwise.distill import HealConfig
-from layerwise.evaluate import evaluate
+from layerwise.perf.bench import benchmark
+from layerwise.compression.compact import build_compact
+from layerwise.compression.distill import HealConfig
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models.checkpoint import load_recommender, save_recommender
-from layerwise.select import SELECTORS
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.compression.select import SELECTORS
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.search.nas import tpe_search
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from layerwise.baselines import BASELINES, mostpop_scorer
-from layerwise.evaluate import evaluate, item_popularity
+from layerwise.evaluation.evaluate import evaluate, item_popularity
 from tests.helpers.fake_data import FakeSequenceData
 
 # Valid targets are all item 4 and test targets all item 5; neither appears in a train portion.

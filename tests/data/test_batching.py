@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerwise.compact import build_compact
+from layerwise.compression.compact import build_compact
 from layerwise.data.batching import mean_over_groups, split_by_length, trim_left, window_lengths
-from layerwise.distill import HealConfig, distillation_loss, heal_loss, teacher_targets
-from layerwise.evaluate import evaluate
-from layerwise.hidden import capture_layer_inputs
+from layerwise.compression.distill import HealConfig, distillation_loss, heal_loss, teacher_targets
+from layerwise.evaluation.evaluate import evaluate
+from layerwise.compression.hidden import capture_layer_inputs
 from layerwise.models.families import FAMILIES
-from layerwise.train import TrainConfig, batch_loss, cloze_mask, next_item_loss
+from layerwise.training.train import TrainConfig, batch_loss, cloze_mask, next_item_loss
 from tests.helpers.fake_data import random_data
 from tests.helpers.tiny_models import tiny_model
 

@@ -17,7 +17,7 @@ import torch
 
 from layerwise.data import BENCHMARKS, DataError, benchmark_stats, format_stats_table, load_dataset
 from layerwise.data import LITERATURE_METRICS, resolve_benchmark
-from layerwise.evaluate import evaluate
+from layerwise.evaluation.evaluate import evaluate
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "amazon-yelp"
 needs_shared = pytest.mark.skipif(not (SHARED / "Beauty.txt").is_file(),

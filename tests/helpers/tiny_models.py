@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
-from layerwise.train import TrainConfig, cloze_mask, train_recommender, training_windows
+from layerwise.training.train import TrainConfig, cloze_mask, train_recommender, training_windows
 from tests.helpers.fake_data import FakeSequenceData
 
 _DEPTH_KEY = {"t5": "num_layers", "gpt2": "n_layer"}

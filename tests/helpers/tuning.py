@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from layerwise.compact import load_compact
-from layerwise.evaluate import evaluate
+from layerwise.compression.compact import load_compact
+from layerwise.evaluation.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = "synthetic:300:60:6000:0"

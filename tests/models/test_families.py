@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from layerwise.data import load_dataset
-from layerwise.evaluate import evaluate
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models import FAMILIES, SequentialRecommender, build_backbone, preset_config
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 
 DATASET = "synthetic:240:60:4000:1"
 

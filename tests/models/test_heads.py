@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from layerwise.compact import build_compact, load_compact, save_compact
+from layerwise.compression.compact import build_compact, load_compact, save_compact
 from layerwise.models.checkpoint import load_recommender, read_manifest, save_recommender
-from layerwise.train import TrainConfig, next_item_loss, training_windows
+from layerwise.training.train import TrainConfig, next_item_loss, training_windows
 from tests.helpers.tiny_models import cyclic_data, tiny_model
 
 

@@ -14,7 +14,7 @@ from layerwise.models.lora import has_lora
 from layerwise.models.checkpoint import load_recommender, read_manifest, save_recommender
 from layerwise.models.factory import build_recommender
 from layerwise.models.llm import LLMSetup, layer_state_norms, set_checkpointing
-from layerwise.train import TrainConfig, next_item_loss, training_windows
+from layerwise.training.train import TrainConfig, next_item_loss, training_windows
 from tests.helpers.tiny_models import make_identity, tiny_model
 
 pytestmark = pytest.mark.slow  # whole file: it runs early under pytest-xdist (tests/conftest.py)
@@ -184,17 +184,17 @@ def teacher_dir(data, smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(teacher_dir):
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
 
     return load_compact(teacher_dir).eval().requires_grad_(False)
 
 
 def test_every_estimator_matches_physical_removal_of_real_llm_layers(teacher, data):
-    from layerwise.compact import build_compact
-    from layerwise.compress import calibration_batches
-    from layerwise.dependency import dependency_matrix
-    from layerwise.importance import IMPORTANCE, LOCAL_METHODS
-    from layerwise.tracing import _validation_loss, sample_users
+    from layerwise.compression.compact import build_compact
+    from layerwise.compression.compress import calibration_batches
+    from layerwise.compression.dependency import dependency_matrix
+    from layerwise.compression.importance import IMPORTANCE, LOCAL_METHODS
+    from layerwise.compression.tracing import _validation_loss, sample_users
 
     batches = calibration_batches(teacher, data, n_batches=1, batch_size=8, max_len=SHORT)
     context = {"data": data, "k": 2, "max_users": USERS, "max_len": SHORT}
@@ -223,8 +223,8 @@ def test_every_estimator_matches_physical_removal_of_real_llm_layers(teacher, da
 
 
 def test_every_selector_keeps_what_its_scores_say(teacher, data):
-    from layerwise.compress import SELECTOR_METHOD, calibration_batches, select_layers
-    from layerwise.select import SELECTORS
+    from layerwise.compression.compress import SELECTOR_METHOD, calibration_batches, select_layers
+    from layerwise.compression.select import SELECTORS
 
     batches = calibration_batches(teacher, data, n_batches=1, batch_size=8, max_len=SHORT)
     fixed = {"uniform": [1, 2], "first": [0, 1], "last": [1, 2],
@@ -246,7 +246,7 @@ def _last_min(values) -> int:
 
 
 def test_compact_build_reloads_as_a_stock_automodel(teacher, data, tmp_path):
-    from layerwise.compact import build_compact, load_compact, save_compact
+    from layerwise.compression.compact import build_compact, load_compact, save_compact
 
     compact = build_compact(teacher, [0, 2])
     save_compact(compact, tmp_path / "c", {"selector": "manual"})
@@ -263,8 +263,8 @@ def test_compact_build_reloads_as_a_stock_automodel(teacher, data, tmp_path):
 
 
 def test_healing_with_lora_and_the_teacher_cache_merges_into_a_stock_model(teacher, data, lora_model, tmp_path):
-    from layerwise.compact import build_compact, load_compact, save_compact
-    from layerwise.distill import HealConfig, heal
+    from layerwise.compression.compact import build_compact, load_compact, save_compact
+    from layerwise.compression.distill import HealConfig, heal
 
     assert has_lora(lora_model) and not has_lora(build_compact(lora_model, [1]))  # in-memory teachers too
     student = build_compact(teacher, [0, 2])
@@ -288,8 +288,8 @@ def test_healing_with_lora_and_the_teacher_cache_merges_into_a_stock_model(teach
 
 
 def test_bench_times_the_teacher_and_its_compact_model(teacher_dir, teacher, tmp_path):
-    from layerwise.bench import bench_dirs, format_table
-    from layerwise.compact import build_compact, save_compact
+    from layerwise.perf.bench import bench_dirs, format_table
+    from layerwise.compression.compact import build_compact, save_compact
 
     save_compact(build_compact(teacher, [1]), tmp_path / "compact", {})
     result = bench_dirs([str(teacher_dir), str(tmp_path / "compact")], batch_sizes=(2,), runs=3, warmup=1,
@@ -310,7 +310,7 @@ def test_llm_baselines_start_again_from_the_pretrained_weights(teacher, data, sm
     start their items from the titles exactly as the teacher did, and train without a teacher."""
     from layerwise.baselines import BASELINES, Budget
     from layerwise.baselines.students import LLM_FULL_LR, llm_student
-    from layerwise.evaluate import evaluate
+    from layerwise.evaluation.evaluate import evaluate
 
     setup = dataclasses.asdict(LLMSetup(n_layers=3, item_init="title_hidden", lora_rank=4))
     build_info = {"pretrained": str(smollm2.path), "llm": {"setup": setup}, "head": "cos", "dropout": 0.0}

@@ -20,7 +20,7 @@ from layerwise.models.factory import build_recommender
 from layerwise.models.llm import LLMSetup
 from layerwise.models.lora import has_lora, merged_weight
 from layerwise.models.rebuild import BACKBONE_WEIGHTS, rebuild_backbone, rebuildable
-from layerwise.train import TrainConfig, next_item_loss, training_windows
+from layerwise.training.train import TrainConfig, next_item_loss, training_windows
 from orchestration.pipeline.stages import ArchiveMismatch, Stages
 from orchestration.study.archive import archive_study, stripped_needed
 

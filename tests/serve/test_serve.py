@@ -13,12 +13,12 @@ import ray
 import torch
 from ray import serve
 
-from layerwise.compact import build_compact, load_compact, save_compact
+from layerwise.compression.compact import build_compact, load_compact, save_compact
 from layerwise.data import load_dataset
-from layerwise.evaluate import recommend
+from layerwise.evaluation.evaluate import recommend
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from serve import loadtest
 from serve.app import build_app, serve_main
 

@@ -11,7 +11,7 @@ import pytest
 from layerwise.baselines.quantization import quantize_int8
 from layerwise.data import LITERATURE_METRICS, load_dataset
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.baselines.table import _memory
 from orchestration.cli.main import main
 from tests.helpers.tiny_models import tiny_model

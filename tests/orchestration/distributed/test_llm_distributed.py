@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModel
 
-from layerwise.compact import load_compact
-from layerwise.distill import HealConfig
-from layerwise.evaluate import evaluate
+from layerwise.compression.compact import load_compact
+from layerwise.compression.distill import HealConfig
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models.checkpoint import save_recommender
 from layerwise.models.factory import build_recommender
 from layerwise.models.llm import LLMSetup

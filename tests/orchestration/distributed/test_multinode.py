@@ -31,12 +31,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from layerwise.compact import load_compact
-from layerwise.compress import calibration_batches
-from layerwise.distill import HealConfig
-from layerwise.importance import LOCAL_METHODS, compute_importance
+from layerwise.compression.compact import load_compact
+from layerwise.compression.compress import calibration_batches
+from layerwise.compression.distill import HealConfig
+from layerwise.compression.importance import LOCAL_METHODS, compute_importance
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.distributed.shards import sharded_importance
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.distributed.training import heal_distributed

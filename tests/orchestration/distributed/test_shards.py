@@ -10,9 +10,9 @@ import pytest
 import ray
 import torch
 
-from layerwise.bridges import set_bridges
-from layerwise.dependency import dependency_matrix
-from layerwise.importance import LOCAL_METHODS, ablation, compute_importance
+from layerwise.compression.bridges import set_bridges
+from layerwise.compression.dependency import dependency_matrix
+from layerwise.compression.importance import LOCAL_METHODS, ablation, compute_importance
 from orchestration.distributed.ray_runtime import cpu_fraction, init_ray, ray_session
 from orchestration.distributed.shards import (
     build_model, build_shard, every_score, model_weights, put_model, remote_ablation, shard_weights,

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from layerwise.baselines import mostpop_scorer
-from layerwise.compact import load_compact
-from layerwise.distill import HealConfig
-from layerwise.evaluate import evaluate
+from layerwise.compression.compact import load_compact
+from layerwise.compression.distill import HealConfig
+from layerwise.evaluation.evaluate import evaluate
 from layerwise.models.checkpoint import load_recommender, read_manifest
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.distributed.deepspeed_config import deepspeed_config
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.distributed.training import heal_distributed, train_teacher_distributed

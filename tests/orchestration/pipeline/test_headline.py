@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from layerwise.bench import benchmark
-from layerwise.compact import build_compact, load_compact, save_compact
+from layerwise.perf.bench import benchmark
+from layerwise.compression.compact import build_compact, load_compact, save_compact
 from orchestration.outputs import write_json
 from orchestration.pipeline import steps
 from orchestration.pipeline.config import load_config

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from layerwise.compact import removed_parameters
+from layerwise.compression.compact import removed_parameters
 from layerwise.models.scale import meta_recommender, numel
 from orchestration.scale.plan import (
     GIB,

@@ -10,9 +10,9 @@ import pytest
 import ray
 import torch
 
-from layerwise.compact import load_compact
+from layerwise.compression.compact import load_compact
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.search.space import Protocol
 from orchestration.search.trial import _measure_trial, valid_ndcg

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from layerwise.compact import load_compact
+from layerwise.compression.compact import load_compact
 from orchestration.distributed.specs import DataSpec
 from orchestration.search.results import choose_champion, front_ids, pareto_front
 from orchestration.search.space import load_space

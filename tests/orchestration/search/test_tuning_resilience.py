@@ -20,9 +20,9 @@ import psutil
 import pytest
 from optuna.trial import TrialState
 
-from layerwise.compact import load_compact
+from layerwise.compression.compact import load_compact
 from layerwise.models.checkpoint import save_recommender
-from layerwise.train import TrainConfig, train_recommender
+from layerwise.training.train import TrainConfig, train_recommender
 from orchestration.distributed.specs import DataSpec, ModelSpec, build_model
 from orchestration.search.tuning import run_search
 from tests.helpers.tuning import DATA, ROOT, mlflow_client, report, study, timed_rows, tiny, trial_runs
@@ -147,7 +147,7 @@ def test_search_survives_ctrl_c_and_kill_9_and_never_redoes_a_finished_trial(tea
     for trial_id in done_before_kill:  # ran once: one MLflow run (from before the stops), one result
         assert [r.info.run_id for r in runs if r.data.tags["trial_id"] == trial_id] == [first_runs[trial_id]]
         assert _reports(run_dir, trial_id) == 1
-    # every trial reached Optuna once; one whose timing stayed disturbed (layerwise.bench_guard) reports NaN
+    # every trial reached Optuna once; one whose timing stayed disturbed (layerwise.perf.guard) reports NaN
     # speed and is recorded failed there, so COMPLETE counts exactly the trials with a speed
     assert len(study(run_dir).get_trials(states=(TrialState.COMPLETE,))) == len(timed_rows(rows))
     assert not study(run_dir).get_trials(states=(TrialState.RUNNING,))  # killed trials' entries are closed

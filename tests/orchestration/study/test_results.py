@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from layerwise.report.document import fmt_estimate
-from layerwise.stats import seed_test
+from layerwise.evaluation.stats import seed_test
 from orchestration.study.results import Rows, across_seeds, comparison
 
 SPEED = {"settings": {"batch_sizes": [1, 64]},
@@ -72,7 +72,7 @@ def test_every_comparison_also_gets_a_per_user_test_and_each_family_its_own_holm
     """With several seeds, a row's p_value is the seeds' paired t and p_users a paired Wilcoxon over users of
     each user's metric averaged over the seeds; the report adjusts each family across the table."""
     from layerwise.report.document import _with_holm
-    from layerwise.stats import holm, paired_test
+    from layerwise.evaluation.stats import holm, paired_test
 
     rng = np.random.default_rng(0)
     users = tuple(range(40))
@@ -106,7 +106,7 @@ def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teache
 
     from layerwise.baselines.budget import training_curve
     from layerwise.report import write_report
-    from layerwise.train import TrainResult
+    from layerwise.training.train import TrainResult
     from orchestration.study.results import equal_compute
 
     def trained(epoch_seconds, valid):

@@ -141,7 +141,7 @@ def test_logged_to_mlflow_and_resumed_without_redoing_work(study):
 def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(study, tmp_path):
     """Each estimator's scores are kept under resume/ as they are made: a rerun of the stage (here, or from
     an archive that carried them) reads those and makes the rest, which come out as the first run's."""
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
     from layerwise.data import load_dataset
     from orchestration.pipeline.stages import RESUME
     from orchestration.study.seed import SeedRun
@@ -325,7 +325,7 @@ def test_an_archive_keeps_the_weights_later_stages_build_on(study, tmp_path, cap
     them) and strips the rest: a study resumed from it, grown by a baseline, trains neither again, on any
     machine. An archive made without them gets them from a run whose weights have its digests, and refuses
     a run whose weights differ."""
-    from layerwise.compact import load_compact
+    from layerwise.compression.compact import load_compact
     from layerwise.models.checkpoint import weight_digests
     from orchestration.study.archive import archive_study, stripped_needed
 

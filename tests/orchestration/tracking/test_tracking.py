@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from layerwise.evaluate import recommend
+from layerwise.evaluation.evaluate import recommend
 from layerwise.models.checkpoint import load_recommender, save_recommender
 from orchestration.tracking import (
     artifact_location,
