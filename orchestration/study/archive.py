@@ -109,6 +109,17 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
                                  f"(limit {MAX_STAGE_BYTES / 2**20:.0f} MB): something other than tables and "
                                  f"JSON is in it")
         added.append(name)
+    for stage in sorted(p for p in run_dir.glob("speed-*") if (p / "_DONE").is_file()):
+        # the study's timing (JSON alone): the next machine renders the report from the same figures
+        if not (out / stage.name / "_DONE").exists():
+            with atomic_directory(out / stage.name) as tmp:
+                for f in stage.iterdir():
+                    if f.is_file() and f.suffix in (".json", "") and f.stat().st_size <= MAX_STAGE_BYTES:
+                        shutil.copy2(f, tmp / f.name)
+            added.append(stage.name)
+    runs = merge_invocations(out / "invocations.json", run_dir / "invocations.json")
+    if runs:  # every run of the study, on whichever machine: the report's wall time and invocations
+        write_json(out / "invocations.json", runs)
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
     if config is not None:  # what the archived stages were run with (no machine's paths)
         base = _study_cwd(run_dir, config.get("run_dir", "runs"))
@@ -123,6 +134,17 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
             f"have not read it yet)" for name in held]
     return {"added": added, "filled": filled, "kept": kept, "unfinished": unfinished, "carried": carried,
             "held": held, "bytes": total}
+
+
+def merge_invocations(*paths: Path) -> list[dict]:
+    """The runs that the invocations.json files at `paths` record (orchestration.study.driver), each once,
+    in the order they started; a run with its wall time wins over the same run noted without one."""
+    runs: dict[str, dict] = {}
+    for path in paths:
+        for run in json.loads(path.read_text()) if path.is_file() else []:
+            if run["started"] not in runs or runs[run["started"]].get("seconds") is None:
+                runs[run["started"]] = run
+    return sorted(runs.values(), key=lambda run: run["started"])
 
 
 def _carry_resume(stage: Path, target: Path) -> bool:

@@ -27,7 +27,7 @@ from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages
-from orchestration.study.archive import seed_threads
+from orchestration.study.archive import merge_invocations, seed_threads
 from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
 from orchestration.study.seed import ROWS, run_seed
 
@@ -47,7 +47,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     _warn_about_numerics(config)
     write_json(root / "config.json", asdict(config))
-    _record_invocation(root, started_at, None)
+    _record_invocation(root, started_at, None, config.reuse)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     with ray_session(address=config.ray.address):
@@ -144,9 +144,12 @@ def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:
 
 
 def _speed(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], root: Path) -> dict:
-    """The first seed's models in one interleaved benchmark (a resumable stage of its own)."""
-    key = stage_hash(sorted(str(p) for p in dirs.values()), config.bench)
-    out = Stages(root).run("speed", key, lambda out: _time_models(config, data, dirs, rows, out))
+    """The first seed's models in one interleaved benchmark (a resumable stage of its own). Its key names the
+    stages it times by their folders' names (stage and input hash), not by where they lie, so an archive
+    carries a finished timing to the next machine, and the report renders there from the same figures."""
+    key = stage_hash(sorted(f"{p.parent.name}/{p.name}" for p in dirs.values()), config.bench)
+    out = Stages(root, reuse=tuple(Path(r) for r in config.reuse)).run(
+        "speed", key, lambda out: _time_models(config, data, dirs, rows, out))
     return json.loads((out / "speed.json").read_text())
 
 
@@ -213,11 +216,15 @@ def _warn_about_numerics(config: StudyConfig) -> None:
                   f"that trains one again here may not reproduce the archived weights", file=sys.stderr)
 
 
-def _record_invocation(root: Path, started_at: str, seconds: float | None) -> list[dict]:
+def _record_invocation(root: Path, started_at: str, seconds: float | None,
+                       reuse: tuple[str, ...] = ()) -> list[dict]:
     """Note this run in <study>/invocations.json: at its start with no time, at its end with its wall time.
-    A study resumed after an interruption is several runs; an interrupted one keeps `seconds: null`."""
+    A study resumed after an interruption is several runs; an interrupted one keeps `seconds: null`. A new
+    run folder starts from the runs its reused archives record (orchestration.study.archive)."""
     path = root / "invocations.json"
     runs = json.loads(path.read_text()) if path.exists() else []
+    if not runs:  # a run folder made afresh from archives goes on from their runs' record
+        runs = merge_invocations(*(Path(r) / "invocations.json" for r in reuse))
     if runs and runs[-1]["started"] == started_at:
         runs[-1]["seconds"] = round(seconds, 1)
     else:

@@ -1,5 +1,7 @@
 """Resumable stages: done markers, and the finished stages of another run used in place (`reuse`)."""
 
+import json
+
 from orchestration.pipeline.stages import Stages
 
 
@@ -124,3 +126,17 @@ def test_a_stage_records_the_machine_it_ran_on_and_the_runs_context(tmp_path):
     timing = json.loads((out / "_seconds.json").read_text())
     assert timing["precision"] == {"teacher": "float32"} and timing["torch_threads"] == torch.get_num_threads()
     assert timing["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and timing["seconds"] >= 0
+
+
+def test_archived_runs_merge_once_each_in_the_order_they_started(tmp_path):
+    from orchestration.study.archive import merge_invocations
+
+    there, here = tmp_path / "there.json", tmp_path / "here.json"
+    there.write_text(json.dumps([{"started": "2026-12-02T07:13:20+0000", "seconds": 5241.4},
+                                 {"started": "2026-12-05T10:00:00+0000", "seconds": None}]))
+    here.write_text(json.dumps([{"started": "2026-12-05T10:00:00+0000", "seconds": 12.5},
+                                {"started": "2026-12-01T09:00:00+0000", "seconds": 3.0}]))
+    assert merge_invocations(there, here, tmp_path / "missing.json") == [
+        {"started": "2026-12-01T09:00:00+0000", "seconds": 3.0},
+        {"started": "2026-12-02T07:13:20+0000", "seconds": 5241.4},
+        {"started": "2026-12-05T10:00:00+0000", "seconds": 12.5}]  # the timed note wins over the interrupted
