@@ -42,6 +42,7 @@ from layerwise.device import inference_autocast, model_device, resolve_device, w
 from layerwise.data import DataError, load_dataset
 from layerwise.evaluation.evaluate import recommend
 from layerwise.models.checkpoint import read_manifest
+from serve.capacity import admission_limits
 from serve.schemas import (
     DEFAULT_MODEL,
     AppArgs,
@@ -313,9 +314,15 @@ def build_app(args: dict[str, Any]) -> Application:
     if config.max_queued_requests == 0:
         raise ValueError("max_queued_requests must be -1 (no limit) or at least 1 (Serve's own rule)")
     gpus = config.num_gpus if wants_gpu(config.device) else 0  # a replica sees a GPU only if Ray gives it one
+    queued = config.max_queued_requests
+    if queued > 0 and admission_limits() is not None:
+        # The proxy's gate holds the queue and refuses (serve.capacity.AdmissionGate). It lets no more requests
+        # through than the replicas hold, but a replica frees its slot a moment after its answer has left the
+        # proxy: Serve's own queue absorbs that moment instead of refusing what the gate let in.
+        queued += config.max_ongoing_requests * config.num_replicas
     deployment = Recommender.options(num_replicas=config.num_replicas,
                                      max_ongoing_requests=config.max_ongoing_requests,
-                                     max_queued_requests=config.max_queued_requests,
+                                     max_queued_requests=queued,
                                      backpressure_config=BackpressureConfig(status_code=503,
                                                                             retry_after_s=config.retry_after_s),
                                      request_router_config=_router_config(config.router_max_backoff_s),
@@ -330,9 +337,19 @@ def _router_config(max_backoff_s: float) -> RequestRouterConfig:
     return RequestRouterConfig(initial_backoff_s=min(0.025, max_backoff_s), max_backoff_s=max_backoff_s)
 
 
+def proxy_admission(replicas: int, options: dict[str, Any]) -> dict | None:
+    """The proxy gate's limits (serve.capacity.admission) for these AppArgs options, the defaults elsewhere."""
+    from serve.capacity import admission
+
+    fields = AppArgs.model_fields
+    value = {name: options.get(name, fields[name].default)
+             for name in ("max_ongoing_requests", "max_queued_requests", "retry_after_s")}
+    return admission(**value, num_replicas=replicas)
+
+
 def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
                num_cpus: float = 0.5, dataset: str | None = None, blocking: bool = True,
-               **options: Any) -> str:
+               proxy_gate: bool = True, **options: Any) -> str:
     """Start Ray (or join RAY_ADDRESS) and Serve on host:port, deploy the recommender at "/".
 
     Args:
@@ -342,6 +359,8 @@ def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, rep
         replicas, num_cpus: replicas of the deployment and CPUs each.
         dataset: data set for the catalogue; default: the manifest's.
         blocking: serve until Ctrl-C, then shut Serve down; False returns at once (Serve keeps running).
+        proxy_gate: hold the bounded queue in the proxy (serve.capacity.AdmissionGate), when this process
+            starts Ray; False leaves it to Serve's router.
         options: other `AppArgs` fields (cache_dir, max_batch_size, batch_wait_timeout_s, ...).
 
     Returns:
@@ -350,7 +369,7 @@ def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, rep
     from orchestration.distributed.ray_runtime import init_ray
     from serve.capacity import proxy_environment
 
-    proxy_environment()  # refusals at capacity get a JSON body, when this process starts Ray
+    proxy_environment(proxy_admission(replicas, options) if proxy_gate else None)  # when this process starts Ray
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     args = {"model": model or DEFAULT_MODEL, "dataset": dataset, "num_replicas": replicas,

@@ -285,15 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from orchestration.distributed.ray_runtime import ray_session
+    from serve.app import proxy_admission
     from serve.capacity import proxy_environment
 
-    proxy_environment()
     port = args.port or free_port()
     app_args = {"dataset": args.dataset, "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri,
                 "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                 "download_dir": args.download_dir, **replica_options(args)}
     if not levels:  # the compact/teacher comparison measures speed, not admission: every request is let in
         app_args["max_ongoing_requests"] = max(64, args.max_batch_size, args.concurrency)
+    gated = levels and args.proxy_gate  # the sweep measures admission: with the proxy's gate unless told not to
+    proxy_environment(proxy_admission(args.num_replicas, app_args) if gated else None)
     models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
     owns_ray = not ray.is_initialized()
     with ray_session():

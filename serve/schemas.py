@@ -172,6 +172,9 @@ def add_replica_arguments(parser) -> None:
     for flag, (field, kind, text) in REPLICA_ARGUMENTS.items():
         parser.add_argument(flag, dest=field, type=kind, default=fields[field].default,
                             metavar=flag.lstrip("-").upper().replace("-", "_"), help=f"{text} (default: %(default)s)")
+    parser.add_argument("--no-proxy-gate", dest="proxy_gate", action="store_false",
+                        help="leave the bounded queue to Serve's router (which polls the replicas while it waits) "
+                             "instead of the proxy's admission gate (serve.capacity.AdmissionGate)")
     parser.add_argument("--model-call", dest="model_call", choices=["loop", "thread"],
                         default=fields["model_call"].default,
                         help="'loop' (default): the model call blocks the replica's event loop while Serve queues "

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from serve.capacity import admission_limits
+
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 APP_NAME, ROUTE = "sweep", "/sweep"  # the app each swept model is deployed as, beside whatever else is served
 OVERLOAD_FACTOR = 4  # the acceptance: at 4x the concurrency of the peak goodput...
@@ -319,6 +321,7 @@ def sweep_main(models: dict[str, str], port: int, levels: list[int], app_args: d
     runs = [sweep_model(label, path, port, bodies, levels, app_args, options) for label, path in models.items()]
     report = {"started": started, "dataset": app_args.get("dataset"), "levels": levels, "cpus": os.cpu_count(),
               "settings": {k: v for k, v in app_args.items() if k != "model"}, "client": options,
+              "admission": admission_limits() or "Serve's router queue (no proxy gate)",
               "p99_slo_ms": args.p99_slo_ms, "models": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     options = serve_options(args)
     serve_main(args.model, host=args.host, port=args.port, replicas=options.pop("num_replicas"),
                num_cpus=options.pop("num_cpus"), dataset=args.dataset, tracking_uri=tracking_uri(args.tracking_uri),
-               **options)
+               proxy_gate=args.proxy_gate, **options)
     return 0
 
 

@@ -16,7 +16,8 @@ from layerwise.data import load_dataset
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from serve import loadtest
 from serve.app import build_app
-from serve.capacity import CapacityJSON, proxy_environment, refusal_json
+from serve.capacity import (ADMISSION_VARIABLE, AdmissionGate, CapacityJSON, admission, admission_limits,
+                            proxy_environment, refusal_json)
 from serve.sweep import _exchange, overload_check, parse_levels, run_level
 
 DATASET = "synthetic:200:80:3000:0"
@@ -37,8 +38,9 @@ def server(tmp_path_factory):
     save_compact(build_compact(teacher, keep=[0], bridge_rank=0), root / "compact",
                  {"dataset": DATASET, "data_fingerprint": data.fingerprint, "max_len": 10})
     started = not ray.is_initialized()
-    if started:  # the proxy reads its middleware callback from the environment Ray starts with
-        proxy_environment()
+    if started:  # the proxy reads its middleware callback and the gate's limits from the environment Ray starts with
+        proxy_environment(admission(LIMITS["max_ongoing_requests"], LIMITS["max_queued_requests"],
+                                    LIMITS["retry_after_s"]))
         ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
     port = loadtest.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -102,6 +104,7 @@ def test_a_refusal_is_503_with_retry_after_and_a_json_body(server):
         payload = json.loads(body)
         assert "at capacity" in payload["detail"] and payload["retry_after_s"] == 1
         assert int(headers["content-length"]) == len(body)
+        assert "4 requests are being scored and 2 wait" in payload["detail"]  # the proxy's gate refused it
 
 
 @pytest.mark.slow
@@ -196,3 +199,88 @@ def test_serve_refusal_becomes_json_and_other_responses_pass_unchanged():
           {"type": "http.response.body", "body": b"{}"}]
     assert _through_middleware(ok) == ok
     assert refusal_json(SERVE_REFUSAL[0], b"other text") == (SERVE_REFUSAL[0], b"other text")
+
+
+class _Held:
+    """An ASGI app that answers 200 once `open` is set, counting the requests inside it."""
+
+    def __init__(self):
+        self.open, self.inside, self.most = asyncio.Event(), 0, 0
+
+    async def __call__(self, scope, receive, send):
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.open.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+        finally:
+            self.inside -= 1
+
+
+async def _call(app, method: str = "POST", path: str = "/recommend") -> list[dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": GOOD, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "method": method, "path": path}, receive, send)
+    return sent
+
+
+def test_the_gate_lets_in_its_limit_parks_the_queue_and_refuses_the_rest_at_once():
+    async def scenario():
+        inner = _Held()
+        gate = AdmissionGate(inner, in_flight=2, waiting=1, retry_after_s=2.0)
+        calls = [asyncio.create_task(_call(gate)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert inner.inside == 2 and len(gate.waiting) == 1  # two in, one parked
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 1  # the fourth, answered without waiting for a slot
+        start, body = refused[0].result()
+        headers = dict(start["headers"])
+        assert start["status"] == 503 and headers[b"retry-after"] == b"2"
+        assert headers[b"content-type"] == b"application/json"
+        assert json.loads(body["body"])["retry_after_s"] == 2 and "at capacity" in json.loads(body["body"])["detail"]
+        inner.open.set()
+        answered = await asyncio.gather(*(c for c in calls if c is not refused[0]))
+        assert [a[0]["status"] for a in answered] == [200, 200, 200]
+        assert inner.most == 2 and gate.in_flight == 0 and not gate.waiting  # never more than the limit inside
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_goes_away_gives_up_its_place_and_other_routes_pass():
+    async def scenario():
+        inner = _Held()
+        gate = AdmissionGate(inner, in_flight=1, waiting=2, retry_after_s=1.0)
+        first, gone, last = (asyncio.create_task(_call(gate)) for _ in range(3))
+        await asyncio.sleep(0.05)
+        assert len(gate.waiting) == 2
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert len(gate.waiting) == 1 and gone.cancelled()
+        inner.open.set()
+        assert [(await t)[0]["status"] for t in (first, last)] == [200, 200]
+        assert gate.in_flight == 0 and not gate.waiting
+        ungated = AdmissionGate(inner, in_flight=1, waiting=0)
+        ungated.in_flight = 1  # full: a scoring request would be refused, the model info is not
+        assert (await _call(ungated, "GET", "/model"))[0]["status"] == 200
+        assert (await _call(ungated, "POST", "/recommend"))[0]["status"] == 503
+    asyncio.run(scenario())
+
+
+def test_gate_limits_come_from_the_environment_and_a_bad_value_is_named(monkeypatch):
+    assert admission(32, 32, 1.0, num_replicas=2) == {"in_flight": 64, "waiting": 32, "retry_after_s": 1.0}
+    assert admission(32, -1, 1.0) is None  # an unbounded queue: no gate
+    monkeypatch.delenv(ADMISSION_VARIABLE, raising=False)
+    assert admission_limits() is None and AdmissionGate(None).limit is None
+    monkeypatch.setenv(ADMISSION_VARIABLE, json.dumps({"in_flight": 3, "waiting": 5, "retry_after_s": 2}))
+    gate = AdmissionGate(None)
+    assert (gate.limit, gate.max_waiting, gate.retry_after) == (3, 5, "2")
+    for bad in ("{", '{"in_flight": 0, "waiting": 1, "retry_after_s": 1}', '{"in_flight": 2}'):
+        monkeypatch.setenv(ADMISSION_VARIABLE, bad)
+        with pytest.raises(ValueError, match=ADMISSION_VARIABLE):
+            admission_limits()
