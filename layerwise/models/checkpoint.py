@@ -153,6 +153,10 @@ def load_recommender(model_dir: str | Path,
                          f"layerwise.compression.compact.load_compact")
     if is_stripped(model_dir):
         if not architecture_only:
+            if (model_dir / LORA).is_file() and (manifest.get("lora") or {}).get("base"):
+                raise ValueError(f"{model_dir} keeps its LoRA adapters, not its merged backbone: make it whole "
+                                 f"in a copy with `layerwise models rebuild {model_dir} --out DIR` "
+                                 f"(layerwise.models.rebuild), then use DIR")
             raise ValueError(f"{model_dir} holds the architecture only: its weights were stripped "
                              f"({STRIPPED} lists them); train it again, or pass architecture_only=True to time it")
         backbone = build_backbone(AutoConfig.from_pretrained(str(model_dir / "backbone"), trust_remote_code=False))

@@ -268,9 +268,13 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
     per_epoch = steps // config.epochs if config.epochs else 0
     bar = tqdm(desc="train", disable=not progress, unit="step", initial=(first - 1) * per_epoch, total=steps)
 
+    def postfix(epoch: int, loss: float) -> dict:
+        """The bar's figures; the best validation NDCG@10 once a validation has run ("-" before)."""
+        best = result.best_valid["ndcg@10"]
+        return {"epoch": epoch, "loss": f"{loss:.3f}", "best_ndcg10": f"{best:.4f}" if result.best_epoch > 0 else "-"}
+
     def on_step(epoch: int, loss: float) -> None:
-        bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}",
-                        refresh=False)
+        bar.set_postfix(postfix(epoch, loss), refresh=False)
         bar.update(1)
 
     started, reason = time.monotonic() - elapsed, None
@@ -295,7 +299,7 @@ def train_recommender(model: SequentialRecommender, data, config: TrainConfig = 
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", best_ndcg10=f"{result.best_valid['ndcg@10']:.4f}")
+        bar.set_postfix(postfix(epoch, loss))
         if checkpoint and not reason and epoch < config.epochs:
             best = {n: best_state[n] for n in saved_names(model)} if best_state is not None else None
             TrainingState(epoch, schedule.steps, stale, time.monotonic() - started,

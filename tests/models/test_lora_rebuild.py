@@ -197,3 +197,19 @@ def test_a_teacher_stored_in_float16_is_the_model_loaded_and_rebuilt_anywhere(sa
     copy_dir = strip_weights(out, tmp_path / "copy", keep=("lora.safetensors", "recommender.safetensors"))
     rebuild_backbone(copy_dir, pretrained=smollm2.path)
     assert file_digests(copy_dir) == file_digests(out)
+
+
+def test_models_rebuild_makes_a_whole_copy_and_loading_the_stripped_one_says_how(saved, tmp_path, capsys):
+    from orchestration.cli.main import main
+
+    _, out = saved
+    kept = strip_weights(out, tmp_path / "kept", keep=tuple(n for n in file_digests(out) if n != BACKBONE_WEIGHTS))
+    with pytest.raises(ValueError, match=r"layerwise models rebuild .* --out DIR"):
+        load_recommender(kept)
+    assert main(["models", "rebuild", str(kept), "--out", str(tmp_path / "whole")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "whole")
+    assert file_digests(tmp_path / "whole") == file_digests(out) and is_stripped(kept)  # the source is untouched
+    assert main(["models", "rebuild", str(kept), "--out", str(tmp_path / "whole")]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["models", "rebuild", str(strip_weights(out, tmp_path / "bare")), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot be rebuilt" in capsys.readouterr().err and not (tmp_path / "x").exists()
