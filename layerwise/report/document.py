@@ -44,27 +44,22 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from layerwise.data.atomic import atomic_path
+from layerwise.evaluation.stats import holm
 from layerwise.report import plots
 from layerwise.report.compute import equal_compute_plot, equal_compute_section
 from layerwise.report.format import fmt_estimate, fmt_p
 from layerwise.report.format import fmt_number as _fmt
-from layerwise.evaluation.stats import holm
+from layerwise.report.render import html_page, markdown
 
 SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Robustness", "Scenarios",
             "Importance")
 MISSING = "Not available in this study."
-_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-        "img{max-width:100%}")
 
 
 def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = False) -> dict:
@@ -87,9 +82,9 @@ def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = Fal
     notes = [("p", str(n)) for n in results.get("notes") or []]
     md_path, html_path = out / "report.md", out / "report.html"
     with atomic_path(md_path) as tmp:
-        tmp.write_text(_markdown(title, sections, notes), encoding="utf-8")
+        tmp.write_text(markdown(title, sections, notes), encoding="utf-8")
     with atomic_path(html_path) as tmp:
-        tmp.write_text(_html(title, sections, notes, out if embed_images else None), encoding="utf-8")
+        tmp.write_text(html_page(title, sections, notes, out if embed_images else None), encoding="utf-8")
     return {"markdown": md_path, "html": html_path, "figures": figures}
 
 
@@ -354,56 +349,3 @@ def _point(row: Mapping) -> dict | None:
         return None
     return {"name": row["name"], "group": row.get("group", "method"), "speedup": speed["mean"],
             "retention": ret["mean"], "speedup_ci95": speed.get("ci95"), "retention_ci95": ret.get("ci95")}
-
-
-def _markdown(title: str, sections: Mapping[str, list], notes: list) -> str:
-    lines = [f"# {_md(title)}", ""]
-    for name, blocks in sections.items():
-        lines += [f"## {name}", ""]
-        for block in blocks:
-            lines += _md_block(block) + [""]
-    if notes:
-        lines += ["## Notes", ""] + [_md(text) + "\n" for _, text in notes]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _md_block(block: tuple) -> list[str]:
-    kind = block[0]
-    if kind == "p":
-        return [_md(block[1])]
-    if kind == "img":
-        return [f"![{_md(block[2])}](figures/{block[1]}.png)"]
-    header, rows = block[1], block[2]
-    return (["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows])
-
-
-def _md(text: str) -> str:
-    """Markdown passes raw HTML through, so angle brackets are escaped; a pipe would split a table cell."""
-    return str(text).replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-
-
-def _html(title: str, sections: Mapping[str, list], notes: list, embed_from: Path | None) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
-             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
-    for name, blocks in sections.items():
-        parts.append(f"<h2>{e(name)}</h2>")
-        parts += [_html_block(b, embed_from) for b in blocks]
-    if notes:
-        parts += ["<h2>Notes</h2>"] + [f"<p>{e(text)}</p>" for _, text in notes]
-    return "\n".join(parts + ["</body></html>"]) + "\n"
-
-
-def _html_block(block: tuple, embed_from: Path | None) -> str:
-    e = html.escape
-    if block[0] == "p":
-        return f"<p>{e(block[1])}</p>"
-    if block[0] == "img":
-        src = f"figures/{block[1]}.png"
-        if embed_from is not None:
-            src = "data:image/png;base64," + base64.b64encode((embed_from / src).read_bytes()).decode()
-        return f'<figure><img src="{e(src)}" alt="{e(block[2])}"><figcaption>{e(block[2])}</figcaption></figure>'
-    head = "".join(f"<th>{e(h)}</th>" for h in block[1])
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
