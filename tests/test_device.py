@@ -191,7 +191,7 @@ def test_published_bf16_peaks_are_matched_on_the_card_name():
     assert peak_bf16_flops("Tesla T4") is None
 
 
-COMMANDS = ("train", "compress", "evaluate", "score", "bench", "serve", "run", "tune")
+COMMANDS = ("train", "compress", "evaluate", "score", "bench", "serve", "run", "tune", "baselines", "study")
 
 
 def test_every_command_that_runs_a_model_documents_device():
@@ -232,9 +232,77 @@ def test_a_search_space_takes_a_device_outside_its_key(tmp_path):
         load_space(path)
 
 
-def test_ray_tasks_ask_for_a_gpu_share_only_when_the_device_asks_for_a_gpu():
-    from orchestration.distributed.ray_runtime import GPU_TASKS_PER_CARD, gpu_request
 
-    assert gpu_request("cpu") == 0.0 and gpu_request("cuda:0") == 1.0 / GPU_TASKS_PER_CARD
-    assert gpu_request("auto") == (0.0 if NO_GPU else 1.0 / GPU_TASKS_PER_CARD)
-    assert gpu_request("cuda", share=1) == 1.0
+# A study seed at the smallest size that still runs every kind of stage: a baseline of each kind (a scorer,
+# a depth cut, INT8 on the CPU, a model trained afresh), an ablation, a k of the sweep, noise, the dependency.
+STUDY = ["seeds=[0]", "data.dataset=synthetic:120:40:1500:0", "teacher.preset=tiny", "teacher.train.epochs=1",
+         "compress.keep=0.5", "compress.calib_batches=2", "compress.heal.epochs=1", "compress.ablation_users=40",
+         "baselines=[mostpop,first,int8,scratch]", "ablation=[kd]", "sweep.selectors=[random]", "sweep.ks=[1]",
+         "sweep.heal_epochs=1", "noise.kinds=[drop]", "noise.levels=[0.0,0.2]", "bench.runs=3", "bench.warmup=1",
+         "bench.remeasures=0", "bench.batch_sizes=[1,8]"]
+STAGES = {"teacher", "importance", "ours", "baseline-mostpop", "baseline-first", "baseline-int8",
+          "baseline-scratch", "noise", "dependency", "ablation-kd", "sweep-random-k1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_study_seed_runs_every_stage_on_the_device_asked_for(tmp_path, device):
+    """Each stage records where it ran; the driver's speed stage times the seed's models there too (INT8,
+    CPU-only, is left out on a GPU and says so)."""
+    import json
+
+    from orchestration.study.config import config_dict, load_study_config
+    from orchestration.study.driver import _time_models, collect_rows
+    from orchestration.study.seed import run_seed
+
+    config = load_study_config(None, [*STUDY, f"device={device}", f"data.cache_dir={tmp_path / 'cache'}"])
+    dirs = {k: Path(v) for k, v in run_seed(config_dict(config), 0, str(tmp_path / "seed-0"),
+                                            threads=torch.get_num_threads()).items()}
+    where = resolve_device(device)
+    assert set(dirs) == STAGES
+    for name, path in dirs.items():
+        timing = json.loads((path / "_seconds.json").read_text())
+        assert timing["device"] == str(where), name
+        assert timing["precision"]["heal"] == (autocast_for(None, where) or "float32"), name
+    rows = collect_rows({0: dirs})
+    assert {r["row"] for r in rows} >= {"teacher", "ours", "mostpop", "first +heal", "int8", "scratch"}
+    assert all(0 <= r["means"]["ndcg@10"] <= 1 for r in rows)
+    (tmp_path / "speed").mkdir()
+    _time_models(config, data_for(config), dirs, rows, tmp_path / "speed")
+    speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert speed["env"]["device"] == str(where) and {"teacher", "ours", "first"} <= set(speed["models"])
+    assert ("int8" in speed["models"]) == (where.type == "cpu")
+    assert where.type == "cpu" or "runs on the CPU only" in speed["sources"]["int8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_baselines_table_runs_on_the_device_asked_for(tmp_path, device):
+    from dataclasses import asdict
+
+    from layerwise.compression.distill import HealConfig
+    from layerwise.models.checkpoint import save_recommender
+    from layerwise.training.train import train_recommender
+    from orchestration.baselines.table import run_baselines
+
+    data = load_dataset("synthetic:40:30:400:0")
+    recipe = TrainConfig(epochs=2, batch_size=32, lr=1e-2, max_len=12)
+    teacher = SequentialRecommender(build_backbone(preset_config("llama", "tiny", n_layers=4)), data.n_items)
+    train_recommender(teacher, data, recipe)
+    save_recommender(teacher, tmp_path / "teacher", {"kind": "teacher", "data_fingerprint": data.fingerprint,
+                                                     "max_len": 12, "train": asdict(recipe)})
+    where = resolve_device(device)
+    result = run_baselines(tmp_path / "teacher", data, keep=0.5, heal_config=HealConfig(epochs=1), seeds=(0,),
+                           which=["mostpop", "first", "int8", "scratch"], bridge_rank=4, batch_sizes=(1, 8),
+                           runs=3, memory=where.type == "cuda", progress=False, device=device)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert result["settings"]["device"] == result["benchmark"]["env"]["device"] == str(where)
+    assert {"teacher", "ours", "first", "scratch"} <= set(result["benchmark"]["models"])
+    assert (rows["int8"]["speed"] is None) == (where.type == "cuda")  # CPU kernels only: evaluated, not timed
+    assert all(0 <= row["metrics"]["ndcg@10"] <= 1 for row in rows.values())
+    if where.type == "cuda":
+        assert rows["scratch"]["memory"]["status"] == "measured"
+
+
+def data_for(config):
+    return load_dataset(config.data.dataset, cache_dir=config.data.cache_dir)

@@ -6,7 +6,8 @@ DistilBERT (Sanh et al., 2019) initialises the student from one teacher layer in
 soft-target KL plus the supervised loss. Here: layers 0, L/k, 2L/k, ... of the teacher, no bridges, and
 our healing loop with the hidden-state term switched off (KD and cross-entropy on), for our epochs.
 The scratch model has the teacher's config with k layers, fresh weights, and the teacher's training
-recipe (`budget.train`): what depth costs when nothing is transferred. On an LLM teacher it is rebuilt
+recipe (`budget.train`): what depth costs when nothing is transferred. A model built afresh here (scratch,
+truncated) is built on the CPU and trained on the teacher's device. On an LLM teacher it is rebuilt
 from the teacher's own build (`budget.build`): the same item-vector start (from the titles, by the
 pretrained LLM), head and dropout, with k freshly initialised layers trained fully. `truncated` keeps
 the first k pretrained layers instead and fine-tunes them exactly as the teacher was (LoRA or full, its
@@ -25,6 +26,7 @@ import torch
 from layerwise.baselines.budget import Budget, Variant, heal_config_for, require, training_record
 from layerwise.compression.compact import build_compact
 from layerwise.compression.distill import HealConfig, heal
+from layerwise.device import model_device
 from layerwise.models.presets import build_backbone
 from layerwise.models.recommender import SequentialRecommender
 from layerwise.training.train import TrainConfig, train_recommender
@@ -102,6 +104,7 @@ def scratch(data, teacher=None, budget: Budget | None = None, progress: bool = F
                     item_init=budget.build["llm"]["setup"].get("item_init"))
     else:
         model = fresh_student(teacher, budget.k, budget.seeds[0])
+    model.to(model_device(teacher))  # built on the CPU (the same weights everywhere), trained where the teacher is
     result = train_recommender(model, data, config, progress=progress)
     return [Variant("scratch", model.eval(), "scratch", training_record(result, "train"), info)]
 
@@ -117,6 +120,7 @@ def truncated(data, teacher=None, budget: Budget | None = None, progress: bool =
                          "teacher.llm records both)")
     config = replace(budget.train or TrainConfig(), seed=budget.seeds[0])
     model = llm_student(data, budget.build, budget.k, budget.seeds[0], budget.heal.max_len)
+    model.to(model_device(teacher))
     result = train_recommender(model, data, config, progress=progress)
     info = {"kept": list(range(budget.k)), "train_recipe": "teacher's" if budget.train else "TrainConfig() defaults",
             "pretrained": budget.build["pretrained"]}

@@ -11,6 +11,9 @@ excluded), retention against the teacher, speedup at each batch size from ONE in
 models included), peak memory of saveable models in a fresh subprocess, and the training epochs used.
 Our own method (beam selection, bridges, healing) is always run: it is the reference row, it sets the
 parameter budget of the width and sparsity baselines, and `ours+int8` quantizes it.
+
+Every model runs on `device` (the teacher is placed there, the rest follow it); INT8 and INT4 have CPU kernels
+only, so on a GPU those rows are evaluated on the CPU and left out of the benchmark and the memory column.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from layerwise.baselines import Budget, Variant, is_quantized, ours, storage_bytes
 from layerwise.baselines.budget import DRAWS, n_parameters
 from layerwise.baselines.students import is_llm_build
+from layerwise.device import device_scorer, resolve_device
 from layerwise.perf.bench import benchmark
 from layerwise.perf.guard import describe, speed_cell
 from layerwise.compression.compress import n_kept
@@ -41,7 +46,7 @@ _MB = 2**20
 
 
 def _test_metrics(variant: Variant, data, max_len: int) -> dict[str, float]:
-    scorer = variant.model if variant.info.get("scorer") else variant.model.score
+    scorer = variant.model if variant.info.get("scorer") else device_scorer(variant.model)
     result = evaluate(scorer, data, stage="test", exclude_seen=True, ks=(5, 10, 20), max_len=max_len)
     return {m: result.means[m] for m in METRIC_COLUMNS}
 
@@ -74,17 +79,18 @@ def _rows(variants: dict[str, list[Variant]], data, max_len: int) -> list[dict]:
     return rows
 
 
-def _timed_models(variants: dict[str, list[Variant]]) -> dict:
-    """One model per architecture (timing key): unhealed and healed, or draws, share their timing."""
+def _timed_models(variants: dict[str, list[Variant]], device: torch.device) -> dict:
+    """One model per architecture (timing key): unhealed and healed, or draws, share their timing. On a GPU
+    the quantized ones (CPU only) are left out: one benchmark times every model on one device."""
     models = {}
     for members in variants.values():
         for v in members:
-            if v.timing and v.timing not in models:
+            if v.timing and v.timing not in models and not (device.type != "cpu" and is_quantized(v.model)):
                 models[v.timing] = v.model
     return models
 
 
-def _memory(models: dict, teacher_dir: str, batch: int, max_len: int) -> dict[str, dict]:
+def _memory(models: dict, teacher_dir: str, batch: int, max_len: int, device: str = "cpu") -> dict[str, dict]:
     """Peak inference memory per timed model in a fresh subprocess; quantized ones are not measured."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
@@ -95,7 +101,7 @@ def _memory(models: dict, teacher_dir: str, batch: int, max_len: int) -> dict[st
                 continue
             path = teacher_dir if name == "teacher" else save_recommender(model, Path(tmp) / f"m{len(out)}",
                                                                            {"kind": "baseline", "row": name})
-            out[name] = peak_memory(path, batch, max_len)
+            out[name] = peak_memory(path, batch, max_len, device)
     return out
 
 
@@ -139,7 +145,7 @@ def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config
                   seeds: tuple[int, ...] = DRAWS, out_json: str | Path | None = None,
                   out_md: str | Path | None = None, which: list[str] | None = None, bridge_rank: int = 0,
                   batch_sizes: tuple[int, ...] = (1, 64), runs: int = 30, memory: bool = True,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, device: str = "cpu") -> dict:
     """Run the teacher, our method and the chosen baselines under one budget; returns the table as a dict.
 
     Args:
@@ -147,6 +153,7 @@ def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config
         keep: layers kept by ours and the depth baselines (fraction or count); heal_config: our healing
             recipe (its max_len is set to the teacher's); seeds: random-layer draws (seeds[0] seeds the rest).
         which: baseline names (default: all); memory: measure peak memory at the largest batch size.
+        device: where the models run (a `layerwise.device` setting: auto, cpu, cuda, cuda:N).
 
     Returns:
         {"settings", "budget", "rows": [{"row", "method", "n", "metrics", "spread", "retention", "n_layers",
@@ -154,7 +161,8 @@ def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config
     """
     from orchestration.loading import load_model_for
 
-    teacher, manifest = load_model_for(str(teacher_dir), data).eval(), read_manifest(teacher_dir)
+    device = resolve_device(device)
+    teacher, manifest = load_model_for(str(teacher_dir), data, device).eval(), read_manifest(teacher_dir)
     max_len = manifest.get("max_len") or heal_config.max_len
     budget = Budget(k=n_kept(keep, teacher.n_layers), heal=replace(heal_config, max_len=max_len),
                     bridge_rank=bridge_rank, seeds=tuple(seeds), train=teacher_train_config(manifest),
@@ -162,11 +170,11 @@ def run_baselines(teacher_dir: str | Path, data, keep: float = 0.25, heal_config
     variants, budget, seconds = _collect(teacher, data, budget, methods(which, is_llm_build(budget.build)),
                                          progress)
     rows = _rows(variants, data, max_len)
-    timed = _timed_models(variants)
+    timed = _timed_models(variants, device)
     timing = benchmark(timed, batch_sizes, runs=runs, max_len=max_len, reference="teacher")
-    peaks = _memory(timed, str(teacher_dir), max(batch_sizes), max_len) if memory else {}
+    peaks = _memory(timed, str(teacher_dir), max(batch_sizes), max_len, str(device)) if memory else {}
     _attach_speed(rows, timing, peaks)
-    result = {"settings": {"teacher": str(teacher_dir), "dataset": data.name,
+    result = {"settings": {"teacher": str(teacher_dir), "dataset": data.name, "device": str(device),
                            "keep": keep, "k": budget.k, "teacher_layers": teacher.n_layers, "max_len": max_len,
                            "batch_sizes": list(batch_sizes), "memory_batch": max(batch_sizes) if memory else None,
                            "eval": "test split, full ranking, seen items excluded"},

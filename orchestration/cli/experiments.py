@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from orchestration.cli.data import add_data_args, load_data
+from orchestration.cli.data import add_data_args, add_device_arg, load_data
 
 
 def add_parsers(sub) -> None:
@@ -67,6 +67,7 @@ def _baselines_parser(sub) -> None:
                       help="random-layer draws; the first seeds every other method")
     base.add_argument("--runs", type=int, default=30, help="interleaved benchmark rounds")
     base.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add_device_arg(base)  # INT8/INT4 run on the CPU whatever it says: torch has no CUDA kernels for them
 
 
 def _tune_parser(sub) -> None:
@@ -90,6 +91,10 @@ def _study_parser(sub) -> None:
     study.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: embedded defaults: ml-100k, small LLaMA, 5 seeds)")
     study.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] sweep.ks=[1,2]")
+    study.add_argument("--device", default=None, metavar="DEVICE",
+                       help="where every seed's stages and the speed benchmark run: auto, cpu, cuda or cuda:N "
+                            "(the same as the override device=...; default: the config's, auto); in no "
+                            "stage's key, so finished stages are reused on either")
 
 
 def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -118,7 +123,8 @@ def baselines(args: argparse.Namespace) -> int:
     heal = HealConfig(epochs=args.heal_epochs, trainable=args.trainable)
     result = run_baselines(args.teacher, load_data(args), keep=args.keep, heal_config=heal,
                            seeds=tuple(args.seeds), out_json=args.json, out_md=args.md, which=args.only,
-                           bridge_rank=args.bridge_rank, runs=args.runs, memory=not args.no_memory)
+                           bridge_rank=args.bridge_rank, runs=args.runs, memory=not args.no_memory,
+                           device=args.device)
     print(format_markdown(result))
     return 0
 

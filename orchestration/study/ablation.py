@@ -70,7 +70,7 @@ class AblationStages:
             if kept not in healed:
                 student = build_compact(self.teacher, list(kept), config.bridge_rank, seed=self.seed)
                 result = heal(student, self.teacher, self.data, config.heal, progress=self.progress)
-                healed[kept] = self._evaluate(student.eval().score, out, f"kept {list(kept)}", "ablation",
+                healed[kept] = self._evaluate(student.eval(), out, f"kept {list(kept)}", "ablation",
                                               "ablation", kept=list(kept), training=heal_record(result))
             row = {**healed[kept], "row": row_name, "component": "estimators",
                    "weights": ranking.combination.weights}
@@ -85,13 +85,14 @@ class AblationStages:
 
         t = self.config.teacher
         _, result = train_teacher(replace(t, llm=replace(t.llm, item_init="random")), self.data,
-                                 self.config.data.dataset, self.seed, self.max_len, out / "teacher", self.progress)
-        teacher = load_compact(out / "teacher").eval().requires_grad_(False)  # as saved: LoRA merged
+                                 self.config.data.dataset, self.seed, self.max_len, out / "teacher", self.progress,
+                                 device=self.device)
+        teacher = load_compact(out / "teacher").eval().requires_grad_(False).to(self.device)  # as saved: LoRA merged
         compressed = compress(teacher, self.data, self._compress_config(), progress=self.progress)
-        own = self._evaluate(teacher.score, out, "teacher, items started at random", "ablation", "ablation",
+        own = self._evaluate(teacher, out, "teacher, items started at random", "ablation", "ablation",
                              component="items", n_layers=teacher.n_layers,
                              training={"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
-        ours = self._evaluate(compressed.model.score, out, "ours, items started at random", "ablation",
+        ours = self._evaluate(compressed.model, out, "ours, items started at random", "ablation",
                               "ablation", component="items", kept=compressed.kept,
                               n_layers=compressed.model.n_layers, training=heal_record(compressed.heal),
                               teacher_means=own["means"])

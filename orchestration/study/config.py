@@ -95,6 +95,10 @@ class TargetConfig:
 class StudyConfig:
     name: str = "study"
     run_dir: str = "runs"
+    # Where every stage of every seed runs its models, and the driver its speed benchmark (layerwise.device):
+    # auto (a GPU when one is visible), cpu, cuda, cuda:N. In no stage's key: a stage made on a GPU is the
+    # same stage as on a CPU (its _seconds.json records the device), so a study resumes on either.
+    device: str = "auto"
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seed = teacher init + data order + calibration draw
     data: DataConfig = field(default_factory=DataConfig)
     # No wall-clock cap on the teachers (early stopping ends them): a cap would give each seed a different
@@ -136,9 +140,11 @@ def load_study_config(path: str | None = None, overrides: list[str] | None = Non
 def check(config: StudyConfig) -> None:
     """Reject settings that would fail hours into a run, naming the key."""
     from layerwise.baselines import BASELINES
+    from layerwise.device import check_device
     from layerwise.evaluation.noise import KINDS
     from layerwise.compression.select import SELECTORS
 
+    check_device(config.device)
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {list(config.seeds)}")
     unknown = sorted(set(config.baselines) - set(BASELINES))

@@ -74,10 +74,12 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
     from tqdm.auto import tqdm
 
     threads = seed_threads(config.ray.cpus_per_seed)
-    # Portable numerics are environment variables read when torch loads: Ray starts fresh workers for them.
-    env = {"env_vars": PORTABLE_NUMERICS[config.ray.portable_isa]} if config.ray.portable_numerics else None
-    task = ray.remote(run_seed).options(num_cpus=config.ray.cpus_per_seed, max_retries=0, runtime_env=env)
-    raw = config_dict(config)
+    options = seed_task_options(config)
+    if options["num_gpus"] and not ray.cluster_resources().get("GPU"):  # else the tasks would wait forever
+        raise RuntimeError(f"device {config.device!r}: the seed tasks ask Ray for a GPU share, and its cluster "
+                           f"has no GPU")
+    task = ray.remote(run_seed).options(**options)
+    raw = seed_task_config(config, options)
     refs, bases = {}, {}
     for seed, part in seed_tasks(config):
         args = (raw, seed, str(root / "seeds" / f"seed-{seed}"), threads, part)
@@ -105,6 +107,25 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
         raise RuntimeError(f"seeds {sorted(failed)} failed (finished stages are kept; rerun to resume). "
                            f"Seed {first}: {failed[first]}") from failed[first]
     return done_dirs
+
+
+def seed_task_options(config: StudyConfig) -> dict:
+    """The Ray options of every seed task: `ray.cpus_per_seed` CPUs, a share of a GPU when the study's device
+    asks for one (orchestration.distributed.ray_runtime.gpu_request: four seed tasks to a card; `auto` asks
+    only where this driver sees a GPU), no retries, and the pinned kernels' environment when asked for."""
+    from orchestration.distributed.ray_runtime import gpu_request
+
+    # Portable numerics are environment variables read when torch loads: Ray starts fresh workers for them.
+    env = {"env_vars": PORTABLE_NUMERICS[config.ray.portable_isa]} if config.ray.portable_numerics else None
+    return {"num_cpus": config.ray.cpus_per_seed, "num_gpus": gpu_request(config.device), "max_retries": 0,
+            "runtime_env": env}
+
+
+def seed_task_config(config: StudyConfig, options: dict) -> dict:
+    """The config a seed task runs (`run_seed`), as plain data. A task given a share of a GPU sees that GPU
+    alone (Ray sets CUDA_VISIBLE_DEVICES), as `cuda`; one given none sees none, and runs on the CPU. The device
+    is in no stage's key, so the task's stages are the study's."""
+    return config_dict(replace(config, device="cuda" if options["num_gpus"] else "cpu"))
 
 
 def seed_tasks(config: StudyConfig) -> list[tuple[int, str]]:
@@ -154,10 +175,12 @@ def _speed(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], r
 
 
 def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[dict], out: Path) -> bool:
-    """Benchmark the models; returns whether the timing is final (a disturbed one is redone next run)."""
+    """Benchmark the models on the study's device; returns whether the timing is final (a disturbed one is
+    redone next run). INT8/INT4 models have CPU kernels only: on a GPU they are left out, and say so."""
     import torch
 
     from layerwise.baselines import BASELINES, Budget
+    from layerwise.device import resolve_device
     from layerwise.perf.bench import benchmark
     from layerwise.compression.compact import load_compact
     from layerwise.models.checkpoint import is_stripped
@@ -165,13 +188,14 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
     b = config.bench
     if b.threads:
         torch.set_num_threads(b.threads)
+    device = resolve_device(config.device)
     sources = {}
 
     def load(name: str, path: Path):
         """A model to time; one from an archive (weights stripped) is its architecture with fresh values."""
         if is_stripped(path):
             sources[name] = f"{path}: architecture only (weights archived away), fresh values"
-        return load_compact(path, architecture_only=is_stripped(path)).eval()
+        return load_compact(path, architecture_only=is_stripped(path)).eval().to(device)
 
     teacher, compact = load("teacher", dirs["teacher"] / "model"), load("ours", dirs["ours"] / "model")
     models = {"teacher": teacher, "ours": compact}
@@ -180,7 +204,9 @@ def _time_models(config: StudyConfig, data, dirs: dict[str, Path], rows: list[di
         key = row.get("timing")
         if row["seed"] != first or not key or key in models:
             continue
-        if row.get("quantized"):  # int8/int4 have no stock save format: quantize the same weights again
+        if row.get("quantized") and device.type != "cpu":
+            sources[key] = f"not timed: {row['quantized']} runs on the CPU only, the study on {device}"
+        elif row.get("quantized"):  # int8/int4 have no stock save format: quantize the same weights again
             variant = BASELINES[row["quantized"]](data, teacher=teacher, budget=Budget(k=compact.n_layers),
                                                   compact=compact)[0]
             models[key], sources[key] = variant.model, f"re-quantized ({row['quantized']})" + (

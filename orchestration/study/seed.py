@@ -7,6 +7,10 @@ the healing order (and the first random-layer draw). Every model a stage evaluat
 stage's rows.json and its per-user test metrics (full ranking, seen items excluded) in eval/<row>.parquet;
 the driver (orchestration.study.driver) reads nothing else. On the first seed, the baseline stages also save one
 model per architecture under timing/ so that the driver can time them all in one interleaved benchmark.
+
+Every model of a seed is placed on the study's device (`device:`, layerwise.device) and the library's loops
+follow it; models a stage builds afresh (students, scratch) start on the CPU, the same weights everywhere,
+and are moved there. INT8 and INT4 quantization have CPU kernels only: those rows run on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from layerwise.device import autocast_for, resolve_device
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import RESUME, Stages, stripped_models
 from orchestration.outputs import write_json
@@ -47,12 +52,10 @@ class SeedRun(AblationStages):
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
         self.config, self.seed, self.root, self.data, self.progress = config, seed, root, data, progress
         self.max_len = config.data.max_len
-        # Every stage's timing records its machine (Stages.run) and the precision the study trains in.
-        precision = {"teacher": config.teacher.train.autocast or "float32",
-                     "heal": config.compress.heal.autocast or "float32"}
-        self.stages = Stages(root, reuse=tuple(Path(r) / "seeds" / root.name for r in config.reuse),
-                             context={"precision": precision})
+        self.stages = Stages(root, reuse=tuple(Path(r) / "seeds" / root.name for r in config.reuse))
         self.dirs: dict[str, Path] = {}
+        # Resolved by run() (_place): planned() reads the stages on any machine, with a GPU or not.
+        self._place(torch.device("cpu"))
 
     # --- the sequence ---------------------------------------------------------------------------------
     def run(self, part: str = "all") -> dict[str, str]:
@@ -70,6 +73,7 @@ class SeedRun(AblationStages):
         from layerwise.models.checkpoint import read_manifest
 
         c = self.config
+        self._place(resolve_device(c.device))
         teacher_key, imp_key, ours_key = self._keys()
         self._stage("teacher", teacher_key, self._teacher)
         self.n_layers = read_manifest(self.dirs["teacher"] / "model")["n_layers"]
@@ -83,7 +87,7 @@ class SeedRun(AblationStages):
                    if not self.stages.done(name, key)]
         if pending or not (self.stages.done("importance", imp_key) and self.stages.done("ours", ours_key)):
             self._stage("teacher", teacher_key, self._teacher, complete=True)
-            self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False)
+            self.teacher = load_compact(self.dirs["teacher"] / "model").eval().requires_grad_(False).to(self.device)
         self._stage("importance", imp_key, self._importance)
         self.scores = load_importance(self.dirs["importance"])
         # Few stages read our model's weights (OURS_WEIGHTS), and they run right after it: an LLM compact model
@@ -92,7 +96,7 @@ class SeedRun(AblationStages):
         self._stage("ours", ours_key, self._ours, complete=bool(needs_ours))
         if pending:
             ours = self.dirs["ours"] / "model"
-            self.compact = load_compact(ours).eval() if needs_ours else None
+            self.compact = load_compact(ours).eval().to(self.device) if needs_ours else None
             self.compact_parameters = n_parameters(load_compact(ours, architecture_only=True))  # the budget's
         for name, key, fn in sorted(rest, key=lambda stage: stage[0] not in OURS_WEIGHTS):
             self._stage(name, key, fn)
@@ -140,6 +144,16 @@ class SeedRun(AblationStages):
                     plan.append((f"sweep-{selector}-k{k}", key, self._sweep(selector, k)))
         return plan
 
+    def _place(self, device: torch.device) -> None:
+        """Run the seed's models on `device`. Every stage's timing records its machine (Stages.run), the device
+        and the precision the study trains in there (on CUDA an unset autocast is bf16 where the card has it:
+        layerwise.device.autocast_for)."""
+        c = self.config
+        self.device = device
+        self.stages.context = {"device": str(device), "precision": {
+            "teacher": autocast_for(c.teacher.train.autocast, device) or "float32",
+            "heal": autocast_for(c.compress.heal.autocast, device) or "float32"}}
+
     def _stage(self, name: str, key: str, fn: Callable[[Path], Any], complete: bool = False) -> None:
         self.dirs[name] = self.stages.run(name, key, fn, complete=complete)
 
@@ -158,8 +172,9 @@ class SeedRun(AblationStages):
         archived = self.stages.archived("teacher", self._keys()[0])
         reproduce = archived / "model" if archived is not None and "model" in stripped_models(archived) else None
         model, result = train_teacher(self.config.teacher, self.data, self.config.data.dataset, self.seed,
-                                      self.max_len, out / "model", self.progress, reproduce=reproduce)
-        rows = [self._evaluate(model.score, out, "teacher", "teacher", "headline",
+                                      self.max_len, out / "model", self.progress, reproduce=reproduce,
+                                      device=self.device)
+        rows = [self._evaluate(model, out, "teacher", "teacher", "headline",
                                n_layers=model.n_layers, training=heal_record(result))]
         write_json(out / ROWS, rows)
 
@@ -217,9 +232,9 @@ class SeedRun(AblationStages):
                                                    "max_len": self.max_len, **result.manifest(config)})
         unhealed = build_compact(self.teacher, result.kept, config.bridge_rank, seed=config.seed).eval()
         write_json(out / ROWS, [
-            self._evaluate(result.model.score, out, "ours", "ours", "headline", n_layers=result.model.n_layers,
+            self._evaluate(result.model, out, "ours", "ours", "headline", n_layers=result.model.n_layers,
                            kept=result.kept, training=heal_record(result.heal)),
-            self._evaluate(unhealed.score, out, "ours, unhealed", "ablation", "ablation", kept=result.kept,
+            self._evaluate(unhealed, out, "ours, unhealed", "ablation", "ablation", kept=result.kept,
                            n_layers=unhealed.n_layers, component="heal"),
         ])
 
@@ -231,9 +246,8 @@ class SeedRun(AblationStages):
             variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
             rows, saved = [], set()
             for i, v in enumerate(variants):  # draws of a randomised baseline share a row name, not a file
-                scorer = v.model if v.info.get("scorer") else v.model.score
                 timing = v.timing or None
-                row = self._evaluate(scorer, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
+                row = self._evaluate(v.model, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
                                      method=name, timing=timing,
                                      n_layers=getattr(v.model, "n_layers", None), training=v.training,
                                      kept=v.info.get("kept"), draw=v.info.get("seed"))
@@ -269,6 +283,7 @@ class SeedRun(AblationStages):
         return stage
 
     def _noise(self, out: Path) -> None:
+        from layerwise.device import device_scorer
         from layerwise.evaluation.evaluate import evaluate
         from layerwise.evaluation.noise import NoisyData
 
@@ -278,7 +293,8 @@ class SeedRun(AblationStages):
             for kind in self.config.noise.kinds:
                 view = self.data if level == 0 else NoisyData(self.data, kind, level, seed=self.seed)
                 for model_name, model in models.items():
-                    result = evaluate(model.score, view, stage="test", exclude_seen=True, max_len=self.max_len)
+                    result = evaluate(device_scorer(model), view, stage="test", exclude_seen=True,
+                                      max_len=self.max_len)
                     rows.append({"model": model_name, "kind": kind, "level": level, "means": result.means})
                 if level == 0:  # clean data: the same for every kind
                     rows += [{**r, "kind": k} for r in rows[-len(models):] for k in self.config.noise.kinds
@@ -314,7 +330,7 @@ class SeedRun(AblationStages):
         recipe = {"bridge_rank": config.bridge_rank, "bridges": len(result.model.bridges),
                   "prefit_steps": h.prefit_steps, "kd_weight": h.kd_weight, "hidden_weight": h.hidden_weight,
                   "heal_epochs": h.epochs}
-        evaluated = self._evaluate(result.model.score, out, row, table, table, kept=result.kept, recipe=recipe,
+        evaluated = self._evaluate(result.model, out, row, table, table, kept=result.kept, recipe=recipe,
                                    n_layers=result.model.n_layers, training=heal_record(result.heal), **extra)
         if timing and self.seed == self.config.seeds[0]:
             _save_timing_model(result.model, out, timing, {"kind": "compact", "row": row})
@@ -335,10 +351,14 @@ class SeedRun(AblationStages):
                       train=teacher_train_config(manifest), build=teacher_build(manifest),
                       ablation_users=self.config.compress.ablation_users)
 
-    def _evaluate(self, scorer, out: Path, row: str, group: str, table: str, file: str | None = None,
+    def _evaluate(self, model, out: Path, row: str, group: str, table: str, file: str | None = None,
                   **extra) -> dict:
+        """Test metrics of `model` (a recommender, scored where it is: layerwise.device.device_scorer; or a
+        scorer baseline's function) as a row of the stage, its per-user table under out/eval/."""
+        from layerwise.device import device_scorer
         from layerwise.evaluation.evaluate import evaluate
 
+        scorer = device_scorer(model) if isinstance(model, torch.nn.Module) else model
         result = evaluate(scorer, self.data, stage="test", exclude_seen=True, max_len=self.max_len)
         path = out / "eval" / f"{file or slug(row)}.parquet"
         result.to_parquet(path)

@@ -20,9 +20,10 @@ LORA_STORAGE = torch.float16  # a LoRA teacher's stored adapters and own weights
 
 
 def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, progress: bool = False,
-                  reproduce: Path | None = None):
+                  reproduce: Path | None = None, device: torch.device | str = "cpu"):
     """Train a teacher from TeacherConfig `t` with `seed` on `data`, save it at `path`; (model in eval, result).
-    `dataset` is the name the manifest records.
+    `dataset` is the name the manifest records. The model is built on the CPU (the same initial weights on
+    every device), then trained and returned on `device`.
 
     reproduce: an archived teacher (weights stripped) that this training makes again. Its manifest holds its
     training's loss after every epoch, and an epoch that ends at another loss stops the run there
@@ -34,10 +35,11 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
     from layerwise.training.train import train_recommender
 
     if (path / "manifest.json").exists():  # saved by a run that stopped before its stage ended
-        return saved_teacher(path)  # (training removed its epoch checkpoint when it saved)
+        return saved_teacher(path, device)  # (training removed its epoch checkpoint when it saved)
     recipe = replace(t.train, seed=seed, max_len=max_len)
     model = build_recommender(data, t.family, t.preset, pretrained=t.pretrained, text_features=t.text_features,
                               max_len=max_len, dropout=t.dropout, seed=seed, causal=t.causal, head=t.head, llm=t.llm)
+    model.to(device)
     # Resumes mid-training after an interruption (an LLM teacher takes an hour or more on 2 cores).
     result = train_recommender(model, data, recipe, progress=progress,
                                checkpoint=path.parent / f"{path.name}-checkpoint",
@@ -50,13 +52,13 @@ def train_teacher(t, data, dataset: str, seed: int, max_len: int, path: Path, pr
         "history": result.history, "stop_reason": result.stop_reason},
         weights_dtype=LORA_STORAGE if has_lora(model) else None)
     if has_lora(model):
-        return saved_teacher(path)  # the stored teacher, not the unrounded one in memory
+        return saved_teacher(path, device)  # the stored teacher, not the unrounded one in memory
     return model.eval(), result
 
 
-def saved_teacher(path: Path):
+def saved_teacher(path: Path, device: torch.device | str = "cpu"):
     """The teacher an earlier run trained and saved at `path` (saves are atomic), with its training record
-    from the manifest: (model in eval, TrainResult)."""
+    from the manifest: (model in eval on `device`, TrainResult)."""
     from layerwise.compression.compact import load_compact
     from layerwise.models.checkpoint import read_manifest
     from layerwise.training.train import TrainResult
@@ -66,7 +68,7 @@ def saved_teacher(path: Path):
     result = TrainResult(best_epoch=saved["best_epoch"], best_valid=saved["valid"], history=history,
                          config=saved["train"], stop_reason=saved.get("stop_reason", "epochs"),
                          epochs_run=len(history))
-    return load_compact(path).eval(), result
+    return load_compact(path).eval().to(device), result
 
 
 def _same_losses_as(archived: Path):
