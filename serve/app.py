@@ -42,7 +42,6 @@ from layerwise.device import inference_autocast, model_device, resolve_device, w
 from layerwise.data import DataError, load_dataset
 from layerwise.evaluation.evaluate import recommend
 from layerwise.models.checkpoint import read_manifest
-from serve.capacity import admission_limits
 from serve.schemas import (
     DEFAULT_MODEL,
     AppArgs,
@@ -315,7 +314,7 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ValueError("max_queued_requests must be -1 (no limit) or at least 1 (Serve's own rule)")
     gpus = config.num_gpus if wants_gpu(config.device) else 0  # a replica sees a GPU only if Ray gives it one
     queued = config.max_queued_requests
-    if queued > 0 and admission_limits() is not None:
+    if queued > 0 and config.proxy_gate:
         # The proxy's gate holds the queue and refuses (serve.capacity.AdmissionGate). It lets no more requests
         # through than the replicas hold, but a replica frees its slot a moment after its answer has left the
         # proxy: Serve's own queue absorbs that moment instead of refusing what the gate let in.
@@ -373,7 +372,7 @@ def serve_main(model: str | None, host: str = "127.0.0.1", port: int = 8000, rep
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     args = {"model": model or DEFAULT_MODEL, "dataset": dataset, "num_replicas": replicas,
-            "num_cpus": num_cpus, **options}
+            "num_cpus": num_cpus, "proxy_gate": proxy_gate, **options}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     if blocking:

@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         app_args["max_ongoing_requests"] = max(64, args.max_batch_size, args.concurrency)
     gated = levels and args.proxy_gate  # the sweep measures admission: with the proxy's gate unless told not to
     proxy_environment(proxy_admission(args.num_replicas, app_args) if gated else None)
+    app_args["proxy_gate"] = bool(gated)
     models = {"compact": args.model, **({"teacher": args.teacher} if args.teacher else {})}
     owns_ray = not ray.is_initialized()
     with ray_session():

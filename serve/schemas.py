@@ -148,6 +148,9 @@ class AppArgs(BaseModel):
     router_max_backoff_s: float = Field(
         0.02, gt=0.0, le=10.0, description="longest a queued request waits before its router looks for a free "
                                            "replica slot again (Serve's own default, 0.5 s, idles the replica)")
+    proxy_gate: bool = Field(False, description="the proxy's admission gate holds the queue (serve.capacity; "
+                                                "`layerwise serve` and `bench-serve` start it and set this): Serve's "
+                                                "own queue then only absorbs a slot freed after its answer left")
 
 
 # The replica settings that `layerwise serve` and `layerwise bench-serve` both take, with AppArgs' defaults.

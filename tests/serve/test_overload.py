@@ -5,6 +5,7 @@ and the refusal's JSON rewrite on its own."""
 
 import asyncio
 import json
+import os
 
 import pytest
 import ray
@@ -42,9 +43,11 @@ def server(tmp_path_factory):
         proxy_environment(admission(LIMITS["max_ongoing_requests"], LIMITS["max_queued_requests"],
                                     LIMITS["retry_after_s"]))
         ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
+        os.environ.pop(ADMISSION_VARIABLE)  # Ray has it; a Ray another module starts later must not
     port = loadtest.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": str(root / "compact"), "cache_dir": str(root / "cache"), "num_cpus": 0.5, **LIMITS}
+    args = {"model": str(root / "compact"), "cache_dir": str(root / "cache"), "num_cpus": 0.5, "proxy_gate": started,
+            **LIMITS}
     serve.run(build_app(args), name="overload", route_prefix="/")
     yield {"port": port, "root": root, "json_body": started}
     serve.shutdown()

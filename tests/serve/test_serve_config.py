@@ -82,6 +82,9 @@ def test_builder_applies_the_bounded_queue(model_dir):
                             "max_queued_requests": 8, "retry_after_s": 2.5,
                             "router_max_backoff_s": 0.01})._bound_deployment
     assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (16, 8)
+    gated = build_app({"model": str(model_dir), "max_batch_size": 8, "max_ongoing_requests": 16,
+                       "max_queued_requests": 8, "num_replicas": 2, "proxy_gate": True})._bound_deployment
+    assert gated.max_queued_requests == 8 + 2 * 16  # the proxy's gate refuses; Serve's queue absorbs slot hand-overs
     assert (deployment.backpressure_config.status_code, deployment.backpressure_config.retry_after_s) == (503, 2.5)
     router = deployment._deployment_config.request_router_config
     assert (router.initial_backoff_s, router.max_backoff_s) == (0.01, 0.01)
