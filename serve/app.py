@@ -342,7 +342,7 @@ def proxy_admission(replicas: int, options: dict[str, Any]) -> dict | None:
 
     fields = AppArgs.model_fields
     value = {name: options.get(name, fields[name].default)
-             for name in ("max_ongoing_requests", "max_queued_requests", "retry_after_s")}
+             for name in ("max_ongoing_requests", "max_queued_requests", "retry_after_s", "retry_after_max_s")}
     return admission(**value, num_replicas=replicas)
 
 

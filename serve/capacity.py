@@ -22,6 +22,10 @@ gate lets in at most `in_flight` scoring requests (the replicas' `max_ongoing_re
 `waiting` more on futures that cost nothing while they wait, and answers the rest with 503 at once. A
 finished request hands its slot to the oldest waiter, so Serve's router finds a free replica slot at the
 first look. The limits reach the proxy as JSON in LAYERWISE_SERVE_ADMISSION (`proxy_environment`).
+
+A refusal is not free either: it is an HTTP exchange on the cores that score. With a fixed Retry-After of
+1 s, 1,024 clients against a gate of 96 send about 900 refusals a second. `RetryAfter` makes the gate's
+Retry-After grow with the excess, so the refused come back at a bounded share of the answer rate.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import os
+import random
+import time
 
 CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve.capacity:proxy_middlewares"
 ADMISSION_VARIABLE = "LAYERWISE_SERVE_ADMISSION"
 GATED_SUFFIX = "/recommend"  # the scoring route; health, model info and errors pass without a slot
 _SERVE_REFUSAL = b"Request dropped due to backpressure"
+REFUSAL_SHARE = 0.25  # the refused come back at about this share of the answer rate (RetryAfter)
 
 
 class CapacityJSON:
@@ -80,18 +88,65 @@ def refusal_json(start: dict, body: bytes) -> tuple[dict, bytes]:
     return {**start, "headers": headers}, encoded
 
 
+class RetryAfter:
+    """The Retry-After of the gate's refusals, in whole seconds between `floor_s` and `ceiling_s`, grown with
+    the excess so that refusals cost a bounded share of the work.
+
+    A refused client that honours its Retry-After stays away that long, so the clients being refused number
+    about E = (the seconds told in a window) / (the window's length) (Little's law). Telling the next ones
+    T = E / (share x answers/s) on average brings them back at `share` of the answer rate, whatever the
+    excess: at 4x the gate's size most clients wait their turn away from the server instead of costing it a
+    refusal every second. Each is told T times a uniform draw from [0.5, 1.5), rounded and clipped, so that a
+    crowd refused in one burst does not come back in one burst (a wave of 400 returning at once queued its
+    503s for 0.6 s in the proxy). T is re-estimated at the first event after each window of max(1 s, T). A
+    mild excess keeps the floor (32 refused clients against 150 answers/s); after an excess the floor returns
+    with the first quiet window (within two windows); `ceiling_s` equal to `floor_s` fixes it."""
+
+    def __init__(self, floor_s: float = 1.0, ceiling_s: float | None = None, share: float = REFUSAL_SHARE,
+                 clock=time.monotonic, rng: random.Random | None = None):
+        self.floor = max(1, math.ceil(floor_s))  # HTTP's Retry-After: whole seconds
+        self.ceiling = max(self.floor, math.ceil(ceiling_s if ceiling_s is not None else floor_s))
+        self.share, self.clock, self.rng = share, clock, rng or random.Random()
+        self.target = float(self.floor)  # T, the mean wait told
+        self._start, self._told, self._answered = clock(), 0, 0
+
+    def answered(self) -> None:
+        self._answered += 1
+        self._update()
+
+    def refused(self) -> int:
+        """Count a refusal; the Retry-After (seconds) to send with it."""
+        self._update()
+        wait = min(self.ceiling, max(self.floor, round(self.target * (0.5 + self.rng.random()))))
+        self._told += wait
+        return wait
+
+    def _update(self) -> None:
+        now = self.clock()
+        span = now - self._start
+        if span < max(1.0, self.target):
+            return
+        away = self._told / span  # clients backing off now, on average
+        budget = self.share * max(self._answered / span, 1.0)  # refusals a second that the work can carry
+        self.target = min(float(self.ceiling), max(float(self.floor), away / budget))
+        self._start, self._told, self._answered = now, 0, 0
+
+
 class AdmissionGate:
     """Pure ASGI middleware: at most `in_flight` POST .../recommend requests past it, `waiting` more parked
     in arrival order, the rest refused at once with 503, `Retry-After` and a JSON body. One gate per proxy
-    (a proxy is one event loop, so the counts need no lock); on a cluster of N proxies each holds its own."""
+    (a proxy is one event loop, so the counts need no lock); on a cluster of N proxies each holds its own.
+    The Retry-After grows from `retry_after_s` up to `retry_after_max_s` with the excess (`RetryAfter`)."""
 
-    def __init__(self, app, in_flight: int | None = None, waiting: int = 0, retry_after_s: float = 1.0):
+    def __init__(self, app, in_flight: int | None = None, waiting: int = 0, retry_after_s: float = 1.0,
+                 retry_after_max_s: float | None = None, clock=time.monotonic):
         if in_flight is None:  # as the proxy builds it: the limits from the environment, if any
-            limits = admission_limits()
-            in_flight, waiting, retry_after_s = (limits["in_flight"], limits["waiting"], limits["retry_after_s"]) \
-                if limits else (None, 0, 1.0)
+            limits = admission_limits() or {}
+            in_flight, waiting = limits.get("in_flight"), limits.get("waiting", 0)
+            retry_after_s = limits.get("retry_after_s", 1.0)
+            retry_after_max_s = limits.get("retry_after_max_s", retry_after_s)
         self.app, self.limit, self.max_waiting = app, in_flight, waiting
-        self.retry_after = str(max(1, round(retry_after_s)))  # HTTP's Retry-After: whole seconds
+        self.retry_after = RetryAfter(retry_after_s, retry_after_max_s, clock=clock)
         self.in_flight = 0
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
 
@@ -114,10 +169,24 @@ class AdmissionGate:
                 raise
         else:
             return await self._refuse(receive, send)
+        done = False
+
+        async def send_and_release(message):
+            # The slot is free once the last byte of the answer is handed over, not when the app returns: the
+            # client's next request on this connection can arrive before that, and would find its own slot taken.
+            nonlocal done
+            if not done and message["type"] == "http.response.body" and not message.get("more_body", False):
+                done = True
+                self._release()
+                self.retry_after.answered()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_release)
         finally:
-            self._release()
+            if not done:  # no complete answer (an error, the client gone): the slot is free all the same
+                self._release()
+                self.retry_after.answered()
 
     def _release(self) -> None:
         while self.waiting:
@@ -132,18 +201,20 @@ class AdmissionGate:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
+        retry_after = self.retry_after.refused()
         body = json.dumps({"detail": f"server at capacity: {self.limit} requests are being scored and "
-                                     f"{self.max_waiting} wait for a slot; retry after {self.retry_after} s",
-                           "retry_after_s": int(self.retry_after)}).encode()
+                                     f"{self.max_waiting} wait for a slot; retry after {retry_after} s",
+                           "retry_after_s": retry_after}).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", self.retry_after.encode())]})
+                                (b"retry-after", str(retry_after).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
 def admission_limits() -> dict | None:
-    """The gate's limits from LAYERWISE_SERVE_ADMISSION ({"in_flight", "waiting", "retry_after_s"}), or None
-    (no gate: Serve's own queue alone). A malformed value is an error that names the variable."""
+    """The gate's limits from LAYERWISE_SERVE_ADMISSION ({"in_flight", "waiting", "retry_after_s"} and
+    optionally "retry_after_max_s"), or None (no gate: Serve's own queue alone). A malformed value is an error
+    that names the variable."""
     raw = os.environ.get(ADMISSION_VARIABLE)
     if not raw:
         return None
@@ -151,22 +222,27 @@ def admission_limits() -> dict | None:
         limits = json.loads(raw)
         ok = (isinstance(limits, dict) and isinstance(limits.get("in_flight"), int) and limits["in_flight"] >= 1
               and isinstance(limits.get("waiting"), int) and limits["waiting"] >= 0
-              and isinstance(limits.get("retry_after_s"), (int, float)) and limits["retry_after_s"] > 0)
+              and isinstance(limits.get("retry_after_s"), (int, float)) and limits["retry_after_s"] > 0
+              and isinstance(limits.get("retry_after_max_s", limits["retry_after_s"]), (int, float))
+              and limits.get("retry_after_max_s", limits["retry_after_s"]) >= limits["retry_after_s"])
     except json.JSONDecodeError:
         ok = False
     if not ok:
         raise ValueError(f"{ADMISSION_VARIABLE} must be JSON like {{\"in_flight\": 32, \"waiting\": 32, "
-                         f"\"retry_after_s\": 1}} (in_flight >= 1, waiting >= 0), got {raw!r}")
+                         f"\"retry_after_s\": 1, \"retry_after_max_s\": 30}} (in_flight >= 1, waiting >= 0, "
+                         f"retry_after_max_s >= retry_after_s > 0), got {raw!r}")
     return limits
 
 
 def admission(max_ongoing_requests: int, max_queued_requests: int, retry_after_s: float,
-              num_replicas: int = 1) -> dict | None:
+              num_replicas: int = 1, retry_after_max_s: float | None = None) -> dict | None:
     """The gate's limits for a deployment's settings; None where the queue is unbounded (-1)."""
     if max_queued_requests < 0:
         return None
     return {"in_flight": max_ongoing_requests * num_replicas, "waiting": max_queued_requests,
-            "retry_after_s": retry_after_s}
+            "retry_after_s": retry_after_s,
+            "retry_after_max_s": max(retry_after_s, retry_after_max_s if retry_after_max_s is not None
+                                     else retry_after_s)}
 
 
 def _is_text(start: dict) -> bool:

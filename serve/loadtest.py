@@ -270,6 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--timeout-s", type=float, default=30.0, help="a request unanswered this long is a timeout")
     sweep.add_argument("--ignore-retry-after", action="store_true",
                        help="a refused client sends again at once instead of waiting its Retry-After")
+    sweep.add_argument("--overload-pairs", type=int, default=3, metavar="N",
+                       help="after the sweep, N rounds of the peak's level and the level at 4x it back to back, "
+                            "alternating which goes first; the acceptance is read from the median round, which "
+                            "the machine's speed drifting between levels does not move (default: 3; 0: none)")
     sweep.add_argument("--p99-slo-ms", type=float, default=None, help="p99 objective drawn on the plot")
     sweep.add_argument("--plot", default=None, help="PNG of the sweep (default: the --json path with .png)")
     return p
@@ -326,8 +330,10 @@ def _sweep_levels(args) -> list[int]:
         levels = parse_levels(args.sweep)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if args.level_seconds <= 0 or args.level_requests < 1 or args.warmup_seconds < 0 or args.timeout_s <= 0:
-        raise SystemExit("--level-seconds and --timeout-s must be > 0, --level-requests >= 1, --warmup-seconds >= 0")
+    if args.level_seconds <= 0 or args.level_requests < 1 or args.warmup_seconds < 0 or args.timeout_s <= 0 \
+            or args.overload_pairs < 0:
+        raise SystemExit("--level-seconds and --timeout-s must be > 0, --level-requests >= 1, --warmup-seconds "
+                         ">= 0, --overload-pairs >= 0")
     if not args.json:
         raise SystemExit("--sweep needs --json (the report; the plot goes next to it unless --plot says where)")
     return levels

@@ -232,6 +232,32 @@ def overload_check(levels: list[dict[str, Any]], factor: int = OVERLOAD_FACTOR) 
     return report
 
 
+def paired_check(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The acceptance read from rounds that each ran the peak's level and the level at 4x it back to back
+    (`{"peak": level, "overload": level}`, the order alternating between rounds): a ratio within a round is
+    not moved by the machine's own speed drifting between levels, which a sweep's one pass is. The verdict
+    takes the median round's goodput and p99 ratios; every refusal must be fast and clean in every round."""
+    per_round = []
+    for r in rounds:
+        peak, at = r["peak"], r["overload"]
+        p99 = (at["answered_ms"]["p99"] / peak["answered_ms"]["p99"]
+               if at["answered_ms"]["p99"] is not None and peak["answered_ms"]["p99"] else None)
+        refusal_p99 = at["refused_ms"]["p99"]
+        per_round.append({
+            "peak_goodput_per_s": peak["goodput_per_s"], "overload_goodput_per_s": at["goodput_per_s"],
+            "goodput_ratio": at["goodput_per_s"] / peak["goodput_per_s"] if peak["goodput_per_s"] else 0.0,
+            "p99_ratio": p99, "refused_share": at["refused_share"], "refused_p99_ms": refusal_p99,
+            "fast_503": (refusal_p99 is None or refusal_p99 <= (peak["answered_ms"]["p50"] or 0.0))
+                        and at["other_failures"] == 0 and at["refused_without_retry_after"] == 0})
+    goodput = float(np.median([r["goodput_ratio"] for r in per_round]))
+    p99s = [r["p99_ratio"] for r in per_round if r["p99_ratio"] is not None]
+    p99 = float(np.median(p99s)) if len(p99s) == len(per_round) else None
+    met = {"goodput": goodput >= GOODPUT_FLOOR, "p99": p99 is not None and p99 <= P99_CEILING,
+           "fast_503": all(r["fast_503"] for r in per_round)}
+    met["all"] = all(met.values())
+    return {"rounds": per_round, "goodput_ratio": goodput, "p99_ratio": p99, "met": met}
+
+
 def plot_sweep(models: list[dict[str, Any]], path: str | Path, slo_ms: float | None = None) -> Path:
     """Goodput and answered p99 against concurrency, one line per model, the SLO as a dashed line; a PNG."""
     import matplotlib
@@ -273,16 +299,31 @@ def print_levels(label: str, levels: list[dict[str, Any]], check: dict[str, Any]
               f"{lv['timeouts']:8d}  {lv['resets']:6d}  {lv['other_failures']:5d}  {lv['load_avg'][0]:4.1f}")
     if not check["measured"]:
         print(f"{label}: peak at {check['peak_concurrency']} clients; {check['overload_concurrency']} not swept")
+        if check.get("paired"):
+            _print_paired(label, check)
         return
     verdict = "met" if check["met"]["all"] else "NOT met"
     print(f"{label}: at {check['overload_concurrency']} clients (4x the peak's {check['peak_concurrency']}): goodput "
           f"{100 * check['goodput_ratio']:.0f}% of peak, p99 {check['p99_ratio'] or float('nan'):.2f}x the peak's, "
           f"{100 * check['refused_share']:.0f}% refused with 503: {verdict} {check['met']}")
+    if check.get("paired"):
+        _print_paired(label, check)
+
+
+def _print_paired(label: str, check: dict[str, Any]) -> None:
+    paired = check["paired"]
+    rounds = ", ".join(f"{100 * r['goodput_ratio']:.0f}%" for r in paired["rounds"])
+    verdict = "met" if paired["met"]["all"] else "NOT met"
+    print(f"{label}: paired, {len(paired['rounds'])} rounds of {check['peak_concurrency']} and "
+          f"{check['overload_concurrency']} clients back to back: goodput {100 * paired['goodput_ratio']:.0f}% of "
+          f"the peak's (median; rounds {rounds}), p99 {paired['p99_ratio'] or float('nan'):.2f}x: {verdict} "
+          f"{paired['met']}")
 
 
 def sweep_model(label: str, model: str, port: int, bodies: list[bytes], levels: list[int],
-                app_args: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """Deploy `model` at ROUTE on the running Serve, warm it up, run every level, delete it.
+                app_args: dict[str, Any], options: dict[str, Any], pairs: int = 0) -> dict[str, Any]:
+    """Deploy `model` at ROUTE on the running Serve, warm it up, run every level, delete it. Then, when
+    `pairs`, that many rounds of the peak's level and the level at 4x it back to back (`paired_check`).
 
     `options`: run_level's keyword arguments (seconds, max_requests, warmup_s, timeout_s, honor_retry_after).
     """
@@ -303,10 +344,20 @@ def sweep_model(label: str, model: str, port: int, bodies: list[bytes], levels: 
             calls = after["calls"] - before["calls"]
             level["mean_batch_size"] = (after["requests"] - before["requests"]) / calls if calls else 0.0
             results.append(level)
+        check = overload_check(results)
+        rounds = []
+        for i in range(pairs):
+            order = ("peak", "overload") if i % 2 == 0 else ("overload", "peak")
+            clients = {"peak": check["peak_concurrency"], "overload": check["overload_concurrency"]}
+            rounds.append({which: asyncio.run(run_level(f"{base}/recommend", bodies, clients[which], **options))
+                           for which in order})
     finally:
         serve.delete(APP_NAME)
+    if rounds:
+        check["paired"] = paired_check(rounds)
+        check["paired"]["levels"] = rounds
     return {"label": label, "model": model, "layers": info["layers"], "teacher_layers": info["teacher_layers"],
-            "levels": results, "overload": overload_check(results)}
+            "levels": results, "overload": check}
 
 
 def sweep_main(models: dict[str, str], port: int, levels: list[int], app_args: dict[str, Any], bodies: list[bytes],
@@ -318,7 +369,8 @@ def sweep_main(models: dict[str, str], port: int, levels: list[int], app_args: d
     options = {"seconds": args.level_seconds, "max_requests": args.level_requests, "warmup_s": args.warmup_seconds,
                "timeout_s": args.timeout_s, "honor_retry_after": not args.ignore_retry_after}
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    runs = [sweep_model(label, path, port, bodies, levels, app_args, options) for label, path in models.items()]
+    runs = [sweep_model(label, path, port, bodies, levels, app_args, options, args.overload_pairs)
+            for label, path in models.items()]
     report = {"started": started, "dataset": app_args.get("dataset"), "levels": levels, "cpus": os.cpu_count(),
               "settings": {k: v for k, v in app_args.items() if k != "model"}, "client": options,
               "admission": admission_limits() or "Serve's router queue (no proxy gate)",
@@ -329,6 +381,8 @@ def sweep_main(models: dict[str, str], port: int, levels: list[int], app_args: d
     for run in runs:
         print_levels(run["label"], run["levels"], run["overload"])
     print(f"report: {args.json}; plot: {plot}")
+    measured = [lv for run in runs for lv in run["levels"]] + \
+        [lv for run in runs for r in run["overload"].get("paired", {}).get("levels", []) for lv in r.values()]
     failed = sum(lv["other_failures"] + sum(n for s, n in lv["stragglers"].items() if s not in ("200", "503"))
-                 for run in runs for lv in run["levels"])
+                 for lv in measured)
     return 0 if failed == 0 else 1

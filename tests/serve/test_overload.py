@@ -4,7 +4,9 @@ else may fail, time out or reset; the server answers afterwards. Also `bench-ser
 and the refusal's JSON rewrite on its own."""
 
 import asyncio
+import heapq
 import json
+import random
 import os
 
 import pytest
@@ -17,9 +19,9 @@ from layerwise.data import load_dataset
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from serve import loadtest
 from serve.app import build_app
-from serve.capacity import (ADMISSION_VARIABLE, AdmissionGate, CapacityJSON, admission, admission_limits,
+from serve.capacity import (ADMISSION_VARIABLE, CALLBACK_VARIABLE, AdmissionGate, CapacityJSON, RetryAfter, admission, admission_limits,
                             proxy_environment, refusal_json)
-from serve.sweep import _exchange, overload_check, parse_levels, run_level
+from serve.sweep import _exchange, overload_check, paired_check, parse_levels, run_level
 
 DATASET = "synthetic:200:80:3000:0"
 # A replica holds 4 requests and the proxy queues 2 more: 48 clients that never wait overload it at once.
@@ -118,11 +120,13 @@ def test_server_answers_after_the_overload(server):
 
 
 @pytest.mark.slow
-def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path):
+def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path, monkeypatch):
     out = tmp_path / "sweep.json"
+    for name in (ADMISSION_VARIABLE, CALLBACK_VARIABLE):  # bench-serve sets them for the Ray it would start
+        monkeypatch.delenv(name, raising=False)          # undone after the test: no Ray started later sees them
     rc = loadtest.main(["--model", str(server["root"] / "compact"), "--cache-dir", str(server["root"] / "cache"),
                         "--port", str(server["port"]), "--sweep", "2,8", "--level-seconds", "1.5",
-                        "--warmup-seconds", "0.5", "--json", str(out), "--p99-slo-ms", "250",
+                        "--warmup-seconds", "0.5", "--json", str(out), "--p99-slo-ms", "250", "--overload-pairs", "1",
                         "--max-batch-size", "4", "--max-ongoing-requests", "4", "--max-queued-requests", "2"])
     report = json.loads(out.read_text())
     assert rc == 0 and report["levels"] == [2, 8] and report["p99_slo_ms"] == 250
@@ -134,6 +138,9 @@ def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path):
         assert set(level["statuses"]) <= {"200", "503"} and level["other_failures"] == 0
         assert level["answered_ms"]["p50"] <= level["answered_ms"]["p99"] and len(level["load_avg"]) == 2
     assert model["overload"]["peak_concurrency"] in (2, 8)
+    (paired,) = model["overload"]["paired"]["levels"]  # one round: the peak's level and 4x it, back to back
+    assert set(paired) == {"peak", "overload"} and paired["overload"]["concurrency"] == 4 * paired["peak"]["concurrency"]
+    assert model["overload"]["paired"]["goodput_ratio"] > 0
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The sweep removed its app and left the main one answering.
     assert asyncio.run(_post(server["port"]))[0] == 200
@@ -148,6 +155,8 @@ def test_sweep_levels_are_checked():
         loadtest.main(["--model", "m", "--sweep", "8,16"])
     with pytest.raises(SystemExit, match="strictly rising"):
         loadtest.main(["--model", "m", "--sweep", "16,8", "--json", "x.json"])
+    with pytest.raises(SystemExit, match="--overload-pairs >= 0"):
+        loadtest.main(["--model", "m", "--sweep", "8,16", "--json", "x.json", "--overload-pairs", "-1"])
 
 
 def _level(concurrency, goodput, p50, p99, refused=0.0, refused_p99=None, other=0):
@@ -166,6 +175,18 @@ def test_overload_check_reads_the_level_at_four_times_the_peak():
     check = overload_check(levels)
     assert check["met"] == {"goodput": False, "p99": False, "fast_503": False, "all": False}
     assert overload_check(levels[:2])["measured"] is False  # 64 clients were not swept: no verdict
+
+
+def test_the_paired_check_reads_the_median_round_and_needs_every_refusal_fast():
+    rounds = [{"peak": _level(32, 150.0, 200, 300), "overload": _level(128, 141.0, 210, 330, 0.2, 20.0)},
+              {"peak": _level(32, 120.0, 250, 360), "overload": _level(128, 100.0, 260, 400, 0.2, 25.0)},
+              {"peak": _level(32, 140.0, 210, 310), "overload": _level(128, 133.0, 220, 320, 0.2, 30.0)}]
+    paired = paired_check(rounds)
+    assert [round(r["goodput_ratio"], 3) for r in paired["rounds"]] == [0.94, 0.833, 0.95]
+    assert paired["goodput_ratio"] == pytest.approx(0.94)  # the median round, not the mean or the best
+    assert paired["p99_ratio"] == pytest.approx(1.1) and paired["met"]["all"]
+    rounds[2]["overload"] = _level(128, 133.0, 220, 320, 0.2, 400.0)  # one slow refusal round fails it
+    assert paired_check(rounds)["met"] == {"goodput": True, "p99": True, "fast_503": False, "all": False}
 
 
 SERVE_REFUSAL = [{"type": "http.response.start", "status": 503,
@@ -275,15 +296,125 @@ def test_a_waiter_that_goes_away_gives_up_its_place_and_other_routes_pass():
     asyncio.run(scenario())
 
 
+class _Lingering:
+    """An ASGI app that answers at once and then stays in its call until `leave` is set (Serve's proxy does
+    its own bookkeeping after the last byte has gone)."""
+
+    def __init__(self):
+        self.leave = asyncio.Event()
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        await self.leave.wait()
+
+
+def test_a_slot_is_free_once_the_answer_is_sent_not_when_the_app_returns():
+    async def scenario():
+        inner = _Lingering()
+        gate = AdmissionGate(inner, in_flight=1, waiting=0)
+        first = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.05)
+        assert not first.done() and gate.in_flight == 0  # answered, still in the app: its slot is free
+        # The client's next request comes in now: it gets the slot instead of a 503.
+        second = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.05)
+        assert gate.in_flight == 0
+        inner.leave.set()
+        assert [(await t)[0]["status"] for t in (first, second)] == [200, 200]
+        assert gate.in_flight == 0 and not gate.waiting  # released once each, never twice
+    asyncio.run(scenario())
+
+
 def test_gate_limits_come_from_the_environment_and_a_bad_value_is_named(monkeypatch):
-    assert admission(32, 32, 1.0, num_replicas=2) == {"in_flight": 64, "waiting": 32, "retry_after_s": 1.0}
+    assert admission(32, 32, 1.0, num_replicas=2) == {"in_flight": 64, "waiting": 32, "retry_after_s": 1.0,
+                                                      "retry_after_max_s": 1.0}
+    assert admission(32, 32, 1.0, retry_after_max_s=30.0)["retry_after_max_s"] == 30.0
     assert admission(32, -1, 1.0) is None  # an unbounded queue: no gate
     monkeypatch.delenv(ADMISSION_VARIABLE, raising=False)
     assert admission_limits() is None and AdmissionGate(None).limit is None
     monkeypatch.setenv(ADMISSION_VARIABLE, json.dumps({"in_flight": 3, "waiting": 5, "retry_after_s": 2}))
     gate = AdmissionGate(None)
-    assert (gate.limit, gate.max_waiting, gate.retry_after) == (3, 5, "2")
-    for bad in ("{", '{"in_flight": 0, "waiting": 1, "retry_after_s": 1}', '{"in_flight": 2}'):
+    assert (gate.limit, gate.max_waiting, gate.retry_after.floor, gate.retry_after.ceiling) == (3, 5, 2, 2)
+    monkeypatch.setenv(ADMISSION_VARIABLE, json.dumps({"in_flight": 3, "waiting": 5, "retry_after_s": 1,
+                                                       "retry_after_max_s": 30}))
+    assert (AdmissionGate(None).retry_after.floor, AdmissionGate(None).retry_after.ceiling) == (1, 30)
+    for bad in ("{", '{"in_flight": 0, "waiting": 1, "retry_after_s": 1}', '{"in_flight": 2}',
+                '{"in_flight": 2, "waiting": 1, "retry_after_s": 5, "retry_after_max_s": 2}'):
         monkeypatch.setenv(ADMISSION_VARIABLE, bad)
         with pytest.raises(ValueError, match=ADMISSION_VARIABLE):
             admission_limits()
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _closed_loop(retry, clock, clients: int, seconds: float, answers_per_s: float = 150.0) -> list[tuple[float, int]]:
+    """`clients` beyond the gate's size, each sending again as soon as its Retry-After is over (a closed
+    loop), while the gate answers at a steady rate; (time, Retry-After) of each refusal."""
+    end = clock.now + seconds
+    returns = [(clock.now + i / clients, i) for i in range(clients)]  # they arrive over the first second
+    heapq.heapify(returns)
+    next_answer, told = clock.now, []
+    while True:
+        if next_answer <= returns[0][0]:
+            clock.now = next_answer
+            next_answer += 1.0 / answers_per_s
+            if clock.now >= end:
+                return told
+            retry.answered()
+        else:
+            clock.now, client = heapq.heappop(returns)
+            told.append((clock.now, retry.refused()))
+            heapq.heappush(returns, (clock.now + told[-1][1], client))
+
+
+def test_retry_after_grows_with_the_excess_so_refusals_cost_a_bounded_share():
+    clock = _Clock()
+    retry = RetryAfter(1.0, 30.0, share=0.25, clock=clock, rng=random.Random(0))
+    # A mild excess (32 clients refused each second against 150 answers a second) keeps the floor.
+    assert {r for _, r in _closed_loop(retry, clock, 32, 10.0)} == {1}
+    # 900 clients told 1 s would be 900 refusals a second; once the estimate has settled they are told ~24 s
+    # on average, spread over 12-30 s, and come back at about a quarter of the answer rate (37.5 a second).
+    told = _closed_loop(retry, clock, 900, 150.0)
+    settled = [r for t, r in told if t > clock.now - 75.0]
+    assert 21.0 <= retry.target <= 27.0 and min(settled) >= 10 and max(settled) == 30
+    assert len(set(settled)) > 10  # spread, so a crowd refused together does not come back together
+    assert 0.8 * 37.5 <= len(settled) / 75.0 <= 1.25 * 37.5
+    # A bigger excess stops at the ceiling; once the clients are gone, the floor is back after the window that
+    # held their last refusals and a quiet one (at most two windows of the ceiling).
+    _closed_loop(retry, clock, 5000, 120.0)
+    assert retry.target == 30.0
+    for _ in range(2):
+        clock.now += 31.0
+        retry.answered()
+    assert retry.refused() == 1
+    # A ceiling equal to the floor fixes it, whatever the excess.
+    fixed = RetryAfter(2.0, 2.0, clock=clock)
+    assert {r for _, r in _closed_loop(fixed, clock, 900, 10.0)} == {2}
+
+
+def test_the_gate_tells_refused_clients_a_longer_retry_after_as_the_excess_grows():
+    async def scenario():
+        clock = _Clock()
+        inner = _Held()
+        gate = AdmissionGate(inner, in_flight=1, waiting=0, retry_after_s=1.0, retry_after_max_s=10.0, clock=clock)
+        held = asyncio.create_task(_call(gate))
+        await asyncio.sleep(0.01)
+        for _ in range(50):  # 50 refusals in the first second, no answer: the excess is all of them
+            await _call(gate)
+        clock.now = 1.5
+        start, body = await _call(gate)
+        headers = dict(start["headers"])
+        # 50 clients away against the floor's budget: the target is capped at 10 s, each told 5-10 s
+        wait = int(headers[b"retry-after"])
+        assert start["status"] == 503 and 5 <= wait <= 10 and gate.retry_after.target == 10.0
+        assert json.loads(body["body"])["retry_after_s"] == wait and f"retry after {wait} s" in json.loads(body["body"])["detail"]
+        inner.open.set()
+        assert (await held)[0]["status"] == 200
+    asyncio.run(scenario())

@@ -4,6 +4,7 @@ batching, and a small load run of the compact model and the teacher."""
 
 import http.client
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,8 @@ from layerwise.models import SequentialRecommender, build_backbone, preset_confi
 from layerwise.models.checkpoint import save_recommender
 from layerwise.training.train import TrainConfig, train_recommender
 from serve import loadtest
-from serve.app import build_app, serve_main
+from serve.app import build_app, proxy_admission, serve_main
+from serve.capacity import ADMISSION_VARIABLE, proxy_environment
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +55,17 @@ def models(tmp_path_factory):
 def server(models):
     """Serve on a free loopback port, started through `serve_main` as `layerwise serve` will."""
     started = not ray.is_initialized()
+    options = {"cache_dir": str(models["root"] / "cache"), "max_batch_size": 8, "batch_wait_timeout_s": 0.1,
+               "max_body_bytes": MAX_BODY, "max_history": MAX_HISTORY}
     if started:
+        # The proxy reads the gate's limits from the environment Ray starts with: these, as serve_main sets
+        # them, not what another test left there.
+        proxy_environment(proxy_admission(1, options))
         # address="local": never join a cluster another test process started (pytest-xdist runs two).
         ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
     port = loadtest.free_port()
-    url = serve_main(str(models["compact"]), port=port, num_cpus=0.5, blocking=False,
-                     cache_dir=str(models["root"] / "cache"), max_batch_size=8, batch_wait_timeout_s=0.1,
-                     max_body_bytes=MAX_BODY, max_history=MAX_HISTORY)
+    url = serve_main(str(models["compact"]), port=port, num_cpus=0.5, blocking=False, **options)
+    os.environ.pop(ADMISSION_VARIABLE, None)  # Ray has it; a Ray another module starts later must not
     yield {"url": url, "port": port}
     serve.shutdown()
     if started:

@@ -48,7 +48,8 @@ def test_config_args_are_valid_builder_args(config):
     args = AppArgs.model_validate(config.applications[0].args)
     assert args.model == DEFAULT_MODEL
     assert args.max_ongoing_requests >= args.max_batch_size
-    limits = ("max_ongoing_requests", "max_queued_requests", "retry_after_s", "router_max_backoff_s")
+    limits = ("max_ongoing_requests", "max_queued_requests", "retry_after_s", "retry_after_max_s",
+              "router_max_backoff_s")
     assert [getattr(args, k) for k in limits] == [getattr(AppArgs(), k) for k in limits]  # the file says the defaults
     # The builder accepts them as they are (the champion URI is resolved later, in each replica).
     application = build_app(config.applications[0].args)
@@ -89,7 +90,8 @@ def test_builder_applies_the_bounded_queue(model_dir):
     router = deployment._deployment_config.request_router_config
     assert (router.initial_backoff_s, router.max_backoff_s) == (0.01, 0.01)
     defaults = AppArgs()  # two batches per replica, as many queued at the proxy
-    assert defaults.max_ongoing_requests == 2 * defaults.max_batch_size == defaults.max_queued_requests
+    assert defaults.max_ongoing_requests == 2 * defaults.max_batch_size  # one batch in the call, one filling
+    assert defaults.max_queued_requests == defaults.max_batch_size  # and one waiting at the proxy
     assert defaults.router_max_backoff_s < 0.5
     with pytest.raises(ValueError, match="max_queued_requests must be -1"):
         build_app({"model": str(model_dir), "max_queued_requests": 0})
