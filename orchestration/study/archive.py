@@ -11,14 +11,14 @@ What a stage keeps in the archive:
 - everything its report reads: rows.json, importance.json, noise.json, _seconds.json, and each per-user
   table cut to the columns the report tests (`user` and the study's metric);
 - the weights of the models that stages still to run build on (the teacher and our compact model:
-  KEEP_WEIGHTS_OF), up to `max_weight_bytes` a stage (5 MB for a Beauty teacher with 12k items);
+  KEEP_WEIGHTS_OF), up to `max_weight_bytes` a stage and no file over 3 MB (MAX_FILE_BYTES, the
+  repository's rule: a Beauty teacher's 3.1 MB head, 12k items, is over it);
 - every other model stripped of its weights (layerwise.models.checkpoint.strip_weights): the manifest, the
   backbone's config and, for every weight file, its SHA-256 and tensor shapes.
 - of a teacher trained with LoRA on a pretrained LLM, too big to keep whole (425 MB for SmolLM2-135M), its
-  adapters and own weights when they fit (23.5 MB): the merged backbone is made again from them and the
-  pretrained model, with the same bits on any CPU (layerwise.models.rebuild), so `--max-weight-mb 32` carries
-  an LLM teacher to any machine, through an archive kept where files of that size may go (this repository
-  takes none over 3 MB, so its SmolLM2 archive keeps teachers stripped).
+  adapters and own weights when they fit (11.2 MB in float16 for SmolLM2-135M on ml-100k; the one exception
+  to the repository's 3 MB rule): the merged backbone is made again from them and the pretrained model, with
+  the same bits on any CPU (layerwise.models.rebuild), so the teacher goes to any machine.
 
 - nothing of a compact model too big to keep (a fully healed LLM one) while a stage that reads its weights
   (ours+int8, the noise curves) has not finished after it: the next machine could not make the same bits
@@ -55,6 +55,8 @@ from orchestration.pipeline.stages import ARCHIVED, RESUME, cpuinfo, stripped_mo
 MAX_STAGE_BYTES = 3 * 2**20  # a stage's files besides kept weights: more means weights slipped through
 KEEP_WEIGHTS_OF = ("teacher", "ours")  # the stages whose models later stages load (SeedRun.run, complete=True)
 MAX_WEIGHT_BYTES = 16 * 2**20  # a stage's kept weights at most; a bigger model is stripped (and trained again)
+MAX_FILE_BYTES = 3_000_000  # the repository takes no file over 3 MB but a LoRA teacher's own weights, so a model
+                            # with a bigger weight file is stripped (a finished study's: nothing still reads it)
 MAX_RESUME_BYTES = 2**20  # an unfinished stage's resume files at most (a 30-layer dependency matrix's: 30 kB)
 
 def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = None,
@@ -239,16 +241,20 @@ def _model_dirs(stage: Path) -> list[Path]:
     return sorted(p.parent for p in stage.rglob("manifest.json") if not _in_checkpoint(p.relative_to(stage)))
 
 
-def _weight_bytes(models: list[Path]) -> int:
-    return sum(f.stat().st_size for m in models for f in m.rglob("*.safetensors"))
+def _fits_whole(models: list[Path], max_weight_bytes: int) -> bool:
+    """Whether the models' weights may be kept whole: at most `max_weight_bytes` in all, no file over
+    MAX_FILE_BYTES."""
+    files = [f.stat().st_size for m in models for f in m.rglob("*.safetensors")]
+    return 0 < sum(files) <= max_weight_bytes and max(files) <= MAX_FILE_BYTES
 
 
 def _what_is_kept(models: list[Path], max_weight_bytes: int) -> tuple[bool, dict[Path, list[str]]]:
     """(whether the models are kept whole, {model: the files kept of it} for LoRA models rebuilt from their
-    adapters) within `max_weight_bytes`; neither: the models are stripped."""
+    adapters) within `max_weight_bytes` (and, kept whole, no file over MAX_FILE_BYTES); neither: the models
+    are stripped."""
     from layerwise.models.rebuild import kept_files
 
-    whole = 0 < _weight_bytes(models) <= max_weight_bytes
+    whole = _fits_whole(models, max_weight_bytes)
     # A LoRA-trained model too big to keep whole keeps its adapters and own weights, from which it is rebuilt
     # (layerwise.models.rebuild), when those fit.
     small = {m: kept_files(m) for m in models} if max_weight_bytes and not whole else {}
@@ -323,7 +329,7 @@ def _fill_weights(stage: Path, target: Path, max_weight_bytes: int) -> bool:
     sources = [stage / rel for rel in missing]
     if not missing or any(not (s / "manifest.json").exists() or is_stripped(s) for s in sources):
         return False
-    if _weight_bytes(sources) > max_weight_bytes:
+    if not _fits_whole(sources, max_weight_bytes):
         return False
     for rel, source in zip(missing, sources):
         if weight_digests(source) != weight_digests(target / rel):
