@@ -151,7 +151,8 @@ def plan(manifest: dict, tree: float, room: int) -> str:
         "`PYTHONPATH=. .venv/bin/python benchmarks/gpu_pack.py --plan` again: it re-cuts without the network.", "",
         f"## Full: the check with SmolLM2 ({len(full)} calls, one right after the other)", "",
         *(f"    {line}" for line in full), "",
-        f"## Short: the check without SmolLM2 ({len(brief)} calls; its `smollm2` part says not_staged)", "",
+        f"## Short: the check without SmolLM2 ({len(brief)} call{'s' if len(brief) > 1 else ''}; its `smollm2` part "
+        f"says not_staged)", "",
         *(f"    {line}" for line in brief), "",
         "The machine must stay warm between the calls (staged parts live in /tmp/gpu-stage there). Device time: "
         "1-2 minutes to start, some seconds a staging call, at most 9 minutes for the check.", ""])
