@@ -16,11 +16,15 @@ plain weights at the end so the saved backbone stays stock), or "all".
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,22 +112,61 @@ def prefit_bridges(student: SequentialRecommender, teacher: SequentialRecommende
     return out
 
 
+_STAGE_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("heal_checkpoints", default=None)
+
+
+@contextlib.contextmanager
+def heal_checkpoints(directory: str | Path):
+    """Every `heal` call inside without its own `checkpoint` keeps its state in `directory`/heal-N (N counting
+    the calls in order), and a finished one keeps its result there too, until the block ends without an
+    error; then the directory is removed. A stage of several healings (a baseline's draws) stopped midway
+    and run again the same way (a stage's code is deterministic) takes each finished healing's result as
+    it was and resumes the unfinished one from its last epoch."""
+    directory = Path(directory)
+    token = _STAGE_CHECKPOINTS.set([directory, 0])
+    try:
+        yield directory
+    finally:
+        _STAGE_CHECKPOINTS.reset(token)
+    shutil.rmtree(directory, ignore_errors=True)  # reached only when the block raised nothing
+
+
+def _stage_checkpoint() -> Path | None:
+    """The next healing's checkpoint in the enclosing `heal_checkpoints` block, if any."""
+    found = _STAGE_CHECKPOINTS.get()
+    if found is None:
+        return None
+    found[1] += 1
+    return found[0] / f"heal-{found[1]}"
+
+
 def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
          config: HealConfig = HealConfig(), progress: bool = True, epoch_fn: Callable[..., dict] | None = None,
-         ) -> HealResult:
+         checkpoint: str | Path | None = None) -> HealResult:
     """Distil `teacher` into `student` (built by layerwise.compression.compact.build_compact) on `data`'s training
     histories; returns the validation history and keeps the student's best-epoch weights.
 
     epoch_fn: one training pass, `(student, teacher, inputs, targets, optimizer, params, config, generator)
     -> {"loss": ..., ...}`; default: our distillation loss. A baseline with another loss (TinyBERT's
     attention maps) passes its own and keeps the rest: early stopping, best weights, LoRA merge.
+    checkpoint: a directory for the healing's state after every epoch (layerwise.training.resume, as a
+        teacher's training keeps it). A call with the same directory, config and identically built student
+        and teacher resumes after the last saved epoch and ends exactly as an uninterrupted one; the
+        directory is removed when healing ends. An LLM's healing takes tens of minutes an epoch on a CPU.
+        None: the enclosing `heal_checkpoints` block's next one, which keeps the finished result too.
     """
+    from layerwise.training.resume import TrainingState, remove, saved_names
+
+    keep_finished = checkpoint is None and _STAGE_CHECKPOINTS.get() is not None
+    checkpoint = checkpoint if checkpoint is not None else _stage_checkpoint()
+
     if config.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
     device = model_device(student)
     if model_device(teacher) != device:
         raise ValueError(f"the student is on {device} and the teacher on {model_device(teacher)}: "
                          "place both on one device")
+    saved_config = asdict(config)  # what a checkpoint must match (the autocast as asked, not as resolved)
     config = replace(config, autocast=autocast_for(config.autocast, device))  # CPU: as configured
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -142,9 +185,19 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
         result.cache_seconds = time.monotonic() - started
     params = _trainable_parameters(student, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    best_state, stale = copy.deepcopy(student.state_dict()), 0
-    started = time.monotonic()
-    for epoch in tqdm(range(1, config.epochs + 1), desc="heal", disable=not progress, unit="epoch"):
+    best_state, stale, first, elapsed = copy.deepcopy(student.state_dict()), 0, 1, 0.0
+    state = TrainingState.load(checkpoint, student, optimizer, generator, saved_config) if checkpoint else None
+    if state is not None:  # resume after the saved epoch: its weights, optimizer, RNGs, best and history
+        first, stale, elapsed = state.epoch + 1, state.stale, state.elapsed
+        result.best_epoch, result.best_valid = state.result["best_epoch"], state.result["best_valid"]
+        result.history = state.result["history"]
+        if state.best is not None:
+            best_state = {**best_state, **state.best}
+        if state.extra.get("finished"):  # done before the stop: its best weights are loaded, nothing to train
+            first, best_state = config.epochs + 1, copy.deepcopy(student.state_dict())
+    started = time.monotonic() - elapsed
+    for epoch in tqdm(range(first, config.epochs + 1), desc="heal", disable=not progress, unit="epoch",
+                      initial=first - 1, total=config.epochs):
         run_epoch = epoch_fn or functools.partial(_heal_epoch, cache=cache)
         tick = time.monotonic()
         record = {"epoch": epoch, **run_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)}
@@ -162,9 +215,22 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
         out_of_time = config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes
         if stale >= config.patience or out_of_time:
             break
+        if checkpoint and epoch < config.epochs:
+            TrainingState(epoch, 0, stale, time.monotonic() - started,
+                          {"best_epoch": result.best_epoch, "best_valid": result.best_valid,
+                           "history": result.history},
+                          {n: best_state[n] for n in saved_names(student)}).save(checkpoint, student, optimizer,
+                                                                                 generator, saved_config)
     student.load_state_dict(best_state)
+    if keep_finished and not (state is not None and state.extra.get("finished")):
+        # The stage may stop before its end: keep this result so that running the stage again skips it.
+        TrainingState(len(result.history), 0, stale, time.monotonic() - started,
+                      {"best_epoch": result.best_epoch, "best_valid": result.best_valid, "history": result.history},
+                      None, {"finished": True}).save(checkpoint, student, optimizer, generator, saved_config)
     merge_lora(student)
     student.requires_grad_(True)
+    if checkpoint and not keep_finished:
+        remove(checkpoint)
     return result
 
 

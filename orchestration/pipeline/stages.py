@@ -112,7 +112,12 @@ class Stages:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
             self._carry_resume(name, out)
-            final, timing = _timed(fn, out)
+            # A healing inside keeps its state after every epoch beside the stage folder, so that a stage
+            # stopped midway (the end of a machine's session) goes on from there when run again here.
+            from layerwise.compression.distill import heal_checkpoints
+
+            with heal_checkpoints(out.parent / f"{out.name}-heal"):
+                final, timing = _timed(fn, out)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)

@@ -133,3 +133,86 @@ def test_healing_with_the_teacher_cache_matches_healing_without():
     encoder = tiny_model("bert", n_layers=2, n_items=data.n_items)
     with pytest.raises(ValueError, match="needs a decoder"):
         heal(build_compact(encoder, [0]), encoder, data, quick(epochs=1, cache_teacher=True), progress=False)
+
+
+def test_a_stopped_healing_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    from layerwise.compression.distill import _heal_epoch
+
+    teacher, data = trained_teacher()
+    config = quick(epochs=4, prefit_steps=20)
+    straight = build_compact(teacher, [0, 3], bridge_rank=8)
+    expected = heal(straight, teacher, data, config, progress=False)
+    calls = []
+
+    def stopped_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stopped in epoch 3")  # a Ctrl-C, or the end of a machine's session
+        return _heal_epoch(*args)
+
+    checkpoint = tmp_path / "heal"
+    with pytest.raises(KeyboardInterrupt):
+        heal(build_compact(teacher, [0, 3], bridge_rank=8), teacher, data, config, progress=False,
+             epoch_fn=stopped_in_epoch_3, checkpoint=checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["epoch-2"]
+    resumed_student = build_compact(teacher, [0, 3], bridge_rank=8)  # built again, as a new process would
+    resumed = heal(resumed_student, teacher, data, config, progress=False, checkpoint=checkpoint)
+    assert not checkpoint.exists()  # the healed model is the output
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4] and resumed.best_epoch == expected.best_epoch
+    for got, want in zip(resumed.history, expected.history):
+        assert {k: v for k, v in got.items() if "seconds" not in k} == {
+            k: v for k, v in want.items() if "seconds" not in k}
+    for (name, a), (_, b) in zip(resumed_student.state_dict().items(), straight.state_dict().items()):
+        assert torch.equal(a, b), name
+    # A checkpoint of another healing recipe is refused, naming what differs.
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        heal(build_compact(teacher, [0, 3], bridge_rank=8), teacher, data, config, progress=False,
+             epoch_fn=stopped_in_epoch_3, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        heal(build_compact(teacher, [0, 3], bridge_rank=8), teacher, data, quick(epochs=4, prefit_steps=20, lr=1e-3),
+             progress=False, checkpoint=checkpoint)
+
+
+def test_a_stage_of_several_healings_keeps_the_finished_ones_and_resumes_the_stopped_one(tmp_path):
+    from layerwise.compression.distill import _heal_epoch, heal_checkpoints
+
+    teacher, data = trained_teacher()
+    configs = [quick(epochs=3, prefit_steps=0, seed=s) for s in (1, 2)]
+
+    def stage(epoch_fn=None):
+        """Two healings in a row, as a baseline's random draws are."""
+        students = [build_compact(teacher, keep, bridge_rank=0) for keep in ([0, 3], [1, 2])]
+        results = [heal(s, teacher, data, c, progress=False, **({"epoch_fn": epoch_fn} if epoch_fn else {}))
+                   for s, c in zip(students, configs)]
+        return students, results
+
+    expected_students, expected = stage()
+    calls = []
+
+    def stopped_in_the_second_healing(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the first healing's 3 epochs, then the second's first, then a stop
+            raise KeyboardInterrupt("stopped")
+        return _heal_epoch(*args)
+
+    directory = tmp_path / "stage-heal"
+    with pytest.raises(KeyboardInterrupt), heal_checkpoints(directory):
+        stage(stopped_in_the_second_healing)
+    assert sorted(p.name for p in directory.iterdir()) == ["heal-1", "heal-2"]  # kept: the stage did not end
+    ran = []
+
+    def counted(*args):
+        ran.append(1)
+        return _heal_epoch(*args)
+
+    with heal_checkpoints(directory):
+        students, results = stage(counted)
+    assert len(ran) == 2  # the first healing's result was kept; the second went on after its first epoch
+    assert not directory.exists()  # the stage ended: its checkpoints go
+    for got, want in zip(results, expected):
+        assert [h["loss"] for h in got.history] == [h["loss"] for h in want.history]
+        assert got.best_epoch == want.best_epoch and got.best_valid == want.best_valid
+    for student, want in zip(students, expected_students):
+        for (name, a), (_, b) in zip(student.state_dict().items(), want.state_dict().items()):
+            assert torch.equal(a, b), name
