@@ -112,11 +112,12 @@ class Stages:
             out.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]> {name}[/bold] -> {out}")
             self._carry_resume(name, out)
-            # A healing inside keeps its state after every epoch beside the stage folder, so that a stage
-            # stopped midway (the end of a machine's session) goes on from there when run again here.
+            # A healing inside keeps its state after every epoch in the stage folder (as a teacher keeps its
+            # own; the archive leaves out "*-checkpoint" folders), so that a stage stopped midway (the end of
+            # a machine's session) goes on from there when run again here.
             from layerwise.compression.distill import heal_checkpoints
 
-            with heal_checkpoints(out.parent / f"{out.name}-heal"):
+            with heal_checkpoints(out / "heal-checkpoint"):
                 final, timing = _timed(fn, out)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
