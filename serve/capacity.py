@@ -177,16 +177,19 @@ class AdmissionGate:
             nonlocal done
             if not done and message["type"] == "http.response.body" and not message.get("more_body", False):
                 done = True
-                self._release()
-                self.retry_after.answered()
+                self._finished()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_release)
         finally:
             if not done:  # no complete answer (an error, the client gone): the slot is free all the same
-                self._release()
-                self.retry_after.answered()
+                self._finished()
+
+    def _finished(self) -> None:
+        """A let-in request is over: its slot goes to the oldest waiter (or back), and it counts as answered."""
+        self._release()
+        self.retry_after.answered()
 
     def _release(self) -> None:
         while self.waiting:

@@ -218,18 +218,27 @@ def overload_check(levels: list[dict[str, Any]], factor: int = OVERLOAD_FACTOR) 
               "measured": at is not None}
     if at is None:
         return report
-    goodput = at["goodput_per_s"] / peak["goodput_per_s"] if peak["goodput_per_s"] else 0.0
+    compared = _compare(peak, at)
+    report.update({k: v for k, v in compared.items() if k not in ("fast_503", "overload_goodput_per_s")},
+                  other_failures=at["other_failures"],
+                  met={"goodput": compared["goodput_ratio"] >= GOODPUT_FLOOR,
+                       "p99": compared["p99_ratio"] is not None and compared["p99_ratio"] <= P99_CEILING,
+                       "fast_503": compared["fast_503"]})
+    report["met"]["all"] = all(report["met"].values())
+    return report
+
+
+def _compare(peak: dict[str, Any], at: dict[str, Any]) -> dict[str, Any]:
+    """The level `at` against the `peak` level: goodput and answered-p99 ratios, and whether every request
+    not answered was a 503 with Retry-After faster (p99) than the peak's answered p50."""
     p99 = (at["answered_ms"]["p99"] / peak["answered_ms"]["p99"]
            if at["answered_ms"]["p99"] is not None and peak["answered_ms"]["p99"] else None)
     refusal_p99 = at["refused_ms"]["p99"]
-    fast = refusal_p99 is None or refusal_p99 <= (peak["answered_ms"]["p50"] or 0.0)
-    clean = at["other_failures"] == 0 and at["refused_without_retry_after"] == 0
-    report.update(goodput_ratio=goodput, p99_ratio=p99, refused_share=at["refused_share"],
-                  refused_p99_ms=refusal_p99, other_failures=at["other_failures"],
-                  met={"goodput": goodput >= GOODPUT_FLOOR, "p99": p99 is not None and p99 <= P99_CEILING,
-                       "fast_503": fast and clean})
-    report["met"]["all"] = all(report["met"].values())
-    return report
+    return {"peak_goodput_per_s": peak["goodput_per_s"], "overload_goodput_per_s": at["goodput_per_s"],
+            "goodput_ratio": at["goodput_per_s"] / peak["goodput_per_s"] if peak["goodput_per_s"] else 0.0,
+            "p99_ratio": p99, "refused_share": at["refused_share"], "refused_p99_ms": refusal_p99,
+            "fast_503": (refusal_p99 is None or refusal_p99 <= (peak["answered_ms"]["p50"] or 0.0))
+                        and at["other_failures"] == 0 and at["refused_without_retry_after"] == 0}
 
 
 def paired_check(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -237,18 +246,7 @@ def paired_check(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     (`{"peak": level, "overload": level}`, the order alternating between rounds): a ratio within a round is
     not moved by the machine's own speed drifting between levels, which a sweep's one pass is. The verdict
     takes the median round's goodput and p99 ratios; every refusal must be fast and clean in every round."""
-    per_round = []
-    for r in rounds:
-        peak, at = r["peak"], r["overload"]
-        p99 = (at["answered_ms"]["p99"] / peak["answered_ms"]["p99"]
-               if at["answered_ms"]["p99"] is not None and peak["answered_ms"]["p99"] else None)
-        refusal_p99 = at["refused_ms"]["p99"]
-        per_round.append({
-            "peak_goodput_per_s": peak["goodput_per_s"], "overload_goodput_per_s": at["goodput_per_s"],
-            "goodput_ratio": at["goodput_per_s"] / peak["goodput_per_s"] if peak["goodput_per_s"] else 0.0,
-            "p99_ratio": p99, "refused_share": at["refused_share"], "refused_p99_ms": refusal_p99,
-            "fast_503": (refusal_p99 is None or refusal_p99 <= (peak["answered_ms"]["p50"] or 0.0))
-                        and at["other_failures"] == 0 and at["refused_without_retry_after"] == 0})
+    per_round = [_compare(r["peak"], r["overload"]) for r in rounds]
     goodput = float(np.median([r["goodput_ratio"] for r in per_round]))
     p99s = [r["p99_ratio"] for r in per_round if r["p99_ratio"] is not None]
     p99 = float(np.median(p99s)) if len(p99s) == len(per_round) else None

@@ -16,11 +16,8 @@ plain weights at the end so the saved backbone stays stock), or "all".
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import functools
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -112,34 +109,6 @@ def prefit_bridges(student: SequentialRecommender, teacher: SequentialRecommende
     return out
 
 
-_STAGE_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("heal_checkpoints", default=None)
-
-
-@contextlib.contextmanager
-def heal_checkpoints(directory: str | Path):
-    """Every `heal` call inside without its own `checkpoint` keeps its state in `directory`/heal-N (N counting
-    the calls in order), and a finished one keeps its result there too, until the block ends without an
-    error; then the directory is removed. A stage of several healings (a baseline's draws) stopped midway
-    and run again the same way (a stage's code is deterministic) takes each finished healing's result as
-    it was and resumes the unfinished one from its last epoch."""
-    directory = Path(directory)
-    token = _STAGE_CHECKPOINTS.set([directory, 0])
-    try:
-        yield directory
-    finally:
-        _STAGE_CHECKPOINTS.reset(token)
-    shutil.rmtree(directory, ignore_errors=True)  # reached only when the block raised nothing
-
-
-def _stage_checkpoint() -> Path | None:
-    """The next healing's checkpoint in the enclosing `heal_checkpoints` block, if any."""
-    found = _STAGE_CHECKPOINTS.get()
-    if found is None:
-        return None
-    found[1] += 1
-    return found[0] / f"heal-{found[1]}"
-
-
 def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
          config: HealConfig = HealConfig(), progress: bool = True, epoch_fn: Callable[..., dict] | None = None,
          checkpoint: str | Path | None = None) -> HealResult:
@@ -153,12 +122,14 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
         teacher's training keeps it). A call with the same directory, config and identically built student
         and teacher resumes after the last saved epoch and ends exactly as an uninterrupted one; the
         directory is removed when healing ends. An LLM's healing takes tens of minutes an epoch on a CPU.
-        None: the enclosing `heal_checkpoints` block's next one, which keeps the finished result too.
+        None: the next one of the enclosing `heal_checkpoints` block (layerwise.training.resume), which keeps
+        the finished result too.
     """
-    from layerwise.training.resume import TrainingState, remove, saved_names
+    from layerwise.training.resume import (TrainingState, in_heal_checkpoints, next_heal_checkpoint, remove,
+                                           saved_names)
 
-    keep_finished = checkpoint is None and _STAGE_CHECKPOINTS.get() is not None
-    checkpoint = checkpoint if checkpoint is not None else _stage_checkpoint()
+    keep_finished = checkpoint is None and in_heal_checkpoints()
+    checkpoint = checkpoint if checkpoint is not None else next_heal_checkpoint()
 
     if config.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")

@@ -25,6 +25,8 @@ so a run killed while writing leaves the previous epoch's checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -113,6 +115,39 @@ class TrainingState:
         best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
         return cls(epoch=progress["epoch"], steps=progress["steps"], stale=progress["stale"],
                    elapsed=progress["elapsed"], result=progress["result"], best=best, extra=progress["extra"])
+
+
+_STAGE_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("heal_checkpoints", default=None)
+
+
+@contextlib.contextmanager
+def heal_checkpoints(directory: str | Path):
+    """Every `layerwise.compression.distill.heal` call inside without its own `checkpoint` keeps its state in
+    `directory`/heal-N (N counting the calls in order), and a finished one keeps its result there too, until
+    the block ends without an error; then the directory is removed. A stage of several healings (a
+    baseline's draws) stopped midway and run again the same way (a stage's code is deterministic) takes
+    each finished healing's result as it was and resumes the unfinished one from its last epoch."""
+    directory = Path(directory)
+    token = _STAGE_CHECKPOINTS.set([directory, 0])
+    try:
+        yield directory
+    finally:
+        _STAGE_CHECKPOINTS.reset(token)
+    shutil.rmtree(directory, ignore_errors=True)  # reached only when the block raised nothing
+
+
+def next_heal_checkpoint() -> Path | None:
+    """The next healing's checkpoint in the enclosing `heal_checkpoints` block, if any (counted per call)."""
+    found = _STAGE_CHECKPOINTS.get()
+    if found is None:
+        return None
+    found[1] += 1
+    return found[0] / f"heal-{found[1]}"
+
+
+def in_heal_checkpoints() -> bool:
+    """Whether a `heal_checkpoints` block encloses the caller."""
+    return _STAGE_CHECKPOINTS.get() is not None
 
 
 def remove(directory: str | Path) -> None:

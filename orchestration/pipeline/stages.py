@@ -115,7 +115,7 @@ class Stages:
             # A healing inside keeps its state after every epoch in the stage folder (as a teacher keeps its
             # own; the archive leaves out "*-checkpoint" folders), so that a stage stopped midway (the end of
             # a machine's session) goes on from there when run again here.
-            from layerwise.compression.distill import heal_checkpoints
+            from layerwise.training.resume import heal_checkpoints
 
             with heal_checkpoints(out / "heal-checkpoint"):
                 final, timing = _timed(fn, out)

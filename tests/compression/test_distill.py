@@ -175,7 +175,8 @@ def test_a_stopped_healing_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
 
 
 def test_a_stage_of_several_healings_keeps_the_finished_ones_and_resumes_the_stopped_one(tmp_path):
-    from layerwise.compression.distill import _heal_epoch, heal_checkpoints
+    from layerwise.compression.distill import _heal_epoch
+    from layerwise.training.resume import heal_checkpoints
 
     teacher, data = trained_teacher()
     configs = [quick(epochs=3, prefit_steps=0, seed=s) for s in (1, 2)]
