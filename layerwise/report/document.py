@@ -32,6 +32,7 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                     "curves": {selector: {"k": [int], "mean": [fraction], "ci95": [[lo, hi], ...]}},
                     "speedup": {"k": [int], "batch=1": [Estimate or None per k], ...}},   # optional
         "equal_compute": {...},                     # optional: layerwise.report.compute gives its schema
+        "serving": {...},                           # optional: layerwise.report.serving gives its schema
         "robustness": {"metric": str, "kinds": {kind: {"levels": [fraction],
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
         "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
@@ -56,9 +57,10 @@ from layerwise.report.compute import equal_compute_plot, equal_compute_section
 from layerwise.report.format import fmt_estimate, fmt_p
 from layerwise.report.format import fmt_number as _fmt
 from layerwise.report.render import html_page, markdown
+from layerwise.report.serving import serving_plot, serving_section
 
-SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Robustness", "Scenarios",
-            "Importance")
+SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving", "Robustness",
+            "Scenarios", "Importance")
 MISSING = "Not available in this study."
 
 
@@ -297,7 +299,7 @@ def _importance(imp, figures) -> list:
 _BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _headline),
              ("Baselines", "baselines", lambda t, f: _comparison(t, f, "pareto")),
              ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
-             ("Equal compute", "equal_compute", equal_compute_section),
+             ("Equal compute", "equal_compute", equal_compute_section), ("Serving", "serving", serving_section),
              ("Robustness", "robustness", _robustness), ("Scenarios", "scenarios", _scenarios),
              ("Importance", "importance", _importance))
 
@@ -334,6 +336,9 @@ def _render_figures(results: Mapping, folder: Path) -> dict[str, Path]:
     compute = results.get("equal_compute") or {}
     if compute.get("rows"):
         makers["equal_compute"] = lambda: equal_compute_plot(compute)
+    serving = results.get("serving") or {}
+    if serving.get("models"):
+        makers["serving"] = lambda: serving_plot(serving)
     robust = results.get("robustness") or {}
     if robust.get("kinds"):
         makers["robustness"] = lambda: plots.noise_plot(robust["kinds"], metric=robust.get("metric", "ndcg@10").upper())

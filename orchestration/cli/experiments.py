@@ -155,8 +155,11 @@ def study_report(argv: list[str]) -> int:
                     "(headline, every table, the protocol), regenerated from its run folder.")
     parser.add_argument("run_dir", help="the study's run folder, e.g. runs/ml100k-llama")
     parser.add_argument("--out", required=True, help="where to publish, e.g. results/ml100k-llama")
+    parser.add_argument("--serving", metavar="SWEEP_JSON",
+                        help="a `layerwise bench-serve --sweep` JSON of this study's models (the teacher and ours "
+                             "of one seed): adds the report's Serving section, a table and a figure")
     args = parser.parse_args(argv)
-    paths = publish_study(args.run_dir, args.out)
+    paths = publish_study(args.run_dir, args.out, serving=args.serving)
     print(f"published {args.run_dir} to {args.out}: report.md, report.html, summary.json and "
           f"{len(paths['figures'])} figures")
     return 0

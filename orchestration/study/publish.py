@@ -10,6 +10,13 @@ small folder that can live in the repository:
     summary.json             the headline, every table (its rows and how they were tested), the protocol,
                              the notes, the study's config and the wall time of each of its runs
 
+`--serving SWEEP.json` adds the report's Serving section from a `layerwise bench-serve --sweep` of the study's
+own models (each model path must name one of its stage folders, seeds/seed-N/<stage>):
+
+    layerwise bench-serve --model runs/S/seeds/seed-0/ours-*/model --teacher runs/S/seeds/seed-0/teacher-*/model \
+        --dataset ml-100k --sweep 4,8,16,32,64,128 --json benchmarks/results/serve_sweep_S.json
+    layerwise study report runs/S --out results/S --serving benchmarks/results/serve_sweep_S.json
+
 No model weights and no per-user tables: the folder is checked to stay under MAX_BYTES. It is written
 beside its target and renamed into place, so a failed publication leaves the previous one untouched.
 """
@@ -17,23 +24,27 @@ beside its target and renamed into place, so a failed publication leaves the pre
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 from orchestration.outputs import write_json
 
-TABLES = ("baselines", "ablation", "k_sweep", "robustness", "scenarios", "importance")
+TABLES = ("baselines", "ablation", "k_sweep", "serving", "robustness", "scenarios", "importance")
 MAX_BYTES = 5 * 2**20
 
 
-def publish_study(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
+def publish_study(run_dir: str | Path, out: str | Path, serving: str | Path | None = None) -> dict[str, Path]:
     """Write the report, its figures and summary.json of the finished study in `run_dir` to `out`
-    (replacing what was there); returns {"markdown", "html", "summary", "figures": {name: path}}."""
+    (replacing what was there), with the Serving section read from the bench-serve sweep `serving` if
+    given; returns {"markdown", "html", "summary", "figures": {name: path}}."""
     from layerwise.report import write_report
 
     run_dir, out = Path(run_dir), Path(out)
     results = _read(run_dir, "results.json", "the study has not finished; run `layerwise study` on its "
                                              "config again to resume it")
+    if serving is not None:
+        results = {**results, "serving": serving_results(serving, run_dir)}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -64,6 +75,51 @@ def summary(results: dict, run_dir: Path) -> dict:
         "invocations": json.loads((run_dir / "invocations.json").read_text())
         if (run_dir / "invocations.json").exists() else None,
     }
+
+
+def serving_results(path: str | Path, run_dir: str | Path) -> dict:
+    """The report's serving entry (schema: layerwise.report.serving) from a `layerwise bench-serve --sweep` JSON
+    whose every model is a stage of the study in `run_dir`. Raises ValueError naming what is wrong."""
+    path, run_dir = Path(path), Path(run_dir)
+    try:
+        sweep = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--serving {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--serving {path}: not JSON ({error})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("models"), list) or not sweep["models"]:
+        raise ValueError(f"--serving {path}: not a `layerwise bench-serve --sweep` JSON (no 'models' list)")
+    models = []
+    for i, model in enumerate(sweep["models"]):
+        try:
+            models.append(_served_model(model, run_dir))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"--serving {path}: model {i} lacks {error} (a bench-serve sweep's models carry "
+                             f"label, model, layers and levels)") from None
+        except ValueError as error:
+            raise ValueError(f"--serving {path}: {error}") from None
+    settings = sweep.get("settings") or {}
+    return {"source": path.as_posix(), "started": sweep.get("started"), "cpus": sweep.get("cpus"),
+            "settings": {k: settings.get(k) for k in ("num_replicas", "torch_threads", "max_batch_size",
+                                                      "max_queued_requests", "model_call")},
+            "client": {k: (sweep.get("client") or {}).get(k) for k in ("seconds", "honor_retry_after")},
+            "models": models}
+
+
+def _served_model(model: dict, run_dir: Path) -> dict:
+    """One served model, named by its stage folder, which must be one of the study's."""
+    match = re.search(r"(?:^|/)seeds/(seed-\d+)/([^/]+)/", str(model["model"]).replace("\\", "/"))
+    if match is None or not (run_dir / "seeds" / match[1] / match[2]).is_dir():
+        raise ValueError(f"model {model['label']!r} ({model['model']}) is not a stage of the study in {run_dir} "
+                         f"(a served model's path names its stage folder, seeds/seed-N/<stage>/model)")
+    paired = (model.get("overload") or {}).get("paired")
+    return {"label": str(model["label"]), "stage": f"{match[1]}/{match[2]}", "layers": int(model["layers"]),
+            "levels": [{"concurrency": int(lv["concurrency"]), "goodput_per_s": float(lv["goodput_per_s"]),
+                        "p50_ms": lv["answered_ms"]["p50"], "p99_ms": lv["answered_ms"]["p99"],
+                        "refused_share": float(lv["refused_share"]), "other_failures": int(lv["other_failures"])}
+                       for lv in model["levels"]],
+            "paired": None if not paired else {"goodput_ratio": paired["goodput_ratio"],
+                                               "p99_ratio": paired["p99_ratio"], "met": bool(paired["met"]["all"])}}
 
 
 def _read(run_dir: Path, name: str, why: str) -> dict:
