@@ -12,6 +12,8 @@ from the teacher's own build (`budget.build`): the same item-vector start (from 
 pretrained LLM), head and dropout, with k freshly initialised layers trained fully. `truncated` keeps
 the first k pretrained layers instead and fine-tunes them exactly as the teacher was (LoRA or full, its
 learning rate and epochs): SLMRec's question of whether a shallower LLM, fine-tuned directly, does as well.
+Inside a study stage both keep their state after every epoch (layerwise.training.resume.stage_checkpoints),
+so a stage stopped midway resumes from its last epoch.
 
     variants = BASELINES["distilbert"](data, teacher=teacher, budget=Budget(k=2))
 """
@@ -29,6 +31,7 @@ from layerwise.compression.distill import HealConfig, heal
 from layerwise.device import model_device
 from layerwise.models.presets import build_backbone
 from layerwise.models.recommender import SequentialRecommender
+from layerwise.training.resume import next_stage_checkpoint
 from layerwise.training.train import TrainConfig, train_recommender
 
 # Whole fresh LLM layers train at the learning rate of the 30-layer random-init control
@@ -105,7 +108,7 @@ def scratch(data, teacher=None, budget: Budget | None = None, progress: bool = F
     else:
         model = fresh_student(teacher, budget.k, budget.seeds[0])
     model.to(model_device(teacher))  # built on the CPU (the same weights everywhere), trained where the teacher is
-    result = train_recommender(model, data, config, progress=progress)
+    result = train_recommender(model, data, config, progress=progress, checkpoint=next_stage_checkpoint())
     return [Variant("scratch", model.eval(), "scratch", training_record(result, "train"), info)]
 
 
@@ -121,7 +124,7 @@ def truncated(data, teacher=None, budget: Budget | None = None, progress: bool =
     config = replace(budget.train or TrainConfig(), seed=budget.seeds[0])
     model = llm_student(data, budget.build, budget.k, budget.seeds[0], budget.heal.max_len)
     model.to(model_device(teacher))
-    result = train_recommender(model, data, config, progress=progress)
+    result = train_recommender(model, data, config, progress=progress, checkpoint=next_stage_checkpoint())
     info = {"kept": list(range(budget.k)), "train_recipe": "teacher's" if budget.train else "TrainConfig() defaults",
             "pretrained": budget.build["pretrained"]}
     return [Variant("truncated", model.eval(), "truncated", training_record(result, "train"), info)]

@@ -122,14 +122,14 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
         teacher's training keeps it). A call with the same directory, config and identically built student
         and teacher resumes after the last saved epoch and ends exactly as an uninterrupted one; the
         directory is removed when healing ends. An LLM's healing takes tens of minutes an epoch on a CPU.
-        None: the next one of the enclosing `heal_checkpoints` block (layerwise.training.resume), which keeps
+        None: the next one of the enclosing `stage_checkpoints` block (layerwise.training.resume), which keeps
         the finished result too.
     """
-    from layerwise.training.resume import (TrainingState, in_heal_checkpoints, next_heal_checkpoint, remove,
+    from layerwise.training.resume import (TrainingState, in_stage_checkpoints, next_stage_checkpoint, remove,
                                            saved_names)
 
-    keep_finished = checkpoint is None and in_heal_checkpoints()
-    checkpoint = checkpoint if checkpoint is not None else next_heal_checkpoint()
+    keep_finished = checkpoint is None and in_stage_checkpoints()
+    checkpoint = checkpoint if checkpoint is not None else next_stage_checkpoint()
 
     if config.trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")

@@ -117,15 +117,16 @@ class TrainingState:
                    elapsed=progress["elapsed"], result=progress["result"], best=best, extra=progress["extra"])
 
 
-_STAGE_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("heal_checkpoints", default=None)
+_STAGE_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("stage_checkpoints", default=None)
 
 
 @contextlib.contextmanager
-def heal_checkpoints(directory: str | Path):
-    """Every `layerwise.compression.distill.heal` call inside without its own `checkpoint` keeps its state in
-    `directory`/heal-N (N counting the calls in order), and a finished one keeps its result there too, until
-    the block ends without an error; then the directory is removed. A stage of several healings (a
-    baseline's draws) stopped midway and run again the same way (a stage's code is deterministic) takes
+def stage_checkpoints(directory: str | Path):
+    """A stage's training checkpoints. Every `layerwise.compression.distill.heal` call inside without its own
+    `checkpoint`, and every trained student baseline (scratch, truncated: layerwise.baselines.students), keeps
+    its state in `directory`/heal-N (N counting the calls in order); a finished healing keeps its result
+    there too. The directory is removed when the block ends without an error. A stage of several healings
+    (a baseline's draws) stopped midway and run again the same way (a stage's code is deterministic) takes
     each finished healing's result as it was and resumes the unfinished one from its last epoch."""
     directory = Path(directory)
     token = _STAGE_CHECKPOINTS.set([directory, 0])
@@ -136,8 +137,8 @@ def heal_checkpoints(directory: str | Path):
     shutil.rmtree(directory, ignore_errors=True)  # reached only when the block raised nothing
 
 
-def next_heal_checkpoint() -> Path | None:
-    """The next healing's checkpoint in the enclosing `heal_checkpoints` block, if any (counted per call)."""
+def next_stage_checkpoint() -> Path | None:
+    """The next training's checkpoint in the enclosing `stage_checkpoints` block, if any (counted per call)."""
     found = _STAGE_CHECKPOINTS.get()
     if found is None:
         return None
@@ -145,8 +146,8 @@ def next_heal_checkpoint() -> Path | None:
     return found[0] / f"heal-{found[1]}"
 
 
-def in_heal_checkpoints() -> bool:
-    """Whether a `heal_checkpoints` block encloses the caller."""
+def in_stage_checkpoints() -> bool:
+    """Whether a `stage_checkpoints` block encloses the caller."""
     return _STAGE_CHECKPOINTS.get() is not None
 
 

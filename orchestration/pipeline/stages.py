@@ -115,9 +115,9 @@ class Stages:
             # A healing inside keeps its state after every epoch in the stage folder (as a teacher keeps its
             # own; the archive leaves out "*-checkpoint" folders), so that a stage stopped midway (the end of
             # a machine's session) goes on from there when run again here.
-            from layerwise.training.resume import heal_checkpoints
+            from layerwise.training.resume import stage_checkpoints
 
-            with heal_checkpoints(out / "heal-checkpoint"):
+            with stage_checkpoints(out / "heal-checkpoint"):
                 final, timing = _timed(fn, out)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match

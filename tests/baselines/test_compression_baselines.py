@@ -219,6 +219,38 @@ def test_scratch_model_has_k_fresh_layers_trained_with_the_teacher_recipe():
     ndcg(model, data)
 
 
+def test_a_scratch_student_stopped_in_its_stage_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    """Inside a study stage (stage_checkpoints) the student keeps its state after every epoch: stopped in
+    epoch 4 of 6 and run again, it trains epochs 4 to 6 only and ends bit-identical to an unstopped run."""
+    from layerwise.training import train as train_module
+    from layerwise.training.resume import stage_checkpoints
+
+    teacher, data, budget = setup()
+    (expected,) = BASELINES["scratch"](data, teacher=teacher, budget=budget)
+    real_epoch, calls = train_module._train_epoch, []
+
+    def counted(*args, stop_at=None, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt("the machine's session ended")
+        return real_epoch(*args, **kwargs)
+
+    directory = tmp_path / "heal-checkpoint"
+    monkeypatch.setattr(train_module, "_train_epoch", functools.partial(counted, stop_at=4))
+    with pytest.raises(KeyboardInterrupt), stage_checkpoints(directory):
+        BASELINES["scratch"](data, teacher=teacher, budget=budget)
+    assert (directory / "heal-1").is_dir()  # epochs 1-3 saved: the stage did not end
+    calls.clear()
+    monkeypatch.setattr(train_module, "_train_epoch", counted)
+    with stage_checkpoints(directory):
+        (resumed,) = BASELINES["scratch"](data, teacher=teacher, budget=budget)
+    assert len(calls) == 3 and not directory.exists()
+    got, want = resumed.training, expected.training
+    assert (got["epochs_run"], got["best_epoch"]) == (want["epochs_run"], want["best_epoch"]) == (6, 6)
+    assert [c["valid"] for c in got["curve"]] == [c["valid"] for c in want["curve"]]
+    assert not changed(resumed.model, expected.model)
+
+
 def test_selection_budget_and_subset_repair():
     assert selection_evaluations(4) == 11 and selection_evaluations(8) == 37
     assert top_k_subset([0.1, 0.9, 0.5, 0.9], 2) == [1, 3]

@@ -176,7 +176,7 @@ def test_a_stopped_healing_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
 
 def test_a_stage_of_several_healings_keeps_the_finished_ones_and_resumes_the_stopped_one(tmp_path):
     from layerwise.compression.distill import _heal_epoch
-    from layerwise.training.resume import heal_checkpoints
+    from layerwise.training.resume import stage_checkpoints
 
     teacher, data = trained_teacher()
     configs = [quick(epochs=3, prefit_steps=0, seed=s) for s in (1, 2)]
@@ -198,7 +198,7 @@ def test_a_stage_of_several_healings_keeps_the_finished_ones_and_resumes_the_sto
         return _heal_epoch(*args)
 
     directory = tmp_path / "stage-heal"
-    with pytest.raises(KeyboardInterrupt), heal_checkpoints(directory):
+    with pytest.raises(KeyboardInterrupt), stage_checkpoints(directory):
         stage(stopped_in_the_second_healing)
     assert sorted(p.name for p in directory.iterdir()) == ["heal-1", "heal-2"]  # kept: the stage did not end
     ran = []
@@ -207,7 +207,7 @@ def test_a_stage_of_several_healings_keeps_the_finished_ones_and_resumes_the_sto
         ran.append(1)
         return _heal_epoch(*args)
 
-    with heal_checkpoints(directory):
+    with stage_checkpoints(directory):
         students, results = stage(counted)
     assert len(ran) == 2  # the first healing's result was kept; the second went on after its first epoch
     assert not directory.exists()  # the stage ended: its checkpoints go
