@@ -69,6 +69,23 @@ def candidate_slices(data, stage: str = "test") -> dict[str, np.ndarray]:
     return out
 
 
+def difference_slices(data, stage: str = "test") -> dict[str, np.ndarray]:
+    """The coarse slices that say where one model's gain over another goes: every user, the test target's
+    train popularity in terciles ("target_pop=low [lo, hi]": rare, mid, popular), and the test history's
+    length in HISTORY_BINS. name -> (n_members,) int64 sorted user indices."""
+    hist_len = np.asarray([len(data.history(u, stage)) for u in range(data.n_users)], dtype=np.int64)
+    target_pop = item_popularity(data)[np.asarray(data.targets(stage), dtype=np.int64)]
+    out = {"all users": np.arange(data.n_users, dtype=np.int64)}
+    labels = _terciles(target_pop)
+    for label in TERCILES:
+        members = np.flatnonzero(labels == label)
+        if len(members):
+            lo, hi = target_pop[members].min(), target_pop[members].max()
+            out[f"target_pop={label} [{lo:.4g}, {hi:.4g}]"] = members
+    out.update(_history_slices(hist_len))
+    return out
+
+
 def filter_slices(candidates: Mapping[str, np.ndarray], min_users: int = MIN_USERS
                   ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Split slices into the kept ones (>= min_users members) and the dropped ones (name -> size)."""

@@ -37,6 +37,9 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
         "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
                       "rows": scenarios.slice_retention(...) output},
+        "rivals": {"metric": str, "seeds": [int],                # ours against each rival, by slice
+                   "rows": [{"rival": str, "slice": str, "n": int, "rival_metric": float, "ours": float,
+                             "ratio": float, "ci95": [lo, hi], "p_value": float, "p_holm": float}]},
         "importance": {"scores": {estimator: [per layer]}, "kept": [int],
                        "dependency": [[float]] (n_layers x n_layers), "dependency_unit": str},
         "notes": [str],
@@ -60,7 +63,7 @@ from layerwise.report.render import html_page, markdown
 from layerwise.report.serving import serving_plot, serving_section
 
 SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving", "Robustness",
-            "Scenarios", "Importance")
+            "Scenarios", "Rivals by slice", "Importance")
 MISSING = "Not available in this study."
 
 
@@ -282,6 +285,22 @@ def _scenarios(scen, figures) -> list:
     return [("p", summary), ("img", "slices", "retention per slice"), ("table", header, table)]
 
 
+def _rivals(entry, figures) -> list:
+    if not entry or not entry.get("rows"):
+        return [("p", MISSING)]
+    metric = str(entry.get("metric", "ndcg@10")).upper()
+    rows = [[r["rival"], r["slice"], str(r["n"]), _fmt(r["rival_metric"], "metric"), _fmt(r["ours"], "metric"),
+             fmt_estimate({"mean": r["ratio"], "ci95": r["ci95"]}, "pct"), fmt_p(r.get("p_holm"))]
+            for r in entry["rows"]]
+    return [("p", f"Where ours gains or loses against each rival that ran on every seed: ours' test {metric} "
+                  f"as a share of the rival's on the same users (each user's metric averaged over seeds "
+                  f"{entry.get('seeds')}), with a paired bootstrap 95% CI and a paired Wilcoxon test over "
+                  f"users, Holm-adjusted within each rival. target_pop: the train popularity of the test "
+                  f"target in terciles (rare, mid, popular); history_len: the length of the test history."),
+            ("table", ["rival", "slice", "users", f"rival {metric}", f"ours {metric}", "ours / rival [95% CI]",
+                       "p (Holm)"], rows)]
+
+
 def _importance(imp, figures) -> list:
     if not imp or not imp.get("scores"):
         return [("p", MISSING)]
@@ -301,6 +320,7 @@ _BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _head
              ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
              ("Equal compute", "equal_compute", equal_compute_section), ("Serving", "serving", serving_section),
              ("Robustness", "robustness", _robustness), ("Scenarios", "scenarios", _scenarios),
+             ("Rivals by slice", "rivals", _rivals),
              ("Importance", "importance", _importance))
 
 

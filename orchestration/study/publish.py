@@ -30,7 +30,7 @@ from pathlib import Path
 
 from orchestration.outputs import write_json
 
-TABLES = ("baselines", "ablation", "k_sweep", "serving", "robustness", "scenarios", "importance")
+TABLES = ("baselines", "ablation", "k_sweep", "serving", "robustness", "scenarios", "rivals", "importance")
 MAX_BYTES = 5 * 2**20
 
 

@@ -27,6 +27,7 @@ from orchestration.outputs import METRIC_COLUMNS
 from orchestration.study.config import StudyConfig, extras_seeds
 
 METRIC = "ndcg@10"
+RIVALS = ("scratch", "random", "truncated", "distilbert")  # the baselines that answer whether compression pays
 
 
 class Rows:
@@ -109,6 +110,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "k_sweep": k_sweep(extras, config, n_layers, speed, k),
         "robustness": robustness(seed_dirs, config),
         "scenarios": scenarios(table, data, config),
+        "rivals": rivals(table, data),
         "importance": _importance(first_dirs, ours),
         "equal_compute": equal_compute(table, seed_dirs),
         "notes": _notes(config, speed, big),
@@ -226,6 +228,26 @@ def scenarios(table: Rows, data, config: StudyConfig) -> dict:
     teacher_u, ours_u = table.per_user("teacher"), table.per_user("ours")
     rows = slice_retention(teacher_u, ours_u, table.users, kept, metric=METRIC, n_flag=config.scenarios.n_flag)
     return {"metric": METRIC, "min_users": config.scenarios.min_users, "n_dropped": len(dropped), "rows": rows}
+
+
+def rivals(table: Rows, data) -> dict | None:
+    """Where ours gains or loses against each rival (RIVALS) that every seed ran: ours' per-user metric
+    (averaged over seeds) over the rival's, on every user and on coarse slices (the test target's
+    popularity, the history's length: scenarios.difference_slices), with a paired bootstrap CI and a
+    paired Wilcoxon over users, Holm-adjusted within each rival. None when no rival ran on every seed."""
+    from layerwise.evaluation.scenarios import difference_slices, slice_retention
+
+    present = [name for name in RIVALS if table.complete(name)]
+    if not present or not table.complete("ours"):
+        return None
+    slices, ours_u = difference_slices(data), table.per_user("ours")
+    rows = []
+    for name in present:
+        for r in slice_retention(table.per_user(name), ours_u, table.users, slices, metric=METRIC, n_flag=0):
+            rows.append({"rival": name, "slice": r["name"], "n": r["n"], "rival_metric": r["teacher"],
+                         "ours": r["compact"], "ratio": r["retention"], "ci95": r["ci95"],
+                         "p_value": r["p_value"], "p_holm": r["p_holm"]})
+    return {"metric": METRIC, "seeds": list(table.seeds), "rows": rows}
 
 
 def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],
