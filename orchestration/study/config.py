@@ -112,6 +112,10 @@ class StudyConfig:
     # The ablation and the k sweep run on the first `extras_seeds` seeds (None: on all). They are most of a
     # seed's cost (about 25 heals), so on a small machine they can get fewer seeds than the headline.
     extras_seeds: int | None = None
+    # Validation users of the first seed's dependency matrix, the report's heatmap (None: the importance
+    # stage's compress.ablation_users). It costs 1 + L + L(L-1)/2 evaluations of them: fewer users keep a
+    # 30-layer LLM's to about an hour on 2 cores.
+    dependency_users: int | None = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
@@ -186,6 +190,9 @@ def check(config: StudyConfig) -> None:
             raise ValueError(f"reuse: {other!r} is not a study's run folder (no seeds/ in it)")
         if Path(other).resolve() == (Path(config.run_dir) / config.name).resolve():
             raise ValueError(f"reuse: {other!r} is this study's own run folder")
+    if config.dependency_users is not None and config.dependency_users < 1:
+        raise ValueError(f"dependency_users must be >= 1 (or unset: compress.ablation_users), "
+                         f"got {config.dependency_users}")
     if config.scenarios.min_users < 2:
         raise ValueError(f"scenarios.min_users must be >= 2, got {config.scenarios.min_users}")
 

@@ -131,7 +131,8 @@ class SeedRun(AblationStages):
                      for name in c.baselines]
             plan.append(("noise", stage_hash(ours_key, c.noise), self._noise))
             if self.seed == c.seeds[0]:  # the report's heatmap, after the rows that answer the question
-                plan.append(("dependency", stage_hash(imp_key, "dependency"), self._dependency))
+                users = [c.dependency_users] if c.dependency_users else []  # unset: the key it always had
+                plan.append(("dependency", stage_hash(imp_key, "dependency", *users), self._dependency))
         if part in ("all", "extras") and self.seed in extras_seeds(c):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
@@ -206,20 +207,25 @@ class SeedRun(AblationStages):
         costliest estimate: 1 + L + L(L-1)/2 evaluations, an hour or more for a 30-layer LLM on 2 cores, so it
         runs after the baselines and noise instead of in the importance stage, which would hold back our model
         and every row after it. An importance stage that holds it already (the beam selector's, or one made
-        before this stage existed) gives it here without computing it again."""
-        made = json.loads((self.dirs["importance"] / "importance.json").read_text()).get("dependency_loss")
-        write_json(out / "dependency.json", {"ablation_users": self.config.compress.ablation_users,
+        before this stage existed) gives it here without computing it again, unless `dependency_users` asks
+        for another number of users than it used."""
+        users = self.config.dependency_users or self.config.compress.ablation_users
+        made = None
+        if users == self.config.compress.ablation_users:
+            made = json.loads((self.dirs["importance"] / "importance.json").read_text()).get("dependency_loss")
+        write_json(out / "dependency.json", {"ablation_users": users,
                                              "dependency_loss": made or self._dependency_matrix(
-                                                 out / RESUME / "removal_losses.json")})
+                                                 out / RESUME / "removal_losses.json", users)})
 
-    def _dependency_matrix(self, state: Path) -> list[list[float]]:
-        """The validation-loss dependency matrix on the importance stage's users (layerwise.compression.dependency), its
-        sums so far kept in `state` after each chunk of users."""
+    def _dependency_matrix(self, state: Path, users: int | None = None) -> list[list[float]]:
+        """The validation-loss dependency matrix (layerwise.compression.dependency) on `users` sampled validation
+        users (None: the importance stage's ablation_users), its sums so far kept in `state` after each chunk
+        of users."""
         from layerwise.compression.dependency import dependency_matrix
 
-        c = self.config.compress
+        users = users or self.config.compress.ablation_users
         return dependency_matrix(self.teacher, self._batches(), metric="loss", data=self.data,
-                                 max_users=c.ablation_users, seed=self.seed, state=state).tolist()
+                                 max_users=users, seed=self.seed, state=state).tolist()
 
     def _ours(self, out: Path) -> None:
         from layerwise.compression.compact import build_compact, save_compact

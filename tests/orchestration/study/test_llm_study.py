@@ -14,7 +14,7 @@ SETTINGS = [
     "teacher.llm.n_layers=3", "teacher.llm.lora_rank=4", "teacher.llm.item_init=title_tokens",
     "teacher.llm.item_scale=row_norm", "teacher.head=cos", "teacher.train.epochs=1", "teacher.train.batch_size=16",
     "compress.keep=2", "compress.selector=topk", "compress.method=block_influence", "compress.ablation_users=20",
-    "compress.calib_batches=1", "compress.calib_batch_size=8", "compress.heal.epochs=1",
+    "compress.calib_batches=1", "compress.calib_batch_size=8", "compress.heal.epochs=1", "dependency_users=10",
     "compress.heal.batch_size=16", "compress.heal.prefit_steps=0", "compress.heal.cache_teacher=true",
     "baselines=[truncated,scratch]", "ablation=[heal,items]", "sweep.selectors=[ours]", "sweep.ks=[1]",
     "sweep.heal_epochs=1", "noise.kinds=[drop]",
@@ -46,12 +46,13 @@ def test_llm_study_rebuilds_baselines_from_the_pretrained_weights(ray_local, smo
     assert items["row"] == "ours, items started at random" and len(items["kept"]) == 2
     assert 0 <= items["teacher_means"]["ndcg@10"] <= 1 and (next(seed.glob("ablation-items-*")) / "teacher").is_dir()
     assert "ours, items started at random" in {r["name"] for r in results["ablation"]["rows"]}
-    # A non-beam selector: the dependency matrix only on the first seed (the heatmap's), on 20 users, in a
-    # stage of its own after the baselines and noise, so that it holds back none of them.
+    # A non-beam selector: the dependency matrix only on the first seed (the heatmap's), on its own 10 users
+    # (the importance stage took 20), in a stage of its own after the baselines and noise, so that it holds
+    # back none of them.
     record = json.loads(next(seed.glob("importance-*/importance.json")).read_text())
     assert record["ablation_users"] == 20 and "dependency_loss" not in record
     dependency = json.loads(next(seed.glob("dependency-*/dependency.json")).read_text())
-    assert len(dependency["dependency_loss"]) == 3 and results["importance"]["dependency"] == dependency["dependency_loss"]
+    assert dependency["ablation_users"] == 10 and len(dependency["dependency_loss"]) == 3 and results["importance"]["dependency"] == dependency["dependency_loss"]
     order = [p.parent.name.rsplit("-", 1)[0] for p in sorted(seed.glob("*/_seconds.json"), key=lambda p: p.stat().st_mtime)]
     assert order.index("dependency") > max(order.index(name) for name in ("baseline-scratch", "noise"))
     # Our model at the swept k=1 was saved for the speed benchmark and timed beside ours (k=2).
@@ -62,5 +63,7 @@ def test_llm_study_rebuilds_baselines_from_the_pretrained_weights(ray_local, smo
     timed = results["k_sweep"]["speedup"]
     assert timed["k"] == [1, 2] and len(timed["batch=2"]) == 2
     assert timed["batch=2"][1] == results["headline"]["speedup"]["batch=2"]  # at the study's k: ours itself
+    # Where ours gains or loses against scratch and truncated, on every user and by slice.
+    assert {r["rival"] for r in results["rivals"]["rows"]} == {"scratch", "truncated"}
     report = (tmp_path / config.name / "report" / "report.md").read_text()
     assert "speedup (batch=2)" in report.split("## k sweep", 1)[1].split("\n## ", 1)[0]
