@@ -37,7 +37,7 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                        "teacher": {"mean": [float], "ci95": [[lo, hi], ...]}, "compact": {...}}}},
         "scenarios": {"metric": str, "min_users": int, "n_dropped": int,
                       "rows": scenarios.slice_retention(...) output},
-        "rivals": {"metric": str, "seeds": [int],                # ours against each rival, by slice
+        "rivals": {"metric": str, "seeds": [int], "min_users": int,  # ours against each rival, by slice
                    "rows": [{"rival": str, "slice": str, "n": int, "rival_metric": float, "ours": float,
                              "ratio": float, "ci95": [lo, hi], "p_value": float, "p_holm": float}]},
         "importance": {"scores": {estimator: [per layer]}, "kept": [int],
@@ -296,7 +296,8 @@ def _rivals(entry, figures) -> list:
                   f"as a share of the rival's on the same users (each user's metric averaged over seeds "
                   f"{entry.get('seeds')}), with a paired bootstrap 95% CI and a paired Wilcoxon test over "
                   f"users, Holm-adjusted within each rival. target_pop: the train popularity of the test "
-                  f"target in terciles (rare, mid, popular); history_len: the length of the test history."),
+                  f"target in terciles (rare, mid, popular); history_len: the length of the test history; "
+                  f"slices of fewer than {entry.get('min_users', '?')} users are left out."),
             ("table", ["rival", "slice", "users", f"rival {metric}", f"ours {metric}", "ours / rival [95% CI]",
                        "p (Holm)"], rows)]
 

@@ -110,7 +110,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "k_sweep": k_sweep(extras, config, n_layers, speed, k),
         "robustness": robustness(seed_dirs, config),
         "scenarios": scenarios(table, data, config),
-        "rivals": rivals(table, data),
+        "rivals": rivals(table, data, config.scenarios.min_users),
         "importance": _importance(first_dirs, ours),
         "equal_compute": equal_compute(table, seed_dirs),
         "notes": _notes(config, speed, big),
@@ -230,24 +230,25 @@ def scenarios(table: Rows, data, config: StudyConfig) -> dict:
     return {"metric": METRIC, "min_users": config.scenarios.min_users, "n_dropped": len(dropped), "rows": rows}
 
 
-def rivals(table: Rows, data) -> dict | None:
+def rivals(table: Rows, data, min_users: int = 20) -> dict | None:
     """Where ours gains or loses against each rival (RIVALS) that every seed ran: ours' per-user metric
-    (averaged over seeds) over the rival's, on every user and on coarse slices (the test target's
-    popularity, the history's length: scenarios.difference_slices), with a paired bootstrap CI and a
-    paired Wilcoxon over users, Holm-adjusted within each rival. None when no rival ran on every seed."""
-    from layerwise.evaluation.scenarios import difference_slices, slice_retention
+    (averaged over seeds) over the rival's, on every user and on coarse slices of at least `min_users`
+    users (the test target's popularity, the history's length: scenarios.difference_slices), with a paired
+    bootstrap CI and a paired Wilcoxon over users, Holm-adjusted within each rival. None when no rival ran
+    on every seed."""
+    from layerwise.evaluation.scenarios import difference_slices, filter_slices, slice_retention
 
     present = [name for name in RIVALS if table.complete(name)]
     if not present or not table.complete("ours"):
         return None
-    slices, ours_u = difference_slices(data), table.per_user("ours")
+    slices, ours_u = filter_slices(difference_slices(data), min_users)[0], table.per_user("ours")
     rows = []
     for name in present:
         for r in slice_retention(table.per_user(name), ours_u, table.users, slices, metric=METRIC, n_flag=0):
             rows.append({"rival": name, "slice": r["name"], "n": r["n"], "rival_metric": r["teacher"],
                          "ours": r["compact"], "ratio": r["retention"], "ci95": r["ci95"],
                          "p_value": r["p_value"], "p_holm": r["p_holm"]})
-    return {"metric": METRIC, "seeds": list(table.seeds), "rows": rows}
+    return {"metric": METRIC, "seeds": list(table.seeds), "min_users": min_users, "rows": rows}
 
 
 def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],
