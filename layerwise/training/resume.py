@@ -151,6 +151,13 @@ def in_stage_checkpoints() -> bool:
     return _STAGE_CHECKPOINTS.get() is not None
 
 
+def saved_progress(directory: str | Path) -> dict[str, Any] | None:
+    """The latest complete epoch's progress.json in a run's checkpoint `directory` (epoch, elapsed seconds,
+    best validation, history, extra), read without loading a model; None if it holds none."""
+    found = _epochs(Path(directory))
+    return json.loads((found[-1] / "progress.json").read_text()) if found else None
+
+
 def remove(directory: str | Path) -> None:
     """Delete a run's checkpoints (after it ended: its model is the output)."""
     shutil.rmtree(directory, ignore_errors=True)

@@ -47,11 +47,29 @@ def study_status(config: StudyConfig, data=None) -> dict:
 
 
 def _row(seed: int, stage: str, state: str, folder: Path | None) -> dict:
-    """A stage and where it stands (Stages.state), with the seconds a finished one took."""
+    """A stage and where it stands (Stages.state), with the seconds a finished one took and the epochs a
+    started one has saved."""
     timing = folder / "_seconds.json" if folder is not None else None
     seconds = json.loads(timing.read_text()) if timing is not None and timing.exists() else {}
     return {"seed": seed, "stage": stage, "state": state, "folder": str(folder or ""),
-            "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds")}
+            "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds"),
+            "saved": saved_runs(folder) if state == "started" and folder is not None else []}
+
+
+def saved_runs(folder: Path) -> list[dict]:
+    """The training runs a started stage has checkpointed (its teacher's `model-checkpoint/`, each healing
+    or trained student in `heal-checkpoint/heal-N/`): {"run": path inside the stage, "epoch": the last
+    saved, "minutes": its wall time so far, "finished": a healing that ended and waits for its stage}."""
+    from layerwise.training.resume import saved_progress
+
+    runs = []
+    for directory in sorted({p.parent.parent for p in folder.rglob("epoch-*/progress.json")}):
+        progress = saved_progress(directory)
+        if progress is not None:
+            runs.append({"run": directory.relative_to(folder).as_posix(), "epoch": progress["epoch"],
+                         "minutes": progress["elapsed"] / 60,
+                         "finished": bool((progress.get("extra") or {}).get("finished"))})
+    return runs
 
 
 def format_status(status: dict) -> str:
@@ -65,6 +83,9 @@ def format_status(status: dict) -> str:
             else:
                 estimate = row.get("cpu_seconds_estimate")
                 took = f"about {estimate / 60:.0f} CPU min (other seeds)" if estimate is not None else ""
+            saved = "; ".join(f"{r['run']}: {'finished' if r['finished'] else 'epoch ' + str(r['epoch']) + ' saved'}"
+                              f" ({r['minutes']:.0f} min)" for r in row.get("saved") or [])
+            took = "; ".join(part for part in (saved, took) if part)
             lines.append(f"  {row['stage']:<28} {row['state']:<8} {took}")
     c = status["counts"]
     lines.append(f"{status['run_dir']}: {c['done'] + c['reused']} of {len(status['stages'])} stages finished "

@@ -1,0 +1,32 @@
+"""`layerwise study status` on a started stage says how far its checkpointed training runs got, from their
+epoch checkpoints, loading no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerwise.training.resume import saved_progress
+from layerwise.training.train import TrainConfig, train_recommender
+from orchestration.study.status import _row, format_status, saved_runs
+from tests.helpers.tiny_models import cyclic_data, tiny_model
+
+
+def test_a_started_stage_names_each_run_and_its_last_saved_epoch(tmp_path):
+    stage = tmp_path / "baseline-random-0123456789ab"
+    data = cyclic_data(n_users=20)
+    config = TrainConfig(epochs=4, batch_size=32, lr=1e-2, max_len=12, patience=4, eval_every=2)
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 3, as a session's end stops a stage
+        train_recommender(tiny_model(n_items=data.n_items), data, config, progress=False,
+                          checkpoint=stage / "heal-checkpoint" / "heal-1", stop=lambda epoch: epoch == 3)
+    assert saved_progress(stage / "heal-checkpoint" / "heal-1")["epoch"] == 3
+    assert saved_progress(tmp_path / "nothing") is None
+
+    [run] = saved_runs(stage)
+    assert run["run"] == "heal-checkpoint/heal-1" and run["epoch"] == 3 and not run["finished"]
+    assert run["minutes"] > 0
+    row = _row(0, "baseline-random", "started", stage)
+    assert row["saved"] == [run] and _row(0, "baseline-random", "pending", None)["saved"] == []
+    text = format_status({"run_dir": "runs/s", "stages": [row], "counts": {"done": 0, "reused": 0, "started": 1,
+                                                                          "pending": 0},
+                          "cpu_hours_done": 0.0, "cpu_hours_left": 0.0, "unestimated": []})
+    assert "baseline-random              started  heal-checkpoint/heal-1: epoch 3 saved (" in text
