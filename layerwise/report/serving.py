@@ -90,6 +90,9 @@ def serving_plot(entry: Mapping, title: str = "Serving: the teacher against our 
                 x, y = np.asarray(points, dtype=float).T
                 ax.plot(x, y, "o-", color=COLORS[i % len(COLORS)], label=f"{m['label']} ({m['layers']} layers)")
         ax.set_xscale("log", base=2)
+        levels = sorted({lv["concurrency"] for m in entry["models"] for lv in m["levels"]})
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set_ylim(bottom=0)  # ratios read true from the axis
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
