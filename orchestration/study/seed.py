@@ -1,5 +1,6 @@
 """One seed of a study: teacher, importance, our compact model, the baselines, the noise curves, the
-dependency matrix (first seed), the ablation (orchestration.study.ablation) and the k sweep. Each is a
+dependency matrix (first seed: orchestration.study.dependency), the ablation (orchestration.study.ablation)
+and the k sweep. Each is a
 resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
 
 The seed sets the teacher's initialisation and data order, the calibration draw, the bridges' init and
@@ -30,6 +31,7 @@ from orchestration.outputs import write_json
 from orchestration.pipeline.steps import load_importance
 from orchestration.study.ablation import ABLATION_BRIDGE_RANK, AblationStages, heal_record
 from orchestration.study.config import StudyConfig, extras_seeds
+from orchestration.study.dependency import DependencyStage
 from orchestration.study.teacher import train_teacher
 
 ROWS = "rows.json"
@@ -46,7 +48,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "row"
 
 
-class SeedRun(AblationStages):
+class SeedRun(AblationStages, DependencyStage):
     """The stages of one seed. `run()` executes (or resumes) them all and returns their directories."""
 
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
@@ -131,8 +133,7 @@ class SeedRun(AblationStages):
                      for name in c.baselines]
             plan.append(("noise", stage_hash(ours_key, c.noise), self._noise))
             if self.seed == c.seeds[0]:  # the report's heatmap, after the rows that answer the question
-                users = [c.dependency_users] if c.dependency_users else []  # unset: the key it always had
-                plan.append(("dependency", stage_hash(imp_key, "dependency", *users), self._dependency))
+                plan.append(self.dependency_stage(imp_key))
         if part in ("all", "extras") and self.seed in extras_seeds(c):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
@@ -199,33 +200,8 @@ class SeedRun(AblationStages):
             scores.update(json.loads(path.read_text()))
         record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users, "scores": scores}
         if c.selector == "beam":  # it selects with the dependency matrix; otherwise only the report reads it
-            record["dependency_loss"] = self._dependency_matrix(out / RESUME / "removal_losses.json")
+            record["dependency_loss"] = self.dependency_matrix(out / RESUME / "removal_losses.json")
         write_json(out / "importance.json", record)
-
-    def _dependency(self, out: Path) -> None:
-        """The teacher's inter-layer dependency matrix, for the report's heatmap (first seed). It is the
-        costliest estimate: 1 + L + L(L-1)/2 evaluations, an hour or more for a 30-layer LLM on 2 cores, so it
-        runs after the baselines and noise instead of in the importance stage, which would hold back our model
-        and every row after it. An importance stage that holds it already (the beam selector's, or one made
-        before this stage existed) gives it here without computing it again, unless `dependency_users` asks
-        for another number of users than it used."""
-        users = self.config.dependency_users or self.config.compress.ablation_users
-        made = None
-        if users == self.config.compress.ablation_users:
-            made = json.loads((self.dirs["importance"] / "importance.json").read_text()).get("dependency_loss")
-        write_json(out / "dependency.json", {"ablation_users": users,
-                                             "dependency_loss": made or self._dependency_matrix(
-                                                 out / RESUME / "removal_losses.json", users)})
-
-    def _dependency_matrix(self, state: Path, users: int | None = None) -> list[list[float]]:
-        """The validation-loss dependency matrix (layerwise.compression.dependency) on `users` sampled validation
-        users (None: the importance stage's ablation_users), its sums so far kept in `state` after each chunk
-        of users."""
-        from layerwise.compression.dependency import dependency_matrix
-
-        users = users or self.config.compress.ablation_users
-        return dependency_matrix(self.teacher, self._batches(), metric="loss", data=self.data,
-                                 max_users=users, seed=self.seed, state=state).tolist()
 
     def _ours(self, out: Path) -> None:
         from layerwise.compression.compact import build_compact, save_compact
