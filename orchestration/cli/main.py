@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"layerwise {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if command not in ("run", "study"):
+            raise
+        print(f"\nlayerwise {command}: interrupted. Finished stages and the epoch checkpoints of started ones "
+              f"are kept: run the same command again to resume.", file=sys.stderr)
+        return 130  # the shell's code for a Ctrl-C
 
 
 if __name__ == "__main__":

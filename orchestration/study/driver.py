@@ -137,13 +137,14 @@ def seed_tasks(config: StudyConfig) -> list[tuple[int, str]]:
 
 
 def stage_progress(seeds_dir: Path) -> str:
-    """What the seed tasks are doing, read from their stage folders: how many stages are done and which
-    ones are running (a folder without its _DONE marker). Seeds run quietly, so this is the driver's view."""
+    """What the seed tasks have done, read from their stage folders: how many stages are done and which ones
+    are started (a folder without its _DONE marker). Seeds run quietly, so this is the driver's view. A
+    started stage may be waiting for a CPU: a resumed study's stage folder is there before its task runs."""
     stages = [p for p in seeds_dir.glob("seed-*/*") if p.is_dir()]
-    running = sorted(f"{p.parent.name}/{p.name.rsplit('-', 1)[0]}"
+    started = sorted(f"{p.parent.name}/{p.name.rsplit('-', 1)[0]}"
                      for p in stages if not (p / "_DONE").exists())
-    done = len(stages) - len(running)
-    return f"{done} stages done" + (f"; running {', '.join(running)}" if running else "")
+    done = len(stages) - len(started)
+    return f"{done} stages done" + (f"; started {', '.join(started)}" if started else "")
 
 
 def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:

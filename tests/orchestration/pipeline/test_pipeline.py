@@ -60,14 +60,17 @@ def interrupted_then_resumed(tmp_path_factory):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
     first, _ = proc.communicate(timeout=120)
+    first = (proc.returncode, first)
     done = {p.parent.name.rsplit("-", 1)[0] for p in (workdir / "runs" / "tiny").glob("*/_DONE")}
     second = finish(start(workdir))
     return workdir, first, second, done
 
 
 def test_resume_skips_finished_stages(interrupted_then_resumed):
-    workdir, first, second, done = interrupted_then_resumed
+    workdir, (code, first), second, done = interrupted_then_resumed
     assert "teacher" in done and "bench" not in done, done  # the kill landed mid-run
+    # Ctrl-C ends the run with the shell's code and says how to resume, not with a traceback.
+    assert code == 130 and "interrupted" in first and "run the same command again to resume" in first, first[-2000:]
     assert "teacher: done earlier" in second
     for stage in ("teacher", "importance", "compact", "evaluate-compact", "bench"):
         if stage in done:

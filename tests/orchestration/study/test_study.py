@@ -488,7 +488,7 @@ def test_shipped_study_configs_load():
     assert len(set(names)) == len(names) and "study" not in names  # each writes its own run folder
 
 
-def test_progress_line_names_done_and_running_stages(tmp_path):
+def test_progress_line_names_done_and_started_stages(tmp_path):
     from orchestration.study.driver import stage_progress
 
     assert stage_progress(tmp_path / "seeds") == "0 stages done"
@@ -497,7 +497,7 @@ def test_progress_line_names_done_and_running_stages(tmp_path):
         (tmp_path / "seeds" / done / "_DONE").write_text("")
     (tmp_path / "seeds" / "seed-0" / "sweep-ours-k3-5e6f").mkdir()
     (tmp_path / "seeds" / "seed-1" / "teacher-7a8b").mkdir(parents=True)
-    assert stage_progress(tmp_path / "seeds") == "2 stages done; running seed-0/sweep-ours-k3, seed-1/teacher"
+    assert stage_progress(tmp_path / "seeds") == "2 stages done; started seed-0/sweep-ours-k3, seed-1/teacher"
 
 
 def test_a_seed_with_extras_runs_them_beside_its_baselines():
