@@ -59,10 +59,11 @@ def _batch(data, max_len: int, n: int = 32, seed: int = 0) -> tuple[torch.Tensor
     return inputs[pick], targets[pick]
 
 
-def _step(model, optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> dict[str, float]:
+def _step(model, optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool, encode=None) -> dict[str, float]:
+    """One timed training step; `encode` replaces model.encode (benchmarks/train_compile.py: a compiled one)."""
     c0, t0 = time.process_time(), time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = next_item_loss(model, model.encode(x), y, TrainConfig(), torch.Generator())
+        loss = next_item_loss(model, (encode or model.encode)(x), y, TrainConfig(), torch.Generator())
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()

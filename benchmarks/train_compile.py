@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_step_times import MODEL, SETUPS, _batch, _machine  # noqa: E402 - the same model, batch and record
+from llm_step_times import MODEL, SETUPS, _batch, _machine, _step  # noqa: E402 - the same model, batch, step
 
 from layerwise.data import load_dataset  # noqa: E402
 from layerwise.models.factory import build_recommender  # noqa: E402
@@ -39,19 +39,7 @@ from layerwise.training.train import TrainConfig, next_item_loss  # noqa: E402
 
 
 def _loss(model, encode, x, y):
-    return next_item_loss(model, encode(x), y, TrainConfig(), torch.Generator().manual_seed(0))
-
-
-def _step(model, encode, optimizer, x, y) -> dict[str, float]:
-    t0 = time.perf_counter()
-    loss = _loss(model, encode, x, y)
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+    return next_item_loss(model, encode(x), y, TrainConfig(), torch.Generator())
 
 
 def time_setup(data, name: str, rounds: int) -> dict:
@@ -71,7 +59,7 @@ def time_setup(data, name: str, rounds: int) -> dict:
     warmup = {}
     for round_ in range(rounds + 1):
         for path, encode in paths.items():
-            sample = _step(model, encode, optimizer, x, y)
+            sample = _step(model, optimizer, x, y, bf16=False, encode=encode)
             if round_:
                 samples[path].append(sample)
             else:  # the compiled path's first step compiles its training graph (forward and backward)
