@@ -13,9 +13,12 @@ Static shapes are the best case for the compiler. Training trims each batch's le
 (layerwise.data.batching.trim_left), so a real epoch sees up to 50 window lengths, and each new one would
 compile again (or need dynamic shapes). Before any timing, both paths compute the loss of one batch with the
 same weights: their difference is recorded, so a faster path that computes something else is visible.
+The step's FLOPs (torch's FlopCounterMode, on the step itself) over its time give its rate, against this
+core's rate for one matrix product of a layer's shape: how much a faster step could still gain.
 
 Measured on an AMD EPYC (AVX2) at 1 thread beside a running study (benchmarks/results/train_compile.json):
-lora30 1.10x and 0.98x in two runs, full8 1.05x; the first compiled step took 29-277 s. Not worth adopting.
+lora30 1.10x, 0.98x and 1.21x in three runs, full8 1.05x and 1.10x; the first compiled step took 29-277 s.
+Eager runs at 69% (lora30) and 80% (full8) of the matrix products' rate. Not adopted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,30 @@ def _loss(model, encode, x, y):
     return next_item_loss(model, encode(x), y, TrainConfig(), torch.Generator())
 
 
+def step_flops(model, x, y) -> int:
+    """The FLOPs of one training step's forward and backward (torch's FlopCounterMode: matrix products and
+    attention), counted on the step itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _loss(model, model.encode, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def gemm_gflops(rounds: int = 5) -> float:
+    """This core's float32 matrix-product rate at a teacher layer's shape (1,600 positions, 576 -> 1,536),
+    the ceiling a training step's products can reach: the median of `rounds` after a warm-up."""
+    a, b = torch.randn(1600, 576), torch.randn(576, 1536)
+    a @ b
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return 2 * 1600 * 576 * 1536 / statistics.median(times) / 1e9
+
+
 def time_setup(data, name: str, rounds: int) -> dict:
     model = build_recommender(data, "llama", pretrained=MODEL, dropout=0.0,
                               llm=LLMSetup(**SETUPS[name], item_init="random"))
@@ -49,6 +76,7 @@ def time_setup(data, name: str, rounds: int) -> dict:
     compiled = torch.compile(model.encode, dynamic=False)
     paths = {"eager": model.encode, "compiled": compiled}
     model.train()
+    flops = step_flops(model, x, y)
     with torch.no_grad():  # the same weights, the same batch and negatives: the same loss?
         eager_loss = _loss(model, model.encode, x, y).item()
         started = time.perf_counter()
@@ -71,6 +99,9 @@ def time_setup(data, name: str, rounds: int) -> dict:
     for path, rows in samples.items():
         out[path] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
         out[path]["step_samples"] = [r["step"] for r in rows]
+    out["step_flops"] = flops  # forward and backward; the optimizer's few are not counted
+    out["eager"]["gflops"] = flops / out["eager"]["step"] / 1e9
+    out["compiled"]["gflops"] = flops / out["compiled"]["step"] / 1e9
     out["speedup_step"] = out["eager"]["step"] / out["compiled"]["step"]
     out["speedup_backward"] = out["eager"]["backward"] / out["compiled"]["backward"]
     out["speedup_forward"] = out["eager"]["forward"] / out["compiled"]["forward"]
@@ -87,14 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("ml-100k")
     results = json.loads(args.json.read_text()) if args.json.is_file() else {"model": MODEL, "runs": []}
-    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, "setups": {}}
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+           "gemm_gflops": gemm_gflops(), "setups": {}}
+    print(f"float32 matrix products at a layer's shape: {run['gemm_gflops']:.1f} GFLOPS", flush=True)
     results["runs"].append(run)
     for name in args.setups:
         row = time_setup(data, name, args.rounds)
         print(json.dumps({k: v for k, v in row.items() if k not in ("eager", "compiled")}), flush=True)
         print(f"{name}: eager step {row['eager']['step']:.2f} s, compiled {row['compiled']['step']:.2f} s "
               f"({row['speedup_step']:.2f}x; forward {row['speedup_forward']:.2f}x, backward "
-              f"{row['speedup_backward']:.2f}x); loss difference {row['loss_abs_diff']:.2e}", flush=True)
+              f"{row['speedup_backward']:.2f}x); loss difference {row['loss_abs_diff']:.2e}; eager runs at "
+              f"{row['eager']['gflops']:.1f} GFLOPS, {row['eager']['gflops'] / run['gemm_gflops']:.0%} of the "
+              f"products' rate", flush=True)
         run["setups"][name] = row
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
