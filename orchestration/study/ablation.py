@@ -16,13 +16,16 @@ ABLATION_BRIDGE_RANK = 16
 
 
 def heal_record(result) -> dict | None:
-    """What a row records of a training or healing run: its best epoch, how many it ran, and its training
+    """What a row records of a training or healing run: its best epoch, how many it ran, why it stopped
+    (a teacher's or student's layerwise.training.train.STOP_REASONS; healing records none), and its training
     curve (minutes and validation NDCG@10 after each epoch)."""
     from layerwise.baselines.budget import training_curve
 
     if result is None:
         return None
-    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history), **training_curve(result)}
+    reason = getattr(result, "stop_reason", None)
+    return {"best_epoch": result.best_epoch, "epochs_run": len(result.history), **training_curve(result),
+            **({"stop_reason": reason} if reason else {})}
 
 
 class AblationStages:

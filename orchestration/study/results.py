@@ -113,7 +113,7 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "rivals": rivals(table, data, config.scenarios.min_users),
         "importance": _importance(first_dirs, ours),
         "equal_compute": equal_compute(table, seed_dirs),
-        "notes": _notes(config, speed, big),
+        "notes": _notes(config, speed, big) + load_dependent_stops(rows, seed_dirs),
     }
     return results
 
@@ -384,3 +384,29 @@ def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
             + "), after every seed finished.", describe(speed.get("guard")),
             "Retention is a fraction of the teacher's figure of the same seed."]
 
+
+# Stop reasons that depend on the machine's load (layerwise.training.train.STOP_REASONS): a run that ended by
+# them trained less on a busy machine than it would have on a quiet one.
+LOAD_DEPENDENT = {"time_cap": "its wall-clock cap (train.max_minutes)", "schedule_clock": "its schedule's clock"}
+
+
+def load_dependent_stops(rows: Sequence[Mapping], seed_dirs: Mapping[int, Mapping[str, Path]]) -> list[str]:
+    """A note for each training run that stopped for a reason that depends on the machine's load, not on its
+    epochs or its validation. Each seed's teacher is read from its manifest (rows made before they recorded
+    a stop reason have it only there); other rows from their own training record."""
+    from layerwise.models.checkpoint import read_manifest
+
+    stops = {}
+    for seed, dirs in seed_dirs.items():
+        if "teacher" in dirs and (dirs["teacher"] / "model" / "manifest.json").exists():
+            manifest = read_manifest(dirs["teacher"] / "model")
+            stops[(seed, "teacher")] = (manifest.get("stop_reason"), len(manifest.get("history") or []),
+                                        (manifest.get("train") or {}).get("epochs"))
+    for r in rows:
+        training = r.get("training") or {}
+        if (r["seed"], r["row"]) not in stops and training.get("stop_reason"):
+            stops[(r["seed"], r["row"])] = (training["stop_reason"], training.get("epochs_run"), None)
+    return [f"Seed {seed}'s {row} stopped at {LOAD_DEPENDENT[reason]} after "
+            + (f"{ran} of {planned} epochs" if planned else f"{ran} epoch{'s' * (ran != 1)}")
+            + ": its figures depend on the machine's load."
+            for (seed, row), (reason, ran, planned) in sorted(stops.items()) if reason in LOAD_DEPENDENT]

@@ -4,6 +4,7 @@ of each kind, the k sweep, noise and slices; the report holds every section; a r
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -535,3 +536,32 @@ def test_archive_command_refuses_a_negative_weight_cap_and_a_folder_that_is_no_s
     assert main(["study", "archive", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
     assert "holds no seeds/ folder: not a study run folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_stopped_by_its_time_cap_is_named_in_the_notes(tmp_path):
+    """A teacher that its wall-clock cap stopped trained less than its recipe says, by an amount the machine's
+    load decides: the report's notes name it (from its manifest), and a row's training record keeps its stop
+    reason. A teacher that ran its epochs is not named."""
+    from layerwise.data import load_dataset
+    from orchestration.study.ablation import heal_record
+    from orchestration.study.results import load_dependent_stops
+    from orchestration.study.teacher import train_teacher
+
+    config = load_study_config(None, ["seeds=[0]", "data.dataset=synthetic:200:40:3000:0", "teacher.preset=tiny",
+                                      "teacher.train.epochs=3", f"data.cache_dir={tmp_path / 'cache'}"])
+    data = load_dataset(config.data.dataset, cache_dir=config.data.cache_dir)
+    capped = replace(config.teacher, train=replace(config.teacher.train, max_minutes=1e-9))
+    dirs, records = {}, {}
+    for seed, teacher in ((0, config.teacher), (1, capped)):
+        path = tmp_path / f"seed-{seed}" / "teacher" / "model"
+        _, result = train_teacher(teacher, data, config.data.dataset, seed, config.data.max_len, path)
+        dirs[seed], records[seed] = {"teacher": path.parent}, heal_record(result)
+    assert records[0]["stop_reason"] == "epochs" and records[1]["stop_reason"] == "time_cap"
+    assert load_dependent_stops([], dirs) == [
+        "Seed 1's teacher stopped at its wall-clock cap (train.max_minutes) after 1 of 3 epochs: its figures "
+        "depend on the machine's load."]
+    # A student's row names its own stop; rows without a load-dependent stop add nothing.
+    rows = [{"seed": 0, "row": "scratch", "training": {**records[1]}}, {"seed": 0, "row": "ours", "training": None}]
+    assert load_dependent_stops(rows, {0: dirs[0]}) == [
+        "Seed 0's scratch stopped at its wall-clock cap (train.max_minutes) after 1 epoch: its figures depend on "
+        "the machine's load."]
