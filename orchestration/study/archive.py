@@ -125,7 +125,8 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
     if config is not None:  # what the archived stages were run with (no machine's paths)
         base = _study_cwd(run_dir, config.get("run_dir", "runs"))
-        write_json(out / "config.json", {**config, "reuse": [os.path.relpath(r, base) for r in config.get("reuse", [])]})
+        reuse = [os.path.relpath(r, base) if os.path.isabs(r) else r for r in config.get("reuse", [])]
+        write_json(out / "config.json", {**config, "reuse": reuse})
     if added:  # the machine that made them: another one may not reproduce the weights (Stages.run checks)
         ray = (config or {}).get("ray", {})
         write_json(out / "environment.json", environment(ray.get("portable_numerics", False),
@@ -166,7 +167,8 @@ def _carry_resume(stage: Path, target: Path) -> bool:
 
 def _study_cwd(run_dir: Path, configured: str) -> Path:
     """The folder the study ran from (its config's `run_dir` is relative to it), so that the archived config
-    names the reused folders as the study's YAML did (studies/archive/...), not by this machine's paths."""
+    names the reused folders as the study's YAML did (studies/archive/...), not by this machine's paths. Runs
+    record them as the YAML names them; older ones recorded absolute paths, which this makes relative."""
     base = run_dir.resolve().parent
     if Path(configured).is_absolute():
         return base

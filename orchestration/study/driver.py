@@ -43,10 +43,11 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
 
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root = Path(config.run_dir).resolve() / config.name
+    given = config.reuse  # as the YAML names them: the run's config.json (archived, published) keeps these
     config = replace(config, reuse=tuple(str(Path(r).resolve()) for r in config.reuse))  # seed tasks' cwd differs
     root.mkdir(parents=True, exist_ok=True)
     _warn_about_numerics(config)
-    write_json(root / "config.json", asdict(config))
+    write_json(root / "config.json", {**asdict(config), "reuse": list(given)})
     _record_invocation(root, started_at, None, config.reuse)
     data = _load_data(config)  # also fills the Parquet cache the seed tasks read
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)

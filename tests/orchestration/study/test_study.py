@@ -173,10 +173,11 @@ def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(s
 
 
 @pytest.mark.slow
-def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(study):
+def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(study, monkeypatch):
     config, root, results = study
+    monkeypatch.chdir(root)  # the reused folder named relative to where the study runs, as a YAML names it
     variant = load_study_config(None, [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}",
-                                       "name=variant", f"reuse=[{root / 'study'}]", "compress.heal.lr=0.0005",
+                                       "name=variant", "reuse=[study]", "compress.heal.lr=0.0005",
                                        "baselines=[mostpop]", "ablation=[]", "sweep.selectors=[]"])
     before = {p: p.stat().st_mtime for p in (root / "study" / "seeds").glob("seed-*/*/_DONE")}
     again = run_study(variant, progress=False)
@@ -188,7 +189,8 @@ def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(stud
     assert again["headline"]["teacher"] == results["headline"]["teacher"]
     ours = {study: next((root / study / "seeds" / "seed-0").glob("ours-*")).name for study in ("study", "variant")}
     assert ours["study"] != ours["variant"]  # another key: the healing config is part of it
-    assert json.loads((root / "variant" / "config.json").read_text())["compress"]["heal"]["lr"] == 0.0005
+    recorded = json.loads((root / "variant" / "config.json").read_text())
+    assert recorded["compress"]["heal"]["lr"] == 0.0005 and recorded["reuse"] == ["study"]  # no machine's paths
     with pytest.raises(ValueError, match="reuse: .* not a study's run folder"):
         load_study_config(None, [f"reuse=[{root / 'nothing'}]"])
 
@@ -525,6 +527,10 @@ def test_an_archived_config_names_reused_folders_as_the_study_did(tmp_path, monk
     reused = tmp_path / "project" / "studies" / "archive" / "study-x"
     (run / "config.json").write_text(json.dumps({"run_dir": "runs", "reuse": [str(reused)], "ray": {}}))
     monkeypatch.chdir(tmp_path)
+    archive_study(run, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["reuse"] == ["studies/archive/study-x"]
+    # A run records them as its YAML named them: kept so, even when it ran in another tree than the archive's.
+    (run / "config.json").write_text(json.dumps({"run_dir": "runs", "reuse": ["studies/archive/study-x"], "ray": {}}))
     archive_study(run, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["reuse"] == ["studies/archive/study-x"]
 
