@@ -102,12 +102,24 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
                 done_dirs.setdefault(seed, {}).update({k: Path(v) for k, v in ray.get(ready[0]).items()})
             except Exception as error:  # noqa: BLE001 - reported with its seed below (a failed base fails both)
                 failed.setdefault(seed, error)
+                # Said now, not only at the end: the other seeds may run for hours (Ray's memory monitor kills
+                # a seed task when the machine runs short, for one).
+                tqdm.write(f"[study] seed {seed} failed: {_reason(error)}; the other seeds go on, and a rerun "
+                           f"resumes it from its finished stages", file=sys.stderr)
             bar.update()
     if failed:
         first = min(failed)
         raise RuntimeError(f"seeds {sorted(failed)} failed (finished stages are kept; rerun to resume). "
                            f"Seed {first}: {failed[first]}") from failed[first]
     return done_dirs
+
+
+def _reason(error: Exception) -> str:
+    """One line on why a seed task failed: the exception raised in the task (Ray wraps it, with the task's
+    traceback, in a RayTaskError), or Ray's own (a worker killed for memory, for one)."""
+    cause = getattr(error, "cause", None) or error
+    line = next((text for text in str(cause).splitlines() if text.strip()), "")
+    return f"{type(cause).__name__}: {line.strip()[:300]}"
 
 
 def seed_task_options(config: StudyConfig) -> dict:

@@ -571,3 +571,17 @@ def test_a_teacher_stopped_by_its_time_cap_is_named_in_the_notes(tmp_path):
     assert load_dependent_stops(rows, {0: dirs[0]}) == [
         "Seed 0's scratch stopped at its wall-clock cap (train.max_minutes) after 1 epoch: its figures depend on "
         "the machine's load."]
+
+
+def test_a_failed_seed_is_said_at_once_and_the_run_names_it(tmp_path, capsys):
+    """A seed task that fails (here its data set is missing; on a machine short of memory, Ray's monitor
+    kills one) is reported as it happens, while the other seeds go on, and the run then fails naming it."""
+    from orchestration.distributed.ray_runtime import ray_session
+    from orchestration.study.driver import run_seeds
+
+    config = load_study_config(None, ["seeds=[0,1]", f"data.dataset={tmp_path / 'missing.csv'}", "ablation=[]",
+                                      "sweep.selectors=[]", f"data.cache_dir={tmp_path / 'cache'}"])
+    with ray_session(num_cpus=2), pytest.raises(RuntimeError, match=r"seeds \[0, 1\] failed .* rerun to resume"):
+        run_seeds(config, tmp_path / "study", progress=False)
+    err = capsys.readouterr().err
+    assert "[study] seed 0 failed:" in err and "[study] seed 1 failed:" in err and "missing.csv" in err
