@@ -1,7 +1,6 @@
 """One seed of a study: teacher, importance, our compact model, the baselines, the noise curves, the
 dependency matrix (first seed: orchestration.study.dependency), the ablation (orchestration.study.ablation)
-and the k sweep. Each is a
-resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
+and the k sweep. Each is a resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
 
 The seed sets the teacher's initialisation and data order, the calibration draw, the bridges' init and
 the healing order (and the first random-layer draw). Every model a stage evaluates leaves one row in the
