@@ -89,14 +89,21 @@ def training_record(result: HealResult | TrainResult, kind: str = "heal") -> dic
 
 
 def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
-    """{"curve": [{"epoch", "minutes", "valid"}], "setup_minutes"}: after each epoch, the training's wall
-    minutes so far (its epochs and their validations) and the validation NDCG@10 where that epoch was
-    validated (else None); setup_minutes is the time spent before the first epoch (a healing run's teacher
-    cache). What a study's equal-compute view plots (orchestration.study.results.equal_compute)."""
-    minutes, curve = 0.0, []
+    """{"curve": [{"epoch", "minutes", "valid"[, "cpu_minutes"]}], "setup_minutes"}: after each epoch, the
+    training's wall minutes so far (its epochs and their validations), its CPU minutes so far where every
+    epoch up to it recorded them (runs made before they did have none), and the validation NDCG@10 where
+    that epoch was validated (else None); setup_minutes is the time spent before the first epoch (a healing
+    run's teacher cache). What a study's equal-compute view plots (orchestration.study.results.equal_compute)."""
+    minutes, cpu, curve = 0.0, 0.0, []
     for record in result.history:
         minutes += (record["train_seconds"] + record.get("valid_seconds", 0.0)) / 60
-        curve.append({"epoch": record["epoch"], "minutes": minutes, "valid": record.get("valid_ndcg@10")})
+        point = {"epoch": record["epoch"], "minutes": minutes, "valid": record.get("valid_ndcg@10")}
+        if cpu is not None and "train_cpu_seconds" in record:
+            cpu += (record["train_cpu_seconds"] + record.get("valid_cpu_seconds", 0.0)) / 60
+            point["cpu_minutes"] = cpu
+        else:
+            cpu = None  # an epoch without them: no CPU total from here on
+        curve.append(point)
     setup = getattr(result, "cache_seconds", None)
     return {"curve": curve, "setup_minutes": (setup or 0.0) / 60}
 

@@ -170,13 +170,15 @@ def heal(student: SequentialRecommender, teacher: SequentialRecommender, data,
     for epoch in tqdm(range(first, config.epochs + 1), desc="heal", disable=not progress, unit="epoch",
                       initial=first - 1, total=config.epochs):
         run_epoch = epoch_fn or functools.partial(_heal_epoch, cache=cache)
-        tick = time.monotonic()
+        tick, cpu = time.monotonic(), time.process_time()
         record = {"epoch": epoch, **run_epoch(student, teacher, inputs, targets, optimizer, params, config, generator)}
-        record["train_seconds"] = time.monotonic() - tick
+        # CPU seconds too, as a teacher's training records them (layerwise.training.train)
+        record.update(train_seconds=time.monotonic() - tick, train_cpu_seconds=time.process_time() - cpu)
         if epoch % config.eval_every == 0:
-            tick = time.monotonic()
+            tick, cpu = time.monotonic(), time.process_time()
             valid = _validate(student, data, config.max_len, config.autocast)
-            record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick)
+            record.update({f"valid_{k}": v for k, v in valid.items()}, valid_seconds=time.monotonic() - tick,
+                          valid_cpu_seconds=time.process_time() - cpu)
             if valid["ndcg@10"] > result.best_valid["ndcg@10"]:
                 result.best_epoch, result.best_valid = epoch, valid
                 best_state, stale = copy.deepcopy(student.state_dict()), 0

@@ -162,6 +162,7 @@ def test_a_stopped_healing_resumes_from_its_checkpoint_and_ends_as_an_uninterrup
     for got, want in zip(resumed.history, expected.history):
         assert {k: v for k, v in got.items() if "seconds" not in k} == {
             k: v for k, v in want.items() if "seconds" not in k}
+    assert all(h["train_cpu_seconds"] > 0 for h in expected.history)  # beside the wall seconds, every epoch
     for (name, a), (_, b) in zip(resumed_student.state_dict().items(), straight.state_dict().items()):
         assert torch.equal(a, b), name
     # A checkpoint of another healing recipe is refused, naming what differs.

@@ -74,6 +74,8 @@ def test_the_safety_cap_stops_after_a_validated_epoch():
     steps_per_epoch = math.ceil(len(training_windows(data, 12, causal=True)[0]) / 8)
     assert len(result.history) == 1 and result.history[0]["steps"] == steps_per_epoch
     assert "valid_ndcg@10" in result.history[0] and result.best_epoch == 1  # validated, not left at -1
+    # Each epoch records its CPU seconds beside its wall seconds (what compares runs at other thread counts).
+    assert result.history[0]["train_cpu_seconds"] > 0 and result.history[0]["valid_cpu_seconds"] > 0
 
 
 def test_bf16_autocast_trains_and_scores_in_float32():

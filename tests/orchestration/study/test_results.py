@@ -98,6 +98,20 @@ def test_every_comparison_also_gets_a_per_user_test_and_each_family_its_own_holm
         assert [adjusted[n][holm_key] for n in names] == pytest.approx(list(expected))
 
 
+def test_a_training_curve_adds_cpu_minutes_while_every_epoch_recorded_them():
+    from layerwise.baselines.budget import training_curve
+    from layerwise.training.train import TrainResult
+
+    history = [{"epoch": 1, "train_seconds": 60.0, "train_cpu_seconds": 120.0, "valid_seconds": 6.0,
+                "valid_cpu_seconds": 12.0, "valid_ndcg@10": 0.1},
+               {"epoch": 2, "train_seconds": 60.0, "train_cpu_seconds": 114.0},
+               {"epoch": 3, "train_seconds": 60.0},  # made before epochs recorded CPU time
+               {"epoch": 4, "train_seconds": 60.0, "train_cpu_seconds": 120.0}]
+    curve = training_curve(TrainResult(best_epoch=1, best_valid={}, history=history))["curve"]
+    assert [p["minutes"] for p in curve] == pytest.approx([1.1, 2.1, 3.1, 4.1])
+    assert [p.get("cpu_minutes") for p in curve] == pytest.approx([2.2, 4.1, None, None])  # no total past a gap
+
+
 def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teachers_training(tmp_path):
     """Each student's own minutes are its curve's last point (ours: after its importance stage and teacher
     cache); with the teacher charged, ours gains the teacher's training minutes, read from the teacher's
