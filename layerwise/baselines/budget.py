@@ -89,11 +89,12 @@ def training_record(result: HealResult | TrainResult, kind: str = "heal") -> dic
 
 
 def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
-    """{"curve": [{"epoch", "minutes", "valid"[, "cpu_minutes"]}], "setup_minutes"}: after each epoch, the
-    training's wall minutes so far (its epochs and their validations), its CPU minutes so far where every
-    epoch up to it recorded them (runs made before they did have none), and the validation NDCG@10 where
-    that epoch was validated (else None); setup_minutes is the time spent before the first epoch (a healing
-    run's teacher cache). What a study's equal-compute view plots (orchestration.study.results.equal_compute)."""
+    """{"curve": [{"epoch", "minutes", "valid"[, "cpu_minutes"]}], "setup_minutes"[, "setup_cpu_minutes"]}:
+    after each epoch, the training's wall minutes so far (its epochs and their validations), its CPU minutes
+    so far where every epoch up to it recorded them (runs made before they did have none), and the
+    validation NDCG@10 where that epoch was validated (else None); setup_minutes is the time spent before
+    the first epoch (a healing run's teacher cache), in CPU minutes too where recorded. What a study's
+    equal-compute view plots (orchestration.study.results.equal_compute)."""
     minutes, cpu, curve = 0.0, 0.0, []
     for record in result.history:
         minutes += (record["train_seconds"] + record.get("valid_seconds", 0.0)) / 60
@@ -104,8 +105,9 @@ def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
         else:
             cpu = None  # an epoch without them: no CPU total from here on
         curve.append(point)
-    setup = getattr(result, "cache_seconds", None)
-    return {"curve": curve, "setup_minutes": (setup or 0.0) / 60}
+    setup, setup_cpu = getattr(result, "cache_seconds", None), getattr(result, "cache_cpu_seconds", None)
+    return {"curve": curve, "setup_minutes": (setup or 0.0) / 60,
+            **({"setup_cpu_minutes": setup_cpu / 60} if setup_cpu is not None else {})}
 
 
 def heal_config_for(model: SequentialRecommender, config: HealConfig) -> tuple[HealConfig, str | None]:

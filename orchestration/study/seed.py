@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -191,15 +192,24 @@ class SeedRun(AblationStages, DependencyStage):
                  "ablation": lambda: {"ablation": IMPORTANCE["ablation"](self.teacher, self._batches(), **users)},
                  "ablation_loss": lambda: {"ablation_loss": IMPORTANCE["ablation_loss"](self.teacher,
                                                                                        self._batches(), **users)}}
-        scores = {}
+        scores, cpu = {}, {}
         for part, make in parts.items():
             path = out / RESUME / f"importance-{part}.json"
+            timing = out / RESUME / f"importance-{part}.cpu.json"  # kept apart: parts made before have none
             if not path.exists():
-                write_json(path, {m: v.tolist() for m, v in make().items()})
+                started = time.process_time()
+                made = {m: v.tolist() for m, v in make().items()}
+                write_json(timing, {"cpu_seconds": time.process_time() - started})
+                write_json(path, made)
             scores.update(json.loads(path.read_text()))
-        record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users, "scores": scores}
+            cpu[part] = json.loads(timing.read_text())["cpu_seconds"] if timing.exists() else None
+        # Each part's CPU seconds, made here or in an earlier invocation (the stage's _seconds.json times only
+        # its last one): the equal-compute view charges them to ours (orchestration.study.results).
+        record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users, "scores": scores,
+                  "cpu_seconds": cpu}
         if c.selector == "beam":  # it selects with the dependency matrix; otherwise only the report reads it
             record["dependency_loss"] = self.dependency_matrix(out / RESUME / "removal_losses.json")
+            cpu["dependency"] = None  # not timed apart: its chunks resume across invocations
         write_json(out / "importance.json", record)
 
     def _ours(self, out: Path) -> None:

@@ -113,9 +113,11 @@ def test_a_training_curve_adds_cpu_minutes_while_every_epoch_recorded_them():
 
 
 def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teachers_training(tmp_path):
-    """Each student's own minutes are its curve's last point (ours: after its importance stage and teacher
-    cache); with the teacher charged, ours gains the teacher's training minutes, read from the teacher's
-    saved history where its row has no curve; the report renders the table and the figure."""
+    """Each student's own CPU minutes are its curve's last point (ours: after its importance stage and teacher
+    cache); with the teacher charged, ours gains the teacher's training, read from the teacher's saved
+    history where its row has no curve. Seed 0 recorded CPU seconds everywhere (exact); seed 1 is a study made
+    before they were recorded: its wall minutes times each stage's CPU/wall ratio, named as estimates. The
+    report renders the table and the figure."""
     import json
 
     from layerwise.baselines.budget import training_curve
@@ -123,36 +125,53 @@ def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teache
     from layerwise.training.train import TrainResult
     from orchestration.study.results import equal_compute
 
-    def trained(epoch_seconds, valid):
-        history = [{"epoch": e, "loss": 1.0, "train_seconds": t, "valid_seconds": 6.0, "valid_ndcg@10": v}
+    def trained(epoch_seconds, valid, cpu=None):  # cpu: CPU seconds per epoch, or None (not recorded)
+        history = [{"epoch": e, "loss": 1.0, "train_seconds": t, "valid_seconds": 6.0, "valid_ndcg@10": v,
+                    **({"train_cpu_seconds": cpu, "valid_cpu_seconds": 12.0} if cpu else {})}
                    for e, (t, v) in enumerate(zip(epoch_seconds, valid))]
         return TrainResult(best_epoch=len(history) - 1, best_valid={}, history=history)
 
+    def write(path, content):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+
     rows, seed_dirs = [], {}
-    for seed in (0, 1):
-        dirs = {name: tmp_path / f"seed-{seed}" / name for name in ("teacher", "importance")}
-        (dirs["teacher"] / "model").mkdir(parents=True)
-        (dirs["teacher"] / "model" / "manifest.json").write_text(json.dumps(
-            {"format": "layerwise/1", "history": [{"train_seconds": 594.0, "valid_seconds": 6.0}] * 12}))
-        dirs["importance"].mkdir(parents=True)
-        (dirs["importance"] / "_seconds.json").write_text(json.dumps({"seconds": 300.0}))
+    for seed, exact in ((0, True), (1, False)):
+        dirs = {name: tmp_path / f"seed-{seed}" / name for name in ("teacher", "importance", "ours", "baseline-scratch")}
+        epoch = {"train_seconds": 594.0, "valid_seconds": 6.0,
+                 **({"train_cpu_seconds": 1188.0, "valid_cpu_seconds": 12.0} if exact else {})}
+        write(dirs["teacher"] / "model" / "manifest.json", {"format": "layerwise/1", "history": [epoch] * 12})
+        parts = {"local": 60.0, "ablation": 120.0, "ablation_loss": 120.0} if exact else {"local": None}
+        write(dirs["importance"] / "importance.json", {"scores": {}, "cpu_seconds": parts})
+        for stage, (wall, cpu) in {"teacher": (100.0, 200.0), "importance": (300.0, 600.0), "ours": (60.0, 120.0),
+                                   "baseline-scratch": (100.0, 50.0)}.items():
+            write(dirs[stage] / "_seconds.json", {"seconds": wall, "cpu_seconds": cpu})
         seed_dirs[seed] = dirs
-        heal = trained([54.0, 54.0], [0.10, 0.11])
-        heal.cache_seconds = 120.0
-        for name, training in (("teacher", {"best_epoch": 11, "epochs_run": 12}), ("ours", training_curve(heal)),
-                               ("scratch", training_curve(trained([114.0] * 3, [0.08, 0.10, None])))):
+        heal = trained([54.0, 54.0], [0.10, 0.11], cpu=108.0 if exact else None)
+        heal.cache_seconds, heal.cache_cpu_seconds = 120.0, (240.0 if exact else None)
+        students = {"teacher": ({"best_epoch": 11, "epochs_run": 12}, "teacher"),
+                    "ours": (training_curve(heal), "ours"),
+                    "scratch": (training_curve(trained([114.0] * 3, [0.08, 0.10, None], cpu=228.0 if exact else None)),
+                                "baseline-scratch")}
+        for name, (training, stage) in students.items():
             row = _row(tmp_path, name, seed, [0.1 + 0.01 * seed] * 4,
                        table="headline" if name in ("teacher", "ours") else "baselines")
-            rows.append({**row, "training": training})
+            rows.append({**row, "training": training, "stage": stage})
     entry = equal_compute(Rows(rows, seeds=[0, 1]), seed_dirs)
     by_name = {r["name"]: r for r in entry["rows"]}
-    assert set(by_name) == {"ours", "scratch"}  # truncated has no rows here
-    assert entry["teacher_minutes"]["mean"] == pytest.approx(120.0)  # 12 x 600 s, from the manifests
-    assert by_name["ours"]["own_minutes"]["mean"] == pytest.approx(5.0 + 2.0 + 2.0)  # importance, cache, epochs
-    assert by_name["ours"]["with_teacher_minutes"]["mean"] == pytest.approx(129.0)
-    assert by_name["scratch"]["own_minutes"]["mean"] == by_name["scratch"]["with_teacher_minutes"]["mean"] == 6.0
-    assert [p["minutes"] for p in entry["curves"]["ours"][0]] == pytest.approx([8.0, 9.0])
+    assert entry["unit"] == "CPU minutes" and set(by_name) == {"ours", "scratch"}  # truncated has no rows here
+    assert entry["estimated"] == ["teacher, seed 1", "ours, seed 1", "scratch, seed 1"]
+    # Teacher: 12 x 1,200 CPU s (seed 0); 12 x 600 wall s x 2 (seed 1, its stage's ratio).
+    assert entry["teacher_minutes"]["mean"] == pytest.approx(240.0)
+    # Ours, seed 0: importance parts 5 + cache 4 + epochs 2 x 2 = 13; seed 1: importance 10 + (2 + 2) x 2 = 18.
+    assert by_name["ours"]["own_minutes"]["mean"] == pytest.approx(15.5)
+    assert by_name["ours"]["with_teacher_minutes"]["mean"] == pytest.approx(255.5)
+    # Scratch: 3 x 4 CPU minutes (seed 0); 3 x 2 wall minutes x 0.5 (seed 1).
+    assert by_name["scratch"]["own_minutes"]["mean"] == by_name["scratch"]["with_teacher_minutes"]["mean"] == 7.5
+    assert [p["minutes"] for p in entry["curves"]["ours"][0]] == pytest.approx([11.0, 13.0])
+    assert [p["minutes"] for p in entry["curves"]["ours"][1]] == pytest.approx([16.0, 18.0])
     assert [p["valid"] for p in entry["curves"]["scratch"][1]] == [0.08, 0.10, None]
     paths = write_report({"title": "t", "equal_compute": entry}, tmp_path / "report")
     text = paths["markdown"].read_text()
     assert "| ours | 0.1050 [" in text and "figures/equal_compute.png" in text and "equal_compute" in paths["figures"]
+    assert "CPU minutes (every thread" in text and "ratio): teacher, seed 1; ours, seed 1; scratch, seed 1." in text

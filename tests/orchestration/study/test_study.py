@@ -157,8 +157,12 @@ def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(s
     made = next((root / "study" / "seeds" / "seed-0").glob("importance-*"))
     first = json.loads((made / "importance.json").read_text())
     assert sorted(p.name for p in (made / RESUME).iterdir()) == [
-        "importance-ablation.json", "importance-ablation_loss.json", "importance-local.json",
+        "importance-ablation.cpu.json", "importance-ablation.json", "importance-ablation_loss.cpu.json",
+        "importance-ablation_loss.json", "importance-local.cpu.json", "importance-local.json",
         "removal_losses.json"]  # beam: the dependency matrix too, its sums kept as it went
+    # Each part's CPU seconds, for the equal-compute view; beam's dependency matrix is not timed apart.
+    assert all(first["cpu_seconds"][p] > 0 for p in ("local", "ablation", "ablation_loss"))
+    assert first["cpu_seconds"]["dependency"] is None
     run = SeedRun(config, 0, tmp_path, load_dataset(config.data.dataset, cache_dir=config.data.cache_dir))
     run.teacher = load_compact(next(made.parent.glob("teacher-*")) / "model").eval().requires_grad_(False)
     out = tmp_path / "importance-again"
@@ -169,6 +173,7 @@ def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(s
     again = json.loads((out / "importance.json").read_text())
     assert again["scores"]["ablation"] == marked
     assert again["scores"] == {**first["scores"], "ablation": marked}
+    assert again["cpu_seconds"]["ablation"] is None and again["cpu_seconds"]["local"] > 0  # made before: untimed
     assert again["dependency_loss"] == first["dependency_loss"]
 
 
