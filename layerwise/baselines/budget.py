@@ -89,14 +89,21 @@ def training_record(result: HealResult | TrainResult, kind: str = "heal") -> dic
 
 
 def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
-    """{"curve": [{"epoch", "minutes", "valid"[, "cpu_minutes"]}], "setup_minutes"[, "setup_cpu_minutes"]}:
-    after each epoch, the training's wall minutes so far (its epochs and their validations), its CPU minutes
-    so far where every epoch up to it recorded them (runs made before they did have none), and the
-    validation NDCG@10 where that epoch was validated (else None); setup_minutes is the time spent before
-    the first epoch (a healing run's teacher cache), in CPU minutes too where recorded. What a study's
-    equal-compute view plots (orchestration.study.results.equal_compute)."""
+    """{"curve": [...], "setup_minutes"[, "setup_cpu_minutes"]}: the result's history_curve, and the time spent
+    before its first epoch (a healing run's teacher cache), in CPU minutes too where recorded. What a study's
+    equal-compute view plots (orchestration.study.compute.equal_compute)."""
+    setup, setup_cpu = getattr(result, "cache_seconds", None), getattr(result, "cache_cpu_seconds", None)
+    return {"curve": history_curve(result.history), "setup_minutes": (setup or 0.0) / 60,
+            **({"setup_cpu_minutes": setup_cpu / 60} if setup_cpu is not None else {})}
+
+
+def history_curve(history: list[dict]) -> list[dict]:
+    """[{"epoch", "minutes", "valid"[, "cpu_minutes"]}] from a training history (a TrainResult's, a HealResult's,
+    or a saved model's manifest): after each epoch, the wall minutes so far (its epochs and their validations),
+    the CPU minutes so far where every epoch up to it recorded them (runs made before they did have none), and
+    the validation NDCG@10 where that epoch was validated (else None)."""
     minutes, cpu, curve = 0.0, 0.0, []
-    for record in result.history:
+    for record in history:
         minutes += (record["train_seconds"] + record.get("valid_seconds", 0.0)) / 60
         point = {"epoch": record["epoch"], "minutes": minutes, "valid": record.get("valid_ndcg@10")}
         if cpu is not None and "train_cpu_seconds" in record:
@@ -105,9 +112,7 @@ def training_curve(result: HealResult | TrainResult) -> dict[str, Any]:
         else:
             cpu = None  # an epoch without them: no CPU total from here on
         curve.append(point)
-    setup, setup_cpu = getattr(result, "cache_seconds", None), getattr(result, "cache_cpu_seconds", None)
-    return {"curve": curve, "setup_minutes": (setup or 0.0) / 60,
-            **({"setup_cpu_minutes": setup_cpu / 60} if setup_cpu is not None else {})}
+    return curve
 
 
 def heal_config_for(model: SequentialRecommender, config: HealConfig) -> tuple[HealConfig, str | None]:

@@ -115,6 +115,14 @@ def _t_interval(d: np.ndarray) -> tuple[float, float]:
     return float(d.mean() - half), float(d.mean() + half)
 
 
+def across_seeds(values) -> dict:
+    """{"mean", "ci95", "n"}: the mean of one figure per seed with its Student t interval (None with one seed)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return {"mean": float(values.mean()), "ci95": None, "n": len(values)}
+    return {"mean": float(values.mean()), "ci95": list(_t_interval(values)), "n": len(values)}
+
+
 def rank_biserial(d, zero_method: str = "wilcox") -> float:
     """Matched-pairs rank-biserial correlation (Kerby 2014): (R+ - R-) / (R+ + R-), in [-1, 1].
 

@@ -1,6 +1,6 @@
 """The report's equal-compute view: what each student cost to make against what it reached.
 
-    entry = results["equal_compute"]     # orchestration.study.results.equal_compute
+    entry = results["equal_compute"]     # orchestration.study.compute.equal_compute
     blocks = equal_compute_section(entry, figures)
     fig = equal_compute_plot(entry)
 

@@ -149,3 +149,12 @@ def test_bootstrap_refuses_nan_and_bad_settings():
         bootstrap_ci([0.1, 0.2, 0.3], method="normal")
     with pytest.raises(ValueError, match="positive"):
         ratio_ci([0.1, 0.2], [0.0, 0.0])
+
+
+def test_across_seeds_gives_the_mean_with_scipys_t_interval_and_none_for_one_seed():
+    values = [0.1164, 0.1146, 0.1121]
+    entry = stats.across_seeds(values)
+    low, high = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
+    assert entry["n"] == 3 and entry["mean"] == pytest.approx(np.mean(values))
+    assert entry["ci95"] == pytest.approx([low, high])
+    assert stats.across_seeds([0.2]) == {"mean": 0.2, "ci95": None, "n": 1}

@@ -123,7 +123,7 @@ def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teache
     from layerwise.baselines.budget import training_curve
     from layerwise.report import write_report
     from layerwise.training.train import TrainResult
-    from orchestration.study.results import equal_compute
+    from orchestration.study.compute import equal_compute
 
     def trained(epoch_seconds, valid, cpu=None):  # cpu: CPU seconds per epoch, or None (not recorded)
         history = [{"epoch": e, "loss": 1.0, "train_seconds": t, "valid_seconds": 6.0, "valid_ndcg@10": v,
@@ -138,9 +138,9 @@ def test_equal_compute_charges_ours_its_importance_and_cache_and_then_the_teache
     rows, seed_dirs = [], {}
     for seed, exact in ((0, True), (1, False)):
         dirs = {name: tmp_path / f"seed-{seed}" / name for name in ("teacher", "importance", "ours", "baseline-scratch")}
-        epoch = {"train_seconds": 594.0, "valid_seconds": 6.0,
-                 **({"train_cpu_seconds": 1188.0, "valid_cpu_seconds": 12.0} if exact else {})}
-        write(dirs["teacher"] / "model" / "manifest.json", {"format": "layerwise/1", "history": [epoch] * 12})
+        epochs = [{"epoch": e, "train_seconds": 594.0, "valid_seconds": 6.0,
+                   **({"train_cpu_seconds": 1188.0, "valid_cpu_seconds": 12.0} if exact else {})} for e in range(1, 13)]
+        write(dirs["teacher"] / "model" / "manifest.json", {"format": "layerwise/1", "history": epochs})
         parts = {"local": 60.0, "ablation": 120.0, "ablation_loss": 120.0} if exact else {"local": None}
         write(dirs["importance"] / "importance.json", {"scores": {}, "cpu_seconds": parts})
         for stage, (wall, cpu) in {"teacher": (100.0, 200.0), "importance": (300.0, 600.0), "ours": (60.0, 120.0),
