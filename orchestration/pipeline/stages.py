@@ -26,6 +26,9 @@ ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (
 # goes on. The archive carries an unfinished stage's (orchestration.study.archive), and a run that starts the
 # stage afresh takes them from there, so a stage longer than a working session spans sessions too.
 RESUME = "resume"
+# In a stage's folder while it runs: when it started ({"since": epoch seconds}). A stage stopped by force keeps
+# it, so a reader tells a stage running now from one left unfinished by its start (driver.stage_progress).
+RUNNING = "_RUNNING"
 
 
 class Stages:
@@ -117,8 +120,12 @@ class Stages:
             # a machine's session) goes on from there when run again here.
             from layerwise.training.resume import stage_checkpoints
 
-            with stage_checkpoints(out / "heal-checkpoint"):
-                final, timing = _timed(fn, out)
+            (out / RUNNING).write_text(json.dumps({"since": time.time()}))
+            try:
+                with stage_checkpoints(out / "heal-checkpoint"):
+                    final, timing = _timed(fn, out)
+            finally:
+                (out / RUNNING).unlink(missing_ok=True)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)

@@ -26,7 +26,7 @@ from pathlib import Path
 from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
-from orchestration.pipeline.stages import Stages
+from orchestration.pipeline.stages import RUNNING, Stages
 from orchestration.study.archive import merge_invocations, seed_threads
 from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
 from orchestration.study.seed import ROWS, run_seed
@@ -81,7 +81,7 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
                            f"has no GPU")
     task = ray.remote(run_seed).options(**options)
     raw = seed_task_config(config, options)
-    refs, bases = {}, {}
+    refs, bases, since = {}, {}, time.time()
     for seed, part in seed_tasks(config):
         args = (raw, seed, str(root / "seeds" / f"seed-{seed}"), threads, part)
         if part == "base":
@@ -94,7 +94,7 @@ def run_seeds(config: StudyConfig, root: Path, progress: bool = True) -> dict[in
         while pending:
             interrupts.check()
             ready, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_SECONDS)
-            bar.set_postfix_str(stage_progress(root / "seeds"), refresh=True)
+            bar.set_postfix_str(stage_progress(root / "seeds", since), refresh=True)
             if not ready:
                 continue
             seed = refs[ready[0]]
@@ -149,15 +149,29 @@ def seed_tasks(config: StudyConfig) -> list[tuple[int, str]]:
             for part in (("base", "core", "extras") if seed in split else ("all",))]
 
 
-def stage_progress(seeds_dir: Path) -> str:
-    """What the seed tasks have done, read from their stage folders: how many stages are done and which ones
-    are started (a folder without its _DONE marker). Seeds run quietly, so this is the driver's view. A
-    started stage may be waiting for a CPU: a resumed study's stage folder is there before its task runs."""
+def stage_progress(seeds_dir: Path, since: float = 0.0) -> str:
+    """What the seed tasks have done, read from their stage folders: how many stages are done, which are
+    running (started at or after `since`, this invocation's start in epoch seconds), and which are
+    unfinished (a folder without its _DONE marker that no task of this invocation has started yet: left by
+    an earlier invocation, waiting for its seed's task). Seeds run quietly, so this is the driver's view."""
     stages = [p for p in seeds_dir.glob("seed-*/*") if p.is_dir()]
-    started = sorted(f"{p.parent.name}/{p.name.rsplit('-', 1)[0]}"
-                     for p in stages if not (p / "_DONE").exists())
-    done = len(stages) - len(started)
-    return f"{done} stages done" + (f"; started {', '.join(started)}" if started else "")
+    running, unfinished = [], []
+    for p in sorted(stages):
+        if (p / "_DONE").exists():
+            continue
+        name = f"{p.parent.name}/{p.name.rsplit('-', 1)[0]}"
+        (running if _running_since(p) >= since else unfinished).append(name)
+    done = len(stages) - len(running) - len(unfinished)
+    return "; ".join([f"{done} stages done", *([f"running {', '.join(running)}"] if running else []),
+                      *([f"unfinished {', '.join(unfinished)}"] if unfinished else [])])
+
+
+def _running_since(stage: Path) -> float:
+    """When the stage's current run started (orchestration.pipeline.stages.RUNNING), or -inf if none is."""
+    try:
+        return float(json.loads((stage / RUNNING).read_text())["since"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return float("-inf")
 
 
 def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:

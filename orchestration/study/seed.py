@@ -204,7 +204,7 @@ class SeedRun(AblationStages, DependencyStage):
             scores.update(json.loads(path.read_text()))
             cpu[part] = json.loads(timing.read_text())["cpu_seconds"] if timing.exists() else None
         # Each part's CPU seconds, made here or in an earlier invocation (the stage's _seconds.json times only
-        # its last one): the equal-compute view charges them to ours (orchestration.study.results).
+        # its last one): the equal-compute view charges them to ours (orchestration.study.compute).
         record = {"n_layers": self.teacher.n_layers, "ablation_users": c.ablation_users, "scores": scores,
                   "cpu_seconds": cpu}
         if c.selector == "beam":  # it selects with the dependency matrix; otherwise only the report reads it

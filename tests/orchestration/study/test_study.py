@@ -496,16 +496,28 @@ def test_shipped_study_configs_load():
     assert len(set(names)) == len(names) and "study" not in names  # each writes its own run folder
 
 
-def test_progress_line_names_done_and_started_stages(tmp_path):
+def test_progress_line_tells_running_stages_from_ones_an_earlier_invocation_left_unfinished(tmp_path):
+    import json
+    import time
+
+    from orchestration.pipeline.stages import RUNNING, Stages
     from orchestration.study.driver import stage_progress
 
-    assert stage_progress(tmp_path / "seeds") == "0 stages done"
+    seeds = tmp_path / "seeds"
+    assert stage_progress(seeds) == "0 stages done"
     for done in ("seed-0/teacher-1a2b", "seed-0/importance-3c4d"):
-        (tmp_path / "seeds" / done).mkdir(parents=True)
-        (tmp_path / "seeds" / done / "_DONE").write_text("")
-    (tmp_path / "seeds" / "seed-0" / "sweep-ours-k3-5e6f").mkdir()
-    (tmp_path / "seeds" / "seed-1" / "teacher-7a8b").mkdir(parents=True)
-    assert stage_progress(tmp_path / "seeds") == "2 stages done; started seed-0/sweep-ours-k3, seed-1/teacher"
+        (seeds / done).mkdir(parents=True)
+        (seeds / done / "_DONE").write_text("")
+    (seeds / "seed-0" / "sweep-ours-k3-5e6f").mkdir()  # made before stages marked their runs
+    killed = seeds / "seed-1" / "importance-9f0e"  # its process was killed: its marker stayed
+    killed.mkdir(parents=True)
+    (killed / RUNNING).write_text(json.dumps({"since": time.time() - 3600}))
+    since = time.time()
+    seen = []
+    Stages(seeds / "seed-1").run("teacher", "7a8b", lambda out: seen.append(stage_progress(seeds, since)))
+    assert seen == ["2 stages done; running seed-1/teacher; unfinished seed-0/sweep-ours-k3, seed-1/importance"]
+    assert not (seeds / "seed-1" / "teacher-7a8b" / RUNNING).exists()  # gone once the stage has run
+    assert stage_progress(seeds, since) == "3 stages done; unfinished seed-0/sweep-ours-k3, seed-1/importance"
 
 
 def test_a_seed_with_extras_runs_them_beside_its_baselines():
