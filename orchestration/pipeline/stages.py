@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +27,9 @@ ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (
 # goes on. The archive carries an unfinished stage's (orchestration.study.archive), and a run that starts the
 # stage afresh takes them from there, so a stage longer than a working session spans sessions too.
 RESUME = "resume"
-# In a stage's folder while it runs: when it started ({"since": epoch seconds}). A stage stopped by force keeps
-# it, so a reader tells a stage running now from one left unfinished by its start (driver.stage_progress).
+# In a stage's folder while it runs: {"since": epoch seconds, "pid", "host"} of the process running it. A stage
+# stopped by force keeps it, so a reader tells a stage running now from one left unfinished by the start
+# (orchestration.study.driver.stage_progress) or by whether that process lives (study_status).
 RUNNING = "_RUNNING"
 
 
@@ -120,7 +122,7 @@ class Stages:
             # a machine's session) goes on from there when run again here.
             from layerwise.training.resume import stage_checkpoints
 
-            (out / RUNNING).write_text(json.dumps({"since": time.time()}))
+            (out / RUNNING).write_text(json.dumps({"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}))
             try:
                 with stage_checkpoints(out / "heal-checkpoint"):
                     final, timing = _timed(fn, out)

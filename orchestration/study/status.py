@@ -1,6 +1,6 @@
 """Where a study stands, running nothing: every seed's stages in running order, each done here, reused
 (finished in an archive or another run that the config's `reuse` names), started (running now, or stopped
-mid-stage) or pending; the time the finished ones took, and what the rest should take by the same stage on
+mid-stage: it says which) or pending; the time the finished ones took, and what the rest should take by the same stage on
 the seeds where it has finished. A study on 2 cores spans working sessions; this says what remains.
 
     layerwise study status studies/beauty-llama.yaml
@@ -51,9 +51,32 @@ def _row(seed: int, stage: str, state: str, folder: Path | None) -> dict:
     started one has saved."""
     timing = folder / "_seconds.json" if folder is not None else None
     seconds = json.loads(timing.read_text()) if timing is not None and timing.exists() else {}
+    started = state == "started" and folder is not None
     return {"seed": seed, "stage": stage, "state": state, "folder": str(folder or ""),
             "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds"),
-            "saved": saved_runs(folder) if state == "started" and folder is not None else []}
+            "saved": saved_runs(folder) if started else [], "running": running(folder) if started else None}
+
+
+def running(folder: Path) -> bool | None:
+    """Whether a started stage runs now: its process (orchestration.pipeline.stages.RUNNING) is alive on this
+    host, or gone (killed). None where this cannot tell: no marker (a stage stopped by Ctrl-C removes its
+    own, and stages started by versions before markers have none) or one from another host."""
+    import socket
+
+    import psutil
+
+    from orchestration.pipeline.stages import RUNNING
+
+    try:
+        marker = json.loads((folder / RUNNING).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if marker.get("host") != socket.gethostname():
+        return None
+    try:
+        return psutil.Process(marker["pid"]).create_time() <= marker["since"] + 1  # not a later process's pid
+    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
+        return False
 
 
 def saved_runs(folder: Path) -> list[dict]:
@@ -83,9 +106,10 @@ def format_status(status: dict) -> str:
             else:
                 estimate = row.get("cpu_seconds_estimate")
                 took = f"about {estimate / 60:.0f} CPU min (other seeds)" if estimate is not None else ""
+            now = {True: "running now", False: "not running (its process was killed)", None: ""}[row.get("running")]
             saved = "; ".join(f"{r['run']}: {'finished' if r['finished'] else 'epoch ' + str(r['epoch']) + ' saved'}"
                               f" ({r['minutes']:.0f} min)" for r in row.get("saved") or [])
-            took = "; ".join(part for part in (saved, took) if part)
+            took = "; ".join(part for part in (now, saved, took) if part)
             lines.append(f"  {row['stage']:<28} {row['state']:<8} {took}")
     c = status["counts"]
     lines.append(f"{status['run_dir']}: {c['done'] + c['reused']} of {len(status['stages'])} stages finished "

@@ -30,3 +30,39 @@ def test_a_started_stage_names_each_run_and_its_last_saved_epoch(tmp_path):
                                                                           "pending": 0},
                           "cpu_hours_done": 0.0, "cpu_hours_left": 0.0, "unestimated": []})
     assert "baseline-random              started  heal-checkpoint/heal-1: epoch 3 saved (" in text
+
+
+def test_status_tells_a_stage_running_now_from_one_whose_process_is_gone(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from orchestration.pipeline.stages import RUNNING, Stages
+    from orchestration.study.status import running
+
+    seen = []
+    Stages(tmp_path).run("teacher", "1a2b", lambda out: seen.append(running(out)))
+    assert seen == [True] and running(tmp_path / "teacher-1a2b") is None  # its marker went with it
+
+    def stop(out):
+        raise KeyboardInterrupt  # Ctrl-C: the stage removes its marker on the way out
+
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path).run("importance", "3c4d", stop)
+    assert running(tmp_path / "importance-3c4d") is None
+
+    killed = tmp_path / "ours-5e6f"  # a process killed mid-stage leaves its marker behind
+    killed.mkdir()
+    since = time.time()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (killed / RUNNING).write_text(json.dumps({"since": since, "pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert running(killed) is False
+    row = _row(0, "ours", "started", killed)
+    text = format_status({"run_dir": "runs/s", "stages": [row], "counts": {"done": 0, "reused": 0, "started": 1,
+                                                                          "pending": 0},
+                          "cpu_hours_done": 0.0, "cpu_hours_left": 0.0, "unestimated": []})
+    assert "ours                         started  not running (its process was killed)" in text
+    (killed / RUNNING).write_text(json.dumps({"since": since, "pid": 1, "host": "another-node"}))
+    assert running(killed) is None  # another node's process: not visible from here
