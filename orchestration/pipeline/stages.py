@@ -122,7 +122,8 @@ class Stages:
             # a machine's session) goes on from there when run again here.
             from layerwise.training.resume import stage_checkpoints
 
-            (out / RUNNING).write_text(json.dumps({"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}))
+            runner = {"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+            (out / RUNNING).write_text(json.dumps(runner))
             try:
                 with stage_checkpoints(out / "heal-checkpoint"):
                     final, timing = _timed(fn, out)

@@ -66,7 +66,7 @@ def archive_study(run_dir: str | Path, out: str | Path, metric: str | None = Non
     added, filled (weights given) and kept, the stages left out unfinished (and those of them whose progress
     was carried), those held back with a compact model whose readers have not run, and the archive's size."""
     from layerwise.models.checkpoint import atomic_directory
-    from orchestration.study.results import METRIC
+    from orchestration.study.rows import METRIC
 
     run_dir, out, metric = Path(run_dir), Path(out), metric or METRIC
     seeds = run_dir / "seeds"

@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from layerwise.baselines.budget import history_curve
 from layerwise.evaluation.stats import across_seeds
 from layerwise.models.checkpoint import read_manifest
-
-if TYPE_CHECKING:
-    from orchestration.study.results import Rows
-
-METRIC = "ndcg@10"
+from orchestration.study.rows import METRIC, Rows
 
 
 def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],

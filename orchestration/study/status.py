@@ -1,7 +1,7 @@
 """Where a study stands, running nothing: every seed's stages in running order, each done here, reused
 (finished in an archive or another run that the config's `reuse` names), started (running now, or stopped
-mid-stage: it says which) or pending; the time the finished ones took, and what the rest should take by the same stage on
-the seeds where it has finished. A study on 2 cores spans working sessions; this says what remains.
+mid-stage: it says which where it can tell) or pending; the time the finished ones took, and what the rest
+should take by the same stage on the seeds where it has finished. A study on 2 cores spans working sessions; this says what remains.
 
     layerwise study status studies/beauty-llama.yaml
 """

@@ -8,7 +8,8 @@ from scipy import stats as sps
 
 from layerwise.report.document import fmt_estimate
 from layerwise.evaluation.stats import seed_test
-from orchestration.study.results import Rows, across_seeds, comparison
+from orchestration.study.results import across_seeds, comparison
+from orchestration.study.rows import Rows
 
 SPEED = {"settings": {"batch_sizes": [1, 64]},
          "models": {"ours": {"batches": {"64": {"speedup": 3.0, "speedup_ci95": [2.8, 3.2], "status": "ok"}}},

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 
 from layerwise.evaluation.scenarios import difference_slices
 from layerwise.report import write_report
-from orchestration.study.results import Rows, rivals
+from orchestration.study.results import rivals
+from orchestration.study.rows import Rows
 from tests.helpers.fake_data import random_data
 
 
