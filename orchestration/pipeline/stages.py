@@ -33,6 +33,15 @@ RESUME = "resume"
 RUNNING = "_RUNNING"
 
 
+def running_marker(folder: Path) -> dict | None:
+    """The RUNNING marker a stage folder holds ({"since", "pid", "host"}), or None if it holds none."""
+    try:
+        marker = json.loads((folder / RUNNING).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 class Stages:
     """Stage directories with done-markers: `run(name, key, fn)` calls fn(dir) only if not done yet.
 

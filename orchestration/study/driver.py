@@ -26,7 +26,7 @@ from pathlib import Path
 from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
-from orchestration.pipeline.stages import RUNNING, Stages
+from orchestration.pipeline.stages import Stages, running_marker
 from orchestration.study.archive import merge_invocations, seed_threads
 from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
 from orchestration.study.seed import ROWS, run_seed
@@ -167,11 +167,9 @@ def stage_progress(seeds_dir: Path, since: float = 0.0) -> str:
 
 
 def _running_since(stage: Path) -> float:
-    """When the stage's current run started (orchestration.pipeline.stages.RUNNING), or -inf if none is."""
-    try:
-        return float(json.loads((stage / RUNNING).read_text())["since"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return float("-inf")
+    """When the stage's current run started (its RUNNING marker), or -inf if none is."""
+    since = (running_marker(stage) or {}).get("since")
+    return float(since) if isinstance(since, (int, float)) else float("-inf")
 
 
 def collect_rows(seed_dirs: dict[int, dict[str, Path]]) -> list[dict]:

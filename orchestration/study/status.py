@@ -1,7 +1,8 @@
 """Where a study stands, running nothing: every seed's stages in running order, each done here, reused
 (finished in an archive or another run that the config's `reuse` names), started (running now, or stopped
 mid-stage: it says which where it can tell) or pending; the time the finished ones took, and what the rest
-should take by the same stage on the seeds where it has finished. A study on 2 cores spans working sessions; this says what remains.
+should take by the same stage on the seeds where it has finished. A study on 2 cores spans working sessions;
+this says what remains.
 
     layerwise study status studies/beauty-llama.yaml
 """
@@ -65,13 +66,10 @@ def running(folder: Path) -> bool | None:
 
     import psutil
 
-    from orchestration.pipeline.stages import RUNNING
+    from orchestration.pipeline.stages import running_marker
 
-    try:
-        marker = json.loads((folder / RUNNING).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if marker.get("host") != socket.gethostname():
+    marker = running_marker(folder)
+    if marker is None or marker.get("host") != socket.gethostname():
         return None
     try:
         return psutil.Process(marker["pid"]).create_time() <= marker["since"] + 1  # not a later process's pid
