@@ -56,8 +56,11 @@ def test_an_undisturbed_measurement_passes_unmarked():
     assert entry["status"] == "ok" and entry["disturbed_because"] == [], entry
     assert result["status"] == "ok" and len(result["guard"]["attempts"]) == 1 and entry["runs"] == RUNS
     assert 0.8 < entry["efficiency"] <= EFFICIENCY_LIMIT  # what the sleeps make it: at the bound
+    # The wall figure is what the sleeps control and what the guard judges. The cpu-time cell beside it
+    # times only Python between the sleeps (cpu-time f near 0.2), so it is judged but not asserted here.
     table = format_table(result)
-    assert "disturbed" not in table.lower() and f"{entry['speedup']:.2f} [" in table
+    row = next(line for line in table.splitlines() if line.startswith("| compact |"))
+    assert row.split(" | ")[8].startswith(f"{entry['speedup']:.2f} [") and "DISTURBED" not in table
 
 
 def test_a_passing_disturbance_is_measured_again_and_clears():
