@@ -31,10 +31,12 @@ run: $(STAMP)
 # pytest exits 5 when it collects no tests; that is a failure here, never a pass.
 # Two pytest workers, each taking whole test files (module fixtures stay in one process): much of the
 # suite waits on Ray, subprocesses and sockets rather than computing, so two files at a time on 2 cores
-# take about 14 minutes (770 tests) where one at a time took far longer. tests/conftest.py hands out the
-# files with slow tests first, so that no long file starts last and runs alone.
+# take about 14 minutes (770 tests) where one at a time took far longer. tests/conftest.py orders the
+# files with slow tests first, so that no long file starts last and runs alone; --no-loadscope-reorder
+# keeps that order (pytest-xdist otherwise hands out the files with the most tests first, which left the
+# long two-test files, such as the Ctrl-C/kill -9 search, for the end, one worker running them alone).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests; rc=$$?; \
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 # The environment and caches only: runs/ holds the MLflow store and the studies, which take hours to make.

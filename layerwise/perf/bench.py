@@ -21,7 +21,7 @@ Wall time is the measure; process CPU time per call is recorded beside it (`cpu`
 machine long calls are preempted more than short ones, which inflates wall-clock speedups past the bound
 (CPU time is immune to that with one torch thread; with more it also counts OpenMP spin-waiting).
 CPU RSS is process-wide, so peak memory is measured per saved model in a fresh subprocess
-(`layerwise.perf.memory.peak_memory`); in-memory models on CPU are reported "not measured" rather than given a
+(`layerwise.perf.memory.peak_memories`, side by side where the CPUs and memory allow); in-memory models on CPU are reported "not measured" rather than given a
 number. Parameter bytes and FLOPs are counted, not timed (`layerwise.perf.cost`). The `layerwise bench` command
 wraps `bench_dirs`.
 """
@@ -43,7 +43,7 @@ import transformers
 from layerwise.perf.guard import REMEASURES, judge, remeasure, speed_cell, verdict
 from layerwise.perf.cost import FLOPS_NOTE, forward_flops, make_histories, parameter_bytes
 from layerwise.device import describe, inference_autocast, peak_bf16_flops, resolve_device
-from layerwise.perf.memory import peak_memory
+from layerwise.perf.memory import peak_memories
 from layerwise.models.recommender import SequentialRecommender
 
 _MB = 2**20
@@ -317,11 +317,11 @@ def bench_dirs(model_dirs: list[str], batch_sizes=(1, 64), runs: int = 30, warmu
     models = {name: load_compact(d).to(device) for name, d in zip(names, model_dirs)}
     result = benchmark(models, batch_sizes, runs, warmup, max_len=max_len, seed=seed,
                        reference=names[reference_index], remeasures=remeasures)
-    for name, d in zip(names, model_dirs):
+    keys = [(name, d, batch) for name, d in zip(names, model_dirs) for batch in batch_sizes]
+    peaks = peak_memories([(d, batch) for _, d, batch in keys], max_len, str(device), seed=seed)
+    for (name, d, batch), peak in zip(keys, peaks):
         result["models"][name]["dir"] = str(d)
-        for batch in batch_sizes:
-            result["models"][name]["batches"][str(batch)]["memory"] = peak_memory(d, batch, max_len, str(device),
-                                                                                  seed=seed)
+        result["models"][name]["batches"][str(batch)]["memory"] = peak
     return result
 
 

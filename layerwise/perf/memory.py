@@ -1,6 +1,10 @@
 """Peak memory of one saved model, measured in a fresh Python subprocess (CPU RSS is process-wide).
 
     python -m layerwise.perf.memory --peak runs/teacher --batch-size 64 --max-len 50   # prints JSON
+
+`peak_memories` measures several (model, batch size) pairs, in parallel subprocesses where the CPU and the
+free memory allow: each figure is its own process's high-water mark, so running side by side changes no
+figure, only the wall time (most of a measurement is the interpreter importing torch and transformers).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -36,6 +41,30 @@ def peak_memory(model_dir: str | Path, batch_size: int, max_len: int, device: st
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory subprocess failed for {model_dir}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# What one measuring subprocess holds beyond its model: the interpreter with torch and transformers imported
+# (about 470 MB measured as baseline_rss_bytes), rounded up.
+INTERPRETER_BYTES = 768 * 2**20
+
+
+def parallel_measurements(model_dirs: list[str | Path], device: str = "cpu") -> int:
+    """How many peak-memory subprocesses may run at once: one per CPU, as many as the available memory holds
+    at the interpreter plus three times the largest model's files each (load, copy and activations), and one
+    on an accelerator, whose memory the processes would share."""
+    if not str(device).startswith("cpu"):
+        return 1
+    largest = max((sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) for d in model_dirs), default=0)
+    by_memory = psutil.virtual_memory().available // (INTERPRETER_BYTES + 3 * largest)
+    return max(1, min(os.cpu_count() or 1, by_memory))
+
+
+def peak_memories(jobs: list[tuple[str | Path, int]], max_len: int, device: str = "cpu", seed: int = 0) -> list[dict]:
+    """`peak_memory` for every (model_dir, batch_size) in `jobs`, in that order, `parallel_measurements` at a
+    time. Raises the first subprocess's failure."""
+    workers = min(len(jobs), parallel_measurements([d for d, _ in jobs], device)) or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: peak_memory(job[0], job[1], max_len, device, seed=seed), jobs))
 
 
 def peak_rss_bytes() -> int:

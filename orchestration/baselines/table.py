@@ -37,7 +37,7 @@ from layerwise.perf.guard import describe, speed_cell
 from layerwise.compression.compress import n_kept
 from layerwise.compression.distill import HealConfig
 from layerwise.evaluation.evaluate import evaluate
-from layerwise.perf.memory import peak_memory
+from layerwise.perf.memory import peak_memories
 from layerwise.models.checkpoint import read_manifest, save_recommender
 from orchestration.baselines.method import methods, run_method, teacher_build, teacher_train_config
 from orchestration.outputs import METRIC_COLUMNS, write_json
@@ -92,17 +92,17 @@ def _timed_models(variants: dict[str, list[Variant]], device: torch.device) -> d
 
 def _memory(models: dict, teacher_dir: str, batch: int, max_len: int, device: str = "cpu") -> dict[str, dict]:
     """Peak inference memory per timed model in a fresh subprocess; quantized ones are not measured."""
-    out = {}
+    out, paths = {}, {}
     with tempfile.TemporaryDirectory(prefix="baselines-") as tmp:
         for name, model in models.items():
             if is_quantized(model):
                 out[name] = {"status": "not measured", "reason": "quantized modules have no stock save format "
                              "here, and CPU RSS in this process is shared by every model"}
                 continue
-            path = teacher_dir if name == "teacher" else save_recommender(model, Path(tmp) / f"m{len(out)}",
-                                                                           {"kind": "baseline", "row": name})
-            out[name] = peak_memory(path, batch, max_len, device)
-    return out
+            paths[name] = teacher_dir if name == "teacher" else save_recommender(
+                model, Path(tmp) / f"m{len(paths)}", {"kind": "baseline", "row": name})
+        out.update(zip(paths, peak_memories([(p, batch) for p in paths.values()], max_len, device)))
+    return {name: out[name] for name in models}
 
 
 def _attach_speed(rows: list[dict], timing: dict, memory: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from layerwise.perf.bench import bench_dirs, benchmark, format_table, interleaved_schedule, ratio_ci, zero_layer_variant
 from layerwise.perf.cost import forward_flops, make_histories
-from layerwise.perf.memory import peak_memory
+from layerwise.perf.memory import parallel_measurements, peak_memories, peak_memory
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import save_recommender
 
@@ -163,6 +163,20 @@ def test_peak_memory_comes_from_a_fresh_subprocess(tmp_path):
     assert peak["baseline_rss_bytes"] > 0 and peak["peak_over_baseline_bytes"] > 0
     assert peak["peak_rss_bytes"] >= peak["loaded_rss_bytes"]
     assert peak["threads"] == 1  # the parent's thread count travels with the command
+
+
+@pytest.mark.slow
+def test_peak_memories_run_side_by_side_and_come_back_in_order(tmp_path):
+    save_recommender(tiny(), tmp_path / "a", {})
+    save_recommender(compact(tiny(), [1]), tmp_path / "b", {})
+    jobs = [(tmp_path / "a", 2), (tmp_path / "b", 4), (tmp_path / "a", 4)]
+    peaks = peak_memories(jobs, max_len=8)
+    assert [p["batch_size"] for p in peaks] == [2, 4, 4] and len({p["pid"] for p in peaks}) == 3
+    assert peaks[1]["param_bytes"] < peaks[0]["param_bytes"] == peaks[2]["param_bytes"]  # b keeps 1 layer
+    assert 1 <= parallel_measurements([tmp_path / "a"]) <= os.cpu_count()
+    assert parallel_measurements([tmp_path / "a"], device="cuda:0") == 1  # processes would share the card
+    with pytest.raises(RuntimeError, match="peak-memory subprocess failed for .*missing"):
+        peak_memories([(tmp_path / "a", 2), (tmp_path / "missing", 2)], max_len=8)
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def test_distributed_heal_runs_on_ray_train_with_deepspeed(ray_local, teacher_di
 
 
 # --- Ctrl-C, then kill -9, then resume ---------------------------------------------------------------------
-RESUME_SAMPLES = 4
+RESUME_SAMPLES = 3
 
 
 def _start(run_dir: Path, teacher: str, cache: Path) -> subprocess.Popen:
