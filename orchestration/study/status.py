@@ -39,12 +39,29 @@ def study_status(config: StudyConfig, data=None) -> dict:
     left = [row for row in rows if row["state"] in ("started", "pending")]
     for row in left:
         row["cpu_seconds_estimate"] = mean(finished[row["stage"]]) if finished[row["stage"]] else None
+    _estimate_by_runs([row for row in left if row["cpu_seconds_estimate"] is None], rows,
+                      {"baseline-random": config.random_draws})
     return {"run_dir": str(root), "stages": rows,
             "counts": {state: sum(row["state"] == state for row in rows) for state in STATES},
             "cpu_hours_done": sum(sum(v) for v in finished.values()) / 3600,
             "cpu_hours_left": sum(row["cpu_seconds_estimate"] or 0 for row in left) / 3600,
+            "wall_hours_left_by_runs": sum(row.get("wall_seconds_estimate") or 0 for row in left) / 3600,
             "unestimated": [f"seed-{row['seed']}/{row['stage']}" for row in left
-                            if row["cpu_seconds_estimate"] is None]}
+                            if row["cpu_seconds_estimate"] is None and row.get("wall_seconds_estimate") is None]}
+
+
+def _estimate_by_runs(unestimated: list[dict], rows: list[dict], runs_per_stage: dict[str, int]) -> None:
+    """A stage no seed has finished, but whose training runs have (a random draw of the `random` baseline,
+    which trains `random_draws` of them): what is left of it, in wall seconds, from the mean wall time of
+    its finished runs on any seed, less what each row's own saved runs have done. Sets
+    row["wall_seconds_estimate"]; rows of a stage with no finished run get none."""
+    for row in unestimated:
+        done = [r["minutes"] for other in rows if other["stage"] == row["stage"]
+                for r in other.get("saved") or [] if r["finished"]]
+        if done:
+            total = runs_per_stage.get(row["stage"], 1) * mean(done)
+            spent = sum(r["minutes"] for r in row.get("saved") or [])
+            row["wall_seconds_estimate"] = 60 * max(0.0, total - spent)
 
 
 def _row(seed: int, stage: str, state: str, folder: Path | None) -> dict:
@@ -101,9 +118,12 @@ def format_status(status: dict) -> str:
         for row in (r for r in status["stages"] if r["seed"] == seed):
             if row["state"] in ("done", "reused"):
                 took = _minutes(row["seconds"], row["cpu_seconds"])
+            elif row.get("cpu_seconds_estimate") is not None:
+                took = f"about {row['cpu_seconds_estimate'] / 60:.0f} CPU min (other seeds)"
+            elif row.get("wall_seconds_estimate") is not None:
+                took = f"about {row['wall_seconds_estimate'] / 60:.0f} wall min left (its finished training runs)"
             else:
-                estimate = row.get("cpu_seconds_estimate")
-                took = f"about {estimate / 60:.0f} CPU min (other seeds)" if estimate is not None else ""
+                took = ""
             now = {True: "running now", False: "not running (its process was killed)", None: ""}[row.get("running")]
             saved = "; ".join(f"{r['run']}: {'finished' if r['finished'] else 'epoch ' + str(r['epoch']) + ' saved'}"
                               f" ({r['minutes']:.0f} min)" for r in row.get("saved") or [])
@@ -114,7 +134,9 @@ def format_status(status: dict) -> str:
                  f"({c['reused']} reused), {c['started']} started, {c['pending']} pending; "
                  f"{status['cpu_hours_done']:.1f} CPU-hours done, about {status['cpu_hours_left']:.1f} left "
                  f"by the same stages on other seeds"
-                 + (f", and {len(status['unestimated'])} stages that no seed has finished"
+                 + (f", about {status['wall_hours_left_by_runs']:.1f} wall hours by the finished training runs "
+                    f"of stages no seed has finished" if status.get("wall_hours_left_by_runs") else "")
+                 + (f", and {len(status['unestimated'])} stages with no estimate yet"
                     if status["unestimated"] else ""))
     return "\n".join(lines)
 

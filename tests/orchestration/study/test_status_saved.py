@@ -66,3 +66,27 @@ def test_status_tells_a_stage_running_now_from_one_whose_process_is_gone(tmp_pat
     assert "ours                         started  not running (its process was killed)" in text
     (killed / RUNNING).write_text(json.dumps({"since": since, "pid": 1, "host": "another-node"}))
     assert running(killed) is None  # another node's process: not visible from here
+
+
+def test_a_stage_no_seed_has_finished_is_estimated_from_its_finished_training_runs():
+    from orchestration.study.status import _estimate_by_runs
+
+    def row(seed, stage, state, *saved):
+        return {"seed": seed, "stage": stage, "state": state, "seconds": None, "cpu_seconds": None,
+                "running": None, "cpu_seconds_estimate": None,
+                "saved": [{"run": f"heal-checkpoint/heal-{i + 1}", "epoch": 6, "minutes": m, "finished": f}
+                          for i, (m, f) in enumerate(saved)]}
+
+    started = row(0, "baseline-random", "started", (30.0, True), (10.0, False))  # draw 1 done, draw 2 begun
+    pending = row(1, "baseline-random", "pending")
+    unknown = row(0, "dependency", "pending")
+    rows = [started, pending, unknown]
+    _estimate_by_runs(rows, rows, {"baseline-random": 3})
+    assert started["wall_seconds_estimate"] == 60 * (3 * 30.0 - 40.0)  # three draws of 30 min, 40 spent
+    assert pending["wall_seconds_estimate"] == 60 * 90.0 and "wall_seconds_estimate" not in unknown
+    text = format_status({"run_dir": "runs/s", "stages": rows, "counts": {"done": 0, "reused": 0, "started": 1,
+                                                                          "pending": 2},
+                          "cpu_hours_done": 0.0, "cpu_hours_left": 0.0, "wall_hours_left_by_runs": 140 / 60,
+                          "unestimated": ["seed-0/dependency"]})
+    assert "heal-checkpoint/heal-2: epoch 6 saved (10 min); about 50 wall min left (its finished training runs)" in text
+    assert "about 2.3 wall hours by the finished training runs of stages no seed has finished, and 1 stages" in text
