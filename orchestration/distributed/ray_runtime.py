@@ -56,9 +56,47 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         ray.init(address=address, **options)
     else:
         store_mb = object_store_mb if object_store_mb is not None else _default_store_mb()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=None if store_mb is None else int(store_mb * 2**20), **options)
+        _start_embedded(num_cpus=num_cpus, include_dashboard=False,
+                        object_store_memory=None if store_mb is None else int(store_mb * 2**20), **options)
     return ray.cluster_resources()
+
+
+# Ray waits a fixed 30 s for a new raylet to register with its GCS, and on a loaded 2-core machine (a study
+# beside the test suite, load average above 8) it once took longer: one more try, after the first's
+# processes are gone, rather than losing the run.
+STARTUP_TRIES = 2
+STARTUP_TIMEOUT = "timed out during startup"  # ray._private.node.Node's message
+
+
+def _start_embedded(**options) -> None:
+    """`ray.init(address="local", **options)`, tried again once when the new node times out registering;
+    the processes the failed try started (its GCS, raylet, agents) are ended first."""
+    for attempt in range(1, STARTUP_TRIES + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(error) or attempt == STARTUP_TRIES:
+                raise
+            ray.shutdown()
+            end_new_children(before)
+            logging.getLogger(__name__).warning("Ray's node %s; starting it again (try %d of %d)",
+                                                STARTUP_TIMEOUT, attempt + 1, STARTUP_TRIES)
+
+
+def end_new_children(before: set[int], timeout: float = 10.0) -> list[int]:
+    """End this process's descendants whose pids are not in `before` (terminate, then kill the ones still
+    alive after `timeout`); returns their pids."""
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for process in new:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(new, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return [p.pid for p in new]
 
 
 @contextlib.contextmanager
