@@ -37,6 +37,9 @@ BASELINES: dict[str, Callable] = {
     "nas": nas,
 }
 SCORER_BASELINES = ("mostpop",)  # take only the data and return a scorer
+# Make one [unhealed, healed] pair for each seed in `budget.seeds` (a draw), and nothing else, so that a caller
+# may run them one draw at a time with `Budget(seeds=(draw,))` (orchestration.study.seed keeps each draw).
+PER_DRAW_BASELINES = ("random",)
 
 __all__ = ["BASELINES", "SCORER_BASELINES", "Budget", "Variant", "mostpop_scorer", "ours",
            "selection_evaluations", "storage_bytes", "is_quantized"]

@@ -21,9 +21,9 @@ Wall time is the measure; process CPU time per call is recorded beside it (`cpu`
 machine long calls are preempted more than short ones, which inflates wall-clock speedups past the bound
 (CPU time is immune to that with one torch thread; with more it also counts OpenMP spin-waiting).
 CPU RSS is process-wide, so peak memory is measured per saved model in a fresh subprocess
-(`layerwise.perf.memory.peak_memories`, side by side where the CPUs and memory allow); in-memory models on CPU are reported "not measured" rather than given a
-number. Parameter bytes and FLOPs are counted, not timed (`layerwise.perf.cost`). The `layerwise bench` command
-wraps `bench_dirs`.
+(`layerwise.perf.memory.peak_memories`, side by side where the CPUs and memory allow); in-memory models on
+CPU are reported "not measured" rather than given a number. Parameter bytes and FLOPs are counted, not timed
+(`layerwise.perf.cost`). The `layerwise bench` command wraps `bench_dirs`.
 """
 
 from __future__ import annotations

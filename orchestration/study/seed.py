@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -231,28 +232,73 @@ class SeedRun(AblationStages, DependencyStage):
 
     def _baseline(self, name: str) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
-            from layerwise.baselines import is_quantized
+            from layerwise.baselines import PER_DRAW_BASELINES
             from orchestration.baselines.method import run_method
 
-            variants = run_method(name, self.data, self.teacher, self._budget(), self.compact, self.progress)
-            rows, saved = [], set()
-            for i, v in enumerate(variants):  # draws of a randomised baseline share a row name, not a file
-                timing = v.timing or None
-                row = self._evaluate(v.model, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
-                                     method=name, timing=timing,
-                                     n_layers=getattr(v.model, "n_layers", None), training=v.training,
-                                     kept=v.info.get("kept"), draw=v.info.get("seed"))
-                if timing and self.seed == self.config.seeds[0]:
-                    if is_quantized(v.model):
-                        row["quantized"] = name  # rebuilt for timing: int8/int4 of the teacher or of ours
-                    elif timing not in saved:
-                        _save_timing_model(v.model, out, timing, {"kind": "baseline", "row": v.row})
-                        saved.add(timing)
-                    row["timing_model"] = _timing_path(timing) if timing in saved else None
-                rows.append(row)
+            budget = self._budget()
+            if name in PER_DRAW_BASELINES:  # one draw at a time, each kept once made
+                rows = []
+                for draw in budget.seeds:
+                    rows += self._draw_rows(name, replace(budget, seeds=(draw,)), out, first=len(rows))
+            else:
+                variants = run_method(name, self.data, self.teacher, budget, self.compact, self.progress)
+                rows = self._variant_rows(name, variants, out)
+            if self.seed == self.config.seeds[0]:  # a draw made on another machine left its timing model there
+                for row in (r for r in rows if r.get("timing")):
+                    found = (out / _timing_path(row["timing"]) / "manifest.json").exists()
+                    row["timing_model"] = _timing_path(row["timing"]) if found and not row.get("quantized") else None
             write_json(out / ROWS, rows)
 
         return stage
+
+    def _variant_rows(self, name: str, variants: list, out: Path, first: int = 0) -> list[dict]:
+        """Evaluate a baseline's variants as rows of its stage (their per-user tables numbered from `first`:
+        draws of a randomised baseline share a row name, not a file). On the first seed, the first model of
+        each architecture is saved for the driver's speed benchmark."""
+        from layerwise.baselines import is_quantized
+
+        rows = []
+        for i, v in enumerate(variants, start=first):
+            timing = v.timing or None
+            row = self._evaluate(v.model, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
+                                 method=name, timing=timing,
+                                 n_layers=getattr(v.model, "n_layers", None), training=v.training,
+                                 kept=v.info.get("kept"), draw=v.info.get("seed"))
+            if timing and self.seed == self.config.seeds[0]:
+                if is_quantized(v.model):
+                    row["quantized"] = name  # rebuilt for timing: int8/int4 of the teacher or of ours
+                elif not (out / _timing_path(timing) / "manifest.json").exists():
+                    _save_timing_model(v.model, out, timing, {"kind": "baseline", "row": v.row})
+            rows.append(row)
+        return rows
+
+    def _draw_rows(self, name: str, budget, out: Path, first: int) -> list[dict]:
+        """The rows of one draw (`budget.seeds`: that draw alone) of a baseline that makes a pair per draw.
+        Once made, they and their per-user tables are kept under resume/ with the draw's wall and CPU
+        seconds, so that a stage stopped between draws (the end of a machine's session: a random draw of
+        SmolLM2 takes 35 minutes), here or on the machine of an archive that carried them, makes only the
+        draws it lacks. Each draw's healing keeps its epochs in a checkpoint folder of its own."""
+        from layerwise.training.resume import stage_checkpoints
+        from orchestration.baselines.method import run_method
+
+        draw = budget.seeds[0]
+        path = out / RESUME / f"draw-{draw}.json"
+        if not path.exists():
+            started, cpu = time.monotonic(), time.process_time()
+            with stage_checkpoints(out / "heal-checkpoint" / f"draw-{draw}"):
+                variants = run_method(name, self.data, self.teacher, budget, self.compact, self.progress)
+            rows = self._variant_rows(name, variants, out, first)
+            for row in rows:
+                (out / RESUME / row["per_user"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / row["per_user"], out / RESUME / row["per_user"])
+            write_json(path, {"draw": draw, "rows": rows, "seconds": time.monotonic() - started,
+                              "cpu_seconds": time.process_time() - cpu})
+        rows = json.loads(path.read_text())["rows"]
+        for row in rows:  # made in an earlier invocation, maybe on another machine
+            if not (out / row["per_user"]).exists():
+                (out / row["per_user"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out / RESUME / row["per_user"], out / row["per_user"])
+        return rows
 
     def _ablation(self, component: str) -> Callable[[Path], None]:
         def stage(out: Path) -> None:

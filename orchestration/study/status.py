@@ -96,11 +96,22 @@ def running(folder: Path) -> bool | None:
 
 def saved_runs(folder: Path) -> list[dict]:
     """The training runs a started stage has checkpointed (its teacher's `model-checkpoint/`, each healing
-    or trained student in `heal-checkpoint/heal-N/`): {"run": path inside the stage, "epoch": the last
-    saved, "minutes": its wall time so far, "finished": a healing that ended and waits for its stage}."""
+    or trained student in `heal-checkpoint/heal-N/`, a draw's in `heal-checkpoint/draw-D/heal-1/`) or kept
+    as finished draws (`resume/draw-D.json`, orchestration.study.seed): {"run": path inside the stage,
+    "epoch": the last saved, "minutes": its wall time so far, "finished": a healing or draw that ended and
+    waits for its stage}."""
     from layerwise.training.resume import saved_progress
+    from orchestration.pipeline.stages import RESUME
 
     runs = []
+    for path in sorted((folder / RESUME).glob("draw-*.json")):
+        try:
+            kept = json.loads(path.read_text())
+            epochs = max((row.get("training") or {}).get("epochs_run") or 0 for row in kept["rows"])
+            runs.append({"run": path.relative_to(folder).as_posix(), "epoch": epochs,
+                         "minutes": kept["seconds"] / 60, "finished": True})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a file this version did not write: nothing to count
     for directory in sorted({p.parent.parent for p in folder.rglob("epoch-*/progress.json")}):
         progress = saved_progress(directory)
         if progress is not None:

@@ -90,3 +90,25 @@ def test_a_stage_no_seed_has_finished_is_estimated_from_its_finished_training_ru
                           "unestimated": ["seed-0/dependency"]})
     assert "heal-checkpoint/heal-2: epoch 6 saved (10 min); about 50 wall min left (its finished training runs)" in text
     assert "about 2.3 wall hours by the finished training runs of stages no seed has finished, and 1 stages" in text
+
+
+def test_kept_draws_of_an_unfinished_stage_count_as_finished_runs(tmp_path):
+    """A random-layer draw that ended is kept as resume/draw-D.json (its rows, wall and CPU seconds) and its
+    healing checkpoints are gone: status still counts it, as a finished run of its minutes, beside the draw
+    that has epochs saved."""
+    import json
+
+    stage = tmp_path / "baseline-random-0123456789ab"
+    (stage / "resume").mkdir(parents=True)
+    rows = [{"row": "random", "training": None}, {"row": "random +heal", "training": {"epochs_run": 4}}]
+    (stage / "resume" / "draw-0.json").write_text(json.dumps({"draw": 0, "rows": rows, "seconds": 1800.0,
+                                                              "cpu_seconds": 3300.0}))
+    (stage / "resume" / "draw-9.json").write_text("{not json")  # unreadable: not counted, not fatal
+    data = cyclic_data(n_users=20)
+    config = TrainConfig(epochs=4, batch_size=32, lr=1e-2, max_len=12, patience=4, eval_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_recommender(tiny_model(n_items=data.n_items), data, config, progress=False,
+                          checkpoint=stage / "heal-checkpoint" / "draw-1000" / "heal-1", stop=lambda epoch: epoch == 2)
+    kept, begun = saved_runs(stage)
+    assert kept == {"run": "resume/draw-0.json", "epoch": 4, "minutes": 30.0, "finished": True}
+    assert begun["run"] == "heal-checkpoint/draw-1000/heal-1" and begun["epoch"] == 2 and not begun["finished"]

@@ -178,6 +178,57 @@ def test_an_importance_stage_stopped_midway_makes_only_the_estimators_it_lacks(s
 
 
 @pytest.mark.slow
+def test_a_random_baseline_stopped_between_draws_makes_only_the_draws_it_lacks(study, tmp_path, monkeypatch):
+    """Each random-layer draw is kept under resume/ with its per-user tables once made: a rerun of the stage
+    (here, or from an archive that carried them) reads the kept draws and heals only the others."""
+    from layerwise.baselines.budget import n_parameters
+    from layerwise.compression.compact import load_compact
+    from layerwise.data import load_dataset
+    from orchestration.baselines import method
+    from orchestration.pipeline.stages import RESUME
+    from orchestration.study.seed import SeedRun
+
+    config, root, _ = study
+    made = next((root / "study" / "seeds" / "seed-0").glob("baseline-random-*"))
+    first = json.loads((made / "rows.json").read_text())
+    draws = sorted({row["draw"] for row in first})
+    assert len(draws) == config.random_draws == 3
+    assert sorted(p.name for p in (made / RESUME).glob("draw-*.json")) == sorted(f"draw-{d}.json" for d in draws)
+    assert not (made / "heal-checkpoint").exists()  # every draw's healing checkpoints went with the stage
+    # A stage stopped after its first two draws, carried to another folder (another machine) without eval/.
+    out = tmp_path / made.name
+    (out / RESUME / "eval").mkdir(parents=True)
+    for draw in draws[:2]:
+        kept = json.loads((made / RESUME / f"draw-{draw}.json").read_text())
+        for row in kept["rows"]:
+            row["means"] = {**row["means"], "ndcg@10": -1.0}  # not what healing gives: read, not made again
+            shutil.copyfile(made / RESUME / row["per_user"], out / RESUME / row["per_user"])
+        (out / RESUME / f"draw-{draw}.json").write_text(json.dumps(kept))
+    run = SeedRun(config, 0, tmp_path, load_dataset(config.data.dataset, cache_dir=config.data.cache_dir))
+    run.dirs["teacher"] = next(made.parent.glob("teacher-*"))
+    run.teacher = load_compact(run.dirs["teacher"] / "model").eval().requires_grad_(False)
+    ours = next(made.parent.glob("ours-*")) / "model"
+    run.k, run.compact = load_compact(ours, architecture_only=True).n_layers, None
+    run.compact_parameters = n_parameters(load_compact(ours, architecture_only=True))
+    healed = []
+    real = method.run_method
+    monkeypatch.setattr(method, "run_method", lambda name, data, teacher, budget, *rest: (
+        healed.append(budget.seeds), real(name, data, teacher, budget, *rest))[1])
+    run._baseline("random")(out)
+
+    assert healed == [(draws[2],)]
+    again = json.loads((out / "rows.json").read_text())
+    assert [(r["row"], r["draw"], r["kept"], r["per_user"]) for r in again] == [
+        (r["row"], r["draw"], r["kept"], r["per_user"]) for r in first]
+    assert [r["means"]["ndcg@10"] for r in again[:4]] == [-1.0] * 4
+    assert all((out / r["per_user"]).exists() for r in again)
+    # Seed 0 times one model of the architecture: the kept draws' was saved elsewhere, the new one's here.
+    assert {r["timing_model"] for r in again} == {"timing/random"}
+    assert (out / "timing" / "random" / "manifest.json").exists()
+    assert not list((out / "heal-checkpoint").rglob("epoch-*"))
+
+
+@pytest.mark.slow
 def test_a_variant_reuses_the_studys_teachers_and_runs_only_what_it_changes(study, monkeypatch):
     config, root, results = study
     monkeypatch.chdir(root)  # the reused folder named relative to where the study runs, as a YAML names it
