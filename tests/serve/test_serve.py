@@ -19,6 +19,7 @@ from layerwise.data import load_dataset
 from layerwise.evaluation.evaluate import recommend
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from layerwise.models.checkpoint import save_recommender
+from layerwise.perf.guard import GROWTH
 from layerwise.training.train import TrainConfig, train_recommender
 from serve import loadtest
 from serve.app import build_app, proxy_admission, serve_main
@@ -338,8 +339,11 @@ def test_load_run_of_compact_and_teacher(server, models, tmp_path):
     assert report["settings"]["model_call"] == "thread"  # the server fixture covers the default, "loop"
     assert [r["label"] for r in report["runs"]] == ["compact", "teacher"]
     assert [r["layers"] for r in report["runs"]] == [2, 4]
+    # A pair the machine's load disturbed is loaded again with twice the requests: the runs are the last try's.
+    rounds = [a["rounds"] for a in report["guard"]["attempts"]]
+    assert rounds == [200 * GROWTH**i for i in range(len(rounds))]
     for run in report["runs"]:
-        assert run["requests"] == 200 and run["errors"] == 0 and run["statuses"] == {"200": 200}
+        assert run["requests"] == rounds[-1] and run["errors"] == 0 and run["statuses"] == {"200": rounds[-1]}
         lat = run["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert run["requests_per_s"] > 0 and run["batching"]["mean_batch_size"] >= 1
