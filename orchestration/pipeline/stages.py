@@ -214,12 +214,36 @@ def check_against_archive(name: str, out: Path, archived: Path) -> None:
 
 def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:
     """Run a stage: (whether its outputs are final, {"seconds", "cpu_seconds", "load_avg_start",
-    "load_avg_end"}). Wall time alone cannot tell work from waiting on a shared machine; CPU time and the
-    1-minute load average beside it can."""
+    "load_avg_end", "peak_rss_gb"}). Wall time alone cannot tell work from waiting on a shared machine; CPU
+    time and the 1-minute load average beside it can. The peak resident memory is the stage process's own
+    (Ray tasks it starts are not counted), None where the kernel cannot reset it: what two stages side by
+    side would need is known before they are run so."""
     load, cpu, started = os.getloadavg()[0], tree_cpu_seconds(), time.perf_counter()
+    reset = reset_peak_rss()
     final = fn(out) is not False
+    peak = peak_rss_bytes() if reset else None
     return final, {"seconds": time.perf_counter() - started, "cpu_seconds": tree_cpu_seconds() - cpu,
-                   "load_avg_start": load, "load_avg_end": os.getloadavg()[0]}
+                   "load_avg_start": load, "load_avg_end": os.getloadavg()[0],
+                   "peak_rss_gb": None if peak is None else round(peak / 2**30, 3)}
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak resident set size (Linux's VmHWM) back to its current size, so that
+    `peak_rss_bytes` then gives the peak of what follows. False where that cannot be done (not Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size since it started or since `reset_peak_rss`, or None."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), None)
 
 
 def machine() -> dict:

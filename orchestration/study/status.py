@@ -72,6 +72,7 @@ def _row(seed: int, stage: str, state: str, folder: Path | None) -> dict:
     started = state == "started" and folder is not None
     return {"seed": seed, "stage": stage, "state": state, "folder": str(folder or ""),
             "seconds": seconds.get("seconds"), "cpu_seconds": seconds.get("cpu_seconds"),
+            "peak_rss_gb": seconds.get("peak_rss_gb"),
             "saved": saved_runs(folder) if started else [], "running": running(folder) if started else None}
 
 
@@ -129,6 +130,8 @@ def format_status(status: dict) -> str:
         for row in (r for r in status["stages"] if r["seed"] == seed):
             if row["state"] in ("done", "reused"):
                 took = _minutes(row["seconds"], row["cpu_seconds"])
+                if row.get("peak_rss_gb") is not None:  # the stage process's own (stages recorded before: none)
+                    took += f", peak RSS {row['peak_rss_gb']:.1f} GB"
             elif row.get("cpu_seconds_estimate") is not None:
                 took = f"about {row['cpu_seconds_estimate'] / 60:.0f} CPU min (other seeds)"
             elif row.get("wall_seconds_estimate") is not None:

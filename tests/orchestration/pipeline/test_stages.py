@@ -128,6 +128,31 @@ def test_a_stage_records_the_machine_it_ran_on_and_the_runs_context(tmp_path):
     assert timing["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and timing["seconds"] >= 0
 
 
+def test_each_stage_records_its_own_peak_memory(tmp_path):
+    """A stage's peak RSS is its own: a stage that holds 400 MB records it, and the small stage after it in
+    the same process does not inherit that peak."""
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from orchestration.pipeline.stages import peak_rss_bytes, reset_peak_rss
+
+    if not sys.platform.startswith("linux") or not reset_peak_rss():
+        pytest.skip("the peak resident size is reset through Linux's /proc/self/clear_refs")
+
+    def big(out):
+        block = np.ones(400 * 2**20 // 8)  # written, so resident
+        assert block.sum() > 0
+
+    stages = Stages(tmp_path)
+    baseline = peak_rss_bytes() / 2**30
+    peaks = {name: json.loads((stages.run(name, "k", fn) / "_seconds.json").read_text())["peak_rss_gb"]
+             for name, fn in (("big", big), ("small", lambda out: None))}
+    assert peaks["big"] >= baseline + 0.35
+    assert peaks["small"] < peaks["big"] - 0.3
+
+
 def test_archived_runs_merge_once_each_in_the_order_they_started(tmp_path):
     from orchestration.study.archive import merge_invocations
 

@@ -364,10 +364,13 @@ def test_status_says_what_is_finished_where_and_what_remains(study, tmp_path, ca
     done = json.loads((tmp_path / "status.json").read_text())
     assert done["counts"] == {"done": len(done["stages"]), "reused": 0, "started": 0, "pending": 0}
     assert all(row["seconds"] > 0 and row["cpu_seconds"] is not None for row in done["stages"])
+    assert all(row["peak_rss_gb"] > 0.1 for row in done["stages"])  # each seed task holds torch, its data, ...
     names = [row["stage"] for row in done["stages"] if row["seed"] == 0]
     assert names[:4] == ["teacher", "importance", "ours", "baseline-mostpop"] and "sweep-random-k1" in names
     assert "ablation-heal" not in {row["stage"] for row in done["stages"] if row["seed"] == 1}  # extras_seeds=1
-    assert f"{len(done['stages'])} of {len(done['stages'])} stages finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{len(done['stages'])} of {len(done['stages'])} stages finished" in printed
+    assert re.search(r"teacher +done +[0-9.]+ min \(CPU [0-9.]+ min\), peak RSS [0-9.]+ GB", printed)
 
     archive_study(root / "study", tmp_path / "archive")
     moved = [*SETTINGS, f"run_dir={tmp_path}", f"data.cache_dir={root / 'cache'}", f"reuse=[{tmp_path / 'archive'}]"]
