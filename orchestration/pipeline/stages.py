@@ -133,11 +133,16 @@ class Stages:
 
             runner = {"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
             (out / RUNNING).write_text(json.dumps(runner))
+            wall, cpu = time.perf_counter(), tree_cpu_seconds()
             try:
                 with stage_checkpoints(out / "heal-checkpoint"):
                     final, timing = _timed(fn, out)
+            except BaseException:  # stopped: what it spent counts when a later invocation here finishes it
+                _add_spent(out, time.perf_counter() - wall, tree_cpu_seconds() - cpu)
+                raise
             finally:
                 (out / RUNNING).unlink(missing_ok=True)
+            timing = _with_earlier(out, timing)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
                 check_against_archive(name, out, archived)
@@ -225,6 +230,38 @@ def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:
     return final, {"seconds": time.perf_counter() - started, "cpu_seconds": tree_cpu_seconds() - cpu,
                    "load_avg_start": load, "load_avg_end": os.getloadavg()[0],
                    "peak_rss_gb": None if peak is None else round(peak / 2**30, 3)}
+
+
+# In a stage's folder: the wall and CPU seconds of its invocations that were stopped before it finished. They
+# are this machine's: the training checkpoints that let a later invocation go on from that work stay here too.
+# The archive does not carry it; a stage that goes on from carried resume files on another machine counts
+# only that machine's time (an importance part or a random draw records its own).
+SPENT = "_seconds.stopped.json"
+
+
+def _add_spent(out: Path, seconds: float, cpu_seconds: float) -> None:
+    """Add a stopped invocation's seconds to the stage's SPENT record."""
+    try:
+        spent = json.loads((out / SPENT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        spent = {"seconds": 0.0, "cpu_seconds": 0.0, "invocations": 0}
+    spent = {"seconds": spent["seconds"] + seconds, "cpu_seconds": spent["cpu_seconds"] + cpu_seconds,
+             "invocations": spent["invocations"] + 1}
+    (out / SPENT).write_text(json.dumps(spent))
+
+
+def _with_earlier(out: Path, timing: dict) -> dict:
+    """The finishing invocation's timing with the stopped ones' seconds added ("seconds", "cpu_seconds": the
+    stage's whole cost on this machine; "stopped_invocations", "last_invocation_seconds" say how it is made
+    up). An invocation killed outright (kill -9, the machine's end) records nothing: the sum is a floor."""
+    try:
+        spent = json.loads((out / SPENT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return timing
+    (out / SPENT).unlink()
+    return {**timing, "seconds": timing["seconds"] + spent["seconds"],
+            "cpu_seconds": timing["cpu_seconds"] + spent["cpu_seconds"],
+            "stopped_invocations": spent["invocations"], "last_invocation_seconds": timing["seconds"]}
 
 
 def reset_peak_rss() -> bool:

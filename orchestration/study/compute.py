@@ -30,7 +30,7 @@ def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],
     (seed 0 of the SmolLM2 study healed ours at 2 threads and trained scratch at 1), and the CPU time of the
     stage's process neither halves with a second thread nor grows when other jobs take the cores. Exact where
     every epoch recorded it; for runs made before they did, the wall curve times its stage's CPU/wall ratio
-    (_seconds.json, the stage's last invocation), and `estimated` names them."""
+    (_seconds.json: the stage's invocations on the machine that finished it), and `estimated` names them."""
     rows, curves, teacher, estimated = [], {}, [], []
     for seed in table.seeds:
         minutes, exact = _teacher_cpu_minutes(table.by_name["teacher"][seed][0], seed_dirs[seed])
@@ -64,7 +64,7 @@ def equal_compute(table: Rows, seed_dirs: Mapping[int, Mapping[str, Path]],
 
 
 def _cpu_ratio(dirs: Mapping[str, Path], stage: str | None) -> float:
-    """CPU seconds per wall second of a stage's last invocation (1.0 where it recorded none)."""
+    """CPU seconds per wall second of a stage (its _seconds.json; 1.0 where it recorded none)."""
     path = dirs[stage] / "_seconds.json" if stage in dirs else None
     if path is None or not path.exists():
         return 1.0
@@ -88,7 +88,7 @@ def _cpu_curve(training: Mapping, ratio: float) -> tuple[list[dict], float, bool
 def _importance_cpu_minutes(dirs: Mapping[str, Path]) -> tuple[float, bool]:
     """The importance stage's CPU minutes, and whether they are whole: the sum of its parts' (importance.json
     records each, in whichever invocation it was made), else its _seconds.json's, which times only the
-    stage's last invocation (an estimate: a stage resumed midway counts only its last part)."""
+    invocations on the machine that finished it (an estimate: parts made on another machine are left out)."""
     if "importance" not in dirs:
         return 0.0, False
     parts = json.loads((dirs["importance"] / "importance.json").read_text()).get("cpu_seconds") or {}

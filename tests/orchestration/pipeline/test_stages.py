@@ -153,6 +153,38 @@ def test_each_stage_records_its_own_peak_memory(tmp_path):
     assert peaks["small"] < peaks["big"] - 0.3
 
 
+def test_a_stage_finished_by_a_later_invocation_counts_the_time_of_the_stopped_ones(tmp_path):
+    """A stage stopped midway (Ctrl-C) and finished by a later run on this machine records the time of both:
+    the stopped one's work is kept in its checkpoints, so it is part of what the stage cost."""
+    import time
+
+    import pytest
+
+    from orchestration.pipeline.stages import SPENT
+
+    def busy(seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    def stopped(out):
+        busy(0.3)
+        raise KeyboardInterrupt
+
+    stages = Stages(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("teacher", "k", stopped)
+    # CPU times tick in hundredths here: 0.3 s of work may read 0.29
+    assert json.loads((tmp_path / "teacher-k" / SPENT).read_text())["cpu_seconds"] >= 0.25
+    out = Stages(tmp_path).run("teacher", "k", lambda out: busy(0.2))
+    timing = json.loads((out / "_seconds.json").read_text())
+    assert timing["stopped_invocations"] == 1 and not (out / SPENT).exists()
+    assert timing["cpu_seconds"] >= 0.45 and timing["seconds"] >= 0.5
+    assert 0.2 <= timing["last_invocation_seconds"] <= timing["seconds"] - 0.3
+    once = json.loads((Stages(tmp_path / "other").run("teacher", "k", lambda out: None) / "_seconds.json").read_text())
+    assert "stopped_invocations" not in once  # a stage done in one go is recorded as before
+
+
 def test_archived_runs_merge_once_each_in_the_order_they_started(tmp_path):
     from orchestration.study.archive import merge_invocations
 
