@@ -27,10 +27,13 @@ ARCHIVED = "_archived.json"  # in an archived stage: what the archive left out (
 # goes on. The archive carries an unfinished stage's (orchestration.study.archive), and a run that starts the
 # stage afresh takes them from there, so a stage longer than a working session spans sessions too.
 RESUME = "resume"
-# In a stage's folder while it runs: {"since": epoch seconds, "pid", "host"} of the process running it. A stage
-# stopped by force keeps it, so a reader tells a stage running now from one left unfinished by the start
-# (orchestration.study.driver.stage_progress) or by whether that process lives (study_status).
+# In a stage's folder while it runs: {"since": epoch seconds, "pid", "host"} of the process running it, and the
+# wall and CPU "seconds"/"cpu_seconds" it has spent, rewritten every HEARTBEAT_SECONDS. A stage stopped by force
+# keeps it, so a reader tells a stage running now from one left unfinished by the start
+# (orchestration.study.driver.stage_progress) or by whether that process lives (study_status), and the
+# invocation that finishes the stage counts the killed one's time (to within one heartbeat).
 RUNNING = "_RUNNING"
+HEARTBEAT_SECONDS = 30.0
 
 
 def running_marker(folder: Path) -> dict | None:
@@ -67,6 +70,7 @@ class Stages:
         self.skipped: list[str] = []
         self.ran: list[str] = []
         self.timings: dict[str, dict] = {}  # name -> _seconds.json of the stage (this run's or the earlier one)
+        self.heartbeat_s = HEARTBEAT_SECONDS
 
     def done(self, name: str, key: str) -> bool:
         """Whether the stage is finished here or in a reused root (archived counts as finished)."""
@@ -131,17 +135,14 @@ class Stages:
             # a machine's session) goes on from there when run again here.
             from layerwise.training.resume import stage_checkpoints
 
-            runner = {"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
-            (out / RUNNING).write_text(json.dumps(runner))
-            wall, cpu = time.perf_counter(), tree_cpu_seconds()
-            try:
-                with stage_checkpoints(out / "heal-checkpoint"):
-                    final, timing = _timed(fn, out)
-            except BaseException:  # stopped: what it spent counts when a later invocation here finishes it
-                _add_spent(out, time.perf_counter() - wall, tree_cpu_seconds() - cpu)
-                raise
-            finally:
-                (out / RUNNING).unlink(missing_ok=True)
+            _count_killed(out)  # an invocation here killed outright left its last heartbeat in the marker
+            with _Heartbeat(out / RUNNING, self.heartbeat_s) as beat:
+                try:
+                    with stage_checkpoints(out / "heal-checkpoint"):
+                        final, timing = _timed(fn, out)
+                except BaseException:  # stopped: what it spent counts when a later invocation here finishes it
+                    _add_spent(out, *beat.spent())
+                    raise
             timing = _with_earlier(out, timing)
             timing.update(machine(), **self.context)
             if archived is not None:  # made again because its weights were archived away: they must match
@@ -232,11 +233,62 @@ def _timed(fn: Callable[[Path], Any], out: Path) -> tuple[bool, dict]:
                    "peak_rss_gb": None if peak is None else round(peak / 2**30, 3)}
 
 
-# In a stage's folder: the wall and CPU seconds of its invocations that were stopped before it finished. They
-# are this machine's: the training checkpoints that let a later invocation go on from that work stay here too.
+# In a stage's folder: the wall and CPU seconds of its invocations that were stopped (or killed: RUNNING's last
+# heartbeat) before it finished. They are this machine's: the training checkpoints that let a later invocation
+# go on from that work stay here too.
 # The archive does not carry it; a stage that goes on from carried resume files on another machine counts
 # only that machine's time (an importance part or a random draw records its own).
 SPENT = "_seconds.stopped.json"
+
+
+class _Heartbeat:
+    """The RUNNING marker of a stage for a block: written at its start and every `period` seconds with the
+    time spent so far (from a daemon thread), removed at its end."""
+
+    def __init__(self, path: Path, period: float):
+        import threading
+
+        self.path, self.period = path, period
+        self.runner = {"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+        self.wall, self.cpu = time.perf_counter(), tree_cpu_seconds()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="stage-heartbeat", daemon=True)
+
+    def spent(self) -> tuple[float, float]:
+        """Wall and CPU seconds since the block began."""
+        return time.perf_counter() - self.wall, tree_cpu_seconds() - self.cpu
+
+    def _write(self) -> None:
+        seconds, cpu_seconds = self.spent()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({**self.runner, "seconds": seconds, "cpu_seconds": cpu_seconds}))
+        os.replace(tmp, self.path)  # a reader never sees half a marker
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.period):
+            try:
+                self._write()
+            except (OSError, psutil.Error):
+                pass  # a missed beat costs at most one period of the record
+
+    def __enter__(self) -> "_Heartbeat":
+        self._write()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _count_killed(out: Path) -> None:
+    """Count the time of an invocation on this host that was killed while running the stage (its RUNNING
+    marker is left, with its last heartbeat) as spent on the stage, and remove the marker."""
+    marker = running_marker(out)
+    if marker and marker.get("host") == socket.gethostname() and marker.get("seconds") is not None:
+        _add_spent(out, marker["seconds"], marker.get("cpu_seconds") or 0.0)
+    (out / RUNNING).unlink(missing_ok=True)
 
 
 def _add_spent(out: Path, seconds: float, cpu_seconds: float) -> None:
@@ -253,7 +305,8 @@ def _add_spent(out: Path, seconds: float, cpu_seconds: float) -> None:
 def _with_earlier(out: Path, timing: dict) -> dict:
     """The finishing invocation's timing with the stopped ones' seconds added ("seconds", "cpu_seconds": the
     stage's whole cost on this machine; "stopped_invocations", "last_invocation_seconds" say how it is made
-    up). An invocation killed outright (kill -9, the machine's end) records nothing: the sum is a floor."""
+    up). An invocation killed outright (kill -9, Ray's shutdown after a Ctrl-C) counts up to its last
+    heartbeat: the sum is a floor, short by at most a heartbeat per killed invocation."""
     try:
         spent = json.loads((out / SPENT).read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -185,6 +185,43 @@ def test_a_stage_finished_by_a_later_invocation_counts_the_time_of_the_stopped_o
     assert "stopped_invocations" not in once  # a stage done in one go is recorded as before
 
 
+def test_a_stage_whose_process_was_killed_counts_its_time_to_the_last_heartbeat(tmp_path):
+    """kill -9 (or Ray's shutdown of a seed task after a Ctrl-C) runs no handler: the RUNNING marker's
+    heartbeat says what the killed invocation had spent, and the invocation that finishes the stage adds it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from orchestration.pipeline.stages import RUNNING, running_marker
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from orchestration.pipeline.stages import Stages\n"
+        "stages = Stages(Path(sys.argv[1]))\n"
+        "stages.heartbeat_s = 0.1\n"
+        "def work(out):\n"
+        "    while True:\n"
+        "        sum(range(10000))\n"
+        "stages.run('teacher', 'k', work)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    try:
+        deadline = time.time() + 120
+        while ((running_marker(tmp_path / "teacher-k") or {}).get("cpu_seconds") or 0.0) < 0.5:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    beat = running_marker(tmp_path / "teacher-k")
+    assert beat["seconds"] >= 0.5 and beat["pid"] == proc.pid
+    out = Stages(tmp_path).run("teacher", "k", lambda out: None)
+    timing = json.loads((out / "_seconds.json").read_text())
+    assert timing["stopped_invocations"] == 1 and timing["seconds"] >= beat["seconds"]
+    assert timing["cpu_seconds"] >= beat["cpu_seconds"] >= 0.5 and not (out / RUNNING).exists()
+
+
 def test_archived_runs_merge_once_each_in_the_order_they_started(tmp_path):
     from orchestration.study.archive import merge_invocations
 
