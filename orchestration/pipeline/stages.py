@@ -271,7 +271,7 @@ class _Heartbeat:
             except (OSError, psutil.Error):
                 pass  # a missed beat costs at most one period of the record
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._write()
         self.thread.start()
         return self
