@@ -19,6 +19,7 @@ from typing import Any, Callable
 import psutil
 from rich.console import Console
 
+from orchestration.outputs import write_json
 from orchestration.pipeline import interrupts
 
 console = Console()
@@ -260,9 +261,7 @@ class _Heartbeat:
 
     def _write(self) -> None:
         seconds, cpu_seconds = self.spent()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({**self.runner, "seconds": seconds, "cpu_seconds": cpu_seconds}))
-        os.replace(tmp, self.path)  # a reader never sees half a marker
+        write_json(self.path, {**self.runner, "seconds": seconds, "cpu_seconds": cpu_seconds})  # atomic
 
     def _beat(self) -> None:
         while not self.stop.wait(self.period):
@@ -299,7 +298,7 @@ def _add_spent(out: Path, seconds: float, cpu_seconds: float) -> None:
         spent = {"seconds": 0.0, "cpu_seconds": 0.0, "invocations": 0}
     spent = {"seconds": spent["seconds"] + seconds, "cpu_seconds": spent["cpu_seconds"] + cpu_seconds,
              "invocations": spent["invocations"] + 1}
-    (out / SPENT).write_text(json.dumps(spent))
+    write_json(out / SPENT, spent)
 
 
 def _with_earlier(out: Path, timing: dict) -> dict:
