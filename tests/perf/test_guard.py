@@ -54,7 +54,12 @@ def test_an_undisturbed_measurement_passes_unmarked():
     result = run(teacher, compact)
     entry = result["models"]["compact"]["batches"]["4"]
     assert entry["status"] == "ok" and entry["disturbed_because"] == [], entry
-    assert result["status"] == "ok" and len(result["guard"]["attempts"]) == 1 and entry["runs"] == RUNS
+    # The sleeps put the compact model at its Amdahl bound, so a late wake-up can push one attempt's CI just
+    # past it (seen: [3.95, 3.99] against 3.95 on a quiet machine). The guard measuring again is then right;
+    # what must hold is that the clean measurement ends unmarked, with the rounds of the attempt it kept.
+    attempts = result["guard"]["attempts"]
+    assert result["status"] == "ok" and attempts[-1]["disturbed"] == {}
+    assert entry["runs"] == attempts[-1]["rounds"] == RUNS * GROWTH ** (len(attempts) - 1)
     assert 0.8 < entry["efficiency"] <= EFFICIENCY_LIMIT  # what the sleeps make it: at the bound
     # The wall figure is what the sleeps control and what the guard judges. The cpu-time cell beside it
     # times only Python between the sleeps (cpu-time f near 0.2), so it is judged but not asserted here.
