@@ -1,9 +1,10 @@
-"""Command output: console tables of metrics, and JSON files written atomically."""
+"""Command output: console tables of metrics, JSON files written atomically, file-name-safe names."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def write_json(path: str | Path, payload) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a row name ("ours+int8 +heal" -> "ours-int8-heal")."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "row"
 
 
 def _fmt(value) -> str:

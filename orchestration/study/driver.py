@@ -29,7 +29,8 @@ from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages, running_marker
 from orchestration.study.archive import merge_invocations, seed_threads
 from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
-from orchestration.study.seed import ROWS, run_seed
+from orchestration.study.rows import ROWS
+from orchestration.study.seed import run_seed
 
 PROGRESS_SECONDS = 30  # how often the driver's progress line re-reads the seeds' stage folders
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 METRIC = "ndcg@10"  # the metric every study table compares
+ROWS = "rows.json"  # what each stage writes: one row per model it evaluated
 
 
 class Rows:

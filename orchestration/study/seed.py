@@ -1,6 +1,6 @@
 """One seed of a study: teacher, importance, our compact model, the baselines, the noise curves, the
 dependency matrix (first seed: orchestration.study.dependency), the ablation (orchestration.study.ablation)
-and the k sweep. Each is a resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
+and the k sweep; the baselines' stages are orchestration.study.baseline_stages. Each is a resumable stage under <study>/seeds/seed-<s>/<stage>-<hash>/.
 
 The seed sets the teacher's initialisation and data order, the calibration draw, the bridges' init and
 the healing order (and the first random-layer draw). Every model a stage evaluates leaves one row in the
@@ -16,8 +16,6 @@ and are moved there. INT8 and INT4 quantization have CPU kernels only: those row
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,28 +26,23 @@ import torch
 from layerwise.device import autocast_for, resolve_device
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import RESUME, Stages, stripped_models
-from orchestration.outputs import write_json
+from orchestration.outputs import slug, write_json
 from orchestration.pipeline.steps import load_importance
 from orchestration.study.ablation import ABLATION_BRIDGE_RANK, AblationStages, heal_record
+from orchestration.study.baseline_stages import BaselineStages, save_timing_model, timing_path
 from orchestration.study.config import StudyConfig, extras_seeds
 from orchestration.study.dependency import DependencyStage
+from orchestration.study.rows import ROWS
 from orchestration.study.teacher import train_teacher
 
-ROWS = "rows.json"
 PARTS = ("all", "base", "core", "extras")  # how a seed's stages split into tasks (SeedRun.run)
-METRIC = "ndcg@10"
 
 # The stages that read our compact model's weights (quantizing it, its noise curves); the rest need only its
 # parameter count.
 OURS_WEIGHTS = ("baseline-ours-int8", "noise")
 
 
-def slug(name: str) -> str:
-    """A file-name-safe form of a row name ("ours+int8 +heal" -> "ours-int8-heal")."""
-    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-") or "row"
-
-
-class SeedRun(AblationStages, DependencyStage):
+class SeedRun(AblationStages, BaselineStages, DependencyStage):
     """The stages of one seed. `run()` executes (or resumes) them all and returns their directories."""
 
     def __init__(self, config: StudyConfig, seed: int, root: Path, data, progress: bool = False):
@@ -130,7 +123,7 @@ class SeedRun(AblationStages, DependencyStage):
         c = self.config
         plan = []
         if part in ("all", "core"):
-            plan += [(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self._baseline(name))
+            plan += [(f"baseline-{slug(name)}", stage_hash(ours_key, name, c.random_draws), self.baseline_stage(name))
                      for name in c.baselines]
             plan.append(("noise", stage_hash(ours_key, c.noise), self._noise))
             if self.seed == c.seeds[0]:  # the report's heatmap, after the rows that answer the question
@@ -230,76 +223,6 @@ class SeedRun(AblationStages, DependencyStage):
                            n_layers=unhealed.n_layers, component="heal"),
         ])
 
-    def _baseline(self, name: str) -> Callable[[Path], None]:
-        def stage(out: Path) -> None:
-            from layerwise.baselines import PER_DRAW_BASELINES
-            from orchestration.baselines.method import run_method
-
-            budget = self._budget()
-            if name in PER_DRAW_BASELINES:  # one draw at a time, each kept once made
-                rows = []
-                for draw in budget.seeds:
-                    rows += self._draw_rows(name, replace(budget, seeds=(draw,)), out, first=len(rows))
-            else:
-                variants = run_method(name, self.data, self.teacher, budget, self.compact, self.progress)
-                rows = self._variant_rows(name, variants, out)
-            if self.seed == self.config.seeds[0]:  # a draw made on another machine left its timing model there
-                for row in (r for r in rows if r.get("timing")):
-                    found = (out / _timing_path(row["timing"]) / "manifest.json").exists()
-                    row["timing_model"] = _timing_path(row["timing"]) if found and not row.get("quantized") else None
-            write_json(out / ROWS, rows)
-
-        return stage
-
-    def _variant_rows(self, name: str, variants: list, out: Path, first: int = 0) -> list[dict]:
-        """Evaluate a baseline's variants as rows of its stage (their per-user tables numbered from `first`:
-        draws of a randomised baseline share a row name, not a file). On the first seed, the first model of
-        each architecture is saved for the driver's speed benchmark."""
-        from layerwise.baselines import is_quantized
-
-        rows = []
-        for i, v in enumerate(variants, start=first):
-            timing = v.timing or None
-            row = self._evaluate(v.model, out, v.row, _group(name), "baselines", file=f"{i:02d}-{slug(v.row)}",
-                                 method=name, timing=timing,
-                                 n_layers=getattr(v.model, "n_layers", None), training=v.training,
-                                 kept=v.info.get("kept"), draw=v.info.get("seed"))
-            if timing and self.seed == self.config.seeds[0]:
-                if is_quantized(v.model):
-                    row["quantized"] = name  # rebuilt for timing: int8/int4 of the teacher or of ours
-                elif not (out / _timing_path(timing) / "manifest.json").exists():
-                    _save_timing_model(v.model, out, timing, {"kind": "baseline", "row": v.row})
-            rows.append(row)
-        return rows
-
-    def _draw_rows(self, name: str, budget, out: Path, first: int) -> list[dict]:
-        """The rows of one draw (`budget.seeds`: that draw alone) of a baseline that makes a pair per draw.
-        Once made, they and their per-user tables are kept under resume/ with the draw's wall and CPU
-        seconds, so that a stage stopped between draws (the end of a machine's session: a random draw of
-        SmolLM2 takes 35 minutes), here or on the machine of an archive that carried them, makes only the
-        draws it lacks. Each draw's healing keeps its epochs in a checkpoint folder of its own."""
-        from layerwise.training.resume import stage_checkpoints
-        from orchestration.baselines.method import run_method
-
-        draw = budget.seeds[0]
-        path = out / RESUME / f"draw-{draw}.json"
-        if not path.exists():
-            started, cpu = time.monotonic(), time.process_time()
-            with stage_checkpoints(out / "heal-checkpoint" / f"draw-{draw}"):
-                variants = run_method(name, self.data, self.teacher, budget, self.compact, self.progress)
-            rows = self._variant_rows(name, variants, out, first)
-            for row in rows:
-                (out / RESUME / row["per_user"]).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / row["per_user"], out / RESUME / row["per_user"])
-            write_json(path, {"draw": draw, "rows": rows, "seconds": time.monotonic() - started,
-                              "cpu_seconds": time.process_time() - cpu})
-        rows = json.loads(path.read_text())["rows"]
-        for row in rows:  # made in an earlier invocation, maybe on another machine
-            if not (out / row["per_user"]).exists():
-                (out / row["per_user"]).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out / RESUME / row["per_user"], out / row["per_user"])
-        return rows
-
     def _ablation(self, component: str) -> Callable[[Path], None]:
         def stage(out: Path) -> None:
             write_json(out / ROWS, self.ablation_rows(component, out))
@@ -370,23 +293,9 @@ class SeedRun(AblationStages, DependencyStage):
         evaluated = self._evaluate(result.model, out, row, table, table, kept=result.kept, recipe=recipe,
                                    n_layers=result.model.n_layers, training=heal_record(result.heal), **extra)
         if timing and self.seed == self.config.seeds[0]:
-            _save_timing_model(result.model, out, timing, {"kind": "compact", "row": row})
-            evaluated.update(timing=timing, timing_model=_timing_path(timing))
+            save_timing_model(result.model, out, timing, {"kind": "compact", "row": row})
+            evaluated.update(timing=timing, timing_model=timing_path(timing))
         return evaluated
-
-    def _budget(self):
-        from layerwise.baselines import Budget
-        from layerwise.baselines.budget import n_parameters
-        from layerwise.models.checkpoint import read_manifest
-        from orchestration.baselines.method import teacher_build, teacher_train_config
-
-        heal = replace(self.config.compress.heal, max_len=self.max_len, seed=self.seed)
-        draws = tuple(self.seed + 1000 * i for i in range(self.config.random_draws))
-        manifest = read_manifest(self.dirs["teacher"] / "model")
-        return Budget(k=self.k, heal=heal, bridge_rank=self.config.compress.bridge_rank,
-                      removed=n_parameters(self.teacher) - self.compact_parameters, seeds=draws,
-                      train=teacher_train_config(manifest), build=teacher_build(manifest),
-                      ablation_users=self.config.compress.ablation_users)
 
     def _evaluate(self, model, out: Path, row: str, group: str, table: str, file: str | None = None,
                   **extra) -> dict:
@@ -401,24 +310,6 @@ class SeedRun(AblationStages, DependencyStage):
         result.to_parquet(path)
         return {"row": row, "group": group, "table": table, "seed": self.seed,
                 "per_user": str(path.relative_to(out)), "means": result.means, **extra}
-
-
-def _timing_path(timing: str) -> str:
-    """Where, relative to its stage, the model timed as `timing` is saved."""
-    return f"timing/{slug(timing)}"
-
-
-def _save_timing_model(model, out: Path, timing: str, manifest: dict) -> None:
-    """Save a model for the driver's speed benchmark under the stage's timing/ folder."""
-    from layerwise.models.checkpoint import save_recommender
-
-    save_recommender(model, out / _timing_path(timing), manifest)
-
-
-def _group(name: str) -> str:
-    return {"mostpop": "popularity", "nas": "search", "magnitude": "pruning", "width": "pruning",
-            "int8": "quantization", "int4": "quantization", "ours+int8": "quantization",
-            "distilbert": "students", "tinybert": "students", "scratch": "students"}.get(name, "depth")
 
 
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: str = "all",

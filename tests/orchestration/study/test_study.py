@@ -214,7 +214,7 @@ def test_a_random_baseline_stopped_between_draws_makes_only_the_draws_it_lacks(s
     real = method.run_method
     monkeypatch.setattr(method, "run_method", lambda name, data, teacher, budget, *rest: (
         healed.append(budget.seeds), real(name, data, teacher, budget, *rest))[1])
-    run._baseline("random")(out)
+    run.baseline_stage("random")(out)
 
     assert healed == [(draws[2],)]
     again = json.loads((out / "rows.json").read_text())
