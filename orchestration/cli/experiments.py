@@ -213,10 +213,21 @@ def study_status(argv: list[str]) -> int:
                     "Give the config and overrides the study runs with.")
     parser.add_argument("config", nargs="?", default=None, help="the study's YAML config (default: the defaults)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as given to `layerwise study`")
-    parser.add_argument("--json", default=None, help="also write the status to this JSON file")
+    parser.add_argument("--rows", action="store_true",
+                        help="also print what the finished stages measured, seed by seed: each row's test "
+                             "NDCG@10, its retention of the teacher, and ours against it on that seed's users "
+                             "(ratio with its bootstrap CI, Wilcoxon p unadjusted). Interim figures: the report "
+                             "pools the seeds and Holm-adjusts")
+    parser.add_argument("--json", default=None, help="also write the status (and with --rows, the rows) to this "
+                                                     "JSON file")
     args = parser.parse_args(argv)
     status = study_status(load_study_config(*_config_and_overrides(args)))
     print(format_status(status))
+    if args.rows:
+        from orchestration.study.interim import format_interim, interim_rows
+
+        status["rows"] = interim_rows(status)
+        print(format_interim(status["rows"]))
     if args.json:
         write_json(Path(args.json), status)
     return 0

@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -389,6 +391,41 @@ def test_status_says_what_is_finished_where_and_what_remains(study, tmp_path, ca
     other = next(r for r in done["stages"] if r["seed"] == 0 and r["stage"] == "baseline-first")
     assert row["cpu_seconds_estimate"] == pytest.approx(other["cpu_seconds"])
     assert started["cpu_hours_left"] == pytest.approx(other["cpu_seconds"] / 3600)
+
+
+@pytest.mark.slow
+def test_status_rows_give_each_finished_row_and_ours_against_it_seed_by_seed(study, tmp_path, capsys):
+    """`layerwise study status --rows`: every finished stage's rows per seed, read from their folders (draws
+    averaged), ours against each on that seed's users; a stage not finished gives a name, never a number."""
+    from scipy.stats import wilcoxon
+
+    _, root, _ = study
+    grown = [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}",
+             "baselines=[mostpop,first,int8,random,last]"]  # `last` never ran: pending on both seeds
+    assert main(["study", "status", *grown, "--rows", "--json", str(tmp_path / "status.json")]) == 0
+    interim = json.loads((tmp_path / "status.json").read_text())["rows"]
+    assert [block["seed"] for block in interim["seeds"]] == [0, 1]
+    seed_dir = root / "study" / "seeds" / "seed-1"
+    ours_stage, random_stage = next(seed_dir.glob("ours-*")), next(seed_dir.glob("baseline-random-*"))
+    block = interim["seeds"][1]
+    assert block["not_finished"] == ["baseline-last"]
+    entries = {e["row"]: e for e in block["rows"]}
+    assert "ablation" not in {e["stage"] for e in block["rows"]}  # extras ran on seed 0 only
+    ours = pq.read_table(ours_stage / "eval" / "ours.parquet").column("ndcg@10").to_numpy()
+    healed = [r for r in json.loads((random_stage / "rows.json").read_text()) if r["row"] == "random +heal"]
+    assert len(healed) == 3 and entries["random +heal"]["draws"] == 3
+    assert entries["random +heal"]["value"] == pytest.approx(np.mean([r["means"]["ndcg@10"] for r in healed]))
+    drawn = np.mean([pq.read_table(random_stage / r["per_user"]).column("ndcg@10").to_numpy() for r in healed], 0)
+    against = entries["random +heal"]["vs_ours"]
+    assert against["ratio"] == pytest.approx(ours.mean() / drawn.mean())
+    assert against["ci95"][0] <= against["ratio"] <= against["ci95"][1]
+    assert against["p_value"] == pytest.approx(wilcoxon(ours, drawn).pvalue) and against["n"] == len(ours)
+    teacher = entries["teacher"]["value"]
+    assert entries["ours"]["retention"] == pytest.approx(ours.mean() / teacher) and entries["ours"]["vs_ours"] is None
+    printed = capsys.readouterr().out
+    assert "Interim: each seed alone, p unadjusted" in printed and "not finished: baseline-last" in printed
+    assert re.search(r"random \+heal +[0-9.]+ \(mean of 3 draws\); [0-9.]+% of the teacher; ours [0-9.]+% "
+                     r"\[[0-9.]+%, [0-9.]+%\] of it, Wilcoxon p = ", printed)
 
 
 def archive_study_again(archive, root, **options):
