@@ -174,11 +174,13 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
         ratio = compare(runs, samples, seed) if paired else {"status": "ok", "disturbed_because": []}
         return {key: {"runs": runs, **ratio} for key in keys}
 
-    parts, attempts = remeasure(measure, ["compact_vs_teacher"], requests, remeasures if paired else 0)
+    remeasures = remeasures if paired else 0
+    parts, attempts = remeasure(measure, ["compact_vs_teacher"], requests, remeasures)
     part = parts["compact_vs_teacher"]
     report = {"requests": part["runs"][0]["requests"], "concurrency": concurrency, "seed": seed,
               "dataset": data.name, "settings": {k: v for k, v in app_args.items() if k != "model"},
-              "runs": part["runs"], "status": verdict(attempts)["status"], "guard": verdict(attempts)}
+              "runs": part["runs"], "status": verdict(attempts, remeasures)["status"],
+              "guard": verdict(attempts, remeasures)}
     if paired:
         report["compact_vs_teacher"] = {k: v for k, v in part.items() if k != "runs"}
     return report

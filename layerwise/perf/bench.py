@@ -286,7 +286,7 @@ def benchmark(models: dict[str, SequentialRecommender], batch_sizes=(1, 64), run
             result["models"][name]["batches"][key] = entry
         if zero:
             result["nonlayer"][key] = parts[key]["nonlayer"]
-    result["guard"] = verdict(attempts)
+    result["guard"] = verdict(attempts, remeasures)
     result["status"] = result["guard"]["status"]
     result["env"]["load_avg_end"] = list(os.getloadavg())
     return result

@@ -26,9 +26,17 @@ from collections.abc import Callable, Mapping, Sequence
 EFFICIENCY_LIMIT = 1.10  # measured/bound; timing noise on a quiet machine stays well inside 10%
 REMEASURES = 2  # measurements after the first; with GROWTH 2 a 30-round bench ends with 120 rounds at most
 GROWTH = 2
-RULE = (f"disturbed when the speedup's 95% CI lies above the Amdahl bound, its efficiency exceeds "
-        f"{EFFICIENCY_LIMIT:.0%}, or its CI is wider than the estimate; re-measured with {GROWTH}x the rounds, "
-        f"at most {REMEASURES} times")
+
+
+def rule(remeasures: int = REMEASURES) -> str:
+    """The guard's rule in words, with the number of re-measures the caller allowed."""
+    again = (f"re-measured with {GROWTH}x the rounds, at most {remeasures} times" if remeasures > 0
+             else "not re-measured (remeasures 0)")
+    return (f"disturbed when the speedup's 95% CI lies above the Amdahl bound, its efficiency exceeds "
+            f"{EFFICIENCY_LIMIT:.0%}, or its CI is wider than the estimate; {again}")
+
+
+RULE = rule()  # with the default re-measures
 
 
 def disturbances(speedup: float, ci95: Sequence[float] | None, bound: float | None = None,
@@ -91,11 +99,11 @@ def remeasure(measure: Callable[[list[str], int], dict[str, dict]], keys: Sequen
     return parts, attempts
 
 
-def verdict(attempts: Sequence[Mapping]) -> dict:
-    """The summary a result carries: overall status, what stayed disturbed, the load at the first start
-    and the last end, and every attempt."""
+def verdict(attempts: Sequence[Mapping], remeasures: int = REMEASURES) -> dict:
+    """The summary a result carries: overall status, what stayed disturbed, the rule with the re-measures
+    allowed (`remeasure`'s), the load at the first start and the last end, and every attempt."""
     last = attempts[-1]["disturbed"]
-    return {"status": "disturbed" if last else "ok", "disturbed": sorted(last), "rule": RULE,
+    return {"status": "disturbed" if last else "ok", "disturbed": sorted(last), "rule": rule(remeasures),
             "load_avg_start": attempts[0]["load_avg_start"], "load_avg_end": attempts[-1]["load_avg_end"],
             "attempts": list(attempts)}
 

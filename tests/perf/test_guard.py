@@ -11,7 +11,7 @@ import json
 import torch
 
 from layerwise.perf.bench import benchmark, format_table
-from layerwise.perf.guard import EFFICIENCY_LIMIT, GROWTH, REMEASURES, disturbances
+from layerwise.perf.guard import EFFICIENCY_LIMIT, GROWTH, REMEASURES, describe, disturbances, rule
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from tests.helpers.timing import LAYER_SECONDS, disturb, sleep_in_layers
 
@@ -96,3 +96,14 @@ def test_a_persisting_disturbance_is_marked_and_never_printed_as_a_speedup():
     row = next(line for line in table.splitlines() if line.startswith("| compact |"))
     assert row.split(" | ")[8] == "disturbed (not a result)" and f"{entry['speedup']:.2f}" not in row
     assert "DISTURBED, not a result: compact at batch 4" in table
+
+
+def test_the_rule_a_result_carries_names_the_remeasures_its_caller_allowed():
+    teacher, compact = sleeping_pair()
+    disturb(teacher, calls=None)
+    result = benchmark({"teacher": teacher, "compact": compact}, batch_sizes=(4,), runs=RUNS, warmup=WARMUP,
+                       max_len=8, reference="teacher", remeasures=0)
+    assert len(result["guard"]["attempts"]) == 1 and result["status"] == "disturbed"
+    assert result["guard"]["rule"].endswith("not re-measured (remeasures 0)")
+    assert describe(result["guard"]).startswith(f"Bench guard: {rule(0)}; rounds per attempt {RUNS}.")
+    assert f"at most {REMEASURES} times" in rule() and "at most 1 times" in rule(1)
