@@ -89,10 +89,10 @@ def serving_results(path: str | Path, run_dir: str | Path) -> dict:
         raise ValueError(f"--serving {path}: not JSON ({error})") from None
     if not isinstance(sweep, dict) or not isinstance(sweep.get("models"), list) or not sweep["models"]:
         raise ValueError(f"--serving {path}: not a `layerwise bench-serve --sweep` JSON (no 'models' list)")
-    models = []
+    models, roots = [], _stage_roots(run_dir)
     for i, model in enumerate(sweep["models"]):
         try:
-            models.append(_served_model(model, run_dir))
+            models.append(_served_model(model, roots))
         except (KeyError, TypeError) as error:
             raise ValueError(f"--serving {path}: model {i} lacks {error} (a bench-serve sweep's models carry "
                              f"label, model, layers and levels)") from None
@@ -106,12 +106,22 @@ def serving_results(path: str | Path, run_dir: str | Path) -> dict:
             "models": models}
 
 
-def _served_model(model: dict, run_dir: Path) -> dict:
-    """One served model, named by its stage folder, which must be one of the study's."""
+def _stage_roots(run_dir: Path) -> list[Path]:
+    """Where the study's stage folders lie: its run folder, and the archives its config reuses (a stage
+    finished on an earlier machine stays there; the paths as the config gave them, from the working
+    directory)."""
+    config = run_dir / "config.json"
+    reuse = (json.loads(config.read_text()).get("reuse") or []) if config.exists() else []
+    return [run_dir, *(Path(r) for r in reuse)]
+
+
+def _served_model(model: dict, roots: list[Path]) -> dict:
+    """One served model, named by its stage folder, which must be one of the study's (`_stage_roots`)."""
     match = re.search(r"(?:^|/)seeds/(seed-\d+)/([^/]+)/", str(model["model"]).replace("\\", "/"))
-    if match is None or not (run_dir / "seeds" / match[1] / match[2]).is_dir():
-        raise ValueError(f"model {model['label']!r} ({model['model']}) is not a stage of the study in {run_dir} "
-                         f"(a served model's path names its stage folder, seeds/seed-N/<stage>/model)")
+    if match is None or not any((root / "seeds" / match[1] / match[2]).is_dir() for root in roots):
+        raise ValueError(f"model {model['label']!r} ({model['model']}) is not a stage of the study in "
+                         f"{' or '.join(map(str, roots))} (a served model's path names its stage folder, "
+                         f"seeds/seed-N/<stage>/model)")
     paired = (model.get("overload") or {}).get("paired")
     return {"label": str(model["label"]), "stage": f"{match[1]}/{match[2]}", "layers": int(model["layers"]),
             "levels": [{"concurrency": int(lv["concurrency"]), "goodput_per_s": float(lv["goodput_per_s"]),

@@ -58,6 +58,26 @@ def test_the_section_gives_each_level_and_the_ratio_to_the_teacher(study_dir, tm
     assert "figures/serving.png" in section and paths["figures"]["serving"].stat().st_size > 0
 
 
+def test_a_served_stage_finished_on_an_earlier_machine_is_found_in_the_archive_the_study_reuses(tmp_path,
+                                                                                                monkeypatch):
+    # The run folder holds only what this machine made; seed 0's ours lies in the archive its config reuses,
+    # named as the YAML gave it (relative to the working directory).
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "study-x"
+    (run / "seeds" / "seed-0" / "teacher-9f8750751933" / "model").mkdir(parents=True)
+    (tmp_path / "archive" / "seeds" / "seed-0" / "ours-abe6b1c53f66" / "model").mkdir(parents=True)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep()))
+    with pytest.raises(ValueError, match="'compact' .* is not a stage of the study in runs/study-x "):
+        serving_results(path, "runs/study-x")  # no config.json: the run folder alone
+    (run / "config.json").write_text(json.dumps({"name": "study-x", "reuse": ["archive"]}))
+    entry = serving_results(path, "runs/study-x")
+    assert [m["stage"] for m in entry["models"]] == ["seed-0/ours-abe6b1c53f66", "seed-0/teacher-9f8750751933"]
+    (run / "config.json").write_text(json.dumps({"name": "study-x", "reuse": ["elsewhere"]}))
+    with pytest.raises(ValueError, match="is not a stage of the study in runs/study-x or elsewhere"):
+        serving_results(path, "runs/study-x")
+
+
 def test_a_report_without_a_sweep_says_how_to_add_one(tmp_path):
     md = write_report({}, tmp_path)["markdown"].read_text()
     section = md.split("## Serving")[1].split("## ")[0]
