@@ -177,10 +177,10 @@ def benchmark(models: dict[str, str], port: int, requests: int, concurrency: int
     remeasures = remeasures if paired else 0
     parts, attempts = remeasure(measure, ["compact_vs_teacher"], requests, remeasures)
     part = parts["compact_vs_teacher"]
+    guard = verdict(attempts, remeasures)
     report = {"requests": part["runs"][0]["requests"], "concurrency": concurrency, "seed": seed,
               "dataset": data.name, "settings": {k: v for k, v in app_args.items() if k != "model"},
-              "runs": part["runs"], "status": verdict(attempts, remeasures)["status"],
-              "guard": verdict(attempts, remeasures)}
+              "runs": part["runs"], "status": guard["status"], "guard": guard}
     if paired:
         report["compact_vs_teacher"] = {k: v for k, v in part.items() if k != "runs"}
     return report

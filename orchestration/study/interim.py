@@ -12,14 +12,10 @@ that has not finished gives no number here, only its name under "not finished".
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from orchestration.study.rows import METRIC, ROWS
+from orchestration.study.rows import METRIC, Rows
 
 FINISHED = ("done", "reused")
 
@@ -28,22 +24,26 @@ def interim_rows(status: Mapping, metric: str = METRIC) -> dict:
     """{"metric", "seeds": [{"seed", "rows": [entry], "not_finished": [stage names]}]} from a study status
     (orchestration.study.status.study_status). An entry: {"row", "stage", "table", "value" (the mean over
     draws), "draws", "retention" (of the seed's teacher), "vs_ours": {"ratio", "ci95", "p_value", "n"} or
-    None}, in the order the stages run."""
+    None}, in the order the stages run. The rows are read as the report reads them (driver.collect_rows,
+    rows.Rows: draws averaged, per user too; every table checked to cover the same users)."""
     from layerwise.evaluation.stats import paired_test, ratio_ci
+    from orchestration.study.driver import collect_rows
 
     seeds = []
     for seed in sorted({row["seed"] for row in status["stages"]}):
         stages = [row for row in status["stages"] if row["seed"] == seed]
-        found = _read_rows([row for row in stages if row["state"] in FINISHED], metric)
-        teacher, ours = found.get("teacher"), found.get("ours")
+        dirs = {row["stage"]: Path(row["folder"]) for row in stages if row["state"] in FINISHED}
+        table = Rows(collect_rows({seed: dirs}), [seed], metric)
+        value = {name: float(table.seed_means(name)[0]) for name in table.by_name}
+        teacher = value.get("teacher")
         entries = []
-        for name, made in found.items():
-            entry = {"row": name, "stage": made["stage"], "table": made["table"], "value": made["value"],
-                     "draws": made["draws"], "vs_ours": None,
-                     "retention": made["value"] / teacher["value"] if teacher and teacher["value"] > 0 else None}
-            if ours is not None and ours["users"] is not None and name not in ("ours", "teacher") \
-                    and made["users"] is not None:
-                a, b = _aligned(ours, made)
+        for name in table.by_name:
+            first = table.first(name)
+            entry = {"row": name, "stage": first["stage"], "table": first["table"], "value": value[name],
+                     "draws": len(table.by_name[name][seed]), "vs_ours": None,
+                     "retention": value[name] / teacher if teacher else None}
+            if "ours" in table.by_name and name not in ("ours", "teacher"):
+                a, b = table.per_user("ours"), table.per_user(name)
                 test = paired_test(a, b, test="wilcoxon")
                 entry["vs_ours"] = {"ratio": a.mean() / b.mean() if b.mean() > 0 else None,
                                     "ci95": list(ratio_ci(a, b)) if b.mean() > 0 else None,
@@ -73,44 +73,3 @@ def format_interim(interim: Mapping) -> str:
         if block["not_finished"]:
             lines.append(f"  not finished: {', '.join(block['not_finished'])}")
     return "\n".join(lines)
-
-
-def _read_rows(stages: Sequence[Mapping], metric: str) -> dict[str, dict]:
-    """Row name -> {"stage", "table", "value", "draws", "users", "values"} over the finished stages' rows.json
-    (stages without one, noise and dependency, have no rows). Draws of a row (random layers) are averaged,
-    per user too, as the report does."""
-    found: dict[str, dict] = {}
-    for stage in stages:
-        folder = Path(stage["folder"])
-        if not (folder / ROWS).exists():
-            continue
-        for row in json.loads((folder / ROWS).read_text()):
-            made = found.setdefault(row["row"], {"stage": stage["stage"], "table": row.get("table"), "means": [],
-                                                 "tables": []})
-            made["means"].append(row["means"][metric])
-            path = folder / row["per_user"] if row.get("per_user") else None
-            made["tables"].append(path if path is not None and path.exists() else None)
-    for made in found.values():
-        made["value"], made["draws"] = float(np.mean(made.pop("means"))), len(made["tables"])
-        tables = made.pop("tables")
-        made["users"], made["values"] = None, None
-        if tables and all(t is not None for t in tables):
-            loaded = [_per_user(t, metric) for t in tables]
-            for path, (users, _) in zip(tables[1:], loaded[1:]):
-                if not np.array_equal(users, loaded[0][0]):
-                    raise ValueError(f"{path}: its test users differ from {tables[0]}'s")
-            made["users"], made["values"] = loaded[0][0], np.mean([v for _, v in loaded], axis=0)
-    return found
-
-
-def _per_user(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(path, columns=["user", metric])
-    return table.column("user").to_numpy(), table.column(metric).to_numpy()
-
-
-def _aligned(a: Mapping, b: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    """Both rows' per-user values on the same users, in the same order (every row of a seed is evaluated on
-    its whole test split, so a mismatch means the folders are not one study's)."""
-    if not np.array_equal(a["users"], b["users"]):
-        raise ValueError(f"the test users of {a['stage']} and {b['stage']} differ: not one study's stages")
-    return a["values"], b["values"]
