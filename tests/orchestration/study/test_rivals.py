@@ -34,7 +34,8 @@ def test_a_loss_on_rare_targets_shows_in_that_slice_alone(tmp_path):
     for v in ours.values():
         v[rare] *= 0.5  # ours halves the rival's metric on rare targets, and equals it elsewhere
     rows = (per_user_rows(tmp_path, "ours", ours) + per_user_rows(tmp_path, "scratch", scratch)
-            + per_user_rows(tmp_path, "random", {0: scratch[0]}))  # one seed only: not a rival here
+            + per_user_rows(tmp_path, "truncated", {0: scratch[0]})  # one seed only: not a rival here
+            + per_user_rows(tmp_path, "random", {s: v * 0.05 for s, v in scratch.items()}))  # unhealed: no rival
     entry = rivals(Rows(rows, [0, 1]), data)
     assert {r["rival"] for r in entry["rows"]} == {"scratch"} and entry["seeds"] == [0, 1]
     by_slice = {r["slice"]: r for r in entry["rows"]}
@@ -56,3 +57,15 @@ def test_no_rival_on_every_seed_means_no_table(tmp_path):
     values = np.full(data.n_users, 0.2)
     rows = per_user_rows(tmp_path, "ours", {0: values, 1: values}) + per_user_rows(tmp_path, "scratch", {0: values})
     assert rivals(Rows(rows, [0, 1]), data) is None
+
+
+def test_random_layers_are_a_rival_healed(tmp_path):
+    """Random layers answer the question once healed as ours is; their unhealed row is a floor, not a rival."""
+    data = random_data(n_users=60, n_items=20, min_len=4, max_len=20, seed=0)
+    rng = np.random.default_rng(2)
+    healed = {s: rng.uniform(0.1, 0.3, data.n_users) for s in (0, 1)}
+    rows = (per_user_rows(tmp_path, "ours", healed) + per_user_rows(tmp_path, "random +heal", healed)
+            + per_user_rows(tmp_path, "random", {s: v * 0.05 for s, v in healed.items()}))
+    entry = rivals(Rows(rows, [0, 1]), data)
+    everyone = next(r for r in entry["rows"] if r["slice"] == "all users")
+    assert {r["rival"] for r in entry["rows"]} == {"random +heal"} and everyone["ratio"] == 1.0
