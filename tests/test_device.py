@@ -273,6 +273,11 @@ def test_a_study_seed_runs_every_stage_on_the_device_asked_for(tmp_path, device)
     assert speed["env"]["device"] == str(where) and {"teacher", "ours", "first"} <= set(speed["models"])
     assert ("int8" in speed["models"]) == (where.type == "cpu")
     assert where.type == "cpu" or "runs on the CPU only" in speed["sources"]["int8"]
+    if where.type == "cpu":  # INT8 timed apart, after the float models, against the same teacher
+        assert speed["quantized"]["models"] == ["int8"] and "timed after the float models" in speed["sources"]["int8"]
+        assert speed["quantized"]["teacher"]["batches"] and speed["models"]["int8"]["batches"]
+    else:
+        assert "quantized" not in speed
 
 
 @pytest.mark.slow

@@ -153,7 +153,10 @@ def _target_lines(head: Mapping) -> list[str]:
         goal = of_bound * float(est["bound"])
         lines.append(f"Target speedup ({where}): {of_bound:.0%} of its Amdahl bound {_fmt(est['bound'], 'speed')}, "
                      f"{_fmt(goal, 'speed')}: {_verdict(est, goal)}; measured {fmt_estimate(est, 'speed')}, "
-                     f"{float(est['mean']) / float(est['bound']):.0%} of the bound.")
+                     f"{float(est['mean']) / float(est['bound']):.0%} of the bound"
+                     + (f"; the teacher's own {head.get('k', '?')} layers, timed beside it, "
+                        f"{fmt_estimate({'mean': est['ceiling'], 'ci95': est.get('ceiling_ci95')}, 'speed')}"
+                        if est.get("ceiling") is not None else "") + ".")
     return lines
 
 

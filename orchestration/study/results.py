@@ -207,15 +207,18 @@ def _cis(estimates: Sequence[Mapping]) -> list | None:
 
 
 def _speed_estimate(speed: Mapping, key: str, batch) -> dict | None:
-    """{"mean", "ci95", "bound", "efficiency"} of one model's speedup (bound: its Amdahl bound, None for a model
-    whose layers are not the teacher's); a disturbed one (layerwise.perf.guard) has no figure."""
+    """{"mean", "ci95", "bound", "efficiency", "ceiling", "ceiling_ci95"} of one model's speedup (bound: its
+    Amdahl bound, None for a model whose layers are not the teacher's; ceiling: the teacher's own k-layer
+    copy's speedup in the same benchmark, where one was timed); a disturbed one (layerwise.perf.guard) has
+    no figure."""
     entry = speed["models"].get(key, {}).get("batches", {}).get(str(batch))
     if not entry or entry.get("speedup") is None:
         return None
     if entry.get("status") == "disturbed":
         return {"mean": None, "ci95": None, "status": "disturbed", "disturbed_because": entry["disturbed_because"]}
     return {"mean": entry["speedup"], "ci95": entry.get("speedup_ci95"), "bound": entry.get("bound"),
-            "efficiency": entry.get("efficiency")}
+            "efficiency": entry.get("efficiency"), "ceiling": entry.get("ceiling"),
+            "ceiling_ci95": entry.get("ceiling_ci95")}
 
 
 def _note(row: Mapping) -> str:
@@ -271,7 +274,16 @@ def _notes(config: StudyConfig, speed: Mapping, batch: str) -> list[str]:
             f"{env.get('torch_threads', '?')} torch threads on {env.get('cpu_count', '?')} CPUs"
             + (f", 1-minute load average {load[0]:.1f} at its start" if load else "")
             + "), after every seed finished.", describe(speed.get("guard")),
+            *_quantized_note(speed.get("quantized")),
             "Retention is a fraction of the teacher's figure of the same seed."]
+
+
+def _quantized_note(quantized: Mapping | None) -> list[str]:
+    """Quantized rows are timed after the float ones, in a benchmark of their own (driver._time_models)."""
+    if not quantized:
+        return []
+    return [f"{', '.join(quantized['models'])}: timed after the float models, in a benchmark of their own against "
+            f"the same teacher. " + describe(quantized.get("guard"))]
 
 
 # Stop reasons that depend on the machine's load (layerwise.training.train.STOP_REASONS): a run that ended by

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from layerwise.perf.bench import bench_dirs, benchmark, format_table, interleaved_schedule, ratio_ci, zero_layer_variant
+from layerwise.perf.bench import (bench_dirs, benchmark, format_table, interleaved_schedule, kept_variant, ratio_ci,
+                                  zero_layer_variant)
 from layerwise.perf.cost import forward_flops, make_histories
 from layerwise.perf.memory import parallel_measurements, peak_memories, peak_memory
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
@@ -117,19 +118,54 @@ def test_schedule_rotates_and_calls_really_interleave():
 
     class Recording(SequentialRecommender):
         def score(self, histories):
-            calls.append((self.tag, self.n_layers))  # the 0-layer copy keeps the tag but has no layers
+            calls.append((self.tag, self.n_layers))  # the teacher's copies keep its tag, with their own layers
             return super().score(histories)
 
     teacher = tiny()
     small = compact(teacher, [0])
     for tag, model in enumerate((teacher, small)):
         model.__class__, model.tag = Recording, tag
-    benchmark({"teacher": teacher, "compact": small}, batch_sizes=(1,), runs=3, warmup=0, max_len=8,
+    benchmark({"teacher": teacher, "compact": small}, batch_sizes=(1,), runs=4, warmup=0, max_len=8,
               reference="teacher", remeasures=0)
-    rounds = [calls[i: i + 3] for i in range(0, 9, 3)]
-    assert len(calls) == 9
-    assert all(sorted(r) == [(0, 0), (0, 2), (1, 1)] for r in rounds)
-    assert len({r[0] for r in rounds}) == 3  # each model (and the 0-layer copy) leads one round
+    rounds = [calls[i: i + 4] for i in range(0, 16, 4)]
+    assert len(calls) == 16
+    # teacher, compact, the teacher's 0-layer copy and its 1-layer copy (the compact model's measured ceiling)
+    assert all(sorted(r) == [(0, 0), (0, 1), (0, 2), (1, 1)] for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 4  # each of the four leads one round
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gpt2", "bert", "t5"])
+def test_kept_variant_keeps_the_last_layers_and_shares_nothing(family):
+    model = tiny(family, layers=4)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    kept = kept_variant(model, 2)
+    assert kept.n_layers == 2 and model.n_layers == 4  # the original keeps its layers, and its values
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in ours for p in kept.parameters())
+    for i, layer in enumerate(kept.layers):  # the last two, weight for weight
+        theirs = dict(model.layers[2 + i].named_parameters())
+        assert all(torch.equal(p, theirs[name]) for name, p in layer.named_parameters() if name in theirs)
+    histories = make_histories(3, 8, N_ITEMS, seed=0)
+    with torch.inference_mode():
+        assert torch.isfinite(kept.score(histories)[:, 1:]).all()
+    with pytest.raises(ValueError, match="1 to 4 layers"):
+        kept_variant(model, 0)
+
+
+def test_a_measured_ceiling_is_timed_for_every_depth_of_the_reference_layers():
+    teacher = tiny(layers=4)
+    models = {"teacher": teacher, "two": compact(teacher, [0, 3]), "one": compact(teacher, [2]),
+              "also two": compact(teacher, [1, 2])}
+    result = benchmark(models, batch_sizes=(2,), runs=3, warmup=1, max_len=8, reference="teacher", remeasures=0)
+    for name in ("two", "one", "also two"):
+        e = result["models"][name]["batches"]["2"]
+        low, high = e["ceiling_ci95"]
+        assert e["ceiling"] > 0 and low <= e["ceiling"] <= high
+    two, also = result["models"]["two"]["batches"]["2"], result["models"]["also two"]["batches"]["2"]
+    assert two["ceiling"] == also["ceiling"]  # one copy per depth, timed once
+    assert result["models"]["teacher"]["batches"]["2"]["ceiling"] is None  # nothing to bound at full depth
+    assert "Measured ceilings" in format_table(result) and "k = 1:" in format_table(result)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bert", "t5"])

@@ -65,8 +65,12 @@ def test_a_disturbed_timing_is_marked_in_the_headline_and_its_json(stage_dirs, t
     assert not {"speedup", "speedup_ci95", "efficiency", "teacher_ms"} & set(speed)  # no figure to copy
     print_headline(head)
     out = capsys.readouterr().out
-    # Rich wraps long cells at the console width: check words, not phrases.
-    assert "DISTURBED" in out and "speedup" not in out and "efficiency" not in out
+    # Rich wraps long cells at the console width: check words, not phrases. The disturbance sleeps in the
+    # teacher's calls only, so the teacher's own 1-layer copy (the measured ceiling) seems as fast as the
+    # compact model and the CI-above-the-bound rule lets it pass; the efficiency limit catches it, and the
+    # headline prints that reason.
+    assert "DISTURBED" in out and "speedup" not in out and "exceeds" in out and "110%" in out
+    assert speed["disturbed_because"][0].startswith("efficiency")
 
 
 def test_a_clean_timing_reads_as_a_speedup(stage_dirs, tmp_path, capsys):
