@@ -180,13 +180,14 @@ def _environment(device: torch.device) -> dict:
 
 
 def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: str, k: int | None, big_l: int,
-             seed: int) -> dict:
+             seed: int, ceiling_seed: int = 0) -> dict:
     """Speedup vs the reference (ratio of medians, paired CI), f, the Amdahl bound and efficiency.
 
     k is None for a model whose layers are not the reference's (quantized, width-pruned): no layer count
     bounds its speed, so bound, bound_high and efficiency are None. bound_high is the bound at the low end
     of f's 95% CI, the highest the data allow (the guard's test of "above the bound"). ceiling and
-    ceiling_ci95 are the speedup of the reference's own k-layer copy in the same rounds, where one was timed.
+    ceiling_ci95 are the speedup of the reference's own k-layer copy in the same rounds, where one was timed
+    (its CI seeded by ceiling_seed + k, so every model of that depth shows the same one).
     """
     ref, own = samples[reference], samples[name]
     speedup = float(np.median(ref) / np.median(own))
@@ -200,7 +201,7 @@ def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: st
         ceiling = samples.get(ceiling_name(reference, k))
         if ceiling is not None and k < big_l:
             out["ceiling"] = float(np.median(ref) / np.median(ceiling))
-            out["ceiling_ci95"] = list(ratio_ci(ref, ceiling, seed + 2))
+            out["ceiling_ci95"] = list(ratio_ci(ref, ceiling, ceiling_seed + k))
     return out
 
 
@@ -219,7 +220,7 @@ def same_layers(model: SequentialRecommender, reference: SequentialRecommender) 
 
 
 def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tensor, reference: str | None,
-           zero: str | None, seed: int) -> dict:
+           zero: str | None, seed: int, ceiling_seed: int = 0) -> dict:
     """Everything measured for one model at one batch size, judged by the guard when it has a speedup."""
     model, (batch, max_len) = models[name], histories.shape
     entry = {**_stats(wall[name], batch), "flops": forward_flops(model, batch, max_len),
@@ -230,8 +231,8 @@ def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tens
     if zero:
         ref = models[reference]
         layers = (model.n_layers if same_layers(model, ref) else None, ref.n_layers)
-        entry.update(_compare(wall, name, reference, zero, *layers, seed))
-        entry["cpu"].update(_compare(cpu, name, reference, zero, *layers, seed))
+        entry.update(_compare(wall, name, reference, zero, *layers, seed, ceiling_seed))
+        entry["cpu"].update(_compare(cpu, name, reference, zero, *layers, seed, ceiling_seed))
         judge(entry)
         judge(entry["cpu"])  # shown beside the wall figure; the wall figure alone decides a re-measure
     return entry
@@ -260,7 +261,7 @@ def _measure_batch(models: dict, timed: dict, batch: int, runs: int, warmup: int
     histories = make_histories(batch, max_len, n_items, seed).to(device)
     wall, cpu = _time_rounds(timed, histories, runs, warmup)
     boot = seed + 1000 * batch
-    entries = {name: _entry(models, name, wall, cpu, histories, reference, zero, boot + i)
+    entries = {name: _entry(models, name, wall, cpu, histories, reference, zero, boot + i, ceiling_seed=boot + 500)
                for i, name in enumerate(models)}
     reasons = [f"{name}: {why}" for name, e in entries.items() for why in e.get("disturbed_because", [])]
     return {"entries": entries, "nonlayer": _nonlayer(wall, cpu, reference, zero, boot + 999) if zero else None,

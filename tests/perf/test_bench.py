@@ -163,7 +163,8 @@ def test_a_measured_ceiling_is_timed_for_every_depth_of_the_reference_layers():
         low, high = e["ceiling_ci95"]
         assert e["ceiling"] > 0 and low <= e["ceiling"] <= high
     two, also = result["models"]["two"]["batches"]["2"], result["models"]["also two"]["batches"]["2"]
-    assert two["ceiling"] == also["ceiling"]  # one copy per depth, timed once
+    assert two["ceiling"] == also["ceiling"] and two["ceiling_ci95"] == also["ceiling_ci95"]  # one copy per depth
+    assert format_table(result).count("k = 2:") == 1
     assert result["models"]["teacher"]["batches"]["2"]["ceiling"] is None  # nothing to bound at full depth
     assert "Measured ceilings" in format_table(result) and "k = 1:" in format_table(result)
 
