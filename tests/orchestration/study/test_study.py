@@ -54,6 +54,8 @@ def test_report_has_every_section_filled(study):
     assert everyone["ours"] == pytest.approx(ours["metric"]["mean"])  # users and seeds weigh the same
     assert any(k.startswith("target_pop=") for k in rivals) and any(k.startswith("history_len=") for k in rivals)
     assert re.search(r"\d+ torch threads on \d+ CPUs, 1-minute load average [\d.]+ at its start", results["notes"][0])
+    # INT8 is timed after the float models, in a benchmark of its own, and the notes say so with its guard.
+    assert any(n.startswith("int8: timed after the float models") and "Bench guard:" in n for n in results["notes"])
     for figure in ("pareto", "k_sweep", "robustness", "slices", "importance", "dependency"):
         assert (root / "study" / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
 
