@@ -65,8 +65,9 @@ def interleaved_schedule(names: list[str], rounds: int) -> list[list[str]]:
 
 
 def zero_layer_variant(model: SequentialRecommender) -> SequentialRecommender:
-    """A deep copy of `model` with an empty layer list: everything the model does outside its layers."""
-    zero = copy.deepcopy(model)
+    """A deep copy of `model` with an empty layer list: everything the model does outside its layers. The
+    layers are shared during the copy and then dropped, so a large model is not copied whole."""
+    zero = copy.deepcopy(model, {id(layer): layer for layer in model.layers})
     family, config = zero.family, zero.backbone.config
     parent_path, _, attr = family.layer_path.rpartition(".")
     parent = zero.backbone

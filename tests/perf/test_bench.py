@@ -177,6 +177,8 @@ def test_zero_layer_variant_runs_for_every_family(family):
     with torch.inference_mode():
         scores = zero.score(histories)
     assert zero.n_layers == 0 and model.n_layers == 2  # the original keeps its layers
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in ours for p in zero.parameters())  # nothing shared once the layers are gone
     assert scores.shape == (3, N_ITEMS + 1) and torch.isfinite(scores[:, 1:]).all()
     assert forward_flops(zero, 3, 8)["layers"] == 0
     attention_only = 4 * 8 * 8 * 32 * 3
