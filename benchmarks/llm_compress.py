@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerwise.perf.bench import bench_dirs, format_table
+from layerwise.perf.bench import bench_dirs
+from layerwise.perf.table import format_table
 from layerwise.compression.compact import build_compact, load_compact, save_compact
 from layerwise.compression.compress import calibration_batches
 from layerwise.data import load_dataset

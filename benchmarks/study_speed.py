@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the stage's speed.json here, with the command's settings")
     args = parser.parse_args(argv)
 
-    from layerwise.perf.bench import format_table
+    from layerwise.perf.table import format_table
     from orchestration.study.config import load_study_config
     from orchestration.study.driver import _load_data, _time_models, collect_rows
 

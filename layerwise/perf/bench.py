@@ -30,7 +30,7 @@ machine long calls are preempted more than short ones, which inflates wall-clock
 CPU RSS is process-wide, so peak memory is measured per saved model in a fresh subprocess
 (`layerwise.perf.memory.peak_memories`, side by side where the CPUs and memory allow); in-memory models on
 CPU are reported "not measured" rather than given a number. Parameter bytes and FLOPs are counted, not timed
-(`layerwise.perf.cost`). The `layerwise bench` command wraps `bench_dirs`.
+(`layerwise.perf.cost`). The `layerwise bench` command wraps `bench_dirs`; `layerwise.perf.table` renders a result.
 """
 
 from __future__ import annotations
@@ -47,13 +47,12 @@ import torch
 import torch.nn as nn
 import transformers
 
-from layerwise.perf.guard import REMEASURES, judge, remeasure, speed_cell, verdict
+from layerwise.perf.guard import REMEASURES, judge, remeasure, verdict
 from layerwise.perf.cost import FLOPS_NOTE, forward_flops, make_histories, parameter_bytes
 from layerwise.device import describe, inference_autocast, peak_bf16_flops, resolve_device
 from layerwise.perf.memory import peak_memories
 from layerwise.models.recommender import SequentialRecommender
 
-_MB = 2**20
 TIMING_NOTE = ("time.perf_counter_ns (wall) and time.process_time_ns (cpu) around each score() call; "
                "rounds interleaved, order rotated by one model per round; GC off while timing")
 
@@ -181,14 +180,14 @@ def _environment(device: torch.device) -> dict:
 
 
 def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: str, k: int | None, big_l: int,
-             seed: int, ceiling_seed: int = 0) -> dict:
+             seed: int) -> dict:
     """Speedup vs the reference (ratio of medians, paired CI), f, the Amdahl bound and efficiency.
 
     k is None for a model whose layers are not the reference's (quantized, width-pruned): no layer count
     bounds its speed, so bound, bound_high and efficiency are None. bound_high is the bound at the low end
     of f's 95% CI, the highest the data allow (the guard's test of "above the bound"). ceiling and
     ceiling_ci95 are the speedup of the reference's own k-layer copy in the same rounds, where one was timed
-    (its CI seeded by ceiling_seed + k, so every model of that depth shows the same one).
+    (its CI's bootstrap seeded by k alone, so every model of that depth shows the same one).
     """
     ref, own = samples[reference], samples[name]
     speedup = float(np.median(ref) / np.median(own))
@@ -202,7 +201,7 @@ def _compare(samples: dict[str, np.ndarray], name: str, reference: str, zero: st
         ceiling = samples.get(ceiling_name(reference, k))
         if ceiling is not None and k < big_l:
             out["ceiling"] = float(np.median(ref) / np.median(ceiling))
-            out["ceiling_ci95"] = list(ratio_ci(ref, ceiling, ceiling_seed + k))
+            out["ceiling_ci95"] = list(ratio_ci(ref, ceiling, k))
     return out
 
 
@@ -221,7 +220,7 @@ def same_layers(model: SequentialRecommender, reference: SequentialRecommender) 
 
 
 def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tensor, reference: str | None,
-           zero: str | None, seed: int, ceiling_seed: int = 0) -> dict:
+           zero: str | None, seed: int) -> dict:
     """Everything measured for one model at one batch size, judged by the guard when it has a speedup."""
     model, (batch, max_len) = models[name], histories.shape
     entry = {**_stats(wall[name], batch), "flops": forward_flops(model, batch, max_len),
@@ -232,8 +231,8 @@ def _entry(models: dict, name: str, wall: dict, cpu: dict, histories: torch.Tens
     if zero:
         ref = models[reference]
         layers = (model.n_layers if same_layers(model, ref) else None, ref.n_layers)
-        entry.update(_compare(wall, name, reference, zero, *layers, seed, ceiling_seed))
-        entry["cpu"].update(_compare(cpu, name, reference, zero, *layers, seed, ceiling_seed))
+        entry.update(_compare(wall, name, reference, zero, *layers, seed))
+        entry["cpu"].update(_compare(cpu, name, reference, zero, *layers, seed))
         judge(entry)
         judge(entry["cpu"])  # shown beside the wall figure; the wall figure alone decides a re-measure
     return entry
@@ -262,8 +261,7 @@ def _measure_batch(models: dict, timed: dict, batch: int, runs: int, warmup: int
     histories = make_histories(batch, max_len, n_items, seed).to(device)
     wall, cpu = _time_rounds(timed, histories, runs, warmup)
     boot = seed + 1000 * batch
-    entries = {name: _entry(models, name, wall, cpu, histories, reference, zero, boot + i, ceiling_seed=boot + 500)
-               for i, name in enumerate(models)}
+    entries = {name: _entry(models, name, wall, cpu, histories, reference, zero, boot + i) for i, name in enumerate(models)}
     reasons = [f"{name}: {why}" for name, e in entries.items() for why in e.get("disturbed_because", [])]
     return {"entries": entries, "nonlayer": _nonlayer(wall, cpu, reference, zero, boot + 999) if zero else None,
             "status": "disturbed" if reasons else "ok", "disturbed_because": reasons}
@@ -360,77 +358,3 @@ def bench_dirs(model_dirs: list[str], batch_sizes=(1, 64), runs: int = 30, warmu
         result["models"][name]["dir"] = str(d)
         result["models"][name]["batches"][str(batch)]["memory"] = peak
     return result
-
-
-def _memory_cell(memory: dict) -> str:
-    if memory.get("status") != "measured":
-        return "not measured"
-    if "cuda_peak_allocated_bytes" in memory:
-        return f"{memory['cuda_peak_allocated_bytes'] / _MB:.1f} (GPU allocator)"
-    if "peak_over_baseline_bytes" in memory:
-        return f"{memory['peak_over_baseline_bytes'] / _MB:.1f} (abs {memory['peak_rss_bytes'] / _MB:.0f})"
-    return f"{memory['peak_bytes'] / _MB:.1f}"
-
-
-def _speed(e: dict) -> str:
-    lo, hi = e["speedup_ci95"]
-    return f"{e['speedup']:.2f} [{lo:.2f}, {hi:.2f}]"
-
-
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def _row(name: str, model: dict, batch: str, e: dict) -> str:
-    cells = [name, model["n_layers"], f"{model['param_bytes'] / _MB:.2f}", batch, f"{e['median_ms']:.3f}",
-             f"{e['p95_ms']:.3f}", f"{e['std_ms']:.3f}", f"{e['users_per_s']:.0f}", "-", "-", "-", "-",
-             f"{e['flops']['total'] / 1e9:.4f}", _memory_cell(e["memory"])]
-    if "speedup" in e:
-        cpu, ok = e["cpu"], e.get("status") != "disturbed"
-        cells[8:12] = [speed_cell(e, _speed), _ratio(e["bound"]), _ratio(e["efficiency"]) if ok else "-",
-                       speed_cell(cpu, lambda c: f"{c['speedup']:.2f} / {_ratio(c['efficiency'])}")]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _guard_lines(result: dict) -> list[str]:
-    """What the guard did: the rounds of every attempt, and each figure that stayed disturbed, with why."""
-    guard = result.get("guard")
-    if not guard:
-        return []
-    rounds = " -> ".join(f"{a['rounds']} (batch {', '.join(a['keys'])})" for a in guard["attempts"])
-    lines = ["", f"Rounds per attempt: {rounds}. Load average {guard['load_avg_start'][0]:.1f} at the start, "
-             f"{guard['load_avg_end'][0]:.1f} at the end."]
-    for name, model in result["models"].items():
-        for batch, e in model["batches"].items():
-            if e.get("status") == "disturbed":
-                lines.append(f"DISTURBED, not a result: {name} at batch {batch}: " + "; ".join(e["disturbed_because"]))
-    return lines
-
-
-def format_table(result: dict) -> str:
-    """Markdown table of a `benchmark` / `bench_dirs` result, one row per model and batch size."""
-    env, settings = result["env"], result["settings"]
-    header = ["model", "layers", "params MB", "batch", "median ms", "p95 ms", "std ms", "users/s",
-              "speedup [95% CI]", "bound", "efficiency", "cpu-time speedup / eff", "GFLOPs", "peak MB over baseline"]
-    lines = [f"Reference: {settings['reference']}; {env['torch_threads']} torch threads on {env['device']}; "
-             f"{settings['runs']} interleaved runs after {settings['warmup']} warm-up; T = {settings['max_len']}; "
-             f"load average {env['load_avg_start'][0]:.1f} on {env['cpu_count']} CPUs.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [_row(name, model, batch, e) for name, model in result["models"].items()
-              for batch, e in model["batches"].items()]
-    mfu = [f"{name} at batch {batch}: {e['mfu']:.2%}" for name, model in result["models"].items()
-           for batch, e in model["batches"].items() if e.get("mfu") is not None]
-    if mfu:
-        lines += ["", f"Model FLOPs utilisation against the {env.get('gpu')}'s published bf16 peak "
-                  f"({env.get('peak_bf16_tflops')} TFLOP/s): " + "; ".join(mfu) + "."]
-    if result.get("nonlayer"):
-        parts = [f"batch {b}: f = {v['f']:.3f} [{v['f_ci95'][0]:.3f}, {v['f_ci95'][1]:.3f}] "
-                 f"({v['median_ms']:.3f} ms; cpu-time f = {v['cpu_f']:.3f})" for b, v in result["nonlayer"].items()]
-        lines += ["", "Non-layer fraction (0-layer copy of the reference): " + "; ".join(parts) + "."]
-    ceilings = sorted({(b, model["n_layers"], e["ceiling"], *e["ceiling_ci95"]) for model in result["models"].values()
-                       for b, e in model["batches"].items() if e.get("ceiling") is not None},
-                      key=lambda c: (int(c[0]), c[1]))
-    if ceilings:
-        lines += ["", "Measured ceilings (the reference's own last k layers, timed in the same rounds): " + "; ".join(
-            f"batch {b}, k = {k}: {c:.2f}x [{lo:.2f}, {hi:.2f}]" for b, k, c, lo, hi in ceilings) + "."]
-    return "\n".join(lines + _guard_lines(result))

@@ -270,7 +270,8 @@ def compress(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import torch
 
-    from layerwise.perf.bench import bench_dirs, format_table
+    from layerwise.perf.bench import bench_dirs
+    from layerwise.perf.table import format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -217,7 +217,8 @@ def compress(ctx: Context, data, teacher_dir: Path, imp_dir: Path, out: Path) ->
 def bench(ctx: Context, teacher_dir: Path, compact_dir: Path, out: Path) -> bool:
     """Teacher vs compact, interleaved, re-measured while disturbed (layerwise.perf.guard). Returns whether
     the result is final: a disturbed one is not, so the next run measures again."""
-    from layerwise.perf.bench import bench_dirs, format_table
+    from layerwise.perf.bench import bench_dirs
+    from layerwise.perf.table import format_table
 
     b = ctx.config.bench
     threads = torch.get_num_threads()

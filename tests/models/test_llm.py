@@ -288,7 +288,8 @@ def test_healing_with_lora_and_the_teacher_cache_merges_into_a_stock_model(teach
 
 
 def test_bench_times_the_teacher_and_its_compact_model(teacher_dir, teacher, tmp_path):
-    from layerwise.perf.bench import bench_dirs, format_table
+    from layerwise.perf.bench import bench_dirs
+    from layerwise.perf.table import format_table
     from layerwise.compression.compact import build_compact, save_compact
 
     save_compact(build_compact(teacher, [1]), tmp_path / "compact", {})

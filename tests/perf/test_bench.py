@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from layerwise.perf.bench import (bench_dirs, benchmark, format_table, interleaved_schedule, kept_variant, ratio_ci,
-                                  zero_layer_variant)
+from layerwise.perf.bench import bench_dirs, benchmark, interleaved_schedule, kept_variant, ratio_ci, zero_layer_variant
+from layerwise.perf.table import format_table
 from layerwise.perf.cost import forward_flops, make_histories
 from layerwise.perf.memory import parallel_measurements, peak_memories, peak_memory
 from layerwise.models import SequentialRecommender, build_backbone, preset_config

@@ -10,7 +10,8 @@ import json
 
 import torch
 
-from layerwise.perf.bench import benchmark, format_table
+from layerwise.perf.bench import benchmark
+from layerwise.perf.table import format_table
 from layerwise.perf.guard import EFFICIENCY_LIMIT, GROWTH, REMEASURES, describe, disturbances, rule
 from layerwise.models import SequentialRecommender, build_backbone, preset_config
 from tests.helpers.timing import LAYER_SECONDS, disturb, sleep_in_layers
