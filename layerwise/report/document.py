@@ -42,6 +42,10 @@ Results-dict schema (all keys optional except where marked; lists may be numpy a
                              "ratio": float, "ci95": [lo, hi], "p_value": float, "p_holm": float}]},
         "importance": {"scores": {estimator: [per layer]}, "kept": [int],
                        "dependency": [[float]] (n_layers x n_layers), "dependency_unit": str},
+        "unfinished": {"plan": str, "stages": [{"seed": int, "stage": str, "state": "started" | "pending"}],
+                       "ablation": [component], "k_sweep": {selector: [k]},
+                       "finished_after": ["seed-N/stage"]},  # the plan's stages with no
+                       # figure yet; "ablation" and "k_sweep" above may carry their part as "unfinished" too
         "notes": [str],
     }
 """
@@ -62,7 +66,7 @@ from layerwise.report.format import fmt_number as _fmt
 from layerwise.report.render import html_page, markdown
 from layerwise.report.serving import serving_plot, serving_section
 
-SECTIONS = ("Protocol", "Headline", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving", "Robustness",
+SECTIONS = ("Protocol", "Headline", "Not finished", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving", "Robustness",
             "Scenarios", "Rivals by slice", "Importance")
 MISSING = "Not available in this study."
 
@@ -122,6 +126,21 @@ def _headline(head, figures) -> list:
     return blocks
 
 
+def _unfinished(record, figures) -> list:
+    """The plan's stages that have not finished: named, never given a figure."""
+    if not record:
+        return [("p", MISSING)]
+    later = [("p", "Finished after the figures of this report were computed, so not in them either: "
+                   + ", ".join(record["finished_after"]) + ".")] if record.get("finished_after") else []
+    if not record.get("stages"):
+        return [("p", f"Every stage of the plan ({record.get('plan')}) has finished.")] + later
+    rows = [[str(s["seed"]), str(s["stage"]), str(s["state"])] for s in record["stages"]]
+    return [("p", f"These stages of the plan ({record.get('plan')}) had not finished when this report was "
+                  f"written, so no figure of theirs appears in it; the ablation and k-sweep tables say "
+                  f"\"not finished\" where one would stand."),
+            ("table", ["seed", "stage", "state"], rows)] + later
+
+
 def _test_text(t: Mapping) -> str:
     effect = "rank-biserial r" if t.get("test") == "wilcoxon" else "Cohen's d_z"
     text = (f"{t.get('test', 'test')} over n = {t.get('n', '?')}: p = {fmt_p(t.get('p_value'))}, "
@@ -178,8 +197,10 @@ def _range_target_lines(head: Mapping, targets: Mapping) -> list[str]:
 
 
 def _comparison(table, figures, figure: str | None = None) -> list:
+    left = [("p", "Not finished: " + ", ".join(map(str, table["unfinished"])) + ".")] if table and table.get(
+        "unfinished") else []
     if not table or not table.get("rows"):
-        return [("p", MISSING)]
+        return [("p", MISSING)] + left
     rows = _with_holm(table["rows"])
     metric = str(table.get("metric", "ndcg@10")).upper()
     columns = [("name", "method", lambda r: str(r["name"])),
@@ -200,7 +221,7 @@ def _comparison(table, figures, figure: str | None = None) -> list:
     blocks.append(("table", [c[1] for c in used], [[c[2](r) for c in used] for r in rows]))
     if figure and figure in figures:
         blocks.append(("img", figure, f"{metric} retention against speedup for every method"))
-    return blocks + _metric_columns(table.get("metrics"))
+    return blocks + left + _metric_columns(table.get("metrics"))
 
 
 def _metric_columns(metrics) -> list:
@@ -226,20 +247,23 @@ def _with_holm(rows: Sequence[Mapping]) -> list[dict]:
 
 
 def _k_sweep(sweep, figures) -> list:
-    if not sweep or not sweep.get("curves"):
+    left = (sweep or {}).get("unfinished") or {}
+    if not sweep or not (sweep.get("curves") or left):
         return [("p", MISSING)]
-    curves = sweep["curves"]
-    ks = sorted({int(k) for c in curves.values() for k in c["k"]})
+    curves = {name: sweep.get("curves", {}).get(name, {"k": [], "mean": []}) for name in
+              [*sweep.get("curves", {}), *(s for s in left if s not in sweep.get("curves", {}))]}
+    ks = sorted({int(k) for c in curves.values() for k in c["k"]} | {int(k) for v in left.values() for k in v})
     speed = sweep.get("speedup") or {}
     batches = [b for b in speed if b != "k"]
     rows = []
     for k in ks:
         row = [str(k)]
-        for curve in curves.values():
+        for name, curve in curves.items():
             at = [i for i, v in enumerate(curve["k"]) if int(v) == k]
             ci = curve.get("ci95")
+            missing = "not finished" if k in map(int, left.get(name, [])) else "-"
             row.append(fmt_estimate({"mean": curve["mean"][at[0]], "ci95": ci[at[0]] if ci is not None else None},
-                                    "pct") if at else "-")
+                                    "pct") if at else missing)
         timed = [i for i, v in enumerate(speed.get("k", [])) if int(v) == k]
         row += [fmt_estimate(speed[b][timed[0]], "speed") if timed else "-" for b in batches]
         rows.append(row)
@@ -320,6 +344,7 @@ def _importance(imp, figures) -> list:
 
 
 _BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _headline),
+             ("Not finished", "unfinished", _unfinished),
              ("Baselines", "baselines", lambda t, f: _comparison(t, f, "pareto")),
              ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
              ("Equal compute", "equal_compute", equal_compute_section), ("Serving", "serving", serving_section),

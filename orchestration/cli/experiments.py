@@ -158,8 +158,14 @@ def study_report(argv: list[str]) -> int:
     parser.add_argument("--serving", metavar="SWEEP_JSON",
                         help="a `layerwise bench-serve --sweep` JSON of this study's models (the teacher and ours "
                              "of one seed): adds the report's Serving section, a table and a figure")
+    parser.add_argument("--plan", nargs="+", metavar=("CONFIG", "KEY=VALUE"),
+                        help="the config and overrides the whole study runs with, when its last run was a part "
+                             "of it: the stages of this plan that have not finished are named in the report "
+                             "(default: the plan of its last run, the run folder's config.json)")
     args = parser.parse_args(argv)
-    paths = publish_study(args.run_dir, args.out, serving=args.serving)
+    plan = _config_and_overrides(argparse.Namespace(config=args.plan[0], overrides=args.plan[1:])) if args.plan \
+        else None
+    paths = publish_study(args.run_dir, args.out, serving=args.serving, plan=plan)
     print(f"published {args.run_dir} to {args.out}: report.md, report.html, summary.json and "
           f"{len(paths['figures'])} figures")
     return 0

@@ -41,6 +41,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     from orchestration import tracking
     from orchestration.distributed.ray_runtime import ray_session
     from orchestration.study.results import build_results
+    from orchestration.study.status import study_status, unfinished
 
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root = Path(config.run_dir).resolve() / config.name
@@ -58,7 +59,8 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
             rows = collect_rows(seed_dirs)
             speed = _speed(config, data, seed_dirs[config.seeds[0]], rows, root)
             walls = _record_invocation(root, started_at, time.perf_counter() - started)
-            results = build_results(config, data, seed_dirs, rows, speed, walls)
+            left = unfinished(study_status(config, data))  # none after a whole run; checked, not assumed
+            results = build_results(config, data, seed_dirs, rows, speed, walls, left)
             write_json(root / "results.json", results)
             paths = write_report(results, root / "report")
             _log(results, paths)

@@ -17,6 +17,13 @@ own models (each model path must name one of its stage folders, seeds/seed-N/<st
         --dataset ml-100k --sweep 4,8,16,32,64,128 --json benchmarks/results/serve_sweep_S.json
     layerwise study report runs/S --out results/S --serving benchmarks/results/serve_sweep_S.json
 
+A study published before every stage of its plan has finished says which have not, in a "Not finished"
+section and in the ablation and k-sweep tables, never with a figure. The plan is the config of the study's
+last run (its config.json), or `--plan CONFIG.yaml [key=value ...]`, the config and overrides the whole
+study runs with, where the last run was a part of it:
+
+    layerwise study report runs/S --out results/S --plan studies/S.yaml seeds=[0,2,1]
+
 No model weights and no per-user tables: the folder is checked to stay under MAX_BYTES. It is written
 beside its target and renamed into place, so a failed publication leaves the previous one untouched.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from orchestration.outputs import write_json
@@ -34,15 +42,19 @@ TABLES = ("baselines", "ablation", "k_sweep", "serving", "robustness", "scenario
 MAX_BYTES = 5 * 2**20
 
 
-def publish_study(run_dir: str | Path, out: str | Path, serving: str | Path | None = None) -> dict[str, Path]:
+def publish_study(run_dir: str | Path, out: str | Path, serving: str | Path | None = None,
+                  plan: tuple[str | None, list[str]] | None = None) -> dict[str, Path]:
     """Write the report, its figures and summary.json of the finished study in `run_dir` to `out`
     (replacing what was there), with the Serving section read from the bench-serve sweep `serving` if
-    given; returns {"markdown", "html", "summary", "figures": {name: path}}."""
+    given, and the stages of `plan` (a YAML path and key=value overrides; default: the study's last run's
+    config.json) that have not finished; returns {"markdown", "html", "summary", "figures": {name: path}}."""
     from layerwise.report import write_report
+    from orchestration.study.results import with_unfinished
 
     run_dir, out = Path(run_dir), Path(out)
     results = _read(run_dir, "results.json", "the study has not finished; run `layerwise study` on its "
                                              "config again to resume it")
+    results = with_unfinished(results, plan_record(run_dir, results, plan))
     if serving is not None:
         results = {**results, "serving": serving_results(serving, run_dir)}
     tmp = out.with_name(f".{out.name}.tmp")
@@ -71,10 +83,46 @@ def summary(results: dict, run_dir: Path) -> dict:
         "tables": {name: results[name] for name in TABLES if results.get(name) is not None},
         "protocol": results.get("protocol"),
         "notes": results.get("notes", []),
+        "unfinished": results.get("unfinished"),
         "config": _read(run_dir, "config.json", "not a study run folder"),
         "invocations": json.loads((run_dir / "invocations.json").read_text())
         if (run_dir / "invocations.json").exists() else None,
     }
+
+
+def plan_record(run_dir: Path, results: dict, plan: tuple[str | None, list[str]] | None = None) -> dict:
+    """The unfinished-stages record (orchestration.study.results.unfinished_results) of the study in
+    `run_dir` against `plan`: (YAML path or None for the defaults, overrides), or None for its last run's
+    config.json. The plan must name this study; its stages are looked for in `run_dir` and the archives its
+    `reuse` names."""
+    from orchestration.study.config import load_study_config
+    from orchestration.study.results import LAST_RUN, unfinished_results
+    from orchestration.study.status import study_status, unfinished
+
+    if plan is None:
+        _read(run_dir, "config.json", "not a study run folder")
+        path, overrides, described = str(run_dir / "config.json"), [], LAST_RUN
+    else:
+        path, overrides = plan
+        described = " ".join([path or "the defaults", *overrides])
+    config = load_study_config(path, overrides)
+    if config.name != run_dir.name:
+        raise ValueError(f"--plan {described}: it plans the study {config.name!r}, not {run_dir.name!r} "
+                         f"({run_dir}); give the config and overrides that study runs with")
+    config = replace(config, run_dir=str(run_dir.parent))
+    n_layers = (results.get("headline") or {}).get("n_layers") or (results.get("k_sweep") or {}).get("n_layers")
+    status = study_status(config)
+    record = unfinished_results(config, unfinished(status), n_layers, described)
+    built = (run_dir / "results.json").stat().st_mtime
+    record["finished_after"] = [f"seed-{row['seed']}/{row['stage']}" for row in status["stages"]
+                                if row["state"] == "done" and _finished_at(Path(row["folder"])) > built]
+    return record
+
+
+def _finished_at(folder: Path) -> float:
+    """When a stage finished: its done marker's time (orchestration.pipeline.stages)."""
+    marker = folder / "_DONE"
+    return marker.stat().st_mtime if marker.exists() else 0.0
 
 
 def serving_results(path: str | Path, run_dir: str | Path) -> dict:

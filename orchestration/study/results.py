@@ -28,11 +28,13 @@ from orchestration.study.rows import METRIC, Rows
 # The baselines that answer whether compression pays. Random layers count healed as ours is: unhealed they
 # score a few percent of the teacher (6% on SmolLM2), which says nothing of whether the choice matters.
 RIVALS = ("scratch", "random +heal", "truncated", "distilbert")
+LAST_RUN = "the config of the study's last run"  # the plan a report's unfinished stages are named against
 
 
 def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str, Path]], rows: Sequence[Mapping],
-                  speed: Mapping, runs: Sequence[Mapping]) -> dict:
-    """`runs`: every invocation of this study, oldest first: {"started", "seconds" (None if interrupted)}."""
+                  speed: Mapping, runs: Sequence[Mapping], unfinished: Sequence[Mapping] = ()) -> dict:
+    """`runs`: every invocation of this study, oldest first: {"started", "seconds" (None if interrupted)};
+    `unfinished`: the config's stages that have not finished (orchestration.study.status.unfinished)."""
     table = Rows(rows, config.seeds)
     extras = table if extras_seeds(config) == tuple(config.seeds) else Rows(rows, extras_seeds(config))
     first_dirs = seed_dirs[config.seeds[0]]
@@ -55,7 +57,33 @@ def build_results(config: StudyConfig, data, seed_dirs: Mapping[int, Mapping[str
         "equal_compute": equal_compute(table, seed_dirs),
         "notes": _notes(config, speed, big) + load_dependent_stops(rows, seed_dirs),
     }
-    return results
+    return with_unfinished(results, unfinished_results(config, unfinished, n_layers, LAST_RUN))
+
+
+def with_unfinished(results: Mapping, record: Mapping) -> dict:
+    """`results` with an unfinished-stages record (unfinished_results) in its own entry and in the ablation
+    and k-sweep tables, which name what they lack."""
+    out = {**results, "unfinished": dict(record)}
+    for table in ("ablation", "k_sweep"):
+        if out.get(table) is not None:
+            out[table] = {**out[table], "unfinished": record[table]}
+    return out
+
+
+def unfinished_results(config: StudyConfig, stages: Sequence[Mapping], n_layers: int, plan: str) -> dict:
+    """The report's record of the stages of `config` (the plan, described by `plan`) that have not finished,
+    `stages` as orchestration.study.status.unfinished gives them: the list, the ablation components among
+    them and each selector's unfinished ks, so that those tables say "not finished" where a figure would
+    stand instead of leaving it out."""
+    from orchestration.study.seed import ablation_stage, sweep_stage
+
+    names = {stage["stage"] for stage in stages}
+    ks = list(config.sweep.ks) or list(range(1, n_layers))  # no ks named: the sweep runs every k below L
+    sweep = {selector: [k for k in sorted(ks) if sweep_stage(selector, k) in names]
+             for selector in config.sweep.selectors}
+    return {"plan": plan, "stages": [dict(stage) for stage in stages],
+            "ablation": [c for c in config.ablation if ablation_stage(c) in names],
+            "k_sweep": {selector: ks for selector, ks in sweep.items() if ks}}
 
 
 def headline(table: Rows, speed: Mapping, k: int, n_layers: int) -> dict:

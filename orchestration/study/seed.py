@@ -132,12 +132,12 @@ class SeedRun(AblationStages, BaselineStages, DependencyStage):
             for component in c.ablation:
                 # The pre-fitting ablation's key names its bridge rank (it once ran, as a no-op, with none).
                 rank = [c.compress.bridge_rank or ABLATION_BRIDGE_RANK] if component == "prefit" else []
-                plan.append((f"ablation-{component}", stage_hash(ours_key, component, *rank),
+                plan.append((ablation_stage(component), stage_hash(ours_key, component, *rank),
                              self._ablation(component)))
             for selector in c.sweep.selectors:
                 for k in self._sweep_ks():
                     key = stage_hash(imp_key, c.compress, selector, k, c.sweep.heal_epochs)
-                    plan.append((f"sweep-{selector}-k{k}", key, self._sweep(selector, k)))
+                    plan.append((sweep_stage(selector, k), key, self._sweep(selector, k)))
         return plan
 
     def _place(self, device: torch.device) -> None:
@@ -310,6 +310,16 @@ class SeedRun(AblationStages, BaselineStages, DependencyStage):
         result.to_parquet(path)
         return {"row": row, "group": group, "table": table, "seed": self.seed,
                 "per_user": str(path.relative_to(out)), "means": result.means, **extra}
+
+
+def ablation_stage(component: str) -> str:
+    """The stage folder's name (before its key) of one ablation component."""
+    return f"ablation-{component}"
+
+
+def sweep_stage(selector: str, k: int) -> str:
+    """The stage folder's name (before its key) of one point of the k sweep."""
+    return f"sweep-{selector}-k{k}"
 
 
 def run_seed(config_dict: dict, seed: int, root: str, threads: int = 1, part: str = "all",

@@ -50,6 +50,13 @@ def study_status(config: StudyConfig, data=None) -> dict:
                             if row["cpu_seconds_estimate"] is None and row.get("wall_seconds_estimate") is None]}
 
 
+def unfinished(status: dict) -> list[dict]:
+    """The stages of a `study_status` that have not finished, in running order: {"seed", "stage", "state"}
+    (started or pending)."""
+    return [{"seed": row["seed"], "stage": row["stage"], "state": row["state"]} for row in status["stages"]
+            if row["state"] in ("started", "pending")]
+
+
 def _estimate_by_runs(unestimated: list[dict], rows: list[dict], runs_per_stage: dict[str, int]) -> None:
     """A stage no seed has finished, but whose training runs have (a random draw of the `random` baseline,
     which trains `random_draws` of them): what is left of it, in wall seconds, from the mean wall time of

@@ -124,3 +124,38 @@ def test_an_older_report_with_fixed_target_ranges_still_renders(tmp_path):
     md = write_report(results, tmp_path)["markdown"].read_text()
     assert "Target retention 88.0%-92.0%: met" in md  # CI low 90.2% >= 88%
     assert "Target speedup 3.50x-4.00x: inconclusive" in md  # CI [3.30, 3.52] straddles 3.5
+
+
+def test_stages_that_have_not_finished_are_named_and_given_no_figure(tmp_path):
+    """The "Not finished" section lists the plan's unfinished stages; the ablation section names its missing
+    components; the k sweep shows "not finished" where a selector's figure at a planned k would stand, also
+    for a selector with no finished point at all."""
+    results = study_results()
+    sweep = results["k_sweep"]
+    first = next(iter(sweep["curves"]))
+    done = [int(k) for k in sweep["curves"][first]["k"]]
+    later = max(done) + 1
+    record = {"plan": "studies/s.yaml seeds=[0,1]", "stages": [
+        {"seed": 0, "stage": "ablation-items", "state": "started"},
+        {"seed": 0, "stage": f"sweep-{first}-k{later}", "state": "pending"},
+        {"seed": 0, "stage": "sweep-fisher-k2", "state": "pending"}],
+        "ablation": ["items"], "k_sweep": {first: [later], "fisher": [2]}, "finished_after": ["seed-1/noise"]}
+    results.update(unfinished=record, ablation={**results["ablation"], "unfinished": ["items"]},
+                   k_sweep={**sweep, "unfinished": record["k_sweep"]})
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    section = {name: md.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0] for name in ("Not finished", "Ablation", "k sweep")}
+    assert "studies/s.yaml seeds=[0,1]" in section["Not finished"]
+    assert "| 0 | ablation-items | started |" in section["Not finished"]
+    assert "were computed, so not in them either: seed-1/noise." in section["Not finished"]
+    assert "Not finished: items." in section["Ablation"]
+    header = next(line for line in section["k sweep"].splitlines() if line.startswith("| k |"))
+    columns = [c.strip() for c in header.strip("| ").split("|")]
+    rows = {int(r[0]): r for r in ([c.strip() for c in line.strip("| ").split("|")]
+                                   for line in section["k sweep"].splitlines() if re.match(r"\| \d+ \|", line))}
+    own, never = columns.index(f"{first}: NDCG@10 retention"), columns.index("fisher: NDCG@10 retention")
+    assert rows[later][own] == "not finished" and rows[2][never] == "not finished"
+    assert all(row[never] == "-" for k, row in rows.items() if k != 2)  # never run, and not planned there
+    assert all("%" in rows[k][own] for k in done)
+
+    finished = write_report({"unfinished": {**record, "stages": []}}, tmp_path / "all")["markdown"].read_text()
+    assert "Every stage of the plan (studies/s.yaml seeds=[0,1]) has finished." in finished

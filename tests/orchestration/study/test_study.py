@@ -2,6 +2,7 @@
 of each kind, the k sweep, noise and slices; the report holds every section; a rerun resumes everything."""
 
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -514,6 +515,40 @@ def test_a_finished_study_is_published_small_and_complete(study, tmp_path, capsy
     assert "figures/pareto.png" in (out / "report.html").read_text()
     assert main(["study", "report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "holds no results.json" in capsys.readouterr().err and (out / "summary.json").exists()  # kept
+    assert "Every stage of the plan (the config of the study's last run) has finished." in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_study_published_against_a_larger_plan_names_what_has_not_run(study, tmp_path, capsys):
+    """Published while its plan has stages still to run (here an ablation component and a selector the study
+    never ran), the report names each one and leaves it without a figure: in its own section, as a line of
+    the ablation section and as "not finished" cells of the k sweep."""
+    _, root, results = study
+    out, n = tmp_path / "grown", results["headline"]["n_layers"]
+    plan = [*SETTINGS, f"run_dir={root}", f"data.cache_dir={root / 'cache'}", "ablation=[heal,estimators,kd,prefit,hidden]",
+            "sweep.selectors=[ours,random,uniform]"]
+    noise = next((root / "study" / "seeds" / "seed-1").glob("noise-*")) / "_DONE"
+    made = noise.stat().st_mtime
+    os.utime(noise, (made, (root / "study" / "results.json").stat().st_mtime + 60))  # as if it finished later
+    try:
+        assert main(["study", "report", str(root / "study"), "--out", str(out), "--plan", *plan]) == 0
+    finally:
+        os.utime(noise, (made, made))
+    left = json.loads((out / "summary.json").read_text())["unfinished"]
+    assert left["finished_after"] == ["seed-1/noise"]
+    expected = [(0, "ablation-hidden"), *((0, f"sweep-uniform-k{k}") for k in range(1, n))]
+    assert [(s["seed"], s["stage"]) for s in left["stages"]] == expected
+    assert {s["state"] for s in left["stages"]} == {"pending"}
+    assert left["ablation"] == ["hidden"] and left["k_sweep"] == {"uniform": list(range(1, n))}
+    md = (out / "report.md").read_text()
+    section = {name: md.split(f"## {name}", 1)[1].split("\n## ", 1)[0] for name in ("Not finished", "Ablation", "k sweep")}
+    assert "| 0 | ablation-hidden | pending |" in section["Not finished"] and "seeds=[0,1]" in section["Not finished"]
+    assert "Not finished: hidden." in section["Ablation"]
+    cells = [[c.strip() for c in line.strip("| ").split("|")] for line in section["k sweep"].splitlines()
+             if re.match(r"\| \d+ \|", line)]  # k, ours, random, uniform, the speedups
+    assert len(cells) == n - 1 and all(row[3] == "not finished" and "%" in row[1] + row[2] for row in cells)
+    assert main(["study", "report", str(root / "study"), "--out", str(out), "--plan", *plan, "name=other"]) == 2
+    assert "plans the study 'other', not 'study'" in capsys.readouterr().err
 
 
 def test_a_saved_teacher_is_loaded_not_trained_again(tmp_path):
