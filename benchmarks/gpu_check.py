@@ -156,7 +156,8 @@ def study(device: str, quick: bool, out: Path) -> dict:
     from layerwise.compression.distill import HealConfig
     from orchestration.baselines.table import run_baselines
     from orchestration.study.config import config_dict, load_study_config
-    from orchestration.study.driver import _load_data, _time_models, collect_rows
+    from orchestration.study.config import load_study_data
+    from orchestration.study.driver import _time_models, collect_rows
     from orchestration.study.seed import run_seed
 
     root = out / "study"
@@ -168,7 +169,7 @@ def study(device: str, quick: bool, out: Path) -> dict:
     seed_seconds = time.perf_counter() - started
     timings = {name: json.loads((d / "_seconds.json").read_text()) for name, d in dirs.items()}
     rows = collect_rows({0: dirs})
-    data = _load_data(config)
+    data = load_study_data(config)
     (root / "speed").mkdir(parents=True, exist_ok=True)
     _time_models(config, data, dirs, rows, root / "speed")
     speed = json.loads((root / "speed" / "speed.json").read_text())

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from layerwise.perf.table import format_table
     from orchestration.study.config import load_study_config
-    from orchestration.study.driver import _load_data, _time_models, collect_rows
+    from orchestration.study.config import load_study_data
+    from orchestration.study.driver import _time_models, collect_rows
 
     overrides = list(args.overrides)
     if args.batch_sizes:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
         overrides.append(f"bench.batch_sizes=[{','.join(map(str, sizes))}]")
     config = load_study_config(args.config, overrides)
-    data = _load_data(config)
+    data = load_study_data(config)
     dirs = first_seed_dirs(config, data)
     missing = {"teacher", "ours"} - set(dirs)
     if missing:

@@ -141,6 +141,14 @@ def load_study_config(path: str | None = None, overrides: list[str] | None = Non
     return config
 
 
+def load_study_data(config: StudyConfig):
+    """The study's data set, as its config names it (a Parquet cache makes a second load fast)."""
+    from layerwise.data import load_dataset
+
+    d = config.data
+    return load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
+
+
 def check(config: StudyConfig) -> None:
     """Reject settings that would fail hours into a run, naming the key."""
     from layerwise.baselines import BASELINES

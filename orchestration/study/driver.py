@@ -28,7 +28,7 @@ from orchestration.pipeline import interrupts
 from orchestration.pipeline.config import stage_hash
 from orchestration.pipeline.stages import Stages, running_marker
 from orchestration.study.archive import merge_invocations, seed_threads
-from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds
+from orchestration.study.config import PORTABLE_NUMERICS, StudyConfig, config_dict, extras_seeds, load_study_data
 from orchestration.study.rows import ROWS
 from orchestration.study.seed import run_seed
 
@@ -51,7 +51,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     _warn_about_numerics(config)
     write_json(root / "config.json", {**asdict(config), "reuse": list(given)})
     _record_invocation(root, started_at, None, config.reuse)
-    data = _load_data(config)  # also fills the Parquet cache the seed tasks read
+    data = load_study_data(config)  # also fills the Parquet cache the seed tasks read
     tracking.ensure_experiment(config.tracking.experiment, config.tracking.uri or root.parent)
     with ray_session(address=config.ray.address):
         with tracking.tracked_run(config.name, params=config_dict(config), tags={"stage": "study"}):
@@ -305,13 +305,6 @@ def _record_invocation(root: Path, started_at: str, seconds: float | None,
         runs.append({"started": started_at, "seconds": seconds})
     write_json(path, runs)
     return runs
-
-
-def _load_data(config: StudyConfig):
-    from layerwise.data import load_dataset
-
-    d = config.data
-    return load_dataset(d.dataset, data_dir=d.data_dir, cache_dir=d.cache_dir, min_core=d.min_core)
 
 
 def _log(results: dict, paths: dict) -> None:

@@ -54,9 +54,9 @@ def publish_study(run_dir: str | Path, out: str | Path, serving: str | Path | No
     run_dir, out = Path(run_dir), Path(out)
     results = _read(run_dir, "results.json", "the study has not finished; run `layerwise study` on its "
                                              "config again to resume it")
-    results = with_unfinished(results, plan_record(run_dir, results, plan))
     if serving is not None:
         results = {**results, "serving": serving_results(serving, run_dir)}
+    results = with_unfinished(results, plan_record(run_dir, results, plan))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from orchestration.study.config import StudyConfig
+from orchestration.study.config import StudyConfig, load_study_data
 
 STATES = ("done", "reused", "started", "pending")
 
@@ -23,10 +23,9 @@ def study_status(config: StudyConfig, data=None) -> dict:
     """{"run_dir", "stages": one row a stage (_row), "counts": per state, "cpu_hours_done",
     "cpu_hours_left": the estimate, "unestimated": stages left that no seed has finished}. `data` is the
     study's data set, loaded here when not given (the stage keys hold its fingerprint)."""
-    from orchestration.study.driver import _load_data
     from orchestration.study.seed import SeedRun
 
-    data = data if data is not None else _load_data(config)
+    data = data if data is not None else load_study_data(config)
     root = Path(config.run_dir) / config.name
     rows = []
     for seed in config.seeds:
