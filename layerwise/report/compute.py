@@ -22,10 +22,8 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
-from layerwise.report.format import fmt_estimate
+from layerwise.report.format import MISSING, fmt_estimate
 from layerwise.report.plots import COLORS
-
-MISSING = "Not available in this study."
 
 
 def equal_compute_section(entry: Mapping | None, figures) -> list:

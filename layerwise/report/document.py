@@ -61,14 +61,14 @@ from layerwise.data.atomic import atomic_path
 from layerwise.evaluation.stats import holm
 from layerwise.report import plots
 from layerwise.report.compute import equal_compute_plot, equal_compute_section
-from layerwise.report.format import fmt_estimate, fmt_p
+from layerwise.report.format import MISSING, fmt_estimate, fmt_p
 from layerwise.report.format import fmt_number as _fmt
 from layerwise.report.render import html_page, markdown
 from layerwise.report.serving import serving_plot, serving_section
+from layerwise.report.unfinished import unfinished_section
 
-SECTIONS = ("Protocol", "Headline", "Not finished", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving", "Robustness",
-            "Scenarios", "Rivals by slice", "Importance")
-MISSING = "Not available in this study."
+SECTIONS = ("Protocol", "Headline", "Not finished", "Baselines", "Ablation", "k sweep", "Equal compute", "Serving",
+            "Robustness", "Scenarios", "Rivals by slice", "Importance")
 
 
 def write_report(results: Mapping, out_dir: str | Path, embed_images: bool = False) -> dict:
@@ -124,21 +124,6 @@ def _headline(head, figures) -> list:
         blocks.append(("p", "; ".join(parts) + "."))
     blocks += [("p", line) for line in _target_lines(head)]
     return blocks
-
-
-def _unfinished(record, figures) -> list:
-    """The plan's stages that have not finished: named, never given a figure."""
-    if not record:
-        return [("p", MISSING)]
-    later = [("p", "Finished after the figures of this report were computed, so not in them either: "
-                   + ", ".join(record["finished_after"]) + ".")] if record.get("finished_after") else []
-    if not record.get("stages"):
-        return [("p", f"Every stage of the plan ({record.get('plan')}) has finished.")] + later
-    rows = [[str(s["seed"]), str(s["stage"]), str(s["state"])] for s in record["stages"]]
-    return [("p", f"These stages of the plan ({record.get('plan')}) had not finished when this report was "
-                  f"written, so no figure of theirs appears in it; the ablation and k-sweep tables say "
-                  f"\"not finished\" where one would stand."),
-            ("table", ["seed", "stage", "state"], rows)] + later
 
 
 def _test_text(t: Mapping) -> str:
@@ -344,7 +329,7 @@ def _importance(imp, figures) -> list:
 
 
 _BUILDERS = (("Protocol", "protocol", _protocol), ("Headline", "headline", _headline),
-             ("Not finished", "unfinished", _unfinished),
+             ("Not finished", "unfinished", unfinished_section),
              ("Baselines", "baselines", lambda t, f: _comparison(t, f, "pareto")),
              ("Ablation", "ablation", _comparison), ("k sweep", "k_sweep", _k_sweep),
              ("Equal compute", "equal_compute", equal_compute_section), ("Serving", "serving", serving_section),

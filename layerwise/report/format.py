@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+MISSING = "Not available in this study."  # what a section without its data says
+
 
 def fmt_estimate(est: Mapping | None, kind: str = "metric") -> str:
     """"0.0712 [0.0650, 0.0771]", "93.1% [90.2%, 95.8%]" (kind "pct") or "3.41x [3.30x, 3.52x]"

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
+from layerwise.report.format import MISSING
 from layerwise.report.plots import COLORS
 
-MISSING = "Not available in this study."
 HOW = ("Publish with `layerwise study report RUN_DIR --out DIR --serving SWEEP.json`, where SWEEP.json is a "
        "`layerwise bench-serve --sweep` of this study's models.")
 
